@@ -1,0 +1,150 @@
+//! Configuration files: model presets, training settings, and the single-process
+//! training file (`scfm-worker train --config FILE`).
+
+pub mod model;
+pub mod training;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use model::{ExpressionEncoding, ModelConfig, Pooling, Positional};
+pub use training::{Augment, Device, Precision, Schedule, TrainingConfig};
+
+use crate::data::h5ad::MatrixSource;
+use crate::error::{Error, Result};
+
+/// Where the training cells come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// An `.h5ad` file with raw counts (relative paths are relative to the config file).
+    pub path: PathBuf,
+    /// Which matrix holds the counts: `X` (default), `{Layer: name}` or `Raw`.
+    #[serde(default)]
+    pub source: MatrixSource,
+    /// Fraction of cells held out for validation (chosen by seed).
+    #[serde(default = "default_val_fraction")]
+    pub validation_fraction: f64,
+    /// Target sum of `normalize_total` before log1p.
+    #[serde(default = "default_target_sum")]
+    pub target_sum: f64,
+}
+
+fn default_val_fraction() -> f64 {
+    0.05
+}
+fn default_target_sum() -> f64 {
+    1e4
+}
+
+/// Where checkpoints go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// A local path or object-store URL (`file://`, `s3://`, `gs://`, `az://`).
+    pub url: String,
+    /// Save every this many optimizer steps (and at the end).
+    #[serde(default = "default_every")]
+    pub every_steps: u64,
+    /// Number of most recent checkpoints to keep (the best by validation loss is kept too).
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+}
+
+fn default_every() -> u64 {
+    200
+}
+fn default_keep() -> usize {
+    3
+}
+
+/// A single-process training file: data, model, training, checkpoint sections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainFile {
+    /// Input data.
+    pub data: DataConfig,
+    /// `preset:` plus overrides; resolved with [`ModelConfig::from_spec`].
+    #[serde(default)]
+    pub model: serde_yaml::Value,
+    /// Optimisation settings.
+    #[serde(default)]
+    pub training: TrainingConfig,
+    /// Checkpoint destination.
+    pub checkpoint: CheckpointConfig,
+}
+
+/// A [`TrainFile`] with its model resolved and every field validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSpec {
+    /// Input data (path made absolute).
+    pub data: DataConfig,
+    /// The resolved model.
+    pub model: ModelConfig,
+    /// Optimisation settings.
+    pub training: TrainingConfig,
+    /// Checkpoint destination.
+    pub checkpoint: CheckpointConfig,
+}
+
+impl TrainSpec {
+    /// Reads, resolves and validates a training file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        let file: TrainFile =
+            serde_yaml::from_str(&text).map_err(|e| Error::Parse { path: path.into(), message: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(file, base)
+    }
+
+    /// Resolves and validates a parsed file; relative data paths are taken from `base`.
+    pub fn from_file(mut file: TrainFile, base: &Path) -> Result<Self> {
+        if file.data.path.is_relative() {
+            file.data.path = base.join(&file.data.path);
+        }
+        let model = ModelConfig::from_spec(&file.model)?;
+        model.validate()?;
+        file.training.validate()?;
+        let v = file.data.validation_fraction;
+        if !(0.0..1.0).contains(&v) {
+            return Err(Error::config("data.validation_fraction", format!("{v} is outside [0, 1)")));
+        }
+        if !(file.data.target_sum > 0.0) {
+            return Err(Error::config("data.target_sum", format!("{} must be > 0", file.data.target_sum)));
+        }
+        if file.checkpoint.every_steps == 0 {
+            return Err(Error::config("checkpoint.every_steps", "must be >= 1"));
+        }
+        if file.checkpoint.keep_last == 0 {
+            return Err(Error::config("checkpoint.keep_last", "must be >= 1"));
+        }
+        Ok(TrainSpec { data: file.data, model, training: file.training, checkpoint: file.checkpoint })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(y: &str) -> Result<TrainSpec> {
+        let f: TrainFile = serde_yaml::from_str(y).map_err(|e| Error::Parse { path: "t.yaml".into(), message: e.to_string() })?;
+        TrainSpec::from_file(f, Path::new("/base"))
+    }
+
+    #[test]
+    fn resolves_and_rejects() {
+        let ok = "data: {path: d.h5ad}\ncheckpoint: {url: runs/x}\nmodel: {preset: minimal, n_layers: 1}\n";
+        let s = parse(ok).unwrap();
+        assert_eq!(s.data.path, PathBuf::from("/base/d.h5ad"));
+        assert_eq!(s.model.n_layers, 1);
+        let e = parse("data: {path: d.h5ad, bogus: 1}\ncheckpoint: {url: x}\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+        let e = parse("data: {path: d.h5ad}\ncheckpoint: {url: x}\ntraining: {batch_size: 1}\n").unwrap_err().to_string();
+        assert!(e.contains("training.batch_size"), "{e}");
+        let e = parse("data: {path: d.h5ad, validation_fraction: 1.0}\ncheckpoint: {url: x}\n").unwrap_err().to_string();
+        assert_eq!(e, "invalid config `data.validation_fraction`: 1 is outside [0, 1)");
+        let e = parse("data: {path: d.h5ad}\ncheckpoint: {url: x}\nmodel: {n_heads: 5}\n").unwrap_err().to_string();
+        assert_eq!(e, "invalid config `model.n_heads`: 5 heads do not divide hidden size 128");
+    }
+}

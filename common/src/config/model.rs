@@ -1,0 +1,293 @@
+//! Model configuration, presets and validation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How a token's expression value enters the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpressionEncoding {
+    /// Per-cell quantile bins of log1p-normalised values (bin 0 = zero), embedded by
+    /// a table with one extra row for the MASK bin; MGEM is a cross-entropy over bins.
+    Binned,
+    /// The log1p-normalised value through a small MLP; masked values are replaced by a
+    /// learned vector; MGEM is a mean squared error.
+    Continuous,
+}
+
+/// Positional encoding added to the token embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positional {
+    /// None: a cell's genes are a set (default).
+    None,
+    /// Fixed sinusoidal encoding (Vaswani et al.).
+    Sinusoidal,
+    /// A learned table of `max_seq_len` vectors.
+    Learned,
+}
+
+/// How the cell embedding is pooled from the encoder output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The `[CLS]` token's output.
+    Cls,
+    /// The mean over the expressed-gene tokens (padding and `[CLS]` excluded).
+    Mean,
+}
+
+/// The model architecture and its loss settings. See `configs/models/*.yaml` for the
+/// presets and a comment on every field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model width.
+    pub hidden: usize,
+    /// Number of encoder blocks.
+    pub n_layers: usize,
+    /// Attention heads per block; must divide `hidden`.
+    pub n_heads: usize,
+    /// Feed-forward inner size.
+    pub ffn_dim: usize,
+    /// Maximum tokens per cell including `[CLS]`.
+    pub max_seq_len: usize,
+    /// Dropout probability (embeddings, attention output, feed-forward output).
+    pub dropout: f64,
+    /// Expression encoding.
+    pub expression: ExpressionEncoding,
+    /// Number of expression bins including bin 0 (binned encoding).
+    pub n_bins: usize,
+    /// Positional encoding.
+    pub positional: Positional,
+    /// Fraction of gene tokens whose expression is masked.
+    pub mask_ratio: f64,
+    /// Label smoothing of the MGEM cross-entropy.
+    pub label_smoothing: f64,
+    /// Output size of the contrastive projection head.
+    pub projection_dim: usize,
+    /// NT-Xent temperature.
+    pub temperature: f64,
+    /// Weight of the MGEM loss.
+    pub w_mgem: f64,
+    /// Weight of the contrastive loss.
+    pub w_contrastive: f64,
+    /// Cell-embedding pooling.
+    pub pooling: Pooling,
+}
+
+/// Names of the built-in presets, in size order.
+pub const PRESETS: [&str; 3] = ["minimal", "default", "large"];
+
+fn preset_yaml(name: &str) -> Option<&'static str> {
+    match name {
+        "minimal" => Some(include_str!("../../../configs/models/minimal.yaml")),
+        "default" => Some(include_str!("../../../configs/models/default.yaml")),
+        "large" => Some(include_str!("../../../configs/models/large.yaml")),
+        _ => None,
+    }
+}
+
+/// Token ids reserved before the gene tokens.
+pub mod special {
+    /// Padding token id.
+    pub const PAD: i64 = 0;
+    /// `[CLS]` token id.
+    pub const CLS: i64 = 1;
+    /// Number of reserved ids; gene `g` (0-based column) has token id `g + OFFSET`.
+    pub const OFFSET: i64 = 2;
+}
+
+impl ModelConfig {
+    /// A built-in preset (`minimal`, `default`, `large`).
+    pub fn preset(name: &str) -> Result<Self> {
+        let yaml = preset_yaml(name).ok_or_else(|| {
+            Error::config("model.preset", format!("unknown preset `{name}`; choose one of {PRESETS:?}"))
+        })?;
+        let cfg: ModelConfig = serde_yaml::from_str(yaml)
+            .map_err(|e| Error::config("model.preset", format!("preset `{name}` is malformed: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Resolves a `model:` section: `preset` (default `minimal`) with any other keys
+    /// overriding the preset's values. Unknown keys are rejected by name.
+    pub fn from_spec(spec: &serde_yaml::Value) -> Result<Self> {
+        let mut overrides = match spec {
+            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+            serde_yaml::Value::Mapping(m) => m.clone(),
+            other => return Err(Error::config("model", format!("expected a mapping, found {other:?}"))),
+        };
+        let preset = match overrides.remove("preset") {
+            None => "minimal".to_string(),
+            Some(serde_yaml::Value::String(s)) => s,
+            Some(v) => return Err(Error::config("model.preset", format!("expected a preset name, found {v:?}"))),
+        };
+        let base = preset_yaml(&preset).ok_or_else(|| {
+            Error::config("model.preset", format!("unknown preset `{preset}`; choose one of {PRESETS:?}"))
+        })?;
+        let mut merged: serde_yaml::Mapping = serde_yaml::from_str(base)
+            .map_err(|e| Error::config("model.preset", format!("preset `{preset}` is malformed: {e}")))?;
+        for (k, v) in overrides {
+            merged.insert(k, v);
+        }
+        let cfg: ModelConfig = serde_yaml::from_value(serde_yaml::Value::Mapping(merged))
+            .map_err(|e| Error::config("model", e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Checks every field; the error names the first bad field and the allowed values.
+    pub fn validate(&self) -> Result<()> {
+        let err = |f: &str, m: String| Err(Error::config(format!("model.{f}"), m));
+        if self.hidden == 0 {
+            return err("hidden", "must be > 0".into());
+        }
+        if self.n_layers == 0 {
+            return err("n_layers", "must be > 0".into());
+        }
+        if self.n_heads == 0 || self.hidden % self.n_heads != 0 {
+            return err(
+                "n_heads",
+                format!("{} heads do not divide hidden size {}", self.n_heads, self.hidden),
+            );
+        }
+        if self.ffn_dim == 0 {
+            return err("ffn_dim", "must be > 0".into());
+        }
+        if self.max_seq_len < 2 {
+            return err("max_seq_len", format!("{} leaves no room for a gene after [CLS]; must be > 1", self.max_seq_len));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return err("dropout", format!("{} is outside [0, 1)", self.dropout));
+        }
+        if self.expression == ExpressionEncoding::Binned && self.n_bins < 2 {
+            return err("n_bins", format!("{} bins; need at least 2 (bin 0 = zero plus one expressed bin)", self.n_bins));
+        }
+        if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
+            return err("mask_ratio", format!("{} is outside (0, 1)", self.mask_ratio));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return err("label_smoothing", format!("{} is outside [0, 1)", self.label_smoothing));
+        }
+        if self.projection_dim == 0 {
+            return err("projection_dim", "must be > 0".into());
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return err("temperature", format!("{} must be a positive number", self.temperature));
+        }
+        for (f, w) in [("w_mgem", self.w_mgem), ("w_contrastive", self.w_contrastive)] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return err(f, format!("{w} must be a finite number >= 0"));
+            }
+        }
+        if self.w_mgem == 0.0 && self.w_contrastive == 0.0 {
+            return err("w_mgem", "both loss weights are 0; nothing would be trained".into());
+        }
+        Ok(())
+    }
+
+    /// Checks the model against the gene vocabulary it will be built for.
+    pub fn validate_vocab(&self, n_genes: usize) -> Result<()> {
+        if n_genes == 0 {
+            return Err(Error::config("data", "the gene vocabulary is empty (no genes in the dataset)"));
+        }
+        Ok(())
+    }
+
+    /// Number of rows of the gene-token embedding for `n_genes` genes.
+    pub fn n_tokens(n_genes: usize) -> usize {
+        n_genes + special::OFFSET as usize
+    }
+
+    /// Exact number of trainable parameters for a vocabulary of `n_genes` genes
+    /// (matches the worker's model; checked by its tests).
+    pub fn param_count(&self, n_genes: usize) -> usize {
+        let h = self.hidden;
+        let mut n = Self::n_tokens(n_genes) * h; // gene embedding
+        n += match self.expression {
+            ExpressionEncoding::Binned => (self.n_bins + 1) * h,
+            ExpressionEncoding::Continuous => (h + h) + (h * h + h) + h,
+        };
+        if self.positional == Positional::Learned {
+            n += self.max_seq_len * h;
+        }
+        n += 2 * h; // embedding LayerNorm
+        let block = 2 * (2 * h) + (3 * h * h + 3 * h) + (h * h + h) + (self.ffn_dim * h + self.ffn_dim) + (h * self.ffn_dim + h);
+        n += self.n_layers * block;
+        n += 2 * h; // final LayerNorm
+        let out = match self.expression {
+            ExpressionEncoding::Binned => self.n_bins,
+            ExpressionEncoding::Continuous => 1,
+        };
+        n += (h * h + h) + 2 * h + (out * h + out); // MGEM head
+        n += (h * h + h) + (self.projection_dim * h + self.projection_dim); // projection head
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_load_validate_and_have_documented_sizes() {
+        let sizes: Vec<usize> = PRESETS
+            .iter()
+            .map(|p| {
+                let c = ModelConfig::preset(p).unwrap();
+                c.validate().unwrap();
+                c.param_count(20_000)
+            })
+            .collect();
+        assert!((2_500_000..3_500_000).contains(&sizes[0]), "minimal {}", sizes[0]);
+        assert!((22_000_000..35_000_000).contains(&sizes[1]), "default {}", sizes[1]);
+        assert!((110_000_000..130_000_000).contains(&sizes[2]), "large {}", sizes[2]);
+    }
+
+    fn spec(y: &str) -> serde_yaml::Value {
+        serde_yaml::from_str(y).unwrap()
+    }
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_are_named() {
+        let c = ModelConfig::from_spec(&spec("preset: default\nn_layers: 2")).unwrap();
+        assert_eq!((c.hidden, c.n_layers), (512, 2));
+        let e = ModelConfig::from_spec(&spec("hidden_size: 3")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `hidden_size`"), "{e}");
+        let e = ModelConfig::from_spec(&spec("preset: huge")).unwrap_err().to_string();
+        assert!(e.contains("model.preset") && e.contains("huge"), "{e}");
+        let e = ModelConfig::from_spec(&spec("positional: rotary")).unwrap_err().to_string();
+        assert!(e.contains("rotary"), "{e}");
+    }
+
+    #[test]
+    fn every_invalid_setting_is_rejected_with_its_message() {
+        let cases: &[(&str, &str)] = &[
+            ("hidden: 0", "invalid config `model.hidden`: must be > 0"),
+            ("n_layers: 0", "invalid config `model.n_layers`: must be > 0"),
+            ("n_heads: 3", "invalid config `model.n_heads`: 3 heads do not divide hidden size 128"),
+            ("n_heads: 0", "invalid config `model.n_heads`: 0 heads do not divide hidden size 128"),
+            ("ffn_dim: 0", "invalid config `model.ffn_dim`: must be > 0"),
+            ("max_seq_len: 1", "invalid config `model.max_seq_len`: 1 leaves no room for a gene after [CLS]; must be > 1"),
+            ("dropout: 1.0", "invalid config `model.dropout`: 1 is outside [0, 1)"),
+            ("n_bins: 1", "invalid config `model.n_bins`: 1 bins; need at least 2 (bin 0 = zero plus one expressed bin)"),
+            ("mask_ratio: 0.0", "invalid config `model.mask_ratio`: 0 is outside (0, 1)"),
+            ("mask_ratio: 1.0", "invalid config `model.mask_ratio`: 1 is outside (0, 1)"),
+            ("mask_ratio: -0.1", "invalid config `model.mask_ratio`: -0.1 is outside (0, 1)"),
+            ("label_smoothing: 1.5", "invalid config `model.label_smoothing`: 1.5 is outside [0, 1)"),
+            ("projection_dim: 0", "invalid config `model.projection_dim`: must be > 0"),
+            ("temperature: 0.0", "invalid config `model.temperature`: 0 must be a positive number"),
+            ("w_mgem: -1.0", "invalid config `model.w_mgem`: -1 must be a finite number >= 0"),
+            ("w_mgem: 0.0\nw_contrastive: 0.0", "invalid config `model.w_mgem`: both loss weights are 0; nothing would be trained"),
+        ];
+        for (y, msg) in cases {
+            let c = ModelConfig::from_spec(&spec(y)).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert_eq!(&e, msg, "for `{y}`");
+        }
+        // Continuous encoding does not use bins.
+        ModelConfig::from_spec(&spec("expression: continuous\nn_bins: 0")).unwrap().validate().unwrap();
+        let e = ModelConfig::preset("minimal").unwrap().validate_vocab(0).unwrap_err().to_string();
+        assert_eq!(e, "invalid config `data`: the gene vocabulary is empty (no genes in the dataset)");
+    }
+}

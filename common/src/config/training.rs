@@ -1,0 +1,257 @@
+//! Training settings: optimizer, schedule, batching, augmentations, device.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Learning-rate decay after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine decay from `lr` to `lr * min_lr_ratio` at the last step.
+    Cosine,
+    /// Linear decay from `lr` to `lr * min_lr_ratio` at the last step.
+    Linear,
+    /// Constant `lr` after warmup.
+    Constant,
+}
+
+/// Where to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CUDA when available, else CPU.
+    #[default]
+    Auto,
+    /// CPU only.
+    Cpu,
+    /// CUDA; an error when no GPU is usable.
+    Cuda,
+}
+
+/// Numeric precision of the forward/backward pass (weights and optimizer state stay fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 autocast on CUDA, fp32 on CPU.
+    #[default]
+    Auto,
+    /// fp32 everywhere.
+    Fp32,
+    /// bf16 compute (CUDA only).
+    Bf16,
+}
+
+/// Data augmentations used to build the two contrastive views of a cell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Augment {
+    /// Probability of dropping each expressed gene from a view.
+    pub gene_dropout: f64,
+    /// Standard deviation of Gaussian noise added to log1p expression values.
+    pub noise_std: f64,
+    /// Probability that a view is mixed with another cell of the batch (CellMix).
+    pub cellmix_prob: f64,
+    /// Weight of the other cell in a CellMix (the view keeps `1 - cellmix_alpha`).
+    pub cellmix_alpha: f64,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment { gene_dropout: 0.1, noise_std: 0.0, cellmix_prob: 0.0, cellmix_alpha: 0.2 }
+    }
+}
+
+/// Optimisation and loop settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Seed of every random stream (data order, masking, dropout, initialisation).
+    pub seed: u64,
+    /// Cells per micro-batch on each worker (each cell yields two views).
+    pub batch_size: usize,
+    /// Micro-batches accumulated before one optimizer step.
+    pub grad_accum: usize,
+    /// Passes over the training cells.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps, if set (also bounds the schedule).
+    pub max_steps: Option<u64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Decay after warmup.
+    pub schedule: Schedule,
+    /// AdamW decoupled weight decay (not applied to biases, LayerNorms and embeddings).
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Clip gradients to this global L2 norm; `null` disables clipping.
+    pub clip_grad_norm: Option<f64>,
+    /// Evaluate on the validation cells every this many steps (and at each epoch end).
+    pub eval_every: u64,
+    /// Stop when validation loss has not improved for this many evaluations.
+    pub early_stopping_patience: Option<usize>,
+    /// Cap on the number of validation cells evaluated.
+    pub max_eval_cells: usize,
+    /// Log a line every this many steps.
+    pub log_every: u64,
+    /// Intra-op CPU threads (default: all cores).
+    pub threads: Option<usize>,
+    /// Device choice.
+    pub device: Device,
+    /// Compute precision.
+    pub precision: Precision,
+    /// Contrastive-view augmentations.
+    pub augment: Augment,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            seed: 0,
+            batch_size: 32,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: None,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 100,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            clip_grad_norm: Some(1.0),
+            eval_every: 200,
+            early_stopping_patience: None,
+            max_eval_cells: 2_000,
+            log_every: 10,
+            threads: None,
+            device: Device::Auto,
+            precision: Precision::Auto,
+            augment: Augment::default(),
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        let err = |f: &str, m: String| Err(Error::config(format!("training.{f}"), m));
+        if self.batch_size < 2 {
+            return err("batch_size", format!("{} is too small; contrastive learning needs at least 2 cells", self.batch_size));
+        }
+        if self.grad_accum == 0 {
+            return err("grad_accum", "must be >= 1".into());
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return err("epochs", "must be >= 1 (or set max_steps)".into());
+        }
+        if self.max_steps == Some(0) {
+            return err("max_steps", "must be >= 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return err("lr", format!("{} must be a positive number", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return err("min_lr_ratio", format!("{} is outside [0, 1]", self.min_lr_ratio));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return err("weight_decay", format!("{} must be >= 0", self.weight_decay));
+        }
+        for (f, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return err(f, format!("{b} is outside [0, 1)"));
+            }
+        }
+        if !(self.eps > 0.0) {
+            return err("eps", format!("{} must be > 0", self.eps));
+        }
+        if let Some(c) = self.clip_grad_norm
+            && !(c > 0.0 && c.is_finite())
+        {
+            return err("clip_grad_norm", format!("{c} must be > 0 (or null to disable)"));
+        }
+        if self.eval_every == 0 {
+            return err("eval_every", "must be >= 1".into());
+        }
+        if self.log_every == 0 {
+            return err("log_every", "must be >= 1".into());
+        }
+        if self.threads == Some(0) {
+            return err("threads", "must be >= 1".into());
+        }
+        let a = &self.augment;
+        for (f, p) in [("augment.gene_dropout", a.gene_dropout), ("augment.cellmix_prob", a.cellmix_prob)] {
+            if !(0.0..1.0).contains(&p) {
+                return err(f, format!("{p} is outside [0, 1)"));
+            }
+        }
+        if !(0.0..=1.0).contains(&a.cellmix_alpha) {
+            return err("augment.cellmix_alpha", format!("{} is outside [0, 1]", a.cellmix_alpha));
+        }
+        if !(a.noise_std >= 0.0 && a.noise_std.is_finite()) {
+            return err("augment.noise_std", format!("{} must be >= 0", a.noise_std));
+        }
+        Ok(())
+    }
+
+    /// Learning rate at optimizer step `step` (0-based) of `total` steps.
+    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        if self.warmup_steps > 0 && step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let min = self.lr * self.min_lr_ratio;
+        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+        let t = ((step - self.warmup_steps.min(step)) as f64 / span).clamp(0.0, 1.0);
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Linear => self.lr + (min - self.lr) * t,
+            Schedule::Cosine => min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * t).cos()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_shapes() {
+        let c = TrainingConfig { lr: 1.0, warmup_steps: 10, min_lr_ratio: 0.1, ..Default::default() };
+        assert!((c.lr_at(0, 110) - 0.1).abs() < 1e-12);
+        assert!((c.lr_at(9, 110) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(10, 110) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(60, 110) - 0.55).abs() < 1e-12); // cosine midpoint
+        assert!((c.lr_at(110, 110) - 0.1).abs() < 1e-12);
+        let l = TrainingConfig { schedule: Schedule::Linear, ..c.clone() };
+        assert!((l.lr_at(35, 110) - 0.775).abs() < 1e-12);
+        let k = TrainingConfig { schedule: Schedule::Constant, ..c };
+        assert_eq!(k.lr_at(100, 110), 1.0);
+    }
+
+    #[test]
+    fn invalid_training_settings_are_named() {
+        let base = TrainingConfig::default();
+        let cases: Vec<(TrainingConfig, &str)> = vec![
+            (TrainingConfig { batch_size: 1, ..base.clone() }, "invalid config `training.batch_size`: 1 is too small; contrastive learning needs at least 2 cells"),
+            (TrainingConfig { grad_accum: 0, ..base.clone() }, "invalid config `training.grad_accum`: must be >= 1"),
+            (TrainingConfig { lr: -1.0, ..base.clone() }, "invalid config `training.lr`: -1 must be a positive number"),
+            (TrainingConfig { beta2: 1.0, ..base.clone() }, "invalid config `training.beta2`: 1 is outside [0, 1)"),
+            (TrainingConfig { clip_grad_norm: Some(0.0), ..base.clone() }, "invalid config `training.clip_grad_norm`: 0 must be > 0 (or null to disable)"),
+            (TrainingConfig { max_steps: Some(0), ..base.clone() }, "invalid config `training.max_steps`: must be >= 1"),
+            (TrainingConfig { augment: Augment { gene_dropout: 1.0, ..Default::default() }, ..base.clone() }, "invalid config `training.augment.gene_dropout`: 1 is outside [0, 1)"),
+        ];
+        for (c, msg) in cases {
+            assert_eq!(c.validate().unwrap_err().to_string(), msg);
+        }
+        base.validate().unwrap();
+    }
+}

@@ -1,0 +1,12 @@
+//! `scfm-common`: the parts of scfm shared by the coordinator and the workers —
+//! configuration types and presets, single-cell data formats, preprocessing, the
+//! tokenizer, object storage and deterministic random numbers. No libtorch here.
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod rng;
+pub mod storage;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

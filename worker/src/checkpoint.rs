@@ -1,0 +1,342 @@
+//! Checkpoints in object storage: model and optimizer as safetensors, state as JSON.
+//!
+//! Layout under the checkpoint URL:
+//! ```text
+//! ckpt-<step:09>/model.safetensors      parameters by PyTorch name (loads with safetensors.torch)
+//! ckpt-<step:09>/optimizer.safetensors  exp_avg.<name>, exp_avg_sq.<name>
+//! ckpt-<step:09>/state.json             step, data cursor, RNG seed, digests, sha256 of each part
+//! latest.json                           {"step", "dir", "state_sha256"}, written last
+//! ```
+//! Every part is uploaded and read back for its checksum before `state.json`, and
+//! `latest.json` is written only after that, so a crash mid-save leaves the previous
+//! checkpoint current.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use safetensors::tensor::{Dtype, TensorView};
+use scfm_common::storage::{Store, sha256_hex};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use crate::error::{Result, WorkerError};
+use crate::optim::AdamW;
+use crate::params::{FlatParams, Slot};
+
+/// Everything besides tensors that a resume needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Epoch of the next step.
+    pub epoch: u64,
+    /// Cells of that epoch consumed before the next step.
+    pub position: usize,
+    /// Run seed (every random stream derives from it and the step/epoch/cell).
+    pub seed: u64,
+    /// Digest of the model and data settings; a resume with other settings is refused.
+    pub config_digest: String,
+    /// Best validation loss so far.
+    pub best_val: Option<f64>,
+    /// Evaluations since the best one (early stopping).
+    pub evals_since_best: usize,
+    /// Validation loss at this checkpoint, if evaluated.
+    pub val_loss: Option<f64>,
+    /// The model configuration, as JSON.
+    pub model: serde_json::Value,
+    /// Number of genes in the vocabulary.
+    pub n_genes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StateFile {
+    state: TrainState,
+    files: HashMap<String, String>,
+}
+
+/// `latest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latest {
+    /// Step of the current checkpoint.
+    pub step: u64,
+    /// Its directory key.
+    pub dir: String,
+    /// sha256 of its `state.json`.
+    pub state_sha256: String,
+}
+
+/// Directory key of the checkpoint at `step`.
+pub fn dir_for(step: u64) -> String {
+    format!("ckpt-{step:09}")
+}
+
+/// Serializes named fp32 tensors as safetensors bytes.
+pub fn tensors_to_safetensors(
+    named: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(named.len());
+    for (name, t) in named {
+        let t = t.to_device(Device::Cpu).contiguous();
+        let v: Vec<f32> = Vec::<f32>::try_from(&t.reshape([-1]))?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        buffers.push((name.clone(), shape, bytes));
+    }
+    let views: Vec<(String, TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b)
+                    .map_err(|e| WorkerError::Internal(e.to_string()))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, metadata)
+        .map_err(|e| WorkerError::Internal(format!("safetensors: {e}")))
+}
+
+/// Reads named fp32 tensors (as flat `Vec<f32>` with shapes) from safetensors bytes.
+pub fn safetensors_to_vecs(
+    bytes: &[u8],
+    what: &str,
+) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| WorkerError::Checkpoint {
+        url: what.into(),
+        message: format!("not valid safetensors: {e}"),
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(WorkerError::Checkpoint {
+                url: what.into(),
+                message: format!("tensor `{name}` is {:?}, expected F32", view.dtype()),
+            });
+        }
+        let v: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), v));
+    }
+    Ok(out)
+}
+
+fn slot_tensors(slots: &[Slot], flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
+    slots
+        .iter()
+        .map(|s| {
+            (
+                format!("{prefix}{}", s.name),
+                flat.narrow(0, s.offset, s.numel).view(s.shape.as_slice()),
+            )
+        })
+        .collect()
+}
+
+/// Writes a checkpoint and then `latest.json`; returns the checkpoint's directory key.
+pub async fn save(
+    store: &Store,
+    params: &FlatParams,
+    opt: &AdamW,
+    state: &TrainState,
+) -> Result<String> {
+    let dir = dir_for(state.step);
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("scfm_model".to_string(), state.model.to_string()),
+        ("scfm_n_genes".to_string(), state.n_genes.to_string()),
+    ]);
+    let model = tensors_to_safetensors(&slot_tensors(&params.slots, &params.flat, ""), Some(meta))?;
+    let mut opt_named = slot_tensors(&params.slots, &opt.exp_avg, "exp_avg.");
+    opt_named.extend(slot_tensors(&params.slots, &opt.exp_avg_sq, "exp_avg_sq."));
+    let optim = tensors_to_safetensors(
+        &opt_named,
+        Some(HashMap::from([("step".to_string(), opt.step.to_string())])),
+    )?;
+    let mut files = HashMap::new();
+    for (name, bytes) in [
+        ("model.safetensors", model),
+        ("optimizer.safetensors", optim),
+    ] {
+        let key = format!("{dir}/{name}");
+        let sha = sha256_hex(&bytes);
+        store.put(&key, Bytes::from(bytes)).await?;
+        let back = store.get(&key).await?;
+        if sha256_hex(&back) != sha {
+            return Err(WorkerError::Checkpoint {
+                url: store.url_of(&key),
+                message: "read-back checksum differs from what was written".into(),
+            });
+        }
+        files.insert(name.to_string(), sha);
+    }
+    let state_bytes = serde_json::to_vec_pretty(&StateFile {
+        state: state.clone(),
+        files,
+    })
+    .expect("state serializes");
+    let state_sha = sha256_hex(&state_bytes);
+    store
+        .put(&format!("{dir}/state.json"), Bytes::from(state_bytes))
+        .await?;
+    let latest = Latest {
+        step: state.step,
+        dir: dir.clone(),
+        state_sha256: state_sha,
+    };
+    store
+        .put(
+            "latest.json",
+            Bytes::from(serde_json::to_vec_pretty(&latest).expect("latest serializes")),
+        )
+        .await?;
+    Ok(dir)
+}
+
+/// A verified checkpoint read back from storage.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Its state.
+    pub state: TrainState,
+    /// Parameters by name.
+    pub model: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Optimizer moments by `exp_avg.<name>` / `exp_avg_sq.<name>`.
+    pub optimizer: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Optimizer step count.
+    pub opt_step: u64,
+}
+
+/// Reads `latest.json`, if any.
+pub async fn latest(store: &Store) -> Result<Option<Latest>> {
+    match store.get_opt("latest.json").await? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| WorkerError::Checkpoint {
+                url: store.url_of("latest.json"),
+                message: format!("malformed: {e}"),
+            }),
+    }
+}
+
+/// Loads and verifies the checkpoint in `dir` (checksums of every part).
+pub async fn load(store: &Store, dir: &str, expect_state_sha: Option<&str>) -> Result<Loaded> {
+    let err = |key: &str, message: String| WorkerError::Checkpoint {
+        url: store.url_of(key),
+        message,
+    };
+    let state_key = format!("{dir}/state.json");
+    let sb = store.get(&state_key).await?;
+    if let Some(want) = expect_state_sha
+        && sha256_hex(&sb) != want
+    {
+        return Err(err(&state_key, "sha256 differs from latest.json".into()));
+    }
+    let sf: StateFile =
+        serde_json::from_slice(&sb).map_err(|e| err(&state_key, format!("malformed: {e}")))?;
+    let mut parts = HashMap::new();
+    for name in ["model.safetensors", "optimizer.safetensors"] {
+        let key = format!("{dir}/{name}");
+        let want = sf
+            .files
+            .get(name)
+            .ok_or_else(|| err(&state_key, format!("no checksum for {name}")))?;
+        let b = store.get(&key).await?;
+        let got = sha256_hex(&b);
+        if &got != want {
+            return Err(err(
+                &key,
+                format!("sha256 {got} does not match state.json's {want} (truncated or corrupt)"),
+            ));
+        }
+        parts.insert(name, b);
+    }
+    let opt_bytes = &parts["optimizer.safetensors"];
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(opt_bytes).map_err(|e| err(dir, e.to_string()))?;
+    let opt_step = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| err(dir, "optimizer.safetensors has no `step` metadata".into()))?;
+    Ok(Loaded {
+        state: sf.state,
+        model: safetensors_to_vecs(
+            &parts["model.safetensors"],
+            &store.url_of(&format!("{dir}/model.safetensors")),
+        )?,
+        optimizer: safetensors_to_vecs(
+            opt_bytes,
+            &store.url_of(&format!("{dir}/optimizer.safetensors")),
+        )?,
+        opt_step,
+    })
+}
+
+/// Copies a loaded checkpoint's tensors into the flat buffers; every parameter must be
+/// present with its shape.
+pub fn restore(loaded: &Loaded, params: &FlatParams, opt: &mut AdamW) -> Result<()> {
+    let n = params.numel() as usize;
+    let mut p = vec![0f32; n];
+    let mut m = vec![0f32; n];
+    let mut v = vec![0f32; n];
+    for s in &params.slots {
+        let want: Vec<usize> = s.shape.iter().map(|&d| d as usize).collect();
+        for (map, key, dst) in [
+            (&loaded.model, s.name.clone(), &mut p),
+            (&loaded.optimizer, format!("exp_avg.{}", s.name), &mut m),
+            (&loaded.optimizer, format!("exp_avg_sq.{}", s.name), &mut v),
+        ] {
+            let (shape, vals) = map.get(&key).ok_or_else(|| WorkerError::Checkpoint {
+                url: key.clone(),
+                message: "missing from checkpoint".into(),
+            })?;
+            if shape != &want {
+                return Err(WorkerError::Checkpoint {
+                    url: key,
+                    message: format!("shape {shape:?} but model has {want:?}"),
+                });
+            }
+            dst[s.offset as usize..(s.offset + s.numel) as usize].copy_from_slice(vals);
+        }
+    }
+    params.load_vec(&p);
+    tch::no_grad(|| {
+        opt.exp_avg
+            .copy_(&Tensor::from_slice(&m).to_device(params.device()));
+        opt.exp_avg_sq
+            .copy_(&Tensor::from_slice(&v).to_device(params.device()));
+    });
+    opt.step = loaded.opt_step;
+    Ok(())
+}
+
+/// Deletes all but the newest `keep_last` checkpoints and `keep_also` (the best).
+pub async fn retain(store: &Store, keep_last: usize, keep_also: Option<&str>) -> Result<()> {
+    let keys = store.list("").await?;
+    let mut dirs: Vec<String> = keys
+        .iter()
+        .filter_map(|k| {
+            k.split('/')
+                .next()
+                .filter(|d| d.starts_with("ckpt-") && k.contains('/'))
+                .map(str::to_string)
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let n = dirs.len();
+    for d in dirs.iter().take(n.saturating_sub(keep_last)) {
+        if Some(d.as_str()) == keep_also {
+            continue;
+        }
+        for k in keys.iter().filter(|k| k.starts_with(&format!("{d}/"))) {
+            store.delete(k).await?;
+        }
+    }
+    Ok(())
+}

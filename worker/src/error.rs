@@ -1,0 +1,37 @@
+//! The one error type of `scfm-worker`.
+
+/// Errors of the worker library.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Configuration, data or storage error from `scfm-common`.
+    #[error(transparent)]
+    Common(#[from] scfm_common::Error),
+    /// libtorch reported an error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// A checkpoint is missing, corrupt or does not match this run.
+    #[error("checkpoint {url}: {message}")]
+    Checkpoint {
+        /// The checkpoint URL or key.
+        url: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Training diverged or hit an impossible state (NaN loss, inconsistent data).
+    #[error("training failed at step {step}: {message}")]
+    Training {
+        /// Optimizer step.
+        step: u64,
+        /// What happened.
+        message: String,
+    },
+    /// The requested device cannot be used.
+    #[error("device: {0}")]
+    Device(String),
+    /// An invariant of the worker was broken (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result alias for the worker library.
+pub type Result<T, E = WorkerError> = std::result::Result<T, E>;

@@ -1,0 +1,14 @@
+//! `scfm-worker`: the part of scfm that links libtorch — the model, the optimizer, the
+//! trainer, checkpoints, the PyTorch reference export and the benchmark.
+
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod trainer;
+
+pub use error::{Result, WorkerError};
+pub mod bench;
+pub mod reference;

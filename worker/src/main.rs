@@ -1,0 +1,168 @@
+//! `scfm-worker`: trains the model in this process (`train`), exports reference tensors
+//! for the PyTorch cross-check (`reference`), and benchmarks training steps (`bench`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use scfm_common::config::TrainSpec;
+use scfm_worker::trainer::{RunOptions, Trainer};
+
+#[derive(Parser)]
+#[command(
+    name = "scfm-worker",
+    version,
+    about = "scfm worker: single-cell foundation model training"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train on one machine from a training file (see configs/train-demo.yaml).
+    Train {
+        /// Training file (YAML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Continue from the checkpoint's latest.json.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps in this process (the schedule still spans the run).
+        #[arg(long)]
+        stop_after: Option<u64>,
+        /// Print one JSON line per step and a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Training steps/s of scfm vs the same model in PyTorch eager, side by side.
+    Bench {
+        /// Presets to measure.
+        #[arg(long, value_delimiter = ',', default_value = "minimal,default")]
+        presets: Vec<String>,
+        /// Cells per batch (two views each).
+        #[arg(long, default_value_t = 8)]
+        cells: usize,
+        /// Tokens per sequence (default: the preset's max_seq_len).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Gene vocabulary size.
+        #[arg(long, default_value_t = 20_000)]
+        genes: usize,
+        /// Threads for both sides.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Timed steps per round.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Warm-up steps per round.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Python with torch (default: $SCFM_PYTHON or .venv/bin/python).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write a fixed small model, inputs and outputs as safetensors for the PyTorch cross-check.
+    Reference {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.cmd {
+        Cmd::Train {
+            config,
+            resume,
+            stop_after,
+            json,
+        } => {
+            let spec = TrainSpec::load(&config)
+                .with_context(|| format!("loading {}", config.display()))?;
+            let opts = RunOptions {
+                resume,
+                stop_after,
+                json,
+            };
+            let mut trainer = Trainer::new(spec, &opts)?;
+            let summary = trainer.run(&opts)?;
+            let s = serde_json::to_value(&summary)?;
+            if json {
+                println!("{}", serde_json::json!({"event": "done", "summary": s}));
+            }
+            eprintln!(
+                "done: {} steps ({} in this run) in {:.1} s; MGEM loss {:.4} -> {:.4}; best validation loss {}; data wait {:.1}%; checkpoints in {}",
+                summary.steps,
+                summary.steps_this_run,
+                summary.seconds,
+                summary.first_mgem.unwrap_or(f64::NAN),
+                summary.last_mgem,
+                summary.best_val.map_or("-".into(), |v| format!("{v:.4}")),
+                100.0 * summary.data_wait_fraction,
+                summary.checkpoint
+            );
+        }
+        Cmd::Bench {
+            presets,
+            cells,
+            seq_len,
+            genes,
+            threads,
+            steps,
+            warmup,
+            rounds,
+            python,
+            out,
+        } => {
+            let repo = std::env::current_dir()?;
+            let python = python
+                .or_else(|| std::env::var_os("SCFM_PYTHON").map(PathBuf::from))
+                .unwrap_or_else(|| repo.join(".venv/bin/python"));
+            let args = scfm_worker::bench::BenchArgs {
+                presets,
+                cells,
+                seq_len,
+                genes,
+                threads,
+                steps,
+                warmup,
+                rounds,
+                python,
+                repo,
+            };
+            let results = scfm_worker::bench::run(&args)?;
+            if let Some(out) = out {
+                std::fs::write(&out, serde_json::to_vec_pretty(&results)?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+        }
+        Cmd::Reference { out } => scfm_worker::reference::export(&out)?,
+    }
+    Ok(())
+}

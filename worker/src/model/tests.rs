@@ -1,0 +1,173 @@
+//! Model unit tests: shapes, padding, aliasing of flat parameters, losses on hand-computed cases.
+
+use scfm_common::config::ModelConfig;
+use scfm_common::tokenizer::Batch;
+use tch::{Device, Kind, Tensor, nn};
+
+use super::*;
+use crate::params::FlatParams;
+
+fn small(extra: &str) -> ModelConfig {
+    let y = format!(
+        "hidden: 16\nn_layers: 2\nn_heads: 4\nffn_dim: 32\nmax_seq_len: 10\nn_bins: 7\ndropout: 0.0\n{extra}"
+    );
+    ModelConfig::from_spec(&serde_yaml::from_str(&y).unwrap()).unwrap()
+}
+
+fn batch(rows: &[&[i64]]) -> Batch {
+    let len = rows.iter().map(|r| r.len()).max().unwrap();
+    let mut b = Batch {
+        n: rows.len(),
+        len,
+        ..Default::default()
+    };
+    for r in rows {
+        for i in 0..len {
+            let g = r.get(i).copied().unwrap_or(0);
+            b.genes.push(g);
+            let bin = if i == 0 || g == 0 { 0 } else { 1 + (g % 6) };
+            b.input_bins.push(if i == 2 { 7 } else { bin });
+            b.target_bins.push(bin);
+            b.input_values.push(if i == 2 || g == 0 {
+                0.0
+            } else {
+                bin as f32 * 0.3
+            });
+            b.target_values.push(bin as f32 * 0.3);
+            b.masked.push(i == 2 && g != 0);
+        }
+    }
+    b
+}
+
+#[test]
+fn shapes_and_exact_parameter_count() {
+    for extra in [
+        "",
+        "expression: continuous\npositional: sinusoidal\npooling: mean",
+        "positional: learned",
+    ] {
+        let cfg = small(extra);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = ScfmModel::new(&vs, &cfg, 30).unwrap();
+        let n: usize = vs.trainable_variables().iter().map(|t| t.numel()).sum();
+        assert_eq!(n, cfg.param_count(30));
+        let b = batch(&[
+            &[1, 5, 6, 7],
+            &[1, 9, 3, 0],
+            &[1, 4, 8, 11],
+            &[1, 2, 12, 13],
+        ]);
+        let o = m.forward(&Inputs::from_batch(&b, Device::Cpu), false);
+        assert_eq!(o.hidden.size(), vec![4, 4, 16]);
+        let c = if cfg.expression == scfm_common::config::ExpressionEncoding::Binned {
+            7
+        } else {
+            1
+        };
+        assert_eq!(o.mgem.size(), vec![4, 4, c]);
+        assert_eq!(o.cell.size(), vec![4, 16]);
+        assert_eq!(o.proj.size(), vec![4, 128]);
+        let norms = o.proj.norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
+        assert!(norms.allclose(
+            &Tensor::ones([4], (Kind::Float, Device::Cpu)),
+            1e-5,
+            1e-5,
+            false
+        ));
+    }
+}
+
+#[test]
+fn padding_does_not_change_real_tokens() {
+    for extra in ["", "pooling: mean\nexpression: continuous"] {
+        let cfg = small(extra);
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = ScfmModel::new(&vs, &cfg, 30).unwrap();
+        let short = batch(&[&[1, 5, 6, 7], &[1, 9, 3, 4]]);
+        let long = batch(&[&[1, 5, 6, 7, 0, 0, 0], &[1, 9, 3, 4, 0, 0, 0]]);
+        let a = m.forward(&Inputs::from_batch(&short, Device::Cpu), false);
+        let b = m.forward(&Inputs::from_batch(&long, Device::Cpu), false);
+        let diff = (a.hidden - b.hidden.narrow(1, 0, 4))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-5, "hidden differs by {diff}");
+        let diff = (a.cell - b.cell).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "cell embedding differs by {diff}");
+    }
+}
+
+#[test]
+fn nt_xent_matches_hand_computation() {
+    // Views (0, 2) and (1, 3) are pairs; rows are unit vectors.
+    let z = Tensor::from_slice(&[1f32, 0., 0., 1., 1., 0., 0., 1.]).view([4, 2]);
+    // Anchor 0: similarities to rows 1, 2, 3 are 0, 1, 0 (τ = 1); the positive is row 2.
+    let e = std::f64::consts::E;
+    let want = -(e / (2.0 + e)).ln();
+    let got = loss::nt_xent(&z, 1.0).double_value(&[]);
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    // Temperature scales the logits.
+    let want = -((1.0f64 / 0.5).exp() / (2.0 + (1.0f64 / 0.5).exp())).ln();
+    assert!((loss::nt_xent(&z, 0.5).double_value(&[]) - want).abs() < 1e-6);
+}
+
+#[test]
+fn masked_losses_use_only_masked_tokens() {
+    let logits = Tensor::zeros([1, 3, 4], (Kind::Float, Device::Cpu));
+    let targets = Tensor::from_slice(&[0i64, 2, 3]).view([1, 3]);
+    let masked = Tensor::from_slice(&[0u8, 1, 0])
+        .view([1, 3])
+        .to_kind(Kind::Bool);
+    let ce = loss::mgem_cross_entropy(&logits, &targets, &masked, 0.0).double_value(&[]);
+    assert!((ce - 4f64.ln()).abs() < 1e-6);
+    let pred = Tensor::from_slice(&[5f32, 1.0, 9.0]).view([1, 3, 1]);
+    let vals = Tensor::from_slice(&[0f32, 3.0, 0.0]).view([1, 3]);
+    assert!((loss::mgem_mse(&pred, &vals, &masked).double_value(&[]) - 4.0).abs() < 1e-6);
+}
+
+#[test]
+fn invalid_config_is_rejected_before_building() {
+    let mut cfg = small("");
+    cfg.n_heads = 5;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let e = ScfmModel::new(&vs, &cfg, 30).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "invalid config `model.n_heads`: 5 heads do not divide hidden size 16"
+    );
+    assert!(vs.variables().is_empty());
+    let e = ScfmModel::new(&vs, &small(""), 0).unwrap_err().to_string();
+    assert!(e.contains("gene vocabulary is empty"), "{e}");
+}
+
+#[test]
+fn flat_params_alias_parameters_and_gradients() {
+    let cfg = small("");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = ScfmModel::new(&vs, &cfg, 30).unwrap();
+    let mut p = FlatParams::new(&vs);
+    p.attach_grads();
+    assert!(p.check_aliasing());
+    let b = Inputs::from_batch(&batch(&[&[1, 5, 6, 7], &[1, 9, 3, 4]]), Device::Cpu);
+    let before = m.forward(&b, false).hidden;
+    for _ in 0..2 {
+        p.zero_grad();
+        m.losses(&b, false).total.backward();
+    }
+    assert!(p.check_aliasing(), "gradients must accumulate in place");
+    assert!(p.grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    // Writing the flat buffer changes what the model computes.
+    tch::no_grad(|| {
+        let _ = p.flat.shallow_clone().g_add_scalar_(0.01);
+    });
+    let after = m.forward(&b, false).hidden;
+    assert!((before - after).abs().max().double_value(&[]) > 1e-4);
+    // Two accumulated backward passes = twice one pass.
+    p.zero_grad();
+    m.losses(&b, false).total.backward();
+    let one = p.grad.copy();
+    m.losses(&b, false).total.backward();
+    assert!(p.grad.allclose(&(one * 2.0), 1e-5, 1e-6, false));
+}

@@ -1,0 +1,603 @@
+//! Single-process training: data, model, optimizer, evaluation, checkpoints, resume.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use scfm_common::config::{Device as DeviceChoice, TrainSpec};
+use scfm_common::data::h5ad::{H5adOptions, read_h5ad};
+use scfm_common::data::preprocess::{check_counts, normalize_log1p_matrix};
+use scfm_common::rng::derive_seed;
+use scfm_common::storage::{Store, sha256_hex};
+use scfm_common::tokenizer::Tokenizer;
+use serde::Serialize;
+use tch::{Device, nn};
+
+use crate::checkpoint::{self, TrainState};
+use crate::data::{
+    CellStore, Loader, LoaderConfig, StepData, build_batch, steps_per_epoch, stream,
+};
+use crate::error::{Result, WorkerError};
+use crate::model::{Inputs, ScfmModel};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::params::FlatParams;
+
+/// Command-line options of a training run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the checkpoint's `latest.json` (an error when there is none).
+    pub resume: bool,
+    /// Stop this process after this many steps (the schedule still spans the whole run):
+    /// simulates a preemption.
+    pub stop_after: Option<u64>,
+    /// Print one JSON line per step on stdout.
+    pub json: bool,
+}
+
+/// Metrics of one optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepStats {
+    /// Step number (1-based, after the update).
+    pub step: u64,
+    /// Weighted total loss (mean over micro-batches).
+    pub loss: f64,
+    /// MGEM loss.
+    pub mgem: f64,
+    /// NT-Xent loss.
+    pub contrastive: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Seconds spent waiting for data.
+    pub data_wait_s: f64,
+    /// Seconds of compute (forward, backward, update).
+    pub compute_s: f64,
+    /// Cells per second for this step (including data wait).
+    pub cells_per_s: f64,
+}
+
+/// Forward and backward over the micro-batches of one step, gradients accumulated (each
+/// loss scaled by 1/k) into the flat gradient; libtorch's generator is re-seeded from
+/// `(seed, step, micro-batch)` first. Returns mean `(total, mgem, contrastive)`.
+pub fn forward_backward(
+    model: &ScfmModel,
+    micro: &[Inputs],
+    seed: u64,
+    step: u64,
+) -> (f64, f64, f64) {
+    let k = micro.len() as f64;
+    let (mut loss, mut mgem, mut con) = (0.0, 0.0, 0.0);
+    for (i, x) in micro.iter().enumerate() {
+        tch::manual_seed(derive_seed(seed, &[stream::TORCH, step, i as u64]) as i64);
+        let l = model.losses(x, true);
+        (&l.total / k).backward();
+        loss += l.total.double_value(&[]) / k;
+        mgem += l.mgem / k;
+        con += l.contrastive / k;
+    }
+    (loss, mgem, con)
+}
+
+/// Picks the device for a choice, saying which.
+pub fn select_device(choice: DeviceChoice) -> Result<Device> {
+    let cuda = tch::Cuda::is_available();
+    let d = match (choice, cuda) {
+        (DeviceChoice::Cuda, false) => {
+            return Err(WorkerError::Device(
+                "device `cuda` requested but no CUDA device is usable".into(),
+            ));
+        }
+        (DeviceChoice::Cuda, true) | (DeviceChoice::Auto, true) => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    tracing::info!(device = ?d, cuda_available = cuda, "selected device");
+    Ok(d)
+}
+
+/// A training run in one process.
+pub struct Trainer {
+    /// The resolved configuration.
+    pub spec: TrainSpec,
+    /// The model.
+    pub model: ScfmModel,
+    /// Flat parameters and gradients.
+    pub params: FlatParams,
+    /// Optimizer.
+    pub opt: AdamW,
+    /// Progress state (saved in checkpoints).
+    pub state: TrainState,
+    /// Total optimizer steps of the run (the schedule's length).
+    pub total_steps: u64,
+    cells: Arc<CellStore>,
+    store: Store,
+    rt: tokio::runtime::Runtime,
+    _vs: nn::VarStore,
+    device: Device,
+    metrics: Vec<String>,
+}
+
+fn model_json(spec: &TrainSpec) -> serde_json::Value {
+    serde_json::to_value(&spec.model).expect("model config serializes")
+}
+
+impl Trainer {
+    /// Loads the data, builds the model, and resumes when asked.
+    pub fn new(spec: TrainSpec, opts: &RunOptions) -> Result<Self> {
+        let t = &spec.training;
+        tch::set_num_threads(
+            t.threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                as i32,
+        );
+        let device = select_device(t.device)?;
+        let path = &spec.data.path;
+        let ds = read_h5ad(
+            path,
+            &H5adOptions {
+                source: spec.data.source.clone(),
+                label_column: None,
+            },
+        )?;
+        check_counts(&ds.x, path, &ds.var_names, false)?;
+        if ds.x.data.iter().any(|v| v.fract() != 0.0) {
+            tracing::warn!(file = %path.display(), "values are not integers; treating them as counts anyway (normalize_total + log1p is applied)");
+        }
+        let mut x = ds.x;
+        let nonempty: Vec<usize> = (0..x.n_rows)
+            .filter(|&r| x.indptr[r + 1] > x.indptr[r])
+            .collect();
+        if nonempty.len() < x.n_rows {
+            tracing::warn!(
+                dropped = x.n_rows - nonempty.len(),
+                "dropping cells with no expressed genes"
+            );
+            x = x.select_rows(&nonempty);
+        }
+        normalize_log1p_matrix(&mut x, spec.data.target_sum);
+        let n_genes = x.n_cols;
+        let cells = Arc::new(CellStore::new(x, spec.data.validation_fraction, t.seed));
+        tracing::info!(file = %path.display(), cells = cells.x.n_rows, genes = n_genes, train = cells.train.len(), val = cells.val.len(), "loaded data");
+
+        tch::manual_seed(derive_seed(t.seed, &[0]) as i64);
+        let vs = nn::VarStore::new(device);
+        let model = ScfmModel::new(&vs, &spec.model, n_genes)?;
+        let mut params = FlatParams::new(&vs);
+        params.attach_grads();
+        tracing::info!(
+            parameters = params.numel(),
+            "model built ({} parameters)",
+            params.numel()
+        );
+        eprintln!(
+            "scfm model: {} parameters ({} genes, hidden {}, {} layers)",
+            params.numel(),
+            n_genes,
+            spec.model.hidden,
+            spec.model.n_layers
+        );
+        let opt = AdamW::new(
+            AdamWConfig {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+            },
+            &params,
+        );
+        let lcfg = loader_config(&spec);
+        let per_epoch = steps_per_epoch(cells.train.len(), &lcfg);
+        if per_epoch == 0 {
+            return Err(WorkerError::Common(scfm_common::Error::config(
+                "training.batch_size",
+                format!(
+                    "{} training cells are fewer than one step's {} cells",
+                    cells.train.len(),
+                    lcfg.cells_per_step()
+                ),
+            )));
+        }
+        let total_steps = t.max_steps.unwrap_or(per_epoch * t.epochs as u64);
+        let digest = sha256_hex(
+            serde_json::json!({"model": model_json(&spec), "n_genes": n_genes, "seed": t.seed,
+                "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+                "validation_fraction": spec.data.validation_fraction, "genes": sha256_hex(ds.var_names.join("\n").as_bytes())})
+            .to_string()
+            .as_bytes(),
+        );
+        let state = TrainState {
+            step: 0,
+            epoch: 0,
+            position: 0,
+            seed: t.seed,
+            config_digest: digest,
+            best_val: None,
+            evals_since_best: 0,
+            val_loss: None,
+            model: model_json(&spec),
+            n_genes,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let store = Store::open(&spec.checkpoint.url)?;
+        let mut tr = Trainer {
+            spec,
+            model,
+            params,
+            opt,
+            state,
+            total_steps,
+            cells,
+            store,
+            rt,
+            _vs: vs,
+            device,
+            metrics: Vec::new(),
+        };
+        if opts.resume {
+            tr.resume()?;
+        }
+        Ok(tr)
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        let latest = self
+            .rt
+            .block_on(checkpoint::latest(&self.store))?
+            .ok_or_else(|| WorkerError::Checkpoint {
+                url: self.store.url_of("latest.json"),
+                message: "--resume given but there is no checkpoint".into(),
+            })?;
+        let loaded = self.rt.block_on(checkpoint::load(
+            &self.store,
+            &latest.dir,
+            Some(&latest.state_sha256),
+        ))?;
+        if loaded.state.config_digest != self.state.config_digest {
+            let diff = diff_keys(&loaded.state.model, &self.state.model);
+            return Err(WorkerError::Checkpoint {
+                url: self.store.url_of(&latest.dir),
+                message: format!(
+                    "was written with other model/data settings{}; use another checkpoint URL to start over",
+                    if diff.is_empty() {
+                        " (data, seed or batch settings differ)".to_string()
+                    } else {
+                        format!(" (model fields differ: {})", diff.join(", "))
+                    }
+                ),
+            });
+        }
+        checkpoint::restore(&loaded, &self.params, &mut self.opt)?;
+        self.state = loaded.state;
+        if let Some(b) = self.rt.block_on(self.store.get_opt("metrics.jsonl"))? {
+            let text = String::from_utf8_lossy(&b);
+            self.metrics = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= self.state.step)
+                })
+                .map(str::to_string)
+                .collect();
+        }
+        tracing::info!(step = self.state.step, epoch = self.state.epoch, position = self.state.position, dir = %latest.dir, "resumed");
+        eprintln!(
+            "resumed from {} at step {}",
+            self.store.url_of(&latest.dir),
+            self.state.step
+        );
+        Ok(())
+    }
+
+    /// Runs one optimizer step on `data`.
+    pub fn train_step(&mut self, data: &StepData) -> Result<StepStats> {
+        let t = &self.spec.training;
+        let step = self.state.step;
+        let start = Instant::now();
+        self.params.zero_grad();
+        let inputs: Vec<Inputs> = data
+            .micro
+            .iter()
+            .map(|b| Inputs::from_batch(b, self.device))
+            .collect();
+        let (loss, mgem, con) = forward_backward(&self.model, &inputs, t.seed, step);
+        if !loss.is_finite() {
+            return Err(WorkerError::Training {
+                step: step + 1,
+                message: format!("loss is {loss} (mgem {mgem}, contrastive {con})"),
+            });
+        }
+        let grad_norm = clip_grad_norm(&self.params, t.clip_grad_norm);
+        let lr = t.lr_at(step, self.total_steps);
+        self.opt.update(&self.params, lr);
+        self.state.step += 1;
+        let compute_s = start.elapsed().as_secs_f64();
+        let cells = data.micro.iter().map(|b| b.n / 2).sum::<usize>();
+        Ok(StepStats {
+            step: self.state.step,
+            loss,
+            mgem,
+            contrastive: con,
+            grad_norm,
+            lr,
+            data_wait_s: 0.0,
+            compute_s,
+            cells_per_s: cells as f64 / compute_s,
+        })
+    }
+
+    /// Mean losses `(total, mgem, contrastive)` over the validation cells (deterministic views).
+    pub fn evaluate(&self) -> Option<(f64, f64, f64)> {
+        let t = &self.spec.training;
+        let n = self.cells.val.len().min(t.max_eval_cells);
+        if n < 2 {
+            return None;
+        }
+        let tok = Tokenizer::new(&self.spec.model);
+        let (mut tot, mut mg, mut co, mut w) = (0.0, 0.0, 0.0, 0.0);
+        tch::no_grad(|| {
+            for chunk in self.cells.val[..n].chunks(t.batch_size) {
+                if chunk.len() < 2 {
+                    continue;
+                }
+                let b = build_batch(
+                    &self.cells.x,
+                    chunk,
+                    &tok,
+                    &t.augment,
+                    t.seed,
+                    stream::EVAL,
+                    0,
+                );
+                let l = self
+                    .model
+                    .losses(&Inputs::from_batch(&b, self.device), false);
+                let c = chunk.len() as f64;
+                tot += l.total.double_value(&[]) * c;
+                mg += l.mgem * c;
+                co += l.contrastive * c;
+                w += c;
+            }
+        });
+        Some((tot / w, mg / w, co / w))
+    }
+
+    /// Saves a checkpoint (and metrics) and applies retention.
+    pub fn save(&mut self) -> Result<String> {
+        let dir = self.rt.block_on(checkpoint::save(
+            &self.store,
+            &self.params,
+            &self.opt,
+            &self.state,
+        ))?;
+        let mut text = self.metrics.join("\n");
+        text.push('\n');
+        self.rt
+            .block_on(self.store.put("metrics.jsonl", text.into()))?;
+        let best = self.best_dir();
+        self.rt.block_on(checkpoint::retain(
+            &self.store,
+            self.spec.checkpoint.keep_last,
+            best.as_deref(),
+        ))?;
+        tracing::info!(step = self.state.step, url = %self.store.url_of(&dir), "checkpoint saved");
+        Ok(dir)
+    }
+
+    fn best_dir(&self) -> Option<String> {
+        self.metrics
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "eval" && v["checkpointed"] == true)
+            .min_by(|a, b| {
+                a["val_loss"]
+                    .as_f64()
+                    .partial_cmp(&b["val_loss"].as_f64())
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .and_then(|v| v["step"].as_u64())
+            .map(checkpoint::dir_for)
+    }
+
+    /// Trains until the end of the run (or `stop_after` steps, or early stopping).
+    pub fn run(&mut self, opts: &RunOptions) -> Result<RunSummary> {
+        let lcfg = loader_config(&self.spec);
+        let per_step = lcfg.cells_per_step();
+        let n_train = self.cells.train.len();
+        let loader = Loader::start(
+            self.cells.clone(),
+            &self.spec.model,
+            lcfg,
+            self.state.epoch,
+            self.state.position,
+        );
+        let start_step = self.state.step;
+        let bar = indicatif::ProgressBar::new(self.total_steps);
+        bar.set_position(start_step);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("template"),
+        );
+        let (mut first_mgem, mut last_mgem, mut wait_total, mut time_total) = (None, 0.0, 0.0, 0.0);
+        let mut stopped_early = false;
+        let run_start = Instant::now();
+        while self.state.step < self.total_steps {
+            if opts
+                .stop_after
+                .is_some_and(|n| self.state.step - start_step >= n)
+            {
+                break;
+            }
+            let w0 = Instant::now();
+            let data = loader
+                .next()
+                .ok_or_else(|| WorkerError::Internal("data loader stopped".into()))?;
+            let wait = w0.elapsed().as_secs_f64();
+            debug_assert_eq!(
+                (data.epoch, data.position),
+                (self.state.epoch, self.state.position)
+            );
+            let mut s = self.train_step(&data)?;
+            s.data_wait_s = wait;
+            s.cells_per_s = (per_step as f64) / (wait + s.compute_s);
+            wait_total += wait;
+            time_total += wait + s.compute_s;
+            first_mgem.get_or_insert(s.mgem);
+            last_mgem = s.mgem;
+            self.state.position = data.position + per_step;
+            let epoch_end = self.state.position + per_step > n_train;
+            if epoch_end {
+                self.state.epoch += 1;
+                self.state.position = 0;
+            }
+            let mut line = serde_json::to_value(&s).expect("stats serialize");
+            line["event"] = "step".into();
+            line["epoch"] = data.epoch.into();
+            if opts.json {
+                println!("{line}");
+            }
+            self.metrics.push(line.to_string());
+            bar.set_position(self.state.step);
+            bar.set_message(format!(
+                "loss {:.4} mgem {:.4} nt-xent {:.4}",
+                s.loss, s.mgem, s.contrastive
+            ));
+            if self.state.step % self.spec.training.log_every == 0 {
+                tracing::info!(
+                    step = s.step,
+                    loss = s.loss,
+                    mgem = s.mgem,
+                    contrastive = s.contrastive,
+                    grad_norm = s.grad_norm,
+                    lr = s.lr,
+                    cells_per_s = s.cells_per_s as u64,
+                    data_wait_s = s.data_wait_s,
+                    "train"
+                );
+            }
+            let last = self.state.step == self.total_steps;
+            let do_eval = self.state.step % self.spec.training.eval_every == 0 || epoch_end || last;
+            let do_save = self.state.step % self.spec.checkpoint.every_steps == 0 || last;
+            if do_eval && let Some((val, vm, vc)) = self.evaluate() {
+                self.state.val_loss = Some(val);
+                if self.state.best_val.is_none_or(|b| val < b) {
+                    self.state.best_val = Some(val);
+                    self.state.evals_since_best = 0;
+                } else {
+                    self.state.evals_since_best += 1;
+                }
+                let ev = serde_json::json!({"event": "eval", "step": self.state.step, "val_loss": val, "val_mgem": vm, "val_contrastive": vc, "checkpointed": do_save});
+                if opts.json {
+                    println!("{ev}");
+                }
+                tracing::info!(
+                    step = self.state.step,
+                    val_loss = val,
+                    val_mgem = vm,
+                    val_contrastive = vc,
+                    "eval"
+                );
+                self.metrics.push(ev.to_string());
+                if self
+                    .spec
+                    .training
+                    .early_stopping_patience
+                    .is_some_and(|p| self.state.evals_since_best >= p)
+                {
+                    tracing::info!(
+                        step = self.state.step,
+                        best = self.state.best_val,
+                        "early stopping: validation loss stopped improving"
+                    );
+                    stopped_early = true;
+                }
+            }
+            if do_save || stopped_early {
+                self.save()?;
+            }
+            if stopped_early {
+                break;
+            }
+        }
+        if opts.stop_after.is_some() && self.state.step < self.total_steps && !stopped_early {
+            self.save()?;
+        }
+        bar.finish_and_clear();
+        let summary = RunSummary {
+            steps: self.state.step,
+            steps_this_run: self.state.step - start_step,
+            first_mgem,
+            last_mgem,
+            best_val: self.state.best_val,
+            stopped_early,
+            data_wait_fraction: if time_total > 0.0 {
+                wait_total / time_total
+            } else {
+                0.0
+            },
+            seconds: run_start.elapsed().as_secs_f64(),
+            checkpoint: self.store.url().to_string(),
+        };
+        Ok(summary)
+    }
+}
+
+/// What a run reports at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Steps completed in total.
+    pub steps: u64,
+    /// Steps run by this process.
+    pub steps_this_run: u64,
+    /// MGEM loss of the first step of this process.
+    pub first_mgem: Option<f64>,
+    /// MGEM loss of the last step.
+    pub last_mgem: f64,
+    /// Best validation loss.
+    pub best_val: Option<f64>,
+    /// Whether early stopping ended the run.
+    pub stopped_early: bool,
+    /// Fraction of wall time spent waiting for data.
+    pub data_wait_fraction: f64,
+    /// Wall seconds of the loop.
+    pub seconds: f64,
+    /// Checkpoint store URL.
+    pub checkpoint: String,
+}
+
+fn loader_config(spec: &TrainSpec) -> LoaderConfig {
+    let t = &spec.training;
+    LoaderConfig {
+        seed: t.seed,
+        batch_size: t.batch_size,
+        grad_accum: t.grad_accum,
+        augment: t.augment.clone(),
+        prefetch: 4,
+    }
+}
+
+fn diff_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return vec![];
+    };
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} -> {}",
+                a.get(k).unwrap_or(&serde_json::Value::Null),
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
