@@ -50,20 +50,39 @@ impl Store {
             let scheme = url.split("://").next().unwrap_or("");
             return Err(Error::config(
                 "url",
-                format!("`{url}`: object-store scheme `{scheme}://` is not supported by this build (local paths and file:// are)"),
+                format!(
+                    "`{url}`: object-store scheme `{scheme}://` is not supported by this build (local paths and file:// are)"
+                ),
             ));
         };
-        std::fs::create_dir_all(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        let abs = std::fs::canonicalize(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        std::fs::create_dir_all(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let abs = std::fs::canonicalize(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         let fs = LocalFileSystem::new_with_prefix(&abs)
-            .map_err(|source| Error::Store { url: url.to_string(), source })?
+            .map_err(|source| Error::Store {
+                url: url.to_string(),
+                source,
+            })?
             .with_automatic_cleanup(true);
-        Ok(Store { inner: Arc::new(fs), prefix: ObjPath::default(), url: format!("file://{}", abs.display()) })
+        Ok(Store {
+            inner: Arc::new(fs),
+            prefix: ObjPath::default(),
+            url: format!("file://{}", abs.display()),
+        })
     }
 
     /// Wraps an existing backend (used by tests and by cloud backends).
     pub fn from_backend(inner: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Store {
-        Store { inner, prefix: ObjPath::from(prefix), url: url.to_string() }
+        Store {
+            inner,
+            prefix: ObjPath::from(prefix),
+            url: url.to_string(),
+        }
     }
 
     /// The store's URL.
@@ -85,18 +104,28 @@ impl Store {
     }
 
     fn err(&self, key: &str, source: object_store::Error) -> Error {
-        Error::Store { url: self.url_of(key), source }
+        Error::Store {
+            url: self.url_of(key),
+            source,
+        }
     }
 
     /// Writes `bytes` at `key` (atomically for the local store).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
-        self.inner.put(&self.path(key), PutPayload::from(bytes)).await.map_err(|e| self.err(key, e))?;
+        self.inner
+            .put(&self.path(key), PutPayload::from(bytes))
+            .await
+            .map_err(|e| self.err(key, e))?;
         Ok(())
     }
 
     /// Reads `key`.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        let r = self.inner.get(&self.path(key)).await.map_err(|e| self.err(key, e))?;
+        let r = self
+            .inner
+            .get(&self.path(key))
+            .await
+            .map_err(|e| self.err(key, e))?;
         r.bytes().await.map_err(|e| self.err(key, e))
     }
 
@@ -112,11 +141,20 @@ impl Store {
     /// Keys (relative to the store) below `prefix`, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let base = self.path(prefix);
-        let metas: Vec<_> = self.inner.list(Some(&base)).try_collect().await.map_err(|e| self.err(prefix, e))?;
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&base))
+            .try_collect()
+            .await
+            .map_err(|e| self.err(prefix, e))?;
         let strip = self.prefix.as_ref().len();
         let mut keys: Vec<String> = metas
             .into_iter()
-            .map(|m| m.location.as_ref()[strip..].trim_start_matches('/').to_string())
+            .map(|m| {
+                m.location.as_ref()[strip..]
+                    .trim_start_matches('/')
+                    .to_string()
+            })
             .collect();
         keys.sort();
         Ok(keys)
@@ -139,10 +177,20 @@ mod tests {
     async fn local_roundtrip_list_delete() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path().join("run").to_str().unwrap()).unwrap();
-        s.put("ckpt/a.json", Bytes::from_static(b"{}")).await.unwrap();
-        s.put("ckpt/b.bin", Bytes::from_static(b"xy")).await.unwrap();
-        assert_eq!(s.get("ckpt/b.bin").await.unwrap(), Bytes::from_static(b"xy"));
-        assert_eq!(s.list("ckpt").await.unwrap(), vec!["ckpt/a.json", "ckpt/b.bin"]);
+        s.put("ckpt/a.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        s.put("ckpt/b.bin", Bytes::from_static(b"xy"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get("ckpt/b.bin").await.unwrap(),
+            Bytes::from_static(b"xy")
+        );
+        assert_eq!(
+            s.list("ckpt").await.unwrap(),
+            vec!["ckpt/a.json", "ckpt/b.bin"]
+        );
         assert!(s.get_opt("nope").await.unwrap().is_none());
         s.delete("ckpt/a.json").await.unwrap();
         s.delete("ckpt/a.json").await.unwrap();
@@ -156,6 +204,9 @@ mod tests {
     fn unsupported_scheme_is_named() {
         let e = Store::open("s3://bucket/run").unwrap_err().to_string();
         assert!(e.contains("s3://"), "{e}");
-        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5d0ae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -12,8 +12,11 @@ use crate::rng::Rng;
 ///
 /// Bin edges are the quantiles of the cell's values at `n_bins - 1` evenly spaced
 /// probabilities in [0, 1] (linear interpolation, as `numpy.quantile`); a value's bin is
-/// `1 +` the number of edges strictly below it, so expressed values fall in
-/// `1..=n_bins-1` and bin 0 stays "not expressed". Ties share a bin.
+/// `1 +` the number of edges strictly below it (`1 + np.digitize(v, edges, right=True)`),
+/// so expressed values fall in `1..=n_bins-1` (the last edge is the maximum, so at most
+/// `n_bins - 2` edges lie below any value) and bin 0 stays "not expressed". Tied values
+/// share the lowest bin they span: the deterministic lower end of scGPT's random
+/// tie-breaking, so the many count-1 genes of a sparse cell all sit in bin 1.
 pub fn quantile_bins(values: &[f32], n_bins: usize) -> Vec<i64> {
     if values.is_empty() {
         return Vec::new();
@@ -38,7 +41,7 @@ pub fn quantile_bins(values: &[f32], n_bins: usize) -> Vec<i64> {
         .iter()
         .map(|&v| {
             let below = edges.partition_point(|&e| e < v);
-            (1 + below as i64).min(n_bins as i64 - 1)
+            1 + below as i64
         })
         .collect()
 }
@@ -63,7 +66,10 @@ pub struct CellTokens {
 /// Merges two sparse rows (sorted gene indices) as `(1 - alpha) * a + alpha * b` (CellMix).
 pub fn cellmix(a: (&[u32], &[f32]), b: (&[u32], &[f32]), alpha: f32) -> (Vec<u32>, Vec<f32>) {
     let (mut i, mut j) = (0, 0);
-    let (mut gi, mut gv) = (Vec::with_capacity(a.0.len() + b.0.len()), Vec::with_capacity(a.0.len() + b.0.len()));
+    let (mut gi, mut gv) = (
+        Vec::with_capacity(a.0.len() + b.0.len()),
+        Vec::with_capacity(a.0.len() + b.0.len()),
+    );
     while i < a.0.len() || j < b.0.len() {
         let take_a = j >= b.0.len() || (i < a.0.len() && a.0[i] <= b.0[j]);
         let take_b = i >= a.0.len() || (j < b.0.len() && b.0[j] <= a.0[i]);
@@ -98,7 +104,12 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// The tokenizer for a model.
     pub fn new(m: &ModelConfig) -> Self {
-        Tokenizer { max_seq_len: m.max_seq_len, expression: m.expression, n_bins: m.n_bins, mask_ratio: m.mask_ratio }
+        Tokenizer {
+            max_seq_len: m.max_seq_len,
+            expression: m.expression,
+            n_bins: m.n_bins,
+            mask_ratio: m.mask_ratio,
+        }
     }
 
     /// Tokenizes one view of a cell from its expressed genes and log1p values.
@@ -106,11 +117,20 @@ impl Tokenizer {
     /// Applies gene dropout and Gaussian noise from `aug` (pass `None` for a clean view),
     /// bins the values, sub-samples to `max_seq_len - 1` genes, and masks
     /// `max(1, round(mask_ratio * n))` of them (none when `mask` is false).
-    pub fn tokenize(&self, genes: &[u32], values: &[f32], aug: Option<&Augment>, mask: bool, rng: &mut Rng) -> CellTokens {
+    pub fn tokenize(
+        &self,
+        genes: &[u32],
+        values: &[f32],
+        aug: Option<&Augment>,
+        mask: bool,
+        rng: &mut Rng,
+    ) -> CellTokens {
         let (mut g, mut v): (Vec<u32>, Vec<f32>) = (genes.to_vec(), values.to_vec());
         if let Some(a) = aug {
             if a.gene_dropout > 0.0 && g.len() > 1 {
-                let keep: Vec<bool> = (0..g.len()).map(|_| rng.uniform() >= a.gene_dropout).collect();
+                let keep: Vec<bool> = (0..g.len())
+                    .map(|_| rng.uniform() >= a.gene_dropout)
+                    .collect();
                 if keep.iter().any(|&k| k) {
                     let mut w = 0;
                     for r in 0..g.len() {
@@ -132,7 +152,11 @@ impl Tokenizer {
         }
         let bins = quantile_bins(&v, self.n_bins);
         let keep = self.max_seq_len - 1;
-        let chosen: Vec<usize> = if g.len() > keep { rng.sample_sorted(g.len(), keep) } else { (0..g.len()).collect() };
+        let chosen: Vec<usize> = if g.len() > keep {
+            rng.sample_sorted(g.len(), keep)
+        } else {
+            (0..g.len()).collect()
+        };
         let n = chosen.len();
         let mut t = CellTokens {
             genes: Vec::with_capacity(n + 1),
@@ -159,8 +183,10 @@ impl Tokenizer {
         let mask_bin = self.n_bins as i64;
         for i in 0..=n {
             let m = t.masked[i];
-            t.input_bins.push(if m { mask_bin } else { t.target_bins[i] });
-            t.input_values.push(if m { 0.0 } else { t.target_values[i] });
+            t.input_bins
+                .push(if m { mask_bin } else { t.target_bins[i] });
+            t.input_values
+                .push(if m { 0.0 } else { t.target_values[i] });
         }
         t
     }
@@ -228,8 +254,11 @@ mod tests {
     #[test]
     fn bins_match_numpy_quantile_digitize() {
         // numpy: edges = np.quantile([1,2,3,4,5], np.linspace(0,1,4)) = [1, 2.333, 3.667, 5]
-        // bins = 1 + (#edges < v) -> [1, 2, 2, 3, 4] then clipped to n_bins-1 = 4.
-        assert_eq!(quantile_bins(&[1.0, 2.0, 3.0, 4.0, 5.0], 5), vec![1, 2, 2, 3, 4]);
+        // bins = 1 + (#edges < v) = 1 + np.digitize(v, edges, right=True) = [1, 2, 3, 4, 4].
+        assert_eq!(
+            quantile_bins(&[1.0, 2.0, 3.0, 4.0, 5.0], 5),
+            vec![1, 2, 3, 4, 4]
+        );
         assert_eq!(quantile_bins(&[3.0, 3.0, 3.0], 51), vec![1, 1, 1]);
         assert_eq!(quantile_bins(&[], 51), Vec::<i64>::new());
         let b = quantile_bins(&(0..1000).map(|x| x as f32).collect::<Vec<_>>(), 51);
@@ -238,7 +267,12 @@ mod tests {
     }
 
     fn tok(max: usize) -> Tokenizer {
-        Tokenizer { max_seq_len: max, expression: ExpressionEncoding::Binned, n_bins: 11, mask_ratio: 0.25 }
+        Tokenizer {
+            max_seq_len: max,
+            expression: ExpressionEncoding::Binned,
+            n_bins: 11,
+            mask_ratio: 0.25,
+        }
     }
 
     #[test]
@@ -247,17 +281,29 @@ mod tests {
         let vals: Vec<f32> = (0..100).map(|x| 1.0 + x as f32).collect();
         let t = tok(17).tokenize(&genes, &vals, None, true, &mut Rng::new(1, &[]));
         assert_eq!(t.genes.len(), 17);
-        assert_eq!((t.genes[0], t.input_bins[0], t.masked[0]), (special::CLS, 0, false));
+        assert_eq!(
+            (t.genes[0], t.input_bins[0], t.masked[0]),
+            (special::CLS, 0, false)
+        );
         assert_eq!(t.masked.iter().filter(|&&m| m).count(), 4); // round(0.25 * 16)
         for i in 1..17 {
             assert!(t.genes[i] >= special::OFFSET && t.genes[i] < 100 + special::OFFSET);
             assert!((1..=10).contains(&t.target_bins[i]));
-            assert_eq!(t.input_bins[i], if t.masked[i] { 11 } else { t.target_bins[i] });
-            assert_eq!(t.input_values[i], if t.masked[i] { 0.0 } else { t.target_values[i] });
+            assert_eq!(
+                t.input_bins[i],
+                if t.masked[i] { 11 } else { t.target_bins[i] }
+            );
+            assert_eq!(
+                t.input_values[i],
+                if t.masked[i] { 0.0 } else { t.target_values[i] }
+            );
         }
         assert!(t.genes[1..].windows(2).all(|w| w[0] < w[1]));
         // Same stream, same tokens.
-        assert_eq!(t, tok(17).tokenize(&genes, &vals, None, true, &mut Rng::new(1, &[])));
+        assert_eq!(
+            t,
+            tok(17).tokenize(&genes, &vals, None, true, &mut Rng::new(1, &[]))
+        );
         // A one-gene cell still gets one masked token.
         let t = tok(17).tokenize(&[3], &[2.0], None, true, &mut Rng::new(1, &[]));
         assert_eq!(t.masked, vec![false, true]);
@@ -267,7 +313,11 @@ mod tests {
     fn augmentations_drop_and_perturb() {
         let genes: Vec<u32> = (0..1000).collect();
         let vals = vec![1.0f32; 1000];
-        let aug = Augment { gene_dropout: 0.5, noise_std: 0.1, ..Default::default() };
+        let aug = Augment {
+            gene_dropout: 0.5,
+            noise_std: 0.1,
+            ..Default::default()
+        };
         let t = tok(2000).tokenize(&genes, &vals, Some(&aug), false, &mut Rng::new(2, &[]));
         let n = t.genes.len() - 1;
         assert!((400..600).contains(&n), "{n}");

@@ -70,6 +70,9 @@ pub fn dir_for(step: u64) -> String {
     format!("ckpt-{step:09}")
 }
 
+/// Named tensors read from safetensors: name → (shape, values).
+pub type NamedVecs = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Serializes named fp32 tensors as safetensors bytes.
 pub fn tensors_to_safetensors(
     named: &[(String, Tensor)],
@@ -98,10 +101,7 @@ pub fn tensors_to_safetensors(
 }
 
 /// Reads named fp32 tensors (as flat `Vec<f32>` with shapes) from safetensors bytes.
-pub fn safetensors_to_vecs(
-    bytes: &[u8],
-    what: &str,
-) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn safetensors_to_vecs(bytes: &[u8], what: &str) -> Result<NamedVecs> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| WorkerError::Checkpoint {
         url: what.into(),
         message: format!("not valid safetensors: {e}"),
@@ -144,11 +144,11 @@ pub async fn save(
     state: &TrainState,
 ) -> Result<String> {
     let dir = dir_for(state.step);
-    let meta = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("scfm_model".to_string(), state.model.to_string()),
-        ("scfm_n_genes".to_string(), state.n_genes.to_string()),
-    ]);
+    // One metadata key: safetensors writes its metadata map in hash order, so several
+    // keys would make otherwise identical checkpoints differ byte for byte.
+    let scfm =
+        serde_json::json!({"model": state.model, "n_genes": state.n_genes, "step": state.step});
+    let meta = HashMap::from([("scfm".to_string(), scfm.to_string())]);
     let model = tensors_to_safetensors(&slot_tensors(&params.slots, &params.flat, ""), Some(meta))?;
     let mut opt_named = slot_tensors(&params.slots, &opt.exp_avg, "exp_avg.");
     opt_named.extend(slot_tensors(&params.slots, &opt.exp_avg_sq, "exp_avg_sq."));
@@ -202,9 +202,9 @@ pub struct Loaded {
     /// Its state.
     pub state: TrainState,
     /// Parameters by name.
-    pub model: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub model: NamedVecs,
     /// Optimizer moments by `exp_avg.<name>` / `exp_avg_sq.<name>`.
-    pub optimizer: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub optimizer: NamedVecs,
     /// Optimizer step count.
     pub opt_step: u64,
 }

@@ -1,6 +1,7 @@
 //! `scfm-worker`: trains the model in this process (`train`), exports reference tensors
 //! for the PyTorch cross-check (`reference`), and benchmarks training steps (`bench`).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

@@ -92,7 +92,6 @@ impl AdamW {
                 .zip(v.chunks_mut(chunk));
             for (i, (((p, g), m), v)) in parts.enumerate() {
                 let start = i * chunk;
-                let k = k;
                 s.spawn(move || k.run(p, g, m, v, n_decay.saturating_sub(start).min(p.len())));
             }
         });
@@ -185,8 +184,7 @@ mod tests {
             let _b = (&root / "layer").var("bias", &[1], nn::Init::Const(-1.0));
             let mut p = FlatParams::new(&vs);
             p.attach_grads();
-            let _ = p
-                .grad
+            p.grad
                 .shallow_clone()
                 .copy_(&Tensor::from_slice(&[0.5f32, -0.25]));
             let cfg = AdamWConfig {
@@ -218,8 +216,7 @@ mod tests {
         let _w = vs.root().var("w", &[2], nn::Init::Const(0.0));
         let mut p = FlatParams::new(&vs);
         p.attach_grads();
-        let _ = p
-            .grad
+        p.grad
             .shallow_clone()
             .copy_(&Tensor::from_slice(&[3f32, 4.0]));
         let n = clip_grad_norm(&p, Some(1.0));

@@ -467,7 +467,7 @@ impl Trainer {
                 "loss {:.4} mgem {:.4} nt-xent {:.4}",
                 s.loss, s.mgem, s.contrastive
             ));
-            if self.state.step % self.spec.training.log_every == 0 {
+            if self.state.step.is_multiple_of(self.spec.training.log_every) {
                 tracing::info!(
                     step = s.step,
                     loss = s.loss,
@@ -481,8 +481,17 @@ impl Trainer {
                 );
             }
             let last = self.state.step == self.total_steps;
-            let do_eval = self.state.step % self.spec.training.eval_every == 0 || epoch_end || last;
-            let do_save = self.state.step % self.spec.checkpoint.every_steps == 0 || last;
+            let do_eval = self
+                .state
+                .step
+                .is_multiple_of(self.spec.training.eval_every)
+                || epoch_end
+                || last;
+            let do_save = self
+                .state
+                .step
+                .is_multiple_of(self.spec.checkpoint.every_steps)
+                || last;
             if do_eval && let Some((val, vm, vc)) = self.evaluate() {
                 self.state.val_loss = Some(val);
                 if self.state.best_val.is_none_or(|b| val < b) {

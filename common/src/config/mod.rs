@@ -42,7 +42,7 @@ fn default_target_sum() -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// A local path or object-store URL (`file://`, `s3://`, `gs://`, `az://`).
+    /// A local path (relative paths are relative to the config file) or a `file://` URL.
     pub url: String,
     /// Save every this many optimizer steps (and at the end).
     #[serde(default = "default_every")]
@@ -91,9 +91,14 @@ pub struct TrainSpec {
 impl TrainSpec {
     /// Reads, resolves and validates a training file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
-        let file: TrainFile =
-            serde_yaml::from_str(&text).map_err(|e| Error::Parse { path: path.into(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        let file: TrainFile = serde_yaml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_file(file, base)
     }
@@ -103,15 +108,25 @@ impl TrainSpec {
         if file.data.path.is_relative() {
             file.data.path = base.join(&file.data.path);
         }
+        let url = &file.checkpoint.url;
+        if !url.contains("://") && Path::new(url).is_relative() {
+            file.checkpoint.url = base.join(url).to_string_lossy().into_owned();
+        }
         let model = ModelConfig::from_spec(&file.model)?;
         model.validate()?;
         file.training.validate()?;
         let v = file.data.validation_fraction;
         if !(0.0..1.0).contains(&v) {
-            return Err(Error::config("data.validation_fraction", format!("{v} is outside [0, 1)")));
+            return Err(Error::config(
+                "data.validation_fraction",
+                format!("{v} is outside [0, 1)"),
+            ));
         }
-        if !(file.data.target_sum > 0.0) {
-            return Err(Error::config("data.target_sum", format!("{} must be > 0", file.data.target_sum)));
+        if file.data.target_sum.is_nan() || file.data.target_sum <= 0.0 {
+            return Err(Error::config(
+                "data.target_sum",
+                format!("{} must be > 0", file.data.target_sum),
+            ));
         }
         if file.checkpoint.every_steps == 0 {
             return Err(Error::config("checkpoint.every_steps", "must be >= 1"));
@@ -119,7 +134,12 @@ impl TrainSpec {
         if file.checkpoint.keep_last == 0 {
             return Err(Error::config("checkpoint.keep_last", "must be >= 1"));
         }
-        Ok(TrainSpec { data: file.data, model, training: file.training, checkpoint: file.checkpoint })
+        Ok(TrainSpec {
+            data: file.data,
+            model,
+            training: file.training,
+            checkpoint: file.checkpoint,
+        })
     }
 }
 
@@ -128,7 +148,10 @@ mod tests {
     use super::*;
 
     fn parse(y: &str) -> Result<TrainSpec> {
-        let f: TrainFile = serde_yaml::from_str(y).map_err(|e| Error::Parse { path: "t.yaml".into(), message: e.to_string() })?;
+        let f: TrainFile = serde_yaml::from_str(y).map_err(|e| Error::Parse {
+            path: "t.yaml".into(),
+            message: e.to_string(),
+        })?;
         TrainSpec::from_file(f, Path::new("/base"))
     }
 
@@ -137,14 +160,29 @@ mod tests {
         let ok = "data: {path: d.h5ad}\ncheckpoint: {url: runs/x}\nmodel: {preset: minimal, n_layers: 1}\n";
         let s = parse(ok).unwrap();
         assert_eq!(s.data.path, PathBuf::from("/base/d.h5ad"));
+        assert_eq!(s.checkpoint.url, "/base/runs/x");
         assert_eq!(s.model.n_layers, 1);
-        let e = parse("data: {path: d.h5ad, bogus: 1}\ncheckpoint: {url: x}\n").unwrap_err().to_string();
+        let e = parse("data: {path: d.h5ad, bogus: 1}\ncheckpoint: {url: x}\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
-        let e = parse("data: {path: d.h5ad}\ncheckpoint: {url: x}\ntraining: {batch_size: 1}\n").unwrap_err().to_string();
+        let e = parse("data: {path: d.h5ad}\ncheckpoint: {url: x}\ntraining: {batch_size: 1}\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("training.batch_size"), "{e}");
-        let e = parse("data: {path: d.h5ad, validation_fraction: 1.0}\ncheckpoint: {url: x}\n").unwrap_err().to_string();
-        assert_eq!(e, "invalid config `data.validation_fraction`: 1 is outside [0, 1)");
-        let e = parse("data: {path: d.h5ad}\ncheckpoint: {url: x}\nmodel: {n_heads: 5}\n").unwrap_err().to_string();
-        assert_eq!(e, "invalid config `model.n_heads`: 5 heads do not divide hidden size 128");
+        let e = parse("data: {path: d.h5ad, validation_fraction: 1.0}\ncheckpoint: {url: x}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config `data.validation_fraction`: 1 is outside [0, 1)"
+        );
+        let e = parse("data: {path: d.h5ad}\ncheckpoint: {url: x}\nmodel: {n_heads: 5}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config `model.n_heads`: 5 heads do not divide hidden size 128"
+        );
     }
 }

@@ -103,10 +103,14 @@ impl ModelConfig {
     /// A built-in preset (`minimal`, `default`, `large`).
     pub fn preset(name: &str) -> Result<Self> {
         let yaml = preset_yaml(name).ok_or_else(|| {
-            Error::config("model.preset", format!("unknown preset `{name}`; choose one of {PRESETS:?}"))
+            Error::config(
+                "model.preset",
+                format!("unknown preset `{name}`; choose one of {PRESETS:?}"),
+            )
         })?;
-        let cfg: ModelConfig = serde_yaml::from_str(yaml)
-            .map_err(|e| Error::config("model.preset", format!("preset `{name}` is malformed: {e}")))?;
+        let cfg: ModelConfig = serde_yaml::from_str(yaml).map_err(|e| {
+            Error::config("model.preset", format!("preset `{name}` is malformed: {e}"))
+        })?;
         Ok(cfg)
     }
 
@@ -116,18 +120,35 @@ impl ModelConfig {
         let mut overrides = match spec {
             serde_yaml::Value::Null => serde_yaml::Mapping::new(),
             serde_yaml::Value::Mapping(m) => m.clone(),
-            other => return Err(Error::config("model", format!("expected a mapping, found {other:?}"))),
+            other => {
+                return Err(Error::config(
+                    "model",
+                    format!("expected a mapping, found {other:?}"),
+                ));
+            }
         };
         let preset = match overrides.remove("preset") {
             None => "minimal".to_string(),
             Some(serde_yaml::Value::String(s)) => s,
-            Some(v) => return Err(Error::config("model.preset", format!("expected a preset name, found {v:?}"))),
+            Some(v) => {
+                return Err(Error::config(
+                    "model.preset",
+                    format!("expected a preset name, found {v:?}"),
+                ));
+            }
         };
         let base = preset_yaml(&preset).ok_or_else(|| {
-            Error::config("model.preset", format!("unknown preset `{preset}`; choose one of {PRESETS:?}"))
+            Error::config(
+                "model.preset",
+                format!("unknown preset `{preset}`; choose one of {PRESETS:?}"),
+            )
         })?;
-        let mut merged: serde_yaml::Mapping = serde_yaml::from_str(base)
-            .map_err(|e| Error::config("model.preset", format!("preset `{preset}` is malformed: {e}")))?;
+        let mut merged: serde_yaml::Mapping = serde_yaml::from_str(base).map_err(|e| {
+            Error::config(
+                "model.preset",
+                format!("preset `{preset}` is malformed: {e}"),
+            )
+        })?;
         for (k, v) in overrides {
             merged.insert(k, v);
         }
@@ -145,43 +166,73 @@ impl ModelConfig {
         if self.n_layers == 0 {
             return err("n_layers", "must be > 0".into());
         }
-        if self.n_heads == 0 || self.hidden % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.hidden.is_multiple_of(self.n_heads) {
             return err(
                 "n_heads",
-                format!("{} heads do not divide hidden size {}", self.n_heads, self.hidden),
+                format!(
+                    "{} heads do not divide hidden size {}",
+                    self.n_heads, self.hidden
+                ),
             );
         }
         if self.ffn_dim == 0 {
             return err("ffn_dim", "must be > 0".into());
         }
         if self.max_seq_len < 2 {
-            return err("max_seq_len", format!("{} leaves no room for a gene after [CLS]; must be > 1", self.max_seq_len));
+            return err(
+                "max_seq_len",
+                format!(
+                    "{} leaves no room for a gene after [CLS]; must be > 1",
+                    self.max_seq_len
+                ),
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return err("dropout", format!("{} is outside [0, 1)", self.dropout));
         }
         if self.expression == ExpressionEncoding::Binned && self.n_bins < 2 {
-            return err("n_bins", format!("{} bins; need at least 2 (bin 0 = zero plus one expressed bin)", self.n_bins));
+            return err(
+                "n_bins",
+                format!(
+                    "{} bins; need at least 2 (bin 0 = zero plus one expressed bin)",
+                    self.n_bins
+                ),
+            );
         }
         if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
-            return err("mask_ratio", format!("{} is outside (0, 1)", self.mask_ratio));
+            return err(
+                "mask_ratio",
+                format!("{} is outside (0, 1)", self.mask_ratio),
+            );
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
-            return err("label_smoothing", format!("{} is outside [0, 1)", self.label_smoothing));
+            return err(
+                "label_smoothing",
+                format!("{} is outside [0, 1)", self.label_smoothing),
+            );
         }
         if self.projection_dim == 0 {
             return err("projection_dim", "must be > 0".into());
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return err("temperature", format!("{} must be a positive number", self.temperature));
+            return err(
+                "temperature",
+                format!("{} must be a positive number", self.temperature),
+            );
         }
-        for (f, w) in [("w_mgem", self.w_mgem), ("w_contrastive", self.w_contrastive)] {
+        for (f, w) in [
+            ("w_mgem", self.w_mgem),
+            ("w_contrastive", self.w_contrastive),
+        ] {
             if !(w >= 0.0 && w.is_finite()) {
                 return err(f, format!("{w} must be a finite number >= 0"));
             }
         }
         if self.w_mgem == 0.0 && self.w_contrastive == 0.0 {
-            return err("w_mgem", "both loss weights are 0; nothing would be trained".into());
+            return err(
+                "w_mgem",
+                "both loss weights are 0; nothing would be trained".into(),
+            );
         }
         Ok(())
     }
@@ -189,7 +240,10 @@ impl ModelConfig {
     /// Checks the model against the gene vocabulary it will be built for.
     pub fn validate_vocab(&self, n_genes: usize) -> Result<()> {
         if n_genes == 0 {
-            return Err(Error::config("data", "the gene vocabulary is empty (no genes in the dataset)"));
+            return Err(Error::config(
+                "data",
+                "the gene vocabulary is empty (no genes in the dataset)",
+            ));
         }
         Ok(())
     }
@@ -212,7 +266,11 @@ impl ModelConfig {
             n += self.max_seq_len * h;
         }
         n += 2 * h; // embedding LayerNorm
-        let block = 2 * (2 * h) + (3 * h * h + 3 * h) + (h * h + h) + (self.ffn_dim * h + self.ffn_dim) + (h * self.ffn_dim + h);
+        let block = 2 * (2 * h)
+            + (3 * h * h + 3 * h)
+            + (h * h + h)
+            + (self.ffn_dim * h + self.ffn_dim)
+            + (h * self.ffn_dim + h);
         n += self.n_layers * block;
         n += 2 * h; // final LayerNorm
         let out = match self.expression {
@@ -239,9 +297,21 @@ mod tests {
                 c.param_count(20_000)
             })
             .collect();
-        assert!((2_500_000..3_500_000).contains(&sizes[0]), "minimal {}", sizes[0]);
-        assert!((22_000_000..35_000_000).contains(&sizes[1]), "default {}", sizes[1]);
-        assert!((110_000_000..130_000_000).contains(&sizes[2]), "large {}", sizes[2]);
+        assert!(
+            (2_500_000..3_500_000).contains(&sizes[0]),
+            "minimal {}",
+            sizes[0]
+        );
+        assert!(
+            (22_000_000..35_000_000).contains(&sizes[1]),
+            "default {}",
+            sizes[1]
+        );
+        assert!(
+            (110_000_000..130_000_000).contains(&sizes[2]),
+            "large {}",
+            sizes[2]
+        );
     }
 
     fn spec(y: &str) -> serde_yaml::Value {
@@ -252,11 +322,17 @@ mod tests {
     fn overrides_apply_and_unknown_keys_are_named() {
         let c = ModelConfig::from_spec(&spec("preset: default\nn_layers: 2")).unwrap();
         assert_eq!((c.hidden, c.n_layers), (512, 2));
-        let e = ModelConfig::from_spec(&spec("hidden_size: 3")).unwrap_err().to_string();
+        let e = ModelConfig::from_spec(&spec("hidden_size: 3"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `hidden_size`"), "{e}");
-        let e = ModelConfig::from_spec(&spec("preset: huge")).unwrap_err().to_string();
+        let e = ModelConfig::from_spec(&spec("preset: huge"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.preset") && e.contains("huge"), "{e}");
-        let e = ModelConfig::from_spec(&spec("positional: rotary")).unwrap_err().to_string();
+        let e = ModelConfig::from_spec(&spec("positional: rotary"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rotary"), "{e}");
     }
 
@@ -264,21 +340,63 @@ mod tests {
     fn every_invalid_setting_is_rejected_with_its_message() {
         let cases: &[(&str, &str)] = &[
             ("hidden: 0", "invalid config `model.hidden`: must be > 0"),
-            ("n_layers: 0", "invalid config `model.n_layers`: must be > 0"),
-            ("n_heads: 3", "invalid config `model.n_heads`: 3 heads do not divide hidden size 128"),
-            ("n_heads: 0", "invalid config `model.n_heads`: 0 heads do not divide hidden size 128"),
+            (
+                "n_layers: 0",
+                "invalid config `model.n_layers`: must be > 0",
+            ),
+            (
+                "n_heads: 3",
+                "invalid config `model.n_heads`: 3 heads do not divide hidden size 128",
+            ),
+            (
+                "n_heads: 0",
+                "invalid config `model.n_heads`: 0 heads do not divide hidden size 128",
+            ),
             ("ffn_dim: 0", "invalid config `model.ffn_dim`: must be > 0"),
-            ("max_seq_len: 1", "invalid config `model.max_seq_len`: 1 leaves no room for a gene after [CLS]; must be > 1"),
-            ("dropout: 1.0", "invalid config `model.dropout`: 1 is outside [0, 1)"),
-            ("n_bins: 1", "invalid config `model.n_bins`: 1 bins; need at least 2 (bin 0 = zero plus one expressed bin)"),
-            ("mask_ratio: 0.0", "invalid config `model.mask_ratio`: 0 is outside (0, 1)"),
-            ("mask_ratio: 1.0", "invalid config `model.mask_ratio`: 1 is outside (0, 1)"),
-            ("mask_ratio: -0.1", "invalid config `model.mask_ratio`: -0.1 is outside (0, 1)"),
-            ("label_smoothing: 1.5", "invalid config `model.label_smoothing`: 1.5 is outside [0, 1)"),
-            ("projection_dim: 0", "invalid config `model.projection_dim`: must be > 0"),
-            ("temperature: 0.0", "invalid config `model.temperature`: 0 must be a positive number"),
-            ("w_mgem: -1.0", "invalid config `model.w_mgem`: -1 must be a finite number >= 0"),
-            ("w_mgem: 0.0\nw_contrastive: 0.0", "invalid config `model.w_mgem`: both loss weights are 0; nothing would be trained"),
+            (
+                "max_seq_len: 1",
+                "invalid config `model.max_seq_len`: 1 leaves no room for a gene after [CLS]; must be > 1",
+            ),
+            (
+                "dropout: 1.0",
+                "invalid config `model.dropout`: 1 is outside [0, 1)",
+            ),
+            (
+                "n_bins: 1",
+                "invalid config `model.n_bins`: 1 bins; need at least 2 (bin 0 = zero plus one expressed bin)",
+            ),
+            (
+                "mask_ratio: 0.0",
+                "invalid config `model.mask_ratio`: 0 is outside (0, 1)",
+            ),
+            (
+                "mask_ratio: 1.0",
+                "invalid config `model.mask_ratio`: 1 is outside (0, 1)",
+            ),
+            (
+                "mask_ratio: -0.1",
+                "invalid config `model.mask_ratio`: -0.1 is outside (0, 1)",
+            ),
+            (
+                "label_smoothing: 1.5",
+                "invalid config `model.label_smoothing`: 1.5 is outside [0, 1)",
+            ),
+            (
+                "projection_dim: 0",
+                "invalid config `model.projection_dim`: must be > 0",
+            ),
+            (
+                "temperature: 0.0",
+                "invalid config `model.temperature`: 0 must be a positive number",
+            ),
+            (
+                "w_mgem: -1.0",
+                "invalid config `model.w_mgem`: -1 must be a finite number >= 0",
+            ),
+            (
+                "w_mgem: 0.0\nw_contrastive: 0.0",
+                "invalid config `model.w_mgem`: both loss weights are 0; nothing would be trained",
+            ),
         ];
         for (y, msg) in cases {
             let c = ModelConfig::from_spec(&spec(y)).unwrap();
@@ -286,8 +404,18 @@ mod tests {
             assert_eq!(&e, msg, "for `{y}`");
         }
         // Continuous encoding does not use bins.
-        ModelConfig::from_spec(&spec("expression: continuous\nn_bins: 0")).unwrap().validate().unwrap();
-        let e = ModelConfig::preset("minimal").unwrap().validate_vocab(0).unwrap_err().to_string();
-        assert_eq!(e, "invalid config `data`: the gene vocabulary is empty (no genes in the dataset)");
+        ModelConfig::from_spec(&spec("expression: continuous\nn_bins: 0"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let e = ModelConfig::preset("minimal")
+            .unwrap()
+            .validate_vocab(0)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config `data`: the gene vocabulary is empty (no genes in the dataset)"
+        );
     }
 }

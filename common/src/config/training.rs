@@ -58,7 +58,12 @@ pub struct Augment {
 
 impl Default for Augment {
     fn default() -> Self {
-        Augment { gene_dropout: 0.1, noise_std: 0.0, cellmix_prob: 0.0, cellmix_alpha: 0.2 }
+        Augment {
+            gene_dropout: 0.1,
+            noise_std: 0.0,
+            cellmix_prob: 0.0,
+            cellmix_alpha: 0.2,
+        }
     }
 }
 
@@ -146,7 +151,13 @@ impl TrainingConfig {
     pub fn validate(&self) -> Result<()> {
         let err = |f: &str, m: String| Err(Error::config(format!("training.{f}"), m));
         if self.batch_size < 2 {
-            return err("batch_size", format!("{} is too small; contrastive learning needs at least 2 cells", self.batch_size));
+            return err(
+                "batch_size",
+                format!(
+                    "{} is too small; contrastive learning needs at least 2 cells",
+                    self.batch_size
+                ),
+            );
         }
         if self.grad_accum == 0 {
             return err("grad_accum", "must be >= 1".into());
@@ -161,23 +172,32 @@ impl TrainingConfig {
             return err("lr", format!("{} must be a positive number", self.lr));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return err("min_lr_ratio", format!("{} is outside [0, 1]", self.min_lr_ratio));
+            return err(
+                "min_lr_ratio",
+                format!("{} is outside [0, 1]", self.min_lr_ratio),
+            );
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return err("weight_decay", format!("{} must be >= 0", self.weight_decay));
+            return err(
+                "weight_decay",
+                format!("{} must be >= 0", self.weight_decay),
+            );
         }
         for (f, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&b) {
                 return err(f, format!("{b} is outside [0, 1)"));
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return err("eps", format!("{} must be > 0", self.eps));
         }
         if let Some(c) = self.clip_grad_norm
             && !(c > 0.0 && c.is_finite())
         {
-            return err("clip_grad_norm", format!("{c} must be > 0 (or null to disable)"));
+            return err(
+                "clip_grad_norm",
+                format!("{c} must be > 0 (or null to disable)"),
+            );
         }
         if self.eval_every == 0 {
             return err("eval_every", "must be >= 1".into());
@@ -189,13 +209,19 @@ impl TrainingConfig {
             return err("threads", "must be >= 1".into());
         }
         let a = &self.augment;
-        for (f, p) in [("augment.gene_dropout", a.gene_dropout), ("augment.cellmix_prob", a.cellmix_prob)] {
+        for (f, p) in [
+            ("augment.gene_dropout", a.gene_dropout),
+            ("augment.cellmix_prob", a.cellmix_prob),
+        ] {
             if !(0.0..1.0).contains(&p) {
                 return err(f, format!("{p} is outside [0, 1)"));
             }
         }
         if !(0.0..=1.0).contains(&a.cellmix_alpha) {
-            return err("augment.cellmix_alpha", format!("{} is outside [0, 1]", a.cellmix_alpha));
+            return err(
+                "augment.cellmix_alpha",
+                format!("{} is outside [0, 1]", a.cellmix_alpha),
+            );
         }
         if !(a.noise_std >= 0.0 && a.noise_std.is_finite()) {
             return err("augment.noise_std", format!("{} must be >= 0", a.noise_std));
@@ -214,7 +240,9 @@ impl TrainingConfig {
         match self.schedule {
             Schedule::Constant => self.lr,
             Schedule::Linear => self.lr + (min - self.lr) * t,
-            Schedule::Cosine => min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * t).cos()),
+            Schedule::Cosine => {
+                min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * t).cos())
+            }
         }
     }
 }
@@ -225,15 +253,26 @@ mod tests {
 
     #[test]
     fn schedule_shapes() {
-        let c = TrainingConfig { lr: 1.0, warmup_steps: 10, min_lr_ratio: 0.1, ..Default::default() };
+        let c = TrainingConfig {
+            lr: 1.0,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
         assert!((c.lr_at(0, 110) - 0.1).abs() < 1e-12);
         assert!((c.lr_at(9, 110) - 1.0).abs() < 1e-12);
         assert!((c.lr_at(10, 110) - 1.0).abs() < 1e-12);
         assert!((c.lr_at(60, 110) - 0.55).abs() < 1e-12); // cosine midpoint
         assert!((c.lr_at(110, 110) - 0.1).abs() < 1e-12);
-        let l = TrainingConfig { schedule: Schedule::Linear, ..c.clone() };
+        let l = TrainingConfig {
+            schedule: Schedule::Linear,
+            ..c.clone()
+        };
         assert!((l.lr_at(35, 110) - 0.775).abs() < 1e-12);
-        let k = TrainingConfig { schedule: Schedule::Constant, ..c };
+        let k = TrainingConfig {
+            schedule: Schedule::Constant,
+            ..c
+        };
         assert_eq!(k.lr_at(100, 110), 1.0);
     }
 
@@ -241,13 +280,58 @@ mod tests {
     fn invalid_training_settings_are_named() {
         let base = TrainingConfig::default();
         let cases: Vec<(TrainingConfig, &str)> = vec![
-            (TrainingConfig { batch_size: 1, ..base.clone() }, "invalid config `training.batch_size`: 1 is too small; contrastive learning needs at least 2 cells"),
-            (TrainingConfig { grad_accum: 0, ..base.clone() }, "invalid config `training.grad_accum`: must be >= 1"),
-            (TrainingConfig { lr: -1.0, ..base.clone() }, "invalid config `training.lr`: -1 must be a positive number"),
-            (TrainingConfig { beta2: 1.0, ..base.clone() }, "invalid config `training.beta2`: 1 is outside [0, 1)"),
-            (TrainingConfig { clip_grad_norm: Some(0.0), ..base.clone() }, "invalid config `training.clip_grad_norm`: 0 must be > 0 (or null to disable)"),
-            (TrainingConfig { max_steps: Some(0), ..base.clone() }, "invalid config `training.max_steps`: must be >= 1"),
-            (TrainingConfig { augment: Augment { gene_dropout: 1.0, ..Default::default() }, ..base.clone() }, "invalid config `training.augment.gene_dropout`: 1 is outside [0, 1)"),
+            (
+                TrainingConfig {
+                    batch_size: 1,
+                    ..base.clone()
+                },
+                "invalid config `training.batch_size`: 1 is too small; contrastive learning needs at least 2 cells",
+            ),
+            (
+                TrainingConfig {
+                    grad_accum: 0,
+                    ..base.clone()
+                },
+                "invalid config `training.grad_accum`: must be >= 1",
+            ),
+            (
+                TrainingConfig {
+                    lr: -1.0,
+                    ..base.clone()
+                },
+                "invalid config `training.lr`: -1 must be a positive number",
+            ),
+            (
+                TrainingConfig {
+                    beta2: 1.0,
+                    ..base.clone()
+                },
+                "invalid config `training.beta2`: 1 is outside [0, 1)",
+            ),
+            (
+                TrainingConfig {
+                    clip_grad_norm: Some(0.0),
+                    ..base.clone()
+                },
+                "invalid config `training.clip_grad_norm`: 0 must be > 0 (or null to disable)",
+            ),
+            (
+                TrainingConfig {
+                    max_steps: Some(0),
+                    ..base.clone()
+                },
+                "invalid config `training.max_steps`: must be >= 1",
+            ),
+            (
+                TrainingConfig {
+                    augment: Augment {
+                        gene_dropout: 1.0,
+                        ..Default::default()
+                    },
+                    ..base.clone()
+                },
+                "invalid config `training.augment.gene_dropout`: 1 is outside [0, 1)",
+            ),
         ];
         for (c, msg) in cases {
             assert_eq!(c.validate().unwrap_err().to_string(), msg);

@@ -31,7 +31,13 @@ impl CsrMatrix {
         indices: Vec<u32>,
         data: Vec<f32>,
     ) -> Result<Self> {
-        let m = CsrMatrix { n_rows, n_cols, indptr, indices, data };
+        let m = CsrMatrix {
+            n_rows,
+            n_cols,
+            indptr,
+            indices,
+            data,
+        };
         m.validate(what)?;
         Ok(m)
     }
@@ -40,10 +46,18 @@ impl CsrMatrix {
     pub fn validate(&self, what: &str) -> Result<()> {
         let bad = |msg: String| Err(Error::format(what, msg));
         if self.indptr.len() != self.n_rows + 1 {
-            return bad(format!("indptr has {} entries, expected {}", self.indptr.len(), self.n_rows + 1));
+            return bad(format!(
+                "indptr has {} entries, expected {}",
+                self.indptr.len(),
+                self.n_rows + 1
+            ));
         }
         if self.indices.len() != self.data.len() {
-            return bad(format!("{} indices but {} values", self.indices.len(), self.data.len()));
+            return bad(format!(
+                "{} indices but {} values",
+                self.indices.len(),
+                self.data.len()
+            ));
         }
         if self.indptr[0] != 0 || *self.indptr.last().unwrap() as usize != self.data.len() {
             return bad("indptr must start at 0 and end at nnz".into());
@@ -56,7 +70,10 @@ impl CsrMatrix {
             let row = &self.indices[a..b];
             for (k, &c) in row.iter().enumerate() {
                 if c as usize >= self.n_cols {
-                    return bad(format!("row {r}: column index {c} >= n_cols {}", self.n_cols));
+                    return bad(format!(
+                        "row {r}: column index {c} >= n_cols {}",
+                        self.n_cols
+                    ));
                 }
                 if k > 0 && row[k - 1] >= c {
                     return bad(format!("row {r}: column indices not strictly increasing"));
@@ -92,7 +109,13 @@ impl CsrMatrix {
             }
             indptr.push(data.len() as u64);
         }
-        CsrMatrix { n_rows, n_cols, indptr, indices, data }
+        CsrMatrix {
+            n_rows,
+            n_cols,
+            indptr,
+            indices,
+            data,
+        }
     }
 
     /// Rows `rows` (in that order) as a new matrix.
@@ -106,7 +129,13 @@ impl CsrMatrix {
             data.extend_from_slice(d);
             indptr.push(data.len() as u64);
         }
-        CsrMatrix { n_rows: rows.len(), n_cols: self.n_cols, indptr, indices, data }
+        CsrMatrix {
+            n_rows: rows.len(),
+            n_cols: self.n_cols,
+            indptr,
+            indices,
+            data,
+        }
     }
 }
 
@@ -127,6 +156,9 @@ mod tests {
     #[test]
     fn invalid_structure_is_named() {
         let e = CsrMatrix::new("x.h5ad", 1, 2, vec![0, 1], vec![5], vec![1.0]).unwrap_err();
-        assert!(e.to_string().contains("x.h5ad") && e.to_string().contains("column index 5"), "{e}");
+        assert!(
+            e.to_string().contains("x.h5ad") && e.to_string().contains("column index 5"),
+            "{e}"
+        );
     }
 }

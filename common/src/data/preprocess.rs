@@ -10,7 +10,12 @@ use crate::error::{Error, Result};
 /// `require_integer` also rejects non-integer values (raw counts are integers; a
 /// matrix of normalised values passed as counts is a common mistake). The error
 /// names the file, the cell (row) and the gene (column) of the first bad value.
-pub fn check_counts(x: &CsrMatrix, path: &Path, var_names: &[String], require_integer: bool) -> Result<()> {
+pub fn check_counts(
+    x: &CsrMatrix,
+    path: &Path,
+    var_names: &[String],
+    require_integer: bool,
+) -> Result<()> {
     for r in 0..x.n_rows {
         let (idx, vals) = x.row(r);
         for (&c, &v) in idx.iter().zip(vals) {
@@ -29,8 +34,10 @@ pub fn check_counts(x: &CsrMatrix, path: &Path, var_names: &[String], require_in
                 let gene = var_names.get(c as usize).map(String::as_str).unwrap_or("?");
                 return Err(Error::format(
                     path,
-                    format!("{p} count {v} at cell {r}, gene {c} (`{gene}`); expected raw counts (finite, >= 0{})",
-                        if require_integer { ", integer" } else { "" }),
+                    format!(
+                        "{p} count {v} at cell {r}, gene {c} (`{gene}`); expected raw counts (finite, >= 0{})",
+                        if require_integer { ", integer" } else { "" }
+                    ),
                 ));
             }
         }
@@ -74,12 +81,27 @@ mod tests {
     fn bad_counts_name_cell_and_gene() {
         let names = vec!["A".to_string(), "B".to_string()];
         let m = CsrMatrix::from_dense(2, 2, &[1.0, 0.0, 0.0, -2.0]);
-        let e = check_counts(&m, Path::new("c.h5ad"), &names, true).unwrap_err().to_string();
-        assert_eq!(e, "bad data in c.h5ad: negative count -2 at cell 1, gene 1 (`B`); expected raw counts (finite, >= 0, integer)");
+        let e = check_counts(&m, Path::new("c.h5ad"), &names, true)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "bad data in c.h5ad: negative count -2 at cell 1, gene 1 (`B`); expected raw counts (finite, >= 0, integer)"
+        );
         let m = CsrMatrix::from_dense(1, 2, &[f32::NAN, 1.0]);
-        assert!(check_counts(&m, Path::new("c.h5ad"), &names, false).unwrap_err().to_string().contains("NaN count"));
+        assert!(
+            check_counts(&m, Path::new("c.h5ad"), &names, false)
+                .unwrap_err()
+                .to_string()
+                .contains("NaN count")
+        );
         let m = CsrMatrix::from_dense(1, 2, &[0.5, 1.0]);
-        assert!(check_counts(&m, Path::new("c.h5ad"), &names, true).unwrap_err().to_string().contains("non-integer"));
+        assert!(
+            check_counts(&m, Path::new("c.h5ad"), &names, true)
+                .unwrap_err()
+                .to_string()
+                .contains("non-integer")
+        );
         check_counts(&m, Path::new("c.h5ad"), &names, false).unwrap();
     }
 }

@@ -36,8 +36,8 @@ pub fn sinusoidal_table(len: usize, hidden: usize, device: tch::Device) -> Tenso
     let angles = pos * div.unsqueeze(0); // [len, ceil(h/2)]
     let table = Tensor::zeros([len as i64, hidden as i64], (Kind::Float, device));
     let n_odd = (hidden / 2) as i64;
-    let _ = table.slice(1, 0, hidden as i64, 2).copy_(&angles.sin());
-    let _ = table
+    table.slice(1, 0, hidden as i64, 2).copy_(&angles.sin());
+    table
         .slice(1, 1, hidden as i64, 2)
         .copy_(&angles.cos().narrow(1, 0, n_odd));
     table
@@ -83,6 +83,8 @@ impl TokenEmbedding {
     }
 
     /// `genes`, `bins` `[N, L]` int64; `values` `[N, L]` float; `masked` `[N, L]` bool.
+    // Out-of-place additions on purpose: `+=` would run in place on autograd values.
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(
         &self,
         genes: &Tensor,
@@ -91,7 +93,9 @@ impl TokenEmbedding {
         masked: &Tensor,
         train: bool,
     ) -> Tensor {
-        let mut x = Tensor::embedding(&self.gene, genes, -1, false, false);
+        // Sparse gradient: only the rows of genes in the batch are touched in backward; it is
+        // accumulated into the dense flat gradient buffer (see params.rs).
+        let mut x = Tensor::embedding(&self.gene, genes, -1, false, true);
         x = x + match &self.expr {
             Expr::Binned(table) => Tensor::embedding(table, bins, -1, false, false),
             Expr::Continuous { fc1, fc2, mask } => {

@@ -13,7 +13,7 @@ mod typed;
 #[cfg(test)]
 mod tests;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hdf5::{Dataset, Group, Location, LocationType};
 
@@ -49,22 +49,58 @@ pub struct H5adOptions {
 /// Errors name the file and the missing or malformed element.
 pub fn read_h5ad(path: &Path, opts: &H5adOptions) -> Result<CellDataset> {
     let file = open(path)?;
-    let (m, var_names, obs_names, labels, name) = (|| {
-        let m = locate(&file, &opts.source)?;
-        let var_names = names(&file, &m, &var_frame(&m), m.n_cols)?;
-        let obs_names = names(&file, &m, "obs", m.n_rows)?;
-        let labels = match &opts.label_column {
-            Some(col) => Some(frame::labels(&file, "obs", col, m.n_rows)?),
-            None => None,
-        };
-        Ok((read_matrix(&m)?, var_names, obs_names, labels, m.name))
-    })()
-    .map_err(|e| to_error(path, e))?;
-    let x = CsrMatrix::new(&path.display().to_string(), m.0, m.1, m.2, m.3, m.4).map_err(|e| match e {
-        Error::Format { path, message } => Error::Format { path, message: format!("`{name}`: {message}") },
+    let c = read_contents(&file, opts).map_err(|e| to_error(path, e))?;
+    let (n_rows, n_cols, indptr, indices, data) = c.parts;
+    // The structure was checked while reading; `new` checks it again and names the matrix.
+    let x = CsrMatrix::new(
+        &path.display().to_string(),
+        n_rows,
+        n_cols,
+        indptr,
+        indices,
+        data,
+    )
+    .map_err(|e| match e {
+        Error::Format { path, message } => Error::Format {
+            path,
+            message: format!("`{}`: {message}", c.name),
+        },
         e => e,
     })?;
-    Ok(CellDataset { x, obs_names, var_names, labels })
+    Ok(CellDataset {
+        x,
+        obs_names: c.obs_names,
+        var_names: c.var_names,
+        labels: c.labels,
+    })
+}
+
+/// What [`read_h5ad`] reads from the file, before the matrix is assembled.
+struct Contents {
+    /// Path of the matrix in the file.
+    name: String,
+    parts: Parts,
+    obs_names: Vec<String>,
+    var_names: Vec<String>,
+    labels: Option<Vec<String>>,
+}
+
+/// Reads names and labels first (cheap, and where most layout errors show), then the matrix.
+fn read_contents(file: &Group, opts: &H5adOptions) -> R<Contents> {
+    let m = locate(file, &opts.source)?;
+    let var_names = names(file, &m, &var_frame(&m), m.n_cols)?;
+    let obs_names = names(file, &m, "obs", m.n_rows)?;
+    let labels = match &opts.label_column {
+        Some(col) => Some(frame::labels(file, "obs", col, m.n_rows)?),
+        None => None,
+    };
+    Ok(Contents {
+        parts: read_matrix(&m)?,
+        name: m.name,
+        obs_names,
+        var_names,
+        labels,
+    })
 }
 
 /// Just the number of cells and the gene names of the matrix chosen by `opts.source`,
@@ -85,14 +121,22 @@ const CHUNK_CACHE_SLOTS: usize = 10_007;
 
 /// Opens `path` read-only, telling a missing file and a non-HDF5 file apart.
 fn open(path: &Path) -> Result<hdf5::File> {
-    std::fs::metadata(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    std::fs::metadata(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
     let mut builder = hdf5::File::with_options();
-    builder.fapl().chunk_cache(CHUNK_CACHE_SLOTS, CHUNK_CACHE_BYTES, 0.75);
+    builder
+        .fapl()
+        .chunk_cache(CHUNK_CACHE_SLOTS, CHUNK_CACHE_BYTES, 0.75);
     builder.open(path).map_err(|source| {
         if source.contains_minor(hdf5::MinorErrorCode::NotHdf5) {
             Error::format(path, "not an HDF5 file (an .h5ad file must be HDF5)")
         } else {
-            Error::Hdf5 { path: path.into(), source }
+            Error::Hdf5 {
+                path: path.into(),
+                source,
+            }
         }
     })
 }
@@ -163,13 +207,17 @@ struct Matrix {
     n_cols: usize,
 }
 
-/// Names of the file's top-level members under `group` (for hints in errors).
+/// The members of group `group` of the file, comma-separated (for hints in errors).
 fn member_list(file: &Group, group: &str) -> R<String> {
     let names = match open_elem(file, group)? {
         Some(Elem::Group(g)) => g.member_names().at(&format!("`{group}`"))?,
         _ => Vec::new(),
     };
-    Ok(if names.is_empty() { "none".into() } else { names.join(", ") })
+    Ok(if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    })
 }
 
 /// Finds the matrix `source` and reads its layout and shape.
@@ -182,14 +230,24 @@ fn locate(file: &Group, source: &MatrixSource) -> R<Matrix> {
     for name in candidates {
         if let Some(elem) = open_elem(file, &name)? {
             let (layout, n_rows, n_cols) = layout(&elem, &name)?;
-            return Ok(Matrix { elem, name, layout, n_rows, n_cols });
+            return Ok(Matrix {
+                elem,
+                name,
+                layout,
+                n_rows,
+                n_cols,
+            });
         }
     }
     match source {
-        MatrixSource::X => bad(format!("no `X` in file (layers: {})", member_list(file, "layers")?)),
-        MatrixSource::Layer(l) => {
-            bad(format!("no layer `{l}` in file (layers: {})", member_list(file, "layers")?))
-        }
+        MatrixSource::X => bad(format!(
+            "no `X` in file (layers: {})",
+            member_list(file, "layers")?
+        )),
+        MatrixSource::Layer(l) => bad(format!(
+            "no layer `{l}` in file (layers: {})",
+            member_list(file, "layers")?
+        )),
         MatrixSource::Raw => bad("no raw matrix in file (neither `raw/X` nor `raw.X`)"),
     }
 }
@@ -208,7 +266,10 @@ fn names(file: &Group, m: &Matrix, frame: &str, n: usize) -> R<Vec<String>> {
     let names = frame::index(file, frame)?;
     if names.len() != n {
         let (what, m_name) = (if frame == "obs" { "rows" } else { "columns" }, &m.name);
-        return bad(format!("`{frame}` has {} names but `{m_name}` has {n} {what}", names.len()));
+        return bad(format!(
+            "`{frame}` has {} names but `{m_name}` has {n} {what}",
+            names.len()
+        ));
     }
     Ok(names)
 }
@@ -221,12 +282,18 @@ fn layout(elem: &Elem, name: &str) -> R<(Layout, usize, usize)> {
             let (layout, shape_attr) = match encoding(g)?.as_deref() {
                 Some("csr_matrix") => (Layout::Csr, "shape"),
                 Some("csc_matrix") => (Layout::Csc, "shape"),
-                Some(other) => return bad(format!("unsupported encoding-type `{other}` for `{name}`")),
+                Some(other) => {
+                    return bad(format!("unsupported encoding-type `{other}` for `{name}`"));
+                }
                 // anndata < 0.7 (h5sparse).
                 None => match str_attr(g, "h5sparse_format")?.as_deref() {
                     Some("csr") => (Layout::Csr, "h5sparse_shape"),
                     Some("csc") => (Layout::Csc, "h5sparse_shape"),
-                    Some(other) => return bad(format!("unsupported h5sparse_format `{other}` for `{name}`")),
+                    Some(other) => {
+                        return bad(format!(
+                            "unsupported h5sparse_format `{other}` for `{name}`"
+                        ));
+                    }
                     None => {
                         return bad(format!(
                             "`{name}` is a group without `encoding-type` or `h5sparse_format` attribute"
@@ -250,7 +317,10 @@ fn layout(elem: &Elem, name: &str) -> R<(Layout, usize, usize)> {
     }
     match ds.shape()[..] {
         [r, c] => Ok((Layout::Dense, r, c)),
-        ref s => bad(format!("`{name}` is a dense array of {} dimensions, expected 2", s.len())),
+        ref s => bad(format!(
+            "`{name}` is a dense array of {} dimensions, expected 2",
+            s.len()
+        )),
     }
 }
 
@@ -268,7 +338,12 @@ fn read_matrix(m: &Matrix) -> R<Parts> {
             }
             let src = Src::dataset(ds);
             let desc = src.descriptor()?;
-            let visit = Dense { ds, name, n_rows, n_cols };
+            let visit = Dense {
+                ds,
+                name,
+                n_rows,
+                n_cols,
+            };
             return dispatch(&desc, visit)
                 .unwrap_or_else(|| bad(format!("`{name}` holds {desc}, expected numbers")));
         }
@@ -278,14 +353,24 @@ fn read_matrix(m: &Matrix) -> R<Parts> {
     let indices = Src::dataset(&member(g, name, "indices")?).ints::<u32>()?;
     let indptr = Src::dataset(&member(g, name, "indptr")?).ints::<u64>()?;
     if indices.len() != data.len() {
-        return bad(format!("`{name}` has {} indices but {} values", indices.len(), data.len()));
+        return bad(format!(
+            "`{name}` has {} indices but {} values",
+            indices.len(),
+            data.len()
+        ));
     }
     let csr = m.layout == Layout::Csr;
-    let (n_major, n_minor) = if csr { (n_rows, n_cols) } else { (n_cols, n_rows) };
+    let (n_major, n_minor) = if csr {
+        (n_rows, n_cols)
+    } else {
+        (n_cols, n_rows)
+    };
     check_indptr(&indptr, n_major, data.len(), name)?;
     if let Some(&i) = indices.iter().find(|&&i| i as usize >= n_minor) {
         let what = if csr { "column" } else { "row" };
-        return bad(format!("`{name}/indices` has {what} index {i}, but the shape is {n_rows} × {n_cols}"));
+        return bad(format!(
+            "`{name}/indices` has {what} index {i}, but the shape is {n_rows} × {n_cols}"
+        ));
     }
     let (mut indptr, mut indices, mut data) = (indptr, indices, data);
     if !csr {
@@ -298,10 +383,16 @@ fn read_matrix(m: &Matrix) -> R<Parts> {
 /// Checks that `indptr` has `n_major + 1` non-decreasing entries from 0 to `nnz`.
 fn check_indptr(indptr: &[u64], n_major: usize, nnz: usize, name: &str) -> R<()> {
     if indptr.len() != n_major + 1 {
-        return bad(format!("`{name}/indptr` has {} entries, expected {}", indptr.len(), n_major + 1));
+        return bad(format!(
+            "`{name}/indptr` has {} entries, expected {}",
+            indptr.len(),
+            n_major + 1
+        ));
     }
     if indptr[0] != 0 || indptr[n_major] != nnz as u64 {
-        return bad(format!("`{name}/indptr` must run from 0 to the number of values ({nnz})"));
+        return bad(format!(
+            "`{name}/indptr` must run from 0 to the number of values ({nnz})"
+        ));
     }
     if let Some(k) = indptr.windows(2).position(|w| w[0] > w[1]) {
         return bad(format!("`{name}/indptr` decreases at entry {k}"));
@@ -347,11 +438,18 @@ fn canonicalize(indptr: &mut [u64], indices: &mut Vec<u32>, data: &mut Vec<f32>)
     if (0..indptr.len() - 1).all(sorted) {
         return;
     }
-    let (mut w, mut pairs) = (0usize, Vec::new());
+    let (mut w, mut b, mut pairs) = (0usize, 0usize, Vec::new());
     for r in 0..indptr.len() - 1 {
-        let (a, b) = (indptr[r] as usize, indptr[r + 1] as usize);
+        // Rows are compacted in place: `indptr[r]` is already the new start of row `r`.
+        let a = b;
+        b = indptr[r + 1] as usize;
         pairs.clear();
-        pairs.extend(indices[a..b].iter().copied().zip(data[a..b].iter().copied()));
+        pairs.extend(
+            indices[a..b]
+                .iter()
+                .copied()
+                .zip(data[a..b].iter().copied()),
+        );
         pairs.sort_by_key(|p| p.0);
         let row_start = w;
         for &(c, v) in &pairs {
@@ -384,7 +482,10 @@ impl Visit for Dense<'_> {
         let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
         for a in (0..n_rows).step_by(step) {
             let b = (a + step).min(n_rows);
-            let block = self.ds.read_slice_2d::<S, _>((a..b, ..)).at(&format!("`{}`", self.name))?;
+            let block = self
+                .ds
+                .read_slice_2d::<S, _>((a..b, ..))
+                .at(&format!("`{}`", self.name))?;
             let block = block.as_standard_layout();
             let values = block.as_slice().expect("standard layout is contiguous");
             for row in values.chunks_exact(n_cols) {
@@ -401,6 +502,3 @@ impl Visit for Dense<'_> {
         Ok((n_rows, n_cols, indptr, indices, data))
     }
 }
-
-#[allow(unused)]
-fn _assert_path(_: PathBuf) {}

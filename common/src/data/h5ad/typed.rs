@@ -9,9 +9,10 @@ use hdf5::types::{
 };
 use hdf5::{Attribute, Container, Dataset, H5Type, Location};
 
-/// Large 1-D datasets are read and converted this many elements at a time, which bounds
-/// the extra memory of a conversion (e.g. `f64` → `f32`) to one block.
-pub(super) const BLOCK: usize = 1 << 22;
+/// Large datasets are read and converted this many elements at a time, which bounds the
+/// extra memory of a conversion (e.g. `f64` → `f32`) to one block. Small in tests so that
+/// they cover block boundaries.
+pub(super) const BLOCK: usize = if cfg!(test) { 1000 } else { 1 << 22 };
 
 /// Errors of this module, turned into [`crate::Error`] (with the file path) by the caller.
 #[derive(Debug)]
@@ -38,7 +39,10 @@ pub(super) trait At<T> {
 
 impl<T> At<T> for hdf5::Result<T> {
     fn at(self, elem: &str) -> R<T> {
-        self.map_err(|err| E::H5 { elem: elem.to_owned(), err })
+        self.map_err(|err| E::H5 {
+            elem: elem.to_owned(),
+            err,
+        })
     }
 }
 
@@ -50,17 +54,23 @@ pub(super) fn display_name(loc: &Location) -> String {
 /// A string attribute of `loc` (variable- or fixed-length; a one-element array is accepted),
 /// or `None` if there is no such attribute.
 pub(super) fn str_attr(loc: &Location, name: &str) -> R<Option<String>> {
-    let Some(attr) = opt_attr(loc, name)? else { return Ok(None) };
+    let Some(attr) = opt_attr(loc, name)? else {
+        return Ok(None);
+    };
     let src = Src::attr(&attr, loc, name);
     match src.strings()?.as_slice() {
         [s] => Ok(Some(s.clone())),
-        other => bad(format!("{} has {} values, expected one string", src.name, other.len())),
+        other => bad(format!(
+            "{} has {} values, expected one string",
+            src.name,
+            other.len()
+        )),
     }
 }
 
 /// An attribute of `loc`, or `None` if there is no such attribute.
 pub(super) fn opt_attr(loc: &Location, name: &str) -> R<Option<Attribute>> {
-    let elem = display_name(loc);
+    let elem = format!("attributes of `{}`", display_name(loc));
     if !loc.attr_names().at(&elem)?.iter().any(|n| n == name) {
         return Ok(None);
     }
@@ -105,19 +115,34 @@ impl<'a> Src<'a> {
     /// A whole dataset.
     pub fn dataset(ds: &'a Dataset) -> Self {
         let blocks = ds.ndim() == 1;
-        Src { c: ds, field: None, blocks, name: format!("`{}`", display_name(ds)) }
+        Src {
+            c: ds,
+            field: None,
+            blocks,
+            name: format!("`{}`", display_name(ds)),
+        }
     }
 
     /// Field `field` of a compound dataset.
     pub fn field(ds: &'a Dataset, field: &'a str) -> Self {
         let name = format!("field `{field}` of `{}`", display_name(ds));
-        Src { c: ds, field: Some(field), blocks: false, name }
+        Src {
+            c: ds,
+            field: Some(field),
+            blocks: false,
+            name,
+        }
     }
 
     /// Attribute `name` of `loc`.
     pub fn attr(attr: &'a Attribute, loc: &Location, name: &str) -> Self {
         let name = format!("attribute `{name}` of `{}`", display_name(loc));
-        Src { c: attr, field: None, blocks: false, name }
+        Src {
+            c: attr,
+            field: None,
+            blocks: false,
+            name,
+        }
     }
 
     /// Number of values.
@@ -127,20 +152,34 @@ impl<'a> Src<'a> {
 
     /// The stored type of the values (of the field, for a field).
     pub fn descriptor(&self) -> R<TypeDescriptor> {
-        let desc = self.c.dtype().and_then(|t| t.to_descriptor()).at(&self.name)?;
-        let Some(field) = self.field else { return Ok(desc) };
+        let desc = self
+            .c
+            .dtype()
+            .and_then(|t| t.to_descriptor())
+            .at(&self.name)?;
+        let Some(field) = self.field else {
+            return Ok(desc);
+        };
         match desc {
             TypeDescriptor::Compound(ct) => match ct.fields.into_iter().find(|f| f.name == field) {
                 Some(f) => Ok(f.ty),
                 None => bad(format!("no {}", self.name)),
             },
-            other => bad(format!("{} is {other}, expected compound records", self.name)),
+            other => bad(format!(
+                "{} is {other}, expected compound records",
+                self.name
+            )),
         }
     }
 
     /// Names of the fields of a compound dataset in stored order, or `None` if it is not compound.
     pub fn field_names(&self) -> R<Option<Vec<String>>> {
-        match self.c.dtype().and_then(|t| t.to_descriptor()).at(&self.name)? {
+        match self
+            .c
+            .dtype()
+            .and_then(|t| t.to_descriptor())
+            .at(&self.name)?
+        {
             TypeDescriptor::Compound(ct) => {
                 let mut fields = ct.fields;
                 fields.sort_by_key(|f| f.index);
@@ -155,7 +194,9 @@ impl<'a> Src<'a> {
         if self.len() == 0 {
             return Ok(Vec::new());
         }
-        let Some(field) = self.field else { return self.c.read_raw::<T>().at(&self.name) };
+        let Some(field) = self.field else {
+            return self.c.read_raw::<T>().at(&self.name);
+        };
         FIELD.with(|f| *f.borrow_mut() = field.to_owned());
         let v = self.c.read_raw::<Field<T>>().at(&self.name)?;
         Ok(v.into_iter().map(|f| f.0).collect())
@@ -169,7 +210,10 @@ impl<'a> Src<'a> {
         }
         let mut out = Vec::with_capacity(n);
         for a in (0..n).step_by(BLOCK) {
-            let block = self.c.read_slice_1d::<S, _>(a..(a + BLOCK).min(n)).at(&self.name)?;
+            let block = self
+                .c
+                .read_slice_1d::<S, _>(a..(a + BLOCK).min(n))
+                .at(&self.name)?;
             for &v in block.iter() {
                 out.push(f(v)?);
             }
@@ -208,14 +252,19 @@ impl<'a> Src<'a> {
     pub fn is_strings(&self) -> R<bool> {
         use TypeDescriptor as T;
         let d = self.descriptor()?;
-        Ok(matches!(d, T::VarLenUnicode | T::VarLenAscii | T::FixedAscii(_) | T::FixedUnicode(_)))
+        Ok(matches!(
+            d,
+            T::VarLenUnicode | T::VarLenAscii | T::FixedAscii(_) | T::FixedUnicode(_)
+        ))
     }
 
     /// String values (variable- or fixed-length, ASCII or UTF-8; invalid UTF-8 is replaced).
     pub fn strings(&self) -> R<Vec<String>> {
         fn conv<T: H5Type>(src: &Src, bytes: impl Fn(&T) -> &[u8]) -> R<Vec<String>> {
             let v = src.read_vec::<T>()?;
-            Ok(v.iter().map(|s| String::from_utf8_lossy(bytes(s)).into_owned()).collect())
+            Ok(v.iter()
+                .map(|s| String::from_utf8_lossy(bytes(s)).into_owned())
+                .collect())
         }
         // Fixed-length strings are read into the next larger of a few capacities (HDF5 pads
         // or keeps them; nothing is cut since the capacity is at least the stored size).
@@ -227,7 +276,10 @@ impl<'a> Src<'a> {
                     65..=256 => conv::<$ty<256>>(self, |s| s.as_bytes()),
                     257..=1024 => conv::<$ty<1024>>(self, |s| s.as_bytes()),
                     1025..=8192 => conv::<$ty<8192>>(self, |s| s.as_bytes()),
-                    n => bad(format!("{} holds strings of {n} bytes, at most 8192 supported", self.name)),
+                    n => bad(format!(
+                        "{} holds strings of {n} bytes, at most 8192 supported",
+                        self.name
+                    )),
                 }
             };
         }
@@ -332,7 +384,11 @@ impl<D: TryFrom<i64>> Visit for ToInt<'_, '_, D> {
         let src = self.0;
         src.read_map(|v: S| match v.to_i64() {
             Some(i) => src.int_to(i),
-            None => bad(format!("{} has value {} out of range", src.name, v.to_f32())),
+            None => bad(format!(
+                "{} has value {} out of range",
+                src.name,
+                v.to_f32()
+            )),
         })
     }
 }
