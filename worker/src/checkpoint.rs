@@ -48,6 +48,21 @@ pub struct TrainState {
     pub n_genes: usize,
 }
 
+impl TrainState {
+    /// Records a validation loss; returns true when early stopping should end the run
+    /// (`patience` evaluations in a row without a strictly lower loss than the best).
+    pub fn observe_val(&mut self, val: f64, patience: Option<usize>) -> bool {
+        self.val_loss = Some(val);
+        if self.best_val.is_none_or(|b| val < b) {
+            self.best_val = Some(val);
+            self.evals_since_best = 0;
+        } else {
+            self.evals_since_best += 1;
+        }
+        patience.is_some_and(|p| self.evals_since_best >= p)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StateFile {
     state: TrainState,
@@ -339,4 +354,119 @@ pub async fn retain(store: &Store, keep_last: usize, keep_also: Option<&str>) ->
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::AdamWConfig;
+    use tch::nn;
+
+    fn setup() -> (nn::VarStore, FlatParams, AdamW, TrainState) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _a = (&vs.root() / "layer").var(
+            "weight",
+            &[3, 2],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        );
+        let _b = (&vs.root() / "layer").var("bias", &[3], nn::Init::Const(0.5));
+        let mut p = FlatParams::new(&vs);
+        p.attach_grads();
+        let mut opt = AdamW::new(
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            &p,
+        );
+        let _ = p.grad.shallow_clone().fill_(0.3);
+        opt.update(&p, 0.1);
+        let state = TrainState {
+            step: 7,
+            epoch: 1,
+            position: 64,
+            seed: 3,
+            config_digest: "d".into(),
+            best_val: Some(1.0),
+            evals_since_best: 0,
+            val_loss: None,
+            model: serde_json::json!({}),
+            n_genes: 2,
+        };
+        (vs, p, opt, state)
+    }
+
+    #[tokio::test]
+    async fn save_load_restore_roundtrip_and_corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let (_vs, p, opt, state) = setup();
+        let d = save(&store, &p, &opt, &state).await.unwrap();
+        let latest = latest(&store).await.unwrap().unwrap();
+        assert_eq!((latest.step, latest.dir.as_str()), (7, d.as_str()));
+        let loaded = load(&store, &d, Some(&latest.state_sha256)).await.unwrap();
+        assert_eq!(loaded.state, state);
+        assert_eq!(loaded.opt_step, 1);
+        let (_vs2, p2, mut opt2, _) = setup();
+        let _ = p2.flat.shallow_clone().fill_(0.0);
+        restore(&loaded, &p2, &mut opt2).unwrap();
+        assert_eq!(p2.to_vec(), p.to_vec());
+        assert!(opt2.exp_avg_sq.equal(&opt.exp_avg_sq) && opt2.step == 1);
+
+        // A truncated part fails its checksum and names the file.
+        let path = dir.path().join(&d).join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        let e = load(&store, &d, Some(&latest.state_sha256))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("does not match"),
+            "{e}"
+        );
+        // A state.json that is not the one latest.json names is refused.
+        let e = load(&store, &d, Some("0000"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sha256 differs from latest.json"), "{e}");
+    }
+
+    #[test]
+    fn early_stopping_counts_evaluations_without_improvement() {
+        let (_vs, _p, _o, mut s) = setup();
+        s.best_val = None;
+        let seq = [(3.0, false), (2.0, false), (2.5, false), (2.0, true)];
+        for (v, stop) in seq {
+            assert_eq!(s.observe_val(v, Some(2)), stop, "at {v}");
+        }
+        assert_eq!((s.best_val, s.evals_since_best), (Some(2.0), 2));
+        assert!(!s.observe_val(1.0, Some(2)) && s.evals_since_best == 0);
+        assert!(!s.observe_val(5.0, None));
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_last_n_and_the_best() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let (_vs, p, opt, mut state) = setup();
+        for step in [1, 2, 3, 4, 5] {
+            state.step = step;
+            save(&store, &p, &opt, &state).await.unwrap();
+        }
+        retain(&store, 2, Some(&dir_for(2))).await.unwrap();
+        let mut dirs: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ckpt-"))
+            .collect();
+        dirs.sort();
+        assert_eq!(dirs, vec![dir_for(2), dir_for(4), dir_for(5)]);
+    }
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use scfm_common::config::Precision;
 use scfm_common::config::{Device as DeviceChoice, TrainSpec};
 use scfm_common::data::h5ad::{H5adOptions, read_h5ad};
 use scfm_common::data::preprocess::{check_counts, normalize_log1p_matrix};
@@ -10,7 +11,7 @@ use scfm_common::rng::derive_seed;
 use scfm_common::storage::{Store, sha256_hex};
 use scfm_common::tokenizer::Tokenizer;
 use serde::Serialize;
-use tch::{Device, nn};
+use tch::{Device, Kind, nn};
 
 use crate::checkpoint::{self, TrainState};
 use crate::data::{
@@ -76,6 +77,20 @@ pub fn forward_backward(
         con += l.contrastive / k;
     }
     (loss, mgem, con)
+}
+
+/// The encoder's compute precision: bf16 for `auto` on CUDA and for `bf16`, else fp32.
+pub fn compute_kind(p: Precision, device: Device) -> Option<Kind> {
+    match (p, device) {
+        (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => None,
+        (Precision::Bf16, Device::Cpu) => {
+            tracing::warn!(
+                "bf16 on CPU is slow on processors without bf16 matrix units; fp32 is the CPU default"
+            );
+            Some(Kind::BFloat16)
+        }
+        _ => Some(Kind::BFloat16),
+    }
 }
 
 /// Picks the device for a choice, saying which.
@@ -160,7 +175,10 @@ impl Trainer {
 
         tch::manual_seed(derive_seed(t.seed, &[0]) as i64);
         let vs = nn::VarStore::new(device);
-        let model = ScfmModel::new(&vs, &spec.model, n_genes)?;
+        let mut model = ScfmModel::new(&vs, &spec.model, n_genes)?;
+        let compute = compute_kind(t.precision, device);
+        model.set_compute_kind(compute);
+        tracing::info!(precision = ?compute.unwrap_or(Kind::Float), "compute precision");
         let mut params = FlatParams::new(&vs);
         params.attach_grads();
         tracing::info!(
@@ -493,14 +511,10 @@ impl Trainer {
                 .is_multiple_of(self.spec.checkpoint.every_steps)
                 || last;
             if do_eval && let Some((val, vm, vc)) = self.evaluate() {
-                self.state.val_loss = Some(val);
-                if self.state.best_val.is_none_or(|b| val < b) {
-                    self.state.best_val = Some(val);
-                    self.state.evals_since_best = 0;
-                } else {
-                    self.state.evals_since_best += 1;
-                }
-                let ev = serde_json::json!({"event": "eval", "step": self.state.step, "val_loss": val, "val_mgem": vm, "val_contrastive": vc, "checkpointed": do_save});
+                stopped_early = self
+                    .state
+                    .observe_val(val, self.spec.training.early_stopping_patience);
+                let ev = serde_json::json!({"event": "eval", "step": self.state.step, "val_loss": val, "val_mgem": vm, "val_contrastive": vc, "checkpointed": do_save || stopped_early});
                 if opts.json {
                     println!("{ev}");
                 }
@@ -512,18 +526,12 @@ impl Trainer {
                     "eval"
                 );
                 self.metrics.push(ev.to_string());
-                if self
-                    .spec
-                    .training
-                    .early_stopping_patience
-                    .is_some_and(|p| self.state.evals_since_best >= p)
-                {
+                if stopped_early {
                     tracing::info!(
                         step = self.state.step,
                         best = self.state.best_val,
                         "early stopping: validation loss stopped improving"
                     );
-                    stopped_early = true;
                 }
             }
             if do_save || stopped_early {
@@ -609,4 +617,71 @@ fn diff_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     keys.sort();
     keys.dedup();
     keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scfm_common::config::ModelConfig;
+    use scfm_common::tokenizer::Batch;
+
+    fn toy_batch(offset: i64) -> Batch {
+        let (n, len) = (4, 5);
+        let mut b = Batch {
+            n,
+            len,
+            ..Default::default()
+        };
+        for r in 0..n as i64 {
+            for i in 0..len as i64 {
+                let g = if i == 0 {
+                    1
+                } else {
+                    2 + (r * 3 + i + offset) % 20
+                };
+                b.genes.push(g);
+                let bin = if i == 0 { 0 } else { 1 + (g % 9) };
+                b.target_bins.push(bin);
+                b.masked.push(i == 2);
+                b.input_bins.push(if i == 2 { 11 } else { bin });
+                b.input_values.push(0.0);
+                b.target_values.push(0.0);
+            }
+        }
+        b
+    }
+
+    /// Gradient accumulation: k micro-batches give the mean of their gradients.
+    #[test]
+    fn accumulation_averages_micro_batch_gradients() {
+        let y = "hidden: 16\nn_layers: 1\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 8\nn_bins: 11\ndropout: 0.0";
+        let cfg = ModelConfig::from_spec(&serde_yaml::from_str(y).unwrap()).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = ScfmModel::new(&vs, &cfg, 24).unwrap();
+        let mut p = FlatParams::new(&vs);
+        p.attach_grads();
+        let a = Inputs::from_batch(&toy_batch(0), Device::Cpu);
+        let b = Inputs::from_batch(&toy_batch(7), Device::Cpu);
+        let grad_of = |micro: &[&Inputs]| {
+            p.zero_grad();
+            let owned: Vec<Inputs> = micro
+                .iter()
+                .map(|x| Inputs {
+                    genes: x.genes.shallow_clone(),
+                    bins: x.bins.shallow_clone(),
+                    values: x.values.shallow_clone(),
+                    masked: x.masked.shallow_clone(),
+                    target_bins: x.target_bins.shallow_clone(),
+                    target_values: x.target_values.shallow_clone(),
+                })
+                .collect();
+            let (loss, _, _) = forward_backward(&model, &owned, 0, 0);
+            (loss, p.grad.copy())
+        };
+        let (la, ga) = grad_of(&[&a]);
+        let (lb, gb) = grad_of(&[&b]);
+        let (lab, gab) = grad_of(&[&a, &b]);
+        assert!((lab - (la + lb) / 2.0).abs() < 1e-6);
+        assert!(gab.allclose(&((ga + gb) / 2.0), 1e-5, 1e-7, false));
+    }
 }

@@ -1,6 +1,6 @@
 //! Pre-LayerNorm transformer encoder with fused scaled-dot-product attention.
 
-use tch::{Tensor, nn};
+use tch::{Kind, Tensor, nn};
 
 use super::init;
 
@@ -33,29 +33,42 @@ impl Block {
     }
 
     /// `x` `[N, L, H]`; `attend` `[N, 1, 1, L]` bool, true where a key may be attended.
-    pub fn forward(&self, x: &Tensor, attend: &Tensor, train: bool) -> Tensor {
+    /// With `compute = Some(kind)` the matmuls and attention run in that precision (bf16
+    /// autocast: weights cast on the fly, gradients flow back to the fp32 weights) while
+    /// LayerNorms and the residual stream stay fp32.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        attend: &Tensor,
+        train: bool,
+        compute: Option<Kind>,
+    ) -> Tensor {
         let (n, l, h) = x.size3().expect("block input must be [N, L, H]");
         let hd = h / self.n_heads;
-        let qkv = x
-            .apply(&self.norm1)
-            .apply(&self.qkv)
+        let qkv = linear(&x.apply(&self.norm1), &self.qkv, compute)
             .view([n, l, 3, self.n_heads, hd])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let a =
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(attend), 0.0, false, None, false);
-        let a = a
-            .transpose(1, 2)
-            .reshape([n, l, h])
-            .apply(&self.out)
+        let a = linear(&a.transpose(1, 2).reshape([n, l, h]), &self.out, compute)
+            .to_kind(x.kind())
             .dropout(self.dropout, train);
         let x = x + a;
-        let f = x
-            .apply(&self.norm2)
-            .apply(&self.fc1)
-            .gelu("none")
-            .apply(&self.fc2)
+        let f = linear(&x.apply(&self.norm2), &self.fc1, compute).gelu("none");
+        let f = linear(&f, &self.fc2, compute)
+            .to_kind(x.kind())
             .dropout(self.dropout, train);
         x + f
+    }
+}
+
+/// `x W^T + b`, in `compute` precision when given.
+pub fn linear(x: &Tensor, l: &nn::Linear, compute: Option<Kind>) -> Tensor {
+    match compute {
+        None => x.apply(l),
+        Some(k) => x
+            .to_kind(k)
+            .linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k))),
     }
 }

@@ -78,6 +78,7 @@ pub struct ScfmModel {
     norm: nn::LayerNorm,
     mgem: heads::MgemHead,
     proj: heads::ProjectionHead,
+    compute: Option<Kind>,
 }
 
 impl ScfmModel {
@@ -115,6 +116,7 @@ impl ScfmModel {
             norm,
             mgem,
             proj,
+            compute: None,
         };
         let counted: i64 = vs
             .trainable_variables()
@@ -130,6 +132,13 @@ impl ScfmModel {
         Ok(model)
     }
 
+    /// Sets the precision of the encoder's matmuls and attention (`None` = fp32,
+    /// `Some(Kind::BFloat16)` = bf16 autocast). Parameters, LayerNorms, heads, losses and
+    /// the optimizer stay fp32.
+    pub fn set_compute_kind(&mut self, kind: Option<Kind>) {
+        self.compute = kind;
+    }
+
     /// Forward pass; `train` enables dropout.
     pub fn forward(&self, x: &Inputs, train: bool) -> Outputs {
         let valid = x.genes.ne(special::PAD);
@@ -138,7 +147,7 @@ impl ScfmModel {
             .embed
             .forward(&x.genes, &x.bins, &x.values, &x.masked, train);
         for layer in &self.layers {
-            h = layer.forward(&h, &attend, train);
+            h = layer.forward(&h, &attend, train, self.compute);
         }
         let hidden = h.apply(&self.norm);
         let mgem = self.mgem.forward(&hidden);

@@ -171,3 +171,40 @@ fn flat_params_alias_parameters_and_gradients() {
     m.losses(&b, false).total.backward();
     assert!(p.grad.allclose(&(one * 2.0), 1e-5, 1e-6, false));
 }
+
+#[test]
+fn bf16_compute_stays_close_to_fp32_and_trains() {
+    let cfg = small("");
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut m = ScfmModel::new(&vs, &cfg, 30).unwrap();
+    let mut p = FlatParams::new(&vs);
+    p.attach_grads();
+    let b = Inputs::from_batch(
+        &batch(&[
+            &[1, 5, 6, 7],
+            &[1, 9, 3, 4],
+            &[1, 2, 8, 10],
+            &[1, 11, 12, 13],
+        ]),
+        Device::Cpu,
+    );
+    let fp32 = m.losses(&b, false);
+    m.set_compute_kind(Some(Kind::BFloat16));
+    let bf16 = m.losses(&b, false);
+    assert_eq!(bf16.total.kind(), Kind::Float, "losses are reduced in fp32");
+    let d = (fp32.mgem - bf16.mgem)
+        .abs()
+        .max((fp32.contrastive - bf16.contrastive).abs());
+    assert!(d < 2e-2, "bf16 losses differ from fp32 by {d}");
+    p.zero_grad();
+    bf16.total.backward();
+    assert!(
+        p.check_aliasing(),
+        "bf16 gradients land in the fp32 flat buffer"
+    );
+    assert!(
+        p.grad.isfinite().all().int64_value(&[]) == 1
+            && p.grad.abs().sum(Kind::Float).double_value(&[]) > 0.0
+    );
+}
