@@ -1,8 +1,13 @@
 //! Single-cell data: matrices, readers and preprocessing.
 
+pub mod csv;
 pub mod h5ad;
+pub mod loom;
 pub mod matrix;
+pub mod mtx;
 pub mod preprocess;
+pub mod read;
+pub mod tenx;
 
 pub use matrix::CsrMatrix;
 

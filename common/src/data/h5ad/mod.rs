@@ -8,7 +8,7 @@
 //! per-cell labels.
 
 mod frame;
-mod typed;
+pub(crate) mod typed;
 
 #[cfg(test)]
 mod tests;
@@ -144,7 +144,7 @@ fn open(path: &Path) -> Result<hdf5::File> {
 /// Turns an error of the element readers into the crate's error for file `path`. Failures
 /// of libhdf5 while reading an element (e.g. a missing compression filter) are reported as
 /// [`Error::Format`] so that the message names the element.
-fn to_error(path: &Path, e: E) -> Error {
+pub(crate) fn to_error(path: &Path, e: E) -> Error {
     match e {
         E::Bad(message) => Error::format(path, message),
         E::H5 { elem, err } => Error::format(path, format!("cannot read {elem}: {err}")),
@@ -381,7 +381,7 @@ fn read_matrix(m: &Matrix) -> R<Parts> {
 }
 
 /// Checks that `indptr` has `n_major + 1` non-decreasing entries from 0 to `nnz`.
-fn check_indptr(indptr: &[u64], n_major: usize, nnz: usize, name: &str) -> R<()> {
+pub(crate) fn check_indptr(indptr: &[u64], n_major: usize, nnz: usize, name: &str) -> R<()> {
     if indptr.len() != n_major + 1 {
         return bad(format!(
             "`{name}/indptr` has {} entries, expected {}",
@@ -401,7 +401,7 @@ fn check_indptr(indptr: &[u64], n_major: usize, nnz: usize, name: &str) -> R<()>
 }
 
 /// Converts a valid CSC matrix to CSR; within each row, columns come out in increasing order.
-fn csc_to_csr(
+pub(crate) fn csc_to_csr(
     n_rows: usize,
     n_cols: usize,
     col_ptr: &[u64],
@@ -430,7 +430,7 @@ fn csc_to_csr(
 
 /// Sorts the column indices of each row and sums duplicates (as scipy's `sum_duplicates`),
 /// for files whose CSR rows are not in canonical order. A no-op pass on canonical input.
-fn canonicalize(indptr: &mut [u64], indices: &mut Vec<u32>, data: &mut Vec<f32>) {
+pub(crate) fn canonicalize(indptr: &mut [u64], indices: &mut Vec<u32>, data: &mut Vec<f32>) {
     let sorted = |r: usize| {
         let row = &indices[indptr[r] as usize..indptr[r + 1] as usize];
         row.windows(2).all(|w| w[0] < w[1])

@@ -12,11 +12,11 @@ use hdf5::{Attribute, Container, Dataset, H5Type, Location};
 /// Large datasets are read and converted this many elements at a time, which bounds the
 /// extra memory of a conversion (e.g. `f64` → `f32`) to one block. Small in tests so that
 /// they cover block boundaries.
-pub(super) const BLOCK: usize = if cfg!(test) { 1000 } else { 1 << 22 };
+pub(crate) const BLOCK: usize = if cfg!(test) { 1000 } else { 1 << 22 };
 
 /// Errors of this module, turned into [`crate::Error`] (with the file path) by the caller.
 #[derive(Debug)]
-pub(super) enum E {
+pub(crate) enum E {
     /// The HDF5 library failed while reading the element `elem`.
     H5 { elem: String, err: hdf5::Error },
     /// The file's content is not what the format requires; the message names the element.
@@ -24,15 +24,15 @@ pub(super) enum E {
 }
 
 /// Result of this module.
-pub(super) type R<T> = Result<T, E>;
+pub(crate) type R<T> = Result<T, E>;
 
 /// Shorthand for [`E::Bad`].
-pub(super) fn bad<T>(msg: impl Into<String>) -> R<T> {
+pub(crate) fn bad<T>(msg: impl Into<String>) -> R<T> {
     Err(E::Bad(msg.into()))
 }
 
 /// Attaches the element name to an HDF5 error.
-pub(super) trait At<T> {
+pub(crate) trait At<T> {
     /// Converts an HDF5 result, naming `elem` in the error.
     fn at(self, elem: &str) -> R<T>;
 }
@@ -47,13 +47,13 @@ impl<T> At<T> for hdf5::Result<T> {
 }
 
 /// The name of an HDF5 object as shown in messages (`X/data`, without the leading `/`).
-pub(super) fn display_name(loc: &Location) -> String {
+pub(crate) fn display_name(loc: &Location) -> String {
     loc.name().trim_start_matches('/').to_owned()
 }
 
 /// A string attribute of `loc` (variable- or fixed-length; a one-element array is accepted),
 /// or `None` if there is no such attribute.
-pub(super) fn str_attr(loc: &Location, name: &str) -> R<Option<String>> {
+pub(crate) fn str_attr(loc: &Location, name: &str) -> R<Option<String>> {
     let Some(attr) = opt_attr(loc, name)? else {
         return Ok(None);
     };
@@ -69,7 +69,7 @@ pub(super) fn str_attr(loc: &Location, name: &str) -> R<Option<String>> {
 }
 
 /// An attribute of `loc`, or `None` if there is no such attribute.
-pub(super) fn opt_attr(loc: &Location, name: &str) -> R<Option<Attribute>> {
+pub(crate) fn opt_attr(loc: &Location, name: &str) -> R<Option<Attribute>> {
     let elem = format!("attributes of `{}`", display_name(loc));
     if !loc.attr_names().at(&elem)?.iter().any(|n| n == name) {
         return Ok(None);
@@ -102,7 +102,7 @@ unsafe impl<T: H5Type> H5Type for Field<T> {
 }
 
 /// Something to read values from: a dataset, an attribute, or one field of a compound dataset.
-pub(super) struct Src<'a> {
+pub(crate) struct Src<'a> {
     c: &'a Container,
     field: Option<&'a str>,
     /// Whether block-wise reading is possible (plain 1-D datasets).
@@ -294,7 +294,7 @@ impl<'a> Src<'a> {
 }
 
 /// A numeric type values can be stored in.
-pub(super) trait Stored: H5Type + Copy {
+pub(crate) trait Stored: H5Type + Copy {
     /// The value as `f32` (rounded).
     fn to_f32(self) -> f32;
     /// The value as `i64`, if it is an integer in range.
@@ -339,7 +339,7 @@ impl Stored for bool {
 }
 
 /// An operation generic over the stored numeric type, chosen at run time by [`dispatch`].
-pub(super) trait Visit {
+pub(crate) trait Visit {
     /// What the operation returns.
     type Out;
     /// Runs the operation with values stored as `S`.
@@ -347,7 +347,7 @@ pub(super) trait Visit {
 }
 
 /// Runs `v` with the Rust type matching `desc`, or returns `None` if `desc` is not numeric.
-pub(super) fn dispatch<V: Visit>(desc: &TypeDescriptor, v: V) -> Option<V::Out> {
+pub(crate) fn dispatch<V: Visit>(desc: &TypeDescriptor, v: V) -> Option<V::Out> {
     use {FloatSize as F, IntSize as I, TypeDescriptor as T};
     Some(match desc {
         T::Integer(I::U1) => v.visit::<i8>(),
