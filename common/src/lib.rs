@@ -5,7 +5,9 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod manifest;
 pub mod rng;
+pub mod rpc;
 pub mod storage;
 pub mod tokenizer;
 

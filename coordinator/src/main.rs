@@ -1,6 +1,7 @@
 //! `scfm`: the user-facing command. This crate does not link libtorch; commands that
 //! need the model run the `scfm-worker` binary installed beside this one.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use scfm_common::config::ModelConfig;
 use scfm_common::config::model::PRESETS;
+use scfm_common::manifest::Manifest;
+use scfm_coordinator::Coordinator;
 
 #[derive(Parser)]
 #[command(
@@ -16,17 +19,38 @@ use scfm_common::config::model::PRESETS;
     about = "scfm: train single-cell RNA-seq foundation models"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train in this machine's process from a training file (runs `scfm-worker train`).
+    /// Train in one process from a training file (runs `scfm-worker train`).
     Train {
         /// Arguments for `scfm-worker train` (e.g. --config FILE --resume).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the coordinator of a job; workers join with `scfm-worker join`.
+    Launch {
+        /// Job manifest (YAML).
+        manifest: PathBuf,
+    },
+    /// Run a whole job on this machine: the coordinator and N worker processes.
+    Local {
+        /// Job manifest (YAML).
+        manifest: PathBuf,
+        /// Number of worker processes.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
+    /// Check a manifest and print it resolved.
+    Validate {
+        /// Job manifest (YAML).
+        manifest: PathBuf,
     },
     /// List the model presets with their exact parameter counts.
     Presets {
@@ -50,8 +74,30 @@ fn worker_binary() -> PathBuf {
     Path::new(name).to_path_buf()
 }
 
+fn init_logging(format: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    init_logging(&cli.log_format);
     match cli.cmd {
         Cmd::Train { args } => {
             let bin = worker_binary();
@@ -68,6 +114,37 @@ fn main() -> Result<()> {
             if !status.success() {
                 bail!("{} train exited with {status}", bin.display());
             }
+        }
+        Cmd::Launch { manifest } => {
+            let m = Manifest::load(&manifest)
+                .with_context(|| format!("loading {}", manifest.display()))?;
+            let step = runtime()?.block_on(async {
+                let c = Coordinator::start(&m).await?;
+                println!("coordinator listening on {}", c.addr);
+                c.wait().await
+            })?;
+            eprintln!("job {} finished at step {step}", m.run_id);
+        }
+        Cmd::Local { manifest, workers } => {
+            if workers == 0 {
+                bail!("--workers must be at least 1");
+            }
+            let m = Manifest::load(&manifest)
+                .with_context(|| format!("loading {}", manifest.display()))?;
+            let step = runtime()?.block_on(scfm_coordinator::local::run_local(
+                m.clone(),
+                workers,
+                worker_binary(),
+            ))?;
+            eprintln!(
+                "job {} finished at step {step} with {workers} workers; checkpoints and metrics.jsonl in {}",
+                m.run_id, m.checkpoint.url
+            );
+        }
+        Cmd::Validate { manifest } => {
+            let m = Manifest::load(&manifest)
+                .with_context(|| format!("loading {}", manifest.display()))?;
+            print!("{}", m.to_yaml());
         }
         Cmd::Presets { genes } => {
             println!(

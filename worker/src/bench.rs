@@ -15,11 +15,12 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::checkpoint::tensors_to_safetensors;
+use crate::collective::LocalCollective;
 use crate::error::{Result, WorkerError};
 use crate::model::{Inputs, ScfmModel};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::params::FlatParams;
-use crate::trainer::forward_backward;
+use crate::step::forward_backward;
 
 /// Benchmark settings.
 #[derive(Debug, Clone)]
@@ -174,10 +175,12 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         };
         let mut opt = AdamW::new(opt_cfg, &params);
         let micro = [inputs];
+        let mut single = LocalCollective::new();
         let mut step = 0u64;
         let mut one_step = |params: &FlatParams, opt: &mut AdamW| {
             params.zero_grad();
-            let _ = forward_backward(&model, &micro, 0, step);
+            forward_backward(&model, &micro, 0, step, &mut single)
+                .expect("a local step cannot fail");
             clip_grad_norm(params, Some(1.0));
             opt.update(params, 1e-4);
             step += 1;

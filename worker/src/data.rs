@@ -124,12 +124,18 @@ pub struct LoaderConfig {
     pub augment: Augment,
     /// Batches built ahead.
     pub prefetch: usize,
+    /// This worker's rank.
+    pub rank: usize,
+    /// Number of workers: each step consumes `world * batch_size * grad_accum` cells of
+    /// the global order, micro-batch `m` of rank `r` taking the `batch_size` cells at
+    /// `position + (m * world + r) * batch_size`.
+    pub world: usize,
 }
 
 impl LoaderConfig {
-    /// Cells consumed per optimizer step.
+    /// Cells of the global order consumed per optimizer step (all workers together).
     pub fn cells_per_step(&self) -> usize {
-        self.batch_size * self.grad_accum
+        self.batch_size * self.grad_accum * self.world
     }
 }
 
@@ -195,7 +201,7 @@ fn produce(
         while position + per_step <= order.len() {
             let micro = (0..cfg.grad_accum)
                 .map(|m| {
-                    let a = position + m * cfg.batch_size;
+                    let a = position + (m * cfg.world + cfg.rank) * cfg.batch_size;
                     build_batch(
                         &store.x,
                         &order[a..a + cfg.batch_size],
@@ -252,6 +258,8 @@ mod tests {
             grad_accum: 2,
             augment: Augment::default(),
             prefetch: 2,
+            rank: 0,
+            world: 1,
         };
         let a = Loader::start(store.clone(), &model, cfg.clone(), 0, 0);
         let steps: Vec<StepData> = (0..7).map(|_| a.next().unwrap()).collect();
@@ -261,5 +269,46 @@ mod tests {
         let s = b.next().unwrap();
         assert_eq!((s.epoch, s.position), (0, 24));
         assert_eq!(s.micro, steps[3].micro);
+    }
+
+    /// Two workers with batch B see, step by step, exactly the cells one worker with
+    /// batch 2B sees, and the same views of them.
+    #[test]
+    fn ranks_split_the_global_batch() {
+        let dense: Vec<f32> = (0..40 * 5).map(|i| (i % 7) as f32).collect();
+        let store = Arc::new(CellStore::new(CsrMatrix::from_dense(40, 5, &dense), 0.0, 1));
+        let model = ModelConfig::preset("minimal").unwrap();
+        let cfg = |batch_size, rank, world| LoaderConfig {
+            seed: 1,
+            batch_size,
+            grad_accum: 1,
+            augment: Augment::default(),
+            prefetch: 1,
+            rank,
+            world,
+        };
+        let one = Loader::start(store.clone(), &model, cfg(8, 0, 1), 0, 0)
+            .next()
+            .unwrap();
+        let r0 = Loader::start(store.clone(), &model, cfg(4, 0, 2), 0, 0)
+            .next()
+            .unwrap();
+        let r1 = Loader::start(store, &model, cfg(4, 1, 2), 0, 0)
+            .next()
+            .unwrap();
+        let (b, b0, b1) = (&one.micro[0], &r0.micro[0], &r1.micro[0]);
+        // Row i of the single batch (view 0) is row i of rank 0 for i < 4, of rank 1 after.
+        let row = |x: &Batch, i: usize| {
+            x.genes[i * x.len..i * x.len + x.len]
+                .iter()
+                .filter(|&&g| g != 0)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        for i in 0..4 {
+            assert_eq!(row(b, i), row(b0, i));
+            assert_eq!(row(b, i + 4), row(b1, i));
+            assert_eq!(row(b, 8 + i), row(b0, 4 + i), "second views");
+        }
     }
 }

@@ -25,6 +25,12 @@ pub enum WorkerError {
         /// What happened.
         message: String,
     },
+    /// A collective operation between workers failed (dead peer, timeout, mismatch).
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
+    /// The coordinator refused or failed a request.
+    #[error("coordinator: {0}")]
+    Coordinator(String),
     /// The requested device cannot be used.
     #[error("device: {0}")]
     Device(String),

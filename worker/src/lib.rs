@@ -2,11 +2,14 @@
 //! trainer, checkpoints, the PyTorch reference export and the benchmark.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod step;
 pub mod trainer;
 
 pub use error::{Result, WorkerError};

@@ -40,6 +40,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Join a cluster job: register with the coordinator and train this worker's share.
+    Join {
+        /// Coordinator URL, e.g. http://10.0.0.1:7000.
+        #[arg(long)]
+        coordinator: String,
+        /// Shared token (default: $SCFM_TOKEN).
+        #[arg(long, env = "SCFM_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Host to bind the ring socket on; peers must reach it there.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
+        /// CA certificate to verify a TLS coordinator.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// Server name in the coordinator's certificate.
+        #[arg(long)]
+        tls_domain: Option<String>,
+    },
     /// Training steps/s of scfm vs the same model in PyTorch eager, side by side.
     Bench {
         /// Presets to measure.
@@ -129,6 +147,28 @@ fn main() -> Result<()> {
                 100.0 * summary.data_wait_fraction,
                 summary.checkpoint
             );
+        }
+        Cmd::Join {
+            coordinator,
+            token,
+            bind,
+            tls_ca,
+            tls_domain,
+        } => {
+            let args = scfm_worker::dist::JoinArgs {
+                coordinator,
+                token,
+                bind,
+                tls_ca,
+                tls_domain,
+            };
+            match scfm_worker::dist::join(&args)? {
+                Some(s) => eprintln!(
+                    "worker done: {} steps, last MGEM loss {:.4}, parameter fingerprint {}",
+                    s.steps, s.last_mgem, s.fingerprint
+                ),
+                None => eprintln!("nothing to do: the job is already complete"),
+            }
         }
         Cmd::Bench {
             presets,

@@ -1,10 +1,11 @@
-//! Single-process training: data, model, optimizer, evaluation, checkpoints, resume.
+//! The training loop of one worker: data, model, optimizer, evaluation, checkpoints,
+//! resume. A single-process run uses [`LocalCollective`]; a cluster worker passes its ring
+//! (see `dist.rs`) and the loop stays the same.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use scfm_common::config::Precision;
-use scfm_common::config::{Device as DeviceChoice, TrainSpec};
+use scfm_common::config::TrainSpec;
 use scfm_common::data::h5ad::{H5adOptions, read_h5ad};
 use scfm_common::data::preprocess::{check_counts, normalize_log1p_matrix};
 use scfm_common::rng::derive_seed;
@@ -14,6 +15,7 @@ use serde::Serialize;
 use tch::{Device, Kind, nn};
 
 use crate::checkpoint::{self, TrainState};
+use crate::collective::{Collective, LocalCollective};
 use crate::data::{
     CellStore, Loader, LoaderConfig, StepData, build_batch, steps_per_epoch, stream,
 };
@@ -21,6 +23,9 @@ use crate::error::{Result, WorkerError};
 use crate::model::{Inputs, ScfmModel};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::params::FlatParams;
+use crate::step::{
+    all_reduce_grads, check_params_identical, compute_kind, forward_backward, select_device,
+};
 
 /// Command-line options of a training run.
 #[derive(Debug, Clone, Default)]
@@ -51,62 +56,12 @@ pub struct StepStats {
     pub lr: f64,
     /// Seconds spent waiting for data.
     pub data_wait_s: f64,
-    /// Seconds of compute (forward, backward, update).
+    /// Seconds of compute (forward, backward, all-reduce, update).
     pub compute_s: f64,
+    /// Seconds of the gradient all-reduce.
+    pub allreduce_s: f64,
     /// Cells per second for this step (including data wait).
     pub cells_per_s: f64,
-}
-
-/// Forward and backward over the micro-batches of one step, gradients accumulated (each
-/// loss scaled by 1/k) into the flat gradient; libtorch's generator is re-seeded from
-/// `(seed, step, micro-batch)` first. Returns mean `(total, mgem, contrastive)`.
-pub fn forward_backward(
-    model: &ScfmModel,
-    micro: &[Inputs],
-    seed: u64,
-    step: u64,
-) -> (f64, f64, f64) {
-    let k = micro.len() as f64;
-    let (mut loss, mut mgem, mut con) = (0.0, 0.0, 0.0);
-    for (i, x) in micro.iter().enumerate() {
-        tch::manual_seed(derive_seed(seed, &[stream::TORCH, step, i as u64]) as i64);
-        let l = model.losses(x, true);
-        (&l.total / k).backward();
-        loss += l.total.double_value(&[]) / k;
-        mgem += l.mgem / k;
-        con += l.contrastive / k;
-    }
-    (loss, mgem, con)
-}
-
-/// The encoder's compute precision: bf16 for `auto` on CUDA and for `bf16`, else fp32.
-pub fn compute_kind(p: Precision, device: Device) -> Option<Kind> {
-    match (p, device) {
-        (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => None,
-        (Precision::Bf16, Device::Cpu) => {
-            tracing::warn!(
-                "bf16 on CPU is slow on processors without bf16 matrix units; fp32 is the CPU default"
-            );
-            Some(Kind::BFloat16)
-        }
-        _ => Some(Kind::BFloat16),
-    }
-}
-
-/// Picks the device for a choice, saying which.
-pub fn select_device(choice: DeviceChoice) -> Result<Device> {
-    let cuda = tch::Cuda::is_available();
-    let d = match (choice, cuda) {
-        (DeviceChoice::Cuda, false) => {
-            return Err(WorkerError::Device(
-                "device `cuda` requested but no CUDA device is usable".into(),
-            ));
-        }
-        (DeviceChoice::Cuda, true) | (DeviceChoice::Auto, true) => Device::Cuda(0),
-        _ => Device::Cpu,
-    };
-    tracing::info!(device = ?d, cuda_available = cuda, "selected device");
-    Ok(d)
 }
 
 /// A training run in one process.
@@ -129,6 +84,40 @@ pub struct Trainer {
     _vs: nn::VarStore,
     device: Device,
     metrics: Vec<String>,
+    ctx: WorkerContext,
+}
+
+/// How this trainer fits in a cluster.
+pub struct WorkerContext {
+    /// Collective over the workers of the current generation.
+    pub collective: Box<dyn Collective>,
+    /// Where per-step metrics go (the coordinator stream); `None` for a single process,
+    /// which writes `metrics.jsonl` itself.
+    pub reporter: Option<std::sync::mpsc::Sender<StepReport>>,
+    /// Check identical parameters across workers every this many steps.
+    pub checksum_every: u64,
+}
+
+impl WorkerContext {
+    /// A single process: world size 1, no reporting.
+    pub fn single() -> Self {
+        WorkerContext {
+            collective: Box::new(LocalCollective::new()),
+            reporter: None,
+            checksum_every: u64::MAX,
+        }
+    }
+}
+
+/// What a worker reports to the coordinator after each step.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Step statistics.
+    pub stats: StepStats,
+    /// Epoch of the step.
+    pub epoch: u64,
+    /// Validation loss when evaluated at this step.
+    pub val_loss: Option<f64>,
 }
 
 fn model_json(spec: &TrainSpec) -> serde_json::Value {
@@ -136,8 +125,13 @@ fn model_json(spec: &TrainSpec) -> serde_json::Value {
 }
 
 impl Trainer {
-    /// Loads the data, builds the model, and resumes when asked.
+    /// A single-process trainer (see [`Trainer::with_context`]).
     pub fn new(spec: TrainSpec, opts: &RunOptions) -> Result<Self> {
+        Self::with_context(spec, opts, WorkerContext::single())
+    }
+
+    /// Loads the data, builds the model, and resumes when asked.
+    pub fn with_context(spec: TrainSpec, opts: &RunOptions, ctx: WorkerContext) -> Result<Self> {
         let t = &spec.training;
         tch::set_num_threads(
             t.threads
@@ -202,7 +196,7 @@ impl Trainer {
             },
             &params,
         );
-        let lcfg = loader_config(&spec);
+        let lcfg = loader_config(&spec, &ctx);
         let per_epoch = steps_per_epoch(cells.train.len(), &lcfg);
         if per_epoch == 0 {
             return Err(WorkerError::Common(scfm_common::Error::config(
@@ -252,6 +246,7 @@ impl Trainer {
             _vs: vs,
             device,
             metrics: Vec::new(),
+            ctx,
         };
         if opts.resume {
             tr.resume()?;
@@ -321,17 +316,28 @@ impl Trainer {
             .iter()
             .map(|b| Inputs::from_batch(b, self.device))
             .collect();
-        let (loss, mgem, con) = forward_backward(&self.model, &inputs, t.seed, step);
+        let l = forward_backward(
+            &self.model,
+            &inputs,
+            t.seed,
+            step,
+            self.ctx.collective.as_mut(),
+        )?;
+        let (loss, mgem, con) = (l.total, l.mgem, l.contrastive);
         if !loss.is_finite() {
             return Err(WorkerError::Training {
                 step: step + 1,
                 message: format!("loss is {loss} (mgem {mgem}, contrastive {con})"),
             });
         }
+        let allreduce_s = all_reduce_grads(&self.params, self.ctx.collective.as_mut())?;
         let grad_norm = clip_grad_norm(&self.params, t.clip_grad_norm);
         let lr = t.lr_at(step, self.total_steps);
         self.opt.update(&self.params, lr);
         self.state.step += 1;
+        if self.state.step.is_multiple_of(self.ctx.checksum_every) {
+            check_params_identical(&self.params, self.ctx.collective.as_mut(), self.state.step)?;
+        }
         let compute_s = start.elapsed().as_secs_f64();
         let cells = data.micro.iter().map(|b| b.n / 2).sum::<usize>();
         Ok(StepStats {
@@ -343,22 +349,26 @@ impl Trainer {
             lr,
             data_wait_s: 0.0,
             compute_s,
+            allreduce_s,
             cells_per_s: cells as f64 / compute_s,
         })
     }
 
     /// Mean losses `(total, mgem, contrastive)` over the validation cells (deterministic views).
-    pub fn evaluate(&self) -> Option<(f64, f64, f64)> {
+    /// With several workers each evaluates every `world`-th chunk and the sums are
+    /// all-reduced, so all workers get the same figures.
+    pub fn evaluate(&mut self) -> Result<Option<(f64, f64, f64)>> {
         let t = &self.spec.training;
         let n = self.cells.val.len().min(t.max_eval_cells);
         if n < 2 {
-            return None;
+            return Ok(None);
         }
+        let (rank, world) = (self.ctx.collective.rank(), self.ctx.collective.world_size());
         let tok = Tokenizer::new(&self.spec.model);
         let (mut tot, mut mg, mut co, mut w) = (0.0, 0.0, 0.0, 0.0);
         tch::no_grad(|| {
-            for chunk in self.cells.val[..n].chunks(t.batch_size) {
-                if chunk.len() < 2 {
+            for (ci, chunk) in self.cells.val[..n].chunks(t.batch_size).enumerate() {
+                if chunk.len() < 2 || ci % world != rank {
                     continue;
                 }
                 let b = build_batch(
@@ -380,21 +390,31 @@ impl Trainer {
                 w += c;
             }
         });
-        Some((tot / w, mg / w, co / w))
+        let mut sums = [tot, mg, co, w];
+        self.ctx.collective.all_reduce_sum_f64(&mut sums)?;
+        let [tot, mg, co, w] = sums;
+        Ok((w > 0.0).then(|| (tot / w, mg / w, co / w)))
     }
 
     /// Saves a checkpoint (and metrics) and applies retention.
+    /// Only rank 0 writes (one writer of `latest.json`); the others return the key.
     pub fn save(&mut self) -> Result<String> {
+        if self.ctx.collective.rank() != 0 {
+            return Ok(checkpoint::dir_for(self.state.step));
+        }
         let dir = self.rt.block_on(checkpoint::save(
             &self.store,
             &self.params,
             &self.opt,
             &self.state,
         ))?;
-        let mut text = self.metrics.join("\n");
-        text.push('\n');
-        self.rt
-            .block_on(self.store.put("metrics.jsonl", text.into()))?;
+        if self.ctx.reporter.is_none() {
+            // A single process writes its own metrics; in a cluster the coordinator does.
+            let mut text = self.metrics.join("\n");
+            text.push('\n');
+            self.rt
+                .block_on(self.store.put("metrics.jsonl", text.into()))?;
+        }
         let best = self.best_dir();
         self.rt.block_on(checkpoint::retain(
             &self.store,
@@ -422,7 +442,7 @@ impl Trainer {
 
     /// Trains until the end of the run (or `stop_after` steps, or early stopping).
     pub fn run(&mut self, opts: &RunOptions) -> Result<RunSummary> {
-        let lcfg = loader_config(&self.spec);
+        let lcfg = loader_config(&self.spec, &self.ctx);
         let per_step = lcfg.cells_per_step();
         let n_train = self.cells.train.len();
         let loader = Loader::start(
@@ -485,7 +505,9 @@ impl Trainer {
                 "loss {:.4} mgem {:.4} nt-xent {:.4}",
                 s.loss, s.mgem, s.contrastive
             ));
-            if self.state.step.is_multiple_of(self.spec.training.log_every) {
+            if self.state.step.is_multiple_of(self.spec.training.log_every)
+                && self.ctx.collective.rank() == 0
+            {
                 tracing::info!(
                     step = s.step,
                     loss = s.loss,
@@ -510,7 +532,9 @@ impl Trainer {
                 .step
                 .is_multiple_of(self.spec.checkpoint.every_steps)
                 || last;
-            if do_eval && let Some((val, vm, vc)) = self.evaluate() {
+            let mut val_loss = None;
+            if do_eval && let Some((val, vm, vc)) = self.evaluate()? {
+                val_loss = Some(val);
                 stopped_early = self
                     .state
                     .observe_val(val, self.spec.training.early_stopping_patience);
@@ -537,10 +561,20 @@ impl Trainer {
             if do_save || stopped_early {
                 self.save()?;
             }
+            if let Some(tx) = &self.ctx.reporter {
+                // The coordinator stream may be gone (it then stops us by heartbeat).
+                let _ = tx.send(StepReport {
+                    stats: s,
+                    epoch: data.epoch,
+                    val_loss,
+                });
+            }
             if stopped_early {
                 break;
             }
         }
+        // Every worker must end with the same parameters.
+        check_params_identical(&self.params, self.ctx.collective.as_mut(), self.state.step)?;
         if opts.stop_after.is_some() && self.state.step < self.total_steps && !stopped_early {
             self.save()?;
         }
@@ -558,6 +592,7 @@ impl Trainer {
                 0.0
             },
             seconds: run_start.elapsed().as_secs_f64(),
+            fingerprint: format!("{:016x}", crate::step::param_fingerprint(&self.params)?),
             checkpoint: self.store.url().to_string(),
         };
         Ok(summary)
@@ -585,9 +620,11 @@ pub struct RunSummary {
     pub seconds: f64,
     /// Checkpoint store URL.
     pub checkpoint: String,
+    /// FNV-1a fingerprint of the final parameters (equal on every worker).
+    pub fingerprint: String,
 }
 
-fn loader_config(spec: &TrainSpec) -> LoaderConfig {
+fn loader_config(spec: &TrainSpec, ctx: &WorkerContext) -> LoaderConfig {
     let t = &spec.training;
     LoaderConfig {
         seed: t.seed,
@@ -595,6 +632,8 @@ fn loader_config(spec: &TrainSpec) -> LoaderConfig {
         grad_accum: t.grad_accum,
         augment: t.augment.clone(),
         prefetch: 4,
+        rank: ctx.collective.rank(),
+        world: ctx.collective.world_size(),
     }
 }
 
@@ -675,8 +714,8 @@ mod tests {
                     target_values: x.target_values.shallow_clone(),
                 })
                 .collect();
-            let (loss, _, _) = forward_backward(&model, &owned, 0, 0);
-            (loss, p.grad.copy())
+            let l = forward_backward(&model, &owned, 0, 0, &mut LocalCollective::new()).unwrap();
+            (l.total, p.grad.copy())
         };
         let (la, ga) = grad_of(&[&a]);
         let (lb, gb) = grad_of(&[&b]);

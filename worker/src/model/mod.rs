@@ -194,6 +194,23 @@ impl ScfmModel {
     }
 }
 
+impl ScfmModel {
+    /// The MGEM loss *summed* over `x`'s masked tokens (divide by the global count).
+    pub fn mgem_loss_sum(&self, out: &Outputs, x: &Inputs) -> Tensor {
+        match self.cfg.expression {
+            ExpressionEncoding::Binned => loss::mgem_cross_entropy_sum(
+                &out.mgem,
+                &x.target_bins,
+                &x.masked,
+                self.cfg.label_smoothing,
+            ),
+            ExpressionEncoding::Continuous => {
+                loss::mgem_sse(&out.mgem, &x.target_values, &x.masked)
+            }
+        }
+    }
+}
+
 /// The losses of one micro-batch.
 #[derive(Debug)]
 pub struct Losses {

@@ -208,3 +208,18 @@ fn bf16_compute_stays_close_to_fp32_and_trains() {
             && p.grad.abs().sum(Kind::Float).double_value(&[]) > 0.0
     );
 }
+
+#[test]
+fn blocked_nt_xent_equals_plain_for_one_block_and_pairs_within_blocks() {
+    tch::manual_seed(1);
+    let z = super::heads::l2_normalize(&Tensor::randn([8, 5], (Kind::Float, Device::Cpu)));
+    let a = loss::nt_xent(&z, 0.3).double_value(&[]);
+    let b = loss::nt_xent_blocks(&z, 0.3, 1).double_value(&[]);
+    assert!((a - b).abs() < 1e-6);
+    // Two blocks of 4 rows: rows (0,2), (1,3), (4,6), (5,7) are pairs. Reordering rows
+    // so that the same pairs form one block layout must give the same loss.
+    let two = loss::nt_xent_blocks(&z, 0.3, 2).double_value(&[]);
+    let perm = Tensor::from_slice(&[0i64, 1, 4, 5, 2, 3, 6, 7]);
+    let one = loss::nt_xent(&z.index_select(0, &perm), 0.3).double_value(&[]);
+    assert!((two - one).abs() < 1e-6, "{two} vs {one}");
+}

@@ -1,0 +1,371 @@
+//! The job manifest: one YAML file that describes a training run on a cluster
+//! (`scfm launch job.yaml`, `scfm local job.yaml --workers N`). See `configs/job-*.yaml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{CheckpointConfig, DataConfig, Device, TrainFile, TrainSpec, TrainingConfig};
+use crate::error::{Error, Result};
+
+/// Cluster shape and timeouts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Training starts once this many workers joined (after `join_timeout_s`), and
+    /// pauses when fewer remain.
+    #[serde(default = "one")]
+    pub min_workers: usize,
+    /// Training starts at once when this many joined; more are refused.
+    pub max_workers: usize,
+    /// `auto` (CUDA when present), `cpu` or `cuda`; overrides `training.device`.
+    #[serde(default)]
+    pub device: Device,
+    /// Address the coordinator's gRPC server listens on (`host:port`, port 0 = any).
+    #[serde(default = "default_listen")]
+    pub coordinator: String,
+    /// Host workers bind their ring sockets on (the address peers connect to).
+    #[serde(default = "default_host")]
+    pub worker_host: String,
+    /// Worker heartbeat interval.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// A worker silent for this long is declared dead.
+    #[serde(default = "default_worker_timeout")]
+    pub worker_timeout_s: u64,
+    /// How long to wait for `max_workers` before starting with `min_workers`.
+    #[serde(default = "default_join_timeout")]
+    pub join_timeout_s: u64,
+    /// Deadline of every collective receive between workers.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_s: u64,
+    /// Check that all workers hold identical parameters every this many steps.
+    #[serde(default = "default_checksum_every")]
+    pub checksum_every: u64,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_listen() -> String {
+    "127.0.0.1:0".into()
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_heartbeat() -> u64 {
+    1000
+}
+fn default_worker_timeout() -> u64 {
+    30
+}
+fn default_join_timeout() -> u64 {
+    120
+}
+fn default_collective_timeout() -> u64 {
+    60
+}
+fn default_checksum_every() -> u64 {
+    50
+}
+
+/// Metrics outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus `/metrics` on this address (`host:port`), if set.
+    #[serde(default)]
+    pub prometheus: Option<String>,
+}
+
+/// TLS files for the coordinator's gRPC endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the coordinator.
+    pub cert: PathBuf,
+    /// PEM private key of the coordinator.
+    pub key: PathBuf,
+    /// PEM CA certificate workers verify the coordinator with.
+    pub ca: PathBuf,
+    /// Server name in the certificate (default: `localhost`).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// Who may join.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Shared token workers present; prefer `token_env`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Name of an environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// TLS for the gRPC endpoint.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// A job manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Run identifier (letters, digits, `.`, `_`, `-`).
+    pub run_id: String,
+    /// Training data.
+    pub data: DataConfig,
+    /// `preset:` plus overrides.
+    #[serde(default)]
+    pub model: serde_yaml::Value,
+    /// Optimisation settings (`batch_size` is per worker).
+    #[serde(default)]
+    pub training: TrainingConfig,
+    /// Cluster shape.
+    pub cluster: ClusterConfig,
+    /// Checkpoints.
+    pub checkpoint: CheckpointConfig,
+    /// Metrics outputs.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Authentication.
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+impl Manifest {
+    /// Reads a manifest, makes relative paths absolute (relative to the file) and validates it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        let mut m = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).map_err(|source| Error::Io {
+            path: base.into(),
+            source,
+        })?;
+        m.resolve_paths(&base);
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Parses YAML text; `path` names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        serde_yaml::from_str(text).map_err(|e| Error::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Makes data, checkpoint and TLS paths absolute against `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &Path| {
+            if p.is_relative() {
+                base.join(p)
+            } else {
+                p.to_path_buf()
+            }
+        };
+        self.data.path = abs(&self.data.path);
+        if !self.checkpoint.url.contains("://") {
+            self.checkpoint.url = abs(Path::new(&self.checkpoint.url))
+                .to_string_lossy()
+                .into_owned();
+        }
+        if let Some(t) = &mut self.auth.tls {
+            t.cert = abs(&t.cert);
+            t.key = abs(&t.key);
+            t.ca = abs(&t.ca);
+        }
+    }
+
+    /// Checks every section; the error names the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        if self.run_id.is_empty()
+            || !self
+                .run_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(Error::config(
+                "run_id",
+                format!(
+                    "`{}` must be non-empty letters, digits, `.`, `_` or `-`",
+                    self.run_id
+                ),
+            ));
+        }
+        let c = &self.cluster;
+        if c.max_workers == 0 {
+            return Err(Error::config("cluster.max_workers", "must be >= 1"));
+        }
+        if c.min_workers == 0 || c.min_workers > c.max_workers {
+            return Err(Error::config(
+                "cluster.min_workers",
+                format!(
+                    "{} must be between 1 and cluster.max_workers ({})",
+                    c.min_workers, c.max_workers
+                ),
+            ));
+        }
+        for (f, v) in [
+            ("cluster.heartbeat_ms", c.heartbeat_ms),
+            ("cluster.worker_timeout_s", c.worker_timeout_s),
+            ("cluster.collective_timeout_s", c.collective_timeout_s),
+            ("cluster.checksum_every", c.checksum_every),
+        ] {
+            if v == 0 {
+                return Err(Error::config(f, "must be > 0"));
+            }
+        }
+        if c.coordinator.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Error::config(
+                "cluster.coordinator",
+                format!("`{}` is not a host:port socket address", c.coordinator),
+            ));
+        }
+        let url = self.data.path.to_string_lossy();
+        if url.contains("://") {
+            return Err(Error::config(
+                "data.path",
+                format!("`{url}`: remote datasets are not supported yet; give a local .h5ad path"),
+            ));
+        }
+        if !self.data.path.is_file() {
+            return Err(Error::config(
+                "data.path",
+                format!("dataset `{url}` does not exist"),
+            ));
+        }
+        if self.checkpoint.url.contains("://") && !self.checkpoint.url.starts_with("file://") {
+            return Err(Error::config(
+                "checkpoint.url",
+                format!(
+                    "`{}` is not reachable: only local paths and file:// URLs are supported by this build",
+                    self.checkpoint.url
+                ),
+            ));
+        }
+        if let (None, Some(var)) = (&self.auth.token, &self.auth.token_env)
+            && std::env::var(var).is_err()
+        {
+            return Err(Error::config(
+                "auth.token_env",
+                format!("environment variable `{var}` is not set"),
+            ));
+        }
+        self.train_spec().map(|_| ())
+    }
+
+    /// The shared token, if any (from `auth.token` or `auth.token_env`).
+    pub fn token(&self) -> Option<String> {
+        self.auth.token.clone().or_else(|| {
+            self.auth
+                .token_env
+                .as_ref()
+                .and_then(|v| std::env::var(v).ok())
+        })
+    }
+
+    /// The training part as a validated [`TrainSpec`] (device from `cluster.device`).
+    pub fn train_spec(&self) -> Result<TrainSpec> {
+        let mut training = self.training.clone();
+        training.device = self.cluster.device;
+        let file = TrainFile {
+            data: self.data.clone(),
+            model: self.model.clone(),
+            training,
+            checkpoint: self.checkpoint.clone(),
+        };
+        TrainSpec::from_file(file, Path::new("/"))
+    }
+
+    /// Serializes back to YAML (what the coordinator hands to workers).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("manifest serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(extra_cluster: &str, data: &str) -> String {
+        format!(
+            "run_id: t1\ndata: {{path: {data}}}\nmodel: {{preset: minimal}}\ncluster:\n  max_workers: 2\n{extra_cluster}\ncheckpoint: {{url: ckpt}}\n"
+        )
+    }
+
+    fn check(text: &str) -> Result<Manifest> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d.h5ad"), b"x").unwrap();
+        let p = dir.path().join("job.yaml");
+        std::fs::write(&p, text).unwrap();
+        Manifest::load(&p)
+    }
+
+    #[test]
+    fn valid_manifest_resolves_paths() {
+        let m = check(&manifest("", "d.h5ad")).unwrap();
+        assert!(m.data.path.is_absolute() && m.checkpoint.url.ends_with("/ckpt"));
+        assert_eq!((m.cluster.min_workers, m.cluster.max_workers), (1, 2));
+        let again = Manifest::parse(&m.to_yaml(), Path::new("x")).unwrap();
+        assert_eq!(again, m);
+    }
+
+    #[test]
+    fn bad_manifests_are_rejected_by_field() {
+        let e = check(&manifest("  bogus: 1", "d.h5ad"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+        let e = check(&manifest("  min_workers: 3", "d.h5ad"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config `cluster.min_workers`: 3 must be between 1 and cluster.max_workers (2)"
+        );
+        let e = check(&manifest("", "missing.h5ad"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid config `data.path`: dataset `")
+                && e.ends_with("missing.h5ad` does not exist"),
+            "{e}"
+        );
+        let e = check(&manifest("  coordinator: nowhere", "d.h5ad"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config `cluster.coordinator`: `nowhere` is not a host:port socket address"
+        );
+        let text = manifest("", "d.h5ad").replace("url: ckpt", "url: s3://bucket/run");
+        let e = check(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("checkpoint.url") && e.contains("not reachable"),
+            "{e}"
+        );
+        let text = manifest("", "d.h5ad").replace("run_id: t1", "run_id: 'a b'");
+        assert!(check(&text).unwrap_err().to_string().contains("run_id"));
+        let text = manifest("", "d.h5ad").replace("preset: minimal", "preset: minimal, n_heads: 5");
+        assert_eq!(
+            check(&text).unwrap_err().to_string(),
+            "invalid config `model.n_heads`: 5 heads do not divide hidden size 128"
+        );
+        let text = format!(
+            "{}auth: {{token_env: SCFM_SURELY_UNSET_VAR}}\n",
+            manifest("", "d.h5ad")
+        );
+        assert!(
+            check(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("SCFM_SURELY_UNSET_VAR")
+        );
+    }
+}

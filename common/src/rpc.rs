@@ -1,0 +1,125 @@
+//! The gRPC protocol (generated from `proto/scfm/v1/coordinator.proto`) and the domain
+//! types both sides convert it to at the edge.
+
+/// Generated protobuf and tonic code.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("scfm.v1");
+}
+
+use std::net::SocketAddr;
+
+use crate::error::{Error, Result};
+
+/// Version of the coordinator/worker protocol; checked on every register and heartbeat.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Metadata key carrying the shared token.
+pub const TOKEN_HEADER: &str = "x-scfm-token";
+
+/// A worker's place in one generation of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// Membership generation.
+    pub generation: u64,
+    /// This worker's rank.
+    pub rank: usize,
+    /// Number of workers.
+    pub world_size: usize,
+    /// Ring addresses by rank.
+    pub peers: Vec<SocketAddr>,
+    /// Optimizer step to start from.
+    pub step: u64,
+    /// Data cursor: epoch.
+    pub epoch: u64,
+    /// Data cursor: cells of the epoch's global order consumed.
+    pub position: u64,
+    /// Whether the run is already complete.
+    pub finished: bool,
+}
+
+impl TryFrom<pb::AssignmentResponse> for Assignment {
+    type Error = Error;
+
+    fn try_from(r: pb::AssignmentResponse) -> Result<Self> {
+        let peers = r
+            .peers
+            .iter()
+            .map(|p| {
+                p.parse().map_err(|_| {
+                    Error::config("assignment.peers", format!("`{p}` is not a socket address"))
+                })
+            })
+            .collect::<Result<Vec<SocketAddr>>>()?;
+        if !r.finished
+            && (r.world_size == 0 || peers.len() != r.world_size as usize || r.rank >= r.world_size)
+        {
+            return Err(Error::config(
+                "assignment",
+                format!(
+                    "inconsistent: rank {} of {} with {} peers",
+                    r.rank,
+                    r.world_size,
+                    peers.len()
+                ),
+            ));
+        }
+        Ok(Assignment {
+            generation: r.generation,
+            rank: r.rank as usize,
+            world_size: r.world_size as usize,
+            peers,
+            step: r.step,
+            epoch: r.epoch,
+            position: r.position,
+            finished: r.finished,
+        })
+    }
+}
+
+impl From<&Assignment> for pb::AssignmentResponse {
+    fn from(a: &Assignment) -> Self {
+        pb::AssignmentResponse {
+            generation: a.generation,
+            rank: a.rank as u32,
+            world_size: a.world_size as u32,
+            peers: a.peers.iter().map(ToString::to_string).collect(),
+            step: a.step,
+            epoch: a.epoch,
+            position: a.position,
+            finished: a.finished,
+            nccl_id: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignment_roundtrip_and_validation() {
+        let a = Assignment {
+            generation: 3,
+            rank: 1,
+            world_size: 2,
+            peers: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
+            step: 10,
+            epoch: 1,
+            position: 64,
+            finished: false,
+        };
+        let pb: pb::AssignmentResponse = (&a).into();
+        assert_eq!(Assignment::try_from(pb.clone()).unwrap(), a);
+        let bad = pb::AssignmentResponse { rank: 2, ..pb };
+        assert!(
+            Assignment::try_from(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("rank 2 of 2")
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! `scfm-coordinator`: the gRPC coordinator of a training job and the local launcher.
+//! It does not link libtorch.
+
+pub mod error;
+pub mod local;
+pub mod metrics;
+pub mod server;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scfm_common::manifest::Manifest;
+use scfm_common::rpc::pb::coordinator_server::CoordinatorServer;
+use scfm_common::storage::Store;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+pub use error::CoordinatorError;
+use server::{Service, Shared};
+use state::Phase;
+
+/// A running coordinator.
+pub struct Coordinator {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Shared state (for inspection).
+    pub shared: Arc<Shared>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Reads the data cursor of the latest checkpoint, if any: `(step, epoch, position)`.
+pub async fn resume_cursor(store: &Store) -> Result<(u64, u64, u64), CoordinatorError> {
+    let Some(latest) = store.get_opt("latest.json").await? else {
+        return Ok((0, 0, 0));
+    };
+    let bad =
+        |m: String| CoordinatorError::Checkpoint(format!("{}: {m}", store.url_of("latest.json")));
+    let l: serde_json::Value = serde_json::from_slice(&latest).map_err(|e| bad(e.to_string()))?;
+    let dir = l["dir"].as_str().ok_or_else(|| bad("no `dir`".into()))?;
+    let st = store.get(&format!("{dir}/state.json")).await?;
+    let v: serde_json::Value = serde_json::from_slice(&st).map_err(|e| bad(e.to_string()))?;
+    let s = &v["state"];
+    match (
+        s["step"].as_u64(),
+        s["epoch"].as_u64(),
+        s["position"].as_u64(),
+    ) {
+        (Some(a), Some(b), Some(c)) => Ok((a, b, c)),
+        _ => Err(bad(format!("{dir}/state.json lacks step/epoch/position"))),
+    }
+}
+
+impl Coordinator {
+    /// Binds the manifest's address and starts serving (plus the watchdog and, when
+    /// configured, the Prometheus endpoint).
+    pub async fn start(manifest: &Manifest) -> Result<Self, CoordinatorError> {
+        let store = Store::open(&manifest.checkpoint.url)?;
+        let resume = resume_cursor(&store).await?;
+        if resume.0 > 0 {
+            tracing::info!(
+                step = resume.0,
+                epoch = resume.1,
+                position = resume.2,
+                "resuming from the latest checkpoint"
+            );
+        }
+        if let Some(addr) = &manifest.metrics.prometheus {
+            let addr: SocketAddr = addr.parse().map_err(|_| {
+                CoordinatorError::Config(format!("metrics.prometheus `{addr}` is not host:port"))
+            })?;
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .map_err(|e| {
+                    CoordinatorError::Config(format!(
+                        "cannot serve Prometheus metrics on {addr}: {e}"
+                    ))
+                })?;
+            tracing::info!(%addr, "Prometheus /metrics served");
+        }
+        let sink = metrics::MetricsSink::new(store, manifest.training.log_every);
+        let shared = Shared::new(manifest, resume, sink);
+        let listener = tokio::net::TcpListener::bind(&manifest.cluster.coordinator)
+            .await
+            .map_err(|e| {
+                CoordinatorError::Config(format!(
+                    "cannot listen on {}: {e}",
+                    manifest.cluster.coordinator
+                ))
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        let mut builder = Server::builder();
+        if let Some(tls) = &manifest.auth.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| {
+                    CoordinatorError::Config(format!("auth.tls: cannot read {}: {e}", p.display()))
+                })
+            };
+            let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+            builder = builder
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .map_err(|e| CoordinatorError::Config(format!("auth.tls: {e}")))?;
+        }
+        let svc = CoordinatorServer::with_interceptor(
+            Service::new(shared.clone()),
+            server::token_check(manifest.token()),
+        );
+        let mut rx = shared.changed.subscribe();
+        let watch_shared = shared.clone();
+        let shutdown = async move {
+            loop {
+                if watch_shared.lock().is_over() {
+                    break;
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            // Let the last responses (assignments with `finished`, heartbeats) go out.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let server = tokio::spawn(
+            builder
+                .add_service(svc)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+        );
+        tokio::spawn(server::watchdog(shared.clone()));
+        tracing::info!(%addr, run = %manifest.run_id, "coordinator listening");
+        Ok(Coordinator {
+            addr,
+            shared,
+            server,
+        })
+    }
+
+    /// Waits for the job to end; flushes metrics; `Ok` when every worker succeeded.
+    pub async fn wait(self) -> Result<u64, CoordinatorError> {
+        let mut rx = self.shared.changed.subscribe();
+        let mut flush = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            if self.shared.lock().is_over() {
+                break;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                _ = flush.tick() => {
+                    if let Err(e) = self.shared.metrics.flush().await {
+                        tracing::warn!(error = %e, "could not write metrics.jsonl");
+                    }
+                }
+            }
+        }
+        self.shared.metrics.flush().await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+        let phase = self.shared.lock().phase.clone();
+        match phase {
+            Phase::Done => Ok(self.shared.metrics.last_step()),
+            Phase::Failed(why) => Err(CoordinatorError::JobFailed(why)),
+            other => Err(CoordinatorError::JobFailed(format!(
+                "ended in phase {other:?}"
+            ))),
+        }
+    }
+
+    /// Fails the job from outside (e.g. a worker process exited).
+    pub fn fail(&self, why: String) {
+        self.shared.lock().fail(why);
+        self.shared.changed.send_modify(|v| *v += 1);
+    }
+}

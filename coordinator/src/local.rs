@@ -1,0 +1,126 @@
+//! `scfm local`: a whole cluster on this machine — the coordinator in this process and
+//! N `scfm-worker join` processes on 127.0.0.1, their output streamed with a prefix.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use scfm_common::manifest::Manifest;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{Coordinator, CoordinatorError};
+
+/// A token for a local run when the manifest has none (workers are our own children).
+fn local_token() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{:016x}",
+        scfm_common::rng::derive_seed(t as u64, &[std::process::id() as u64])
+    )
+}
+
+fn spawn_worker(
+    bin: &PathBuf,
+    i: usize,
+    url: &str,
+    token: &str,
+    host: &str,
+) -> Result<Child, CoordinatorError> {
+    let mut child = Command::new(bin)
+        .args(["join", "--coordinator", url, "--bind", host])
+        .env("SCFM_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| CoordinatorError::Process(format!("cannot start {}: {e}", bin.display())))?;
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[w{i}] {line}");
+            }
+        });
+    }
+    Ok(child)
+}
+
+/// Runs the job with `workers` local worker processes; returns the last step.
+pub async fn run_local(
+    mut manifest: Manifest,
+    workers: usize,
+    worker_bin: PathBuf,
+) -> Result<u64, CoordinatorError> {
+    manifest.cluster.max_workers = workers;
+    manifest.cluster.min_workers = manifest.cluster.min_workers.min(workers);
+    manifest.cluster.coordinator = "127.0.0.1:0".into();
+    let token = match manifest.token() {
+        Some(t) => t,
+        None => {
+            let t = local_token();
+            manifest.auth.token = Some(t.clone());
+            t
+        }
+    };
+    manifest.validate()?;
+    let coord = Coordinator::start(&manifest).await?;
+    let scheme = if manifest.auth.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{}", coord.addr);
+    eprintln!("coordinator on {url}; starting {workers} workers");
+    let mut children = Vec::with_capacity(workers);
+    for i in 0..workers {
+        children.push(spawn_worker(
+            &worker_bin,
+            i,
+            &url,
+            &token,
+            &manifest.cluster.worker_host,
+        )?);
+    }
+    // A worker that exits with an error fails the job (the others are stopped).
+    let shared = coord.shared.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, std::process::ExitStatus)>(workers);
+    for (i, mut c) in children.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let status = c.wait().await;
+            if let Ok(s) = status {
+                let _ = tx.send((i, s)).await;
+            }
+        });
+    }
+    drop(tx);
+    let watcher = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some((i, status)) = rx.recv().await {
+                if !status.success() && !shared.lock().is_over() {
+                    shared
+                        .lock()
+                        .fail(format!("worker process {i} exited with {status}"));
+                    shared.changed.send_modify(|v| *v += 1);
+                }
+            }
+        })
+    };
+    let result = coord.wait().await;
+    // Workers exit on their own once the job is over; give them a moment, then stop them.
+    let _ = tokio::time::timeout(Duration::from_secs(30), watcher).await;
+    result
+}

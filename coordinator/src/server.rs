@@ -1,0 +1,300 @@
+//! The coordinator's gRPC service: registration (token + protocol version), heartbeats,
+//! assignments (long-poll with a deadline), metrics, completion; plus the watchdog that
+//! starts the job and detects dead workers.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use scfm_common::manifest::Manifest;
+use scfm_common::rpc::{PROTOCOL_VERSION, TOKEN_HEADER, pb};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::MetricsSink;
+use crate::state::{JobState, Phase, Refusal};
+
+/// How long one GetAssignment call waits before answering "not yet".
+const ASSIGNMENT_POLL: Duration = Duration::from_secs(10);
+
+/// State shared by the service and the watchdog.
+pub struct Shared {
+    /// Job state.
+    pub state: Mutex<JobState>,
+    /// Bumped whenever the state changes (generation, phase).
+    pub changed: watch::Sender<u64>,
+    /// The manifest handed to workers.
+    pub manifest_yaml: String,
+    /// Run id.
+    pub run_id: String,
+    /// Heartbeat interval for workers.
+    pub heartbeat_ms: u64,
+    /// Data cursor `(step, epoch, position)` the run starts from.
+    pub resume: (u64, u64, u64),
+    /// Metrics aggregation.
+    pub metrics: MetricsSink,
+}
+
+impl Shared {
+    /// Builds the shared state for a manifest and resume cursor.
+    pub fn new(m: &Manifest, resume: (u64, u64, u64), metrics: MetricsSink) -> Arc<Self> {
+        let c = &m.cluster;
+        let state = JobState::new(
+            c.min_workers,
+            c.max_workers,
+            Duration::from_secs(c.join_timeout_s),
+            Duration::from_secs(c.worker_timeout_s),
+        );
+        Arc::new(Shared {
+            state: Mutex::new(state),
+            changed: watch::channel(0).0,
+            manifest_yaml: m.to_yaml(),
+            run_id: m.run_id.clone(),
+            heartbeat_ms: c.heartbeat_ms,
+            resume,
+            metrics,
+        })
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Locks the state (a poisoned lock means a bug elsewhere already panicked).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+}
+
+impl Service {
+    /// Wraps shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Service { shared }
+    }
+}
+
+/// An interceptor that refuses requests without the shared token (logging the refusal).
+pub fn token_check(
+    token: Option<String>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let Some(want) = &token else { return Ok(req) };
+        let got = req
+            .metadata()
+            .get(TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if got == Some(want.as_str()) {
+            Ok(req)
+        } else {
+            let peer = req.remote_addr().map_or("?".to_string(), |a| a.to_string());
+            tracing::warn!(%peer, "refused a request with a wrong or missing token");
+            Err(Status::unauthenticated("wrong or missing token"))
+        }
+    }
+}
+
+fn check_version(v: u32, peer: Option<SocketAddr>) -> Result<(), Status> {
+    if v != PROTOCOL_VERSION {
+        tracing::warn!(peer = ?peer, version = v, "refused a worker with another protocol version");
+        return Err(Status::failed_precondition(format!(
+            "protocol version {v} does not match the coordinator's {PROTOCOL_VERSION}"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Service {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let peer = req.remote_addr();
+        let r = req.into_inner();
+        check_version(r.protocol_version, peer)?;
+        let ring: SocketAddr = r.ring_addr.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "ring_addr `{}` is not a socket address",
+                r.ring_addr
+            ))
+        })?;
+        let id = {
+            let mut s = self.shared.lock();
+            let id = s
+                .register(ring, r.hostname.clone(), r.device.clone())
+                .map_err(|e| match e {
+                    Refusal::Full(n) => {
+                        Status::resource_exhausted(format!("the cluster is full ({n} workers)"))
+                    }
+                    Refusal::AlreadyRunning => {
+                        Status::failed_precondition("training already started")
+                    }
+                    Refusal::Over => Status::failed_precondition("the job is over"),
+                })?;
+            s.maybe_start(Instant::now(), self.shared.resume);
+            id
+        };
+        tracing::info!(worker = %id, ring = %ring, host = %r.hostname, device = %r.device, pid = r.pid, "worker joined");
+        self.shared.notify();
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id,
+            run_id: self.shared.run_id.clone(),
+            manifest_yaml: self.shared.manifest_yaml.clone(),
+            heartbeat_ms: self.shared.heartbeat_ms,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let peer = req.remote_addr();
+        let r = req.into_inner();
+        check_version(r.protocol_version, peer)?;
+        let mut s = self.shared.lock();
+        if !s.heartbeat(&r.worker_id, r.step, Instant::now()) {
+            return Err(Status::not_found(format!(
+                "unknown worker `{}`",
+                r.worker_id
+            )));
+        }
+        let order = if s.is_over() {
+            pb::Order::Stop
+        } else if r.generation != 0 && r.generation < s.generation {
+            pb::Order::Reform
+        } else {
+            pb::Order::Continue
+        };
+        Ok(Response::new(pb::HeartbeatResponse {
+            generation: s.generation,
+            order: order as i32,
+        }))
+    }
+
+    async fn get_assignment(
+        &self,
+        req: Request<pb::AssignmentRequest>,
+    ) -> Result<Response<pb::AssignmentResponse>, Status> {
+        let r = req.into_inner();
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + ASSIGNMENT_POLL;
+        loop {
+            {
+                let s = self.shared.lock();
+                if !s.workers.contains_key(&r.worker_id) {
+                    return Err(Status::not_found(format!(
+                        "unknown worker `{}`",
+                        r.worker_id
+                    )));
+                }
+                if let Phase::Failed(why) = &s.phase {
+                    return Err(Status::aborted(format!("job failed: {why}")));
+                }
+                if s.generation > r.after_generation
+                    && let Some(a) = s.assignment_for(&r.worker_id)
+                {
+                    return Ok(Response::new((&a).into()));
+                }
+                if s.generation > r.after_generation {
+                    return Err(Status::failed_precondition(
+                        "this worker is not a member of the current generation",
+                    ));
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Status::unavailable("coordinator shutting down")),
+                Err(_) => {
+                    let s = self.shared.lock();
+                    return Err(Status::unavailable(format!(
+                        "waiting for workers: {} of {} joined (min {})",
+                        s.workers.len(),
+                        s.max_workers,
+                        s.min_workers
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn stream_metrics(
+        &self,
+        req: Request<tonic::Streaming<pb::StepMetrics>>,
+    ) -> Result<Response<pb::MetricsAck>, Status> {
+        let mut stream = req.into_inner();
+        let mut n = 0u64;
+        while let Some(m) = stream.message().await? {
+            self.shared.metrics.record(&m);
+            n += 1;
+        }
+        Ok(Response::new(pb::MetricsAck { received: n }))
+    }
+
+    async fn report_done(
+        &self,
+        req: Request<pb::DoneRequest>,
+    ) -> Result<Response<pb::DoneResponse>, Status> {
+        let r = req.into_inner();
+        {
+            let mut s = self.shared.lock();
+            if r.failed {
+                tracing::error!(worker = %r.worker_id, step = r.step, error = %r.error, "worker failed");
+                s.fail(format!(
+                    "worker {} failed at step {}: {}",
+                    r.worker_id, r.step, r.error
+                ));
+            } else {
+                tracing::info!(worker = %r.worker_id, step = r.step, "worker finished");
+                s.done(&r.worker_id);
+            }
+        }
+        self.shared.notify();
+        Ok(Response::new(pb::DoneResponse {}))
+    }
+}
+
+/// Starts the job when the join timeout passes and fails it when a worker goes silent.
+pub async fn watchdog(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let mut changed = false;
+        {
+            let mut s = shared.lock();
+            if s.is_over() {
+                break;
+            }
+            let now = Instant::now();
+            if s.maybe_start(now, shared.resume) {
+                tracing::info!(
+                    generation = s.generation,
+                    workers = s.members.len(),
+                    "training starts"
+                );
+                changed = true;
+            }
+            if let Some(dead) = s.dead_workers(now).first() {
+                let w = &s.workers[dead];
+                let why = format!(
+                    "worker {dead} ({}, {}) sent no heartbeat for {} s",
+                    w.ring_addr,
+                    w.hostname,
+                    s.worker_timeout.as_secs()
+                );
+                tracing::error!("{why}");
+                s.fail(why);
+                changed = true;
+            }
+        }
+        if changed {
+            shared.notify();
+        }
+    }
+    shared.notify();
+}

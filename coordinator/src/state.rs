@@ -1,0 +1,266 @@
+//! Job state: membership, generations, the run cursor, completion.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use scfm_common::rpc::Assignment;
+
+/// Where the job is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// Waiting for workers to join.
+    Joining,
+    /// Training with the current generation.
+    Running,
+    /// Every worker reported success.
+    Done,
+    /// The job failed; the message says why.
+    Failed(String),
+}
+
+/// One registered worker.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// Ring address.
+    pub ring_addr: SocketAddr,
+    /// Host name it reported.
+    pub hostname: String,
+    /// Device it reported.
+    pub device: String,
+    /// Last heartbeat (or registration).
+    pub last_seen: Instant,
+    /// Last step it reported.
+    pub step: u64,
+    /// Whether it reported completion.
+    pub done: bool,
+}
+
+/// The coordinator's view of the job.
+#[derive(Debug)]
+pub struct JobState {
+    /// Workers by id, in registration order (ids are zero-padded counters).
+    pub workers: BTreeMap<String, Worker>,
+    /// Current phase.
+    pub phase: Phase,
+    /// Current generation (0 = none formed yet).
+    pub generation: u64,
+    /// Member ids of the current generation, by rank.
+    pub members: Vec<String>,
+    /// Assignment of the current generation (rank 0's; ranks differ only in `rank`).
+    pub base: Option<Assignment>,
+    /// Minimum and maximum cluster size.
+    pub min_workers: usize,
+    /// Maximum cluster size.
+    pub max_workers: usize,
+    /// When the first worker joined.
+    pub first_join: Option<Instant>,
+    /// How long to wait for `max_workers`.
+    pub join_timeout: Duration,
+    /// Silence after which a worker is dead.
+    pub worker_timeout: Duration,
+    next_id: u64,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The cluster is full.
+    Full(usize),
+    /// Training already started (joining a running job comes with elastic membership).
+    AlreadyRunning,
+    /// The job is over.
+    Over,
+}
+
+impl JobState {
+    /// A job waiting for between `min` and `max` workers.
+    pub fn new(min: usize, max: usize, join_timeout: Duration, worker_timeout: Duration) -> Self {
+        JobState {
+            workers: BTreeMap::new(),
+            phase: Phase::Joining,
+            generation: 0,
+            members: Vec::new(),
+            base: None,
+            min_workers: min,
+            max_workers: max,
+            first_join: None,
+            join_timeout,
+            worker_timeout,
+            next_id: 0,
+        }
+    }
+
+    /// Registers a worker; returns its id.
+    pub fn register(
+        &mut self,
+        ring_addr: SocketAddr,
+        hostname: String,
+        device: String,
+    ) -> Result<String, Refusal> {
+        match self.phase {
+            Phase::Joining => {}
+            Phase::Running => return Err(Refusal::AlreadyRunning),
+            Phase::Done | Phase::Failed(_) => return Err(Refusal::Over),
+        }
+        if self.workers.len() >= self.max_workers {
+            return Err(Refusal::Full(self.max_workers));
+        }
+        let id = format!("w{:04}", self.next_id);
+        self.next_id += 1;
+        self.workers.insert(
+            id.clone(),
+            Worker {
+                ring_addr,
+                hostname,
+                device,
+                last_seen: Instant::now(),
+                step: 0,
+                done: false,
+            },
+        );
+        self.first_join.get_or_insert_with(Instant::now);
+        Ok(id)
+    }
+
+    /// Forms the first generation when enough workers joined; returns true if it did.
+    pub fn maybe_start(&mut self, now: Instant, resume: (u64, u64, u64)) -> bool {
+        if self.phase != Phase::Joining || self.workers.is_empty() {
+            return false;
+        }
+        let n = self.workers.len();
+        let waited = self
+            .first_join
+            .is_some_and(|t| now.duration_since(t) >= self.join_timeout);
+        if n >= self.max_workers || (n >= self.min_workers && waited) {
+            self.members = self.workers.keys().cloned().collect();
+            self.generation += 1;
+            let (step, epoch, position) = resume;
+            self.base = Some(Assignment {
+                generation: self.generation,
+                rank: 0,
+                world_size: n,
+                peers: self
+                    .members
+                    .iter()
+                    .map(|id| self.workers[id].ring_addr)
+                    .collect(),
+                step,
+                epoch,
+                position,
+                finished: false,
+            });
+            self.phase = Phase::Running;
+            return true;
+        }
+        false
+    }
+
+    /// The assignment of worker `id` in the current generation, if it is a member.
+    pub fn assignment_for(&self, id: &str) -> Option<Assignment> {
+        let rank = self.members.iter().position(|m| m == id)?;
+        let mut a = self.base.clone()?;
+        a.rank = rank;
+        a.finished = matches!(self.phase, Phase::Done);
+        Some(a)
+    }
+
+    /// Records a heartbeat; false when the worker is unknown.
+    pub fn heartbeat(&mut self, id: &str, step: u64, now: Instant) -> bool {
+        match self.workers.get_mut(id) {
+            Some(w) => {
+                w.last_seen = now;
+                w.step = w.step.max(step);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Workers silent for longer than the timeout.
+    pub fn dead_workers(&self, now: Instant) -> Vec<String> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| !w.done && now.duration_since(w.last_seen) > self.worker_timeout)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Fails the job (first failure wins).
+    pub fn fail(&mut self, why: String) {
+        if !matches!(self.phase, Phase::Done | Phase::Failed(_)) {
+            self.phase = Phase::Failed(why);
+        }
+    }
+
+    /// Records a worker's completion; the job is done when every member is.
+    pub fn done(&mut self, id: &str) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.done = true;
+        }
+        if self.phase == Phase::Running
+            && self
+                .members
+                .iter()
+                .all(|m| self.workers.get(m).is_some_and(|w| w.done))
+        {
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// Whether the job has ended (successfully or not).
+    pub fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    #[test]
+    fn forms_generation_at_max_and_assigns_ranks() {
+        let mut s = JobState::new(1, 2, Duration::from_secs(60), Duration::from_secs(30));
+        let a = s.register(addr(1), "h".into(), "cpu".into()).unwrap();
+        assert!(!s.maybe_start(Instant::now(), (0, 0, 0)));
+        let b = s.register(addr(2), "h".into(), "cpu".into()).unwrap();
+        assert_eq!(
+            s.register(addr(3), "h".into(), "cpu".into()),
+            Err(Refusal::AlreadyRunning).or(Err(Refusal::Full(2)))
+        );
+        assert!(s.maybe_start(Instant::now(), (5, 1, 64)));
+        let (aa, ab) = (s.assignment_for(&a).unwrap(), s.assignment_for(&b).unwrap());
+        assert_eq!(
+            (aa.rank, ab.rank, aa.world_size, aa.generation, aa.step),
+            (0, 1, 2, 1, 5)
+        );
+        assert_eq!(aa.peers, vec![addr(1), addr(2)]);
+        assert_eq!(
+            s.register(addr(4), "h".into(), "cpu".into()),
+            Err(Refusal::AlreadyRunning)
+        );
+        s.done(&a);
+        assert_eq!(s.phase, Phase::Running);
+        s.done(&b);
+        assert_eq!(s.phase, Phase::Done);
+    }
+
+    #[test]
+    fn starts_with_min_after_join_timeout_and_detects_silence() {
+        let mut s = JobState::new(1, 3, Duration::from_millis(10), Duration::from_millis(20));
+        let a = s.register(addr(1), "h".into(), "cpu".into()).unwrap();
+        let later = Instant::now() + Duration::from_millis(50);
+        assert!(s.maybe_start(later, (0, 0, 0)));
+        assert_eq!(s.assignment_for(&a).unwrap().world_size, 1);
+        assert_eq!(s.dead_workers(later), vec![a.clone()]);
+        s.heartbeat(&a, 3, later);
+        assert!(s.dead_workers(later).is_empty());
+        s.fail("x".into());
+        s.fail("y".into());
+        assert_eq!(s.phase, Phase::Failed("x".into()));
+    }
+}

@@ -1,0 +1,251 @@
+//! Multi-process clusters on 127.0.0.1: `scfm local` starts the coordinator and real
+//! `scfm-worker join` processes that train on the real demo dataset.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use scfm_tests::{bin, dataset, run_with_timeout};
+
+fn write_manifest(
+    dir: &Path,
+    ckpt: &Path,
+    model: &str,
+    training: &str,
+    cluster: &str,
+) -> std::path::PathBuf {
+    let m = format!(
+        "run_id: test\ndata:\n  path: {}\n  validation_fraction: 0.05\nmodel:\n{model}\ntraining:\n{training}\ncluster:\n  collective_timeout_s: 20\n  worker_timeout_s: 20\n{cluster}\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
+        dataset("mouse10k.h5ad").display(),
+        ckpt.display()
+    );
+    let p = dir.join("job.yaml");
+    std::fs::write(&p, m).unwrap();
+    p
+}
+
+fn local(manifest: &Path, workers: usize) -> String {
+    let out = run_with_timeout(
+        Command::new(bin("scfm"))
+            .arg("local")
+            .arg(manifest)
+            .args(["--workers", &workers.to_string()])
+            .env("RUST_BACKTRACE", "0"),
+        Duration::from_secs(600),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "scfm local failed:\n{err}");
+    err
+}
+
+fn read_params(path: &Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn metric_steps(ckpt: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(ckpt.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const TINY: &str = "  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 4\n  ffn_dim: 64\n  max_seq_len: 64";
+
+#[test]
+fn three_workers_train_and_end_with_identical_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let training = "  seed: 3\n  batch_size: 8\n  max_steps: 80\n  lr: 0.003\n  warmup_steps: 10\n  eval_every: 40\n  log_every: 20\n  threads: 1";
+    let m = write_manifest(
+        dir.path(),
+        &ckpt,
+        TINY,
+        training,
+        "  max_workers: 3\n  checksum_every: 10",
+    );
+    let err = local(&m, 3);
+    let prints: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.split("parameter fingerprint ").nth(1))
+        .collect();
+    assert_eq!(
+        prints.len(),
+        3,
+        "every worker reports its fingerprint:\n{err}"
+    );
+    assert!(
+        prints.iter().all(|p| *p == prints[0]),
+        "workers ended with different parameters: {prints:?}"
+    );
+    // The coordinator's accounting: every step reported by all three workers.
+    let lines = metric_steps(&ckpt);
+    let mut per_step: HashMap<u64, usize> = HashMap::new();
+    for l in &lines {
+        *per_step.entry(l["step"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert_eq!(per_step.len(), 80);
+    assert!(
+        per_step.values().all(|&n| n == 3),
+        "steps missing from metrics.jsonl"
+    );
+    let mgem = |s: u64| {
+        lines.iter().find(|l| l["step"] == s).unwrap()["mgem"]
+            .as_f64()
+            .unwrap()
+    };
+    let start = (1..=5).map(mgem).sum::<f64>() / 5.0;
+    let end = (76..=80).map(mgem).sum::<f64>() / 5.0;
+    eprintln!("3 workers: MGEM {start:.4} -> {end:.4}");
+    assert!(end < start - 0.5, "loss did not fall: {start} -> {end}");
+    assert!(ckpt.join("ckpt-000000080/model.safetensors").exists());
+}
+
+/// Gradient-mean semantics: 2 workers with batch B take the same steps as 1 worker with
+/// batch 2B on the same data (dropout off; the loss is defined over the global batch).
+/// AdamW's `eps` is set to 1 so that the update is proportional to the gradient: with a
+/// tiny eps, Adam turns float-rounding noise in (mathematically) zero gradients into
+/// full `lr`-sized steps of either sign, which would test rounding, not the maths.
+#[test]
+fn two_workers_with_batch_b_equal_one_worker_with_batch_2b() {
+    let model = format!("{TINY}\n  dropout: 0.0");
+    let common = "  seed: 5\n  max_steps: 6\n  lr: 0.05\n  eps: 1.0\n  warmup_steps: 2\n  eval_every: 100\n  threads: 1";
+    let a = tempfile::tempdir().unwrap();
+    let ma = write_manifest(
+        a.path(),
+        &a.path().join("ckpt"),
+        &model,
+        &format!("{common}\n  batch_size: 8"),
+        "  max_workers: 2",
+    );
+    local(&ma, 2);
+    let b = tempfile::tempdir().unwrap();
+    let mb = write_manifest(
+        b.path(),
+        &b.path().join("ckpt"),
+        &model,
+        &format!("{common}\n  batch_size: 16"),
+        "  max_workers: 1",
+    );
+    local(&mb, 1);
+    let pa = read_params(&a.path().join("ckpt/ckpt-000000006/model.safetensors"));
+    let pb = read_params(&b.path().join("ckpt/ckpt-000000006/model.safetensors"));
+    assert_eq!(pa.len(), pb.len());
+    let mut worst = 0f32;
+    for (name, va) in &pa {
+        let vb = &pb[name];
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    eprintln!("max |param difference| after 6 steps: {worst:e}");
+    // Float summation order differs (ring all-reduce, split batches): allow 1e-5.
+    assert!(worst < 1e-5, "parameters differ by {worst}");
+    // And the reported losses agree step by step.
+    let la = metric_steps(&a.path().join("ckpt"));
+    let lb = metric_steps(&b.path().join("ckpt"));
+    for s in 1..=6u64 {
+        let get = |ls: &[serde_json::Value]| {
+            ls.iter().find(|l| l["step"] == s).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        };
+        assert!(
+            (get(&la) - get(&lb)).abs() < 1e-5,
+            "loss at step {s}: {} vs {}",
+            get(&la),
+            get(&lb)
+        );
+    }
+}
+
+#[test]
+fn a_dead_worker_fails_the_job_within_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let training = "  batch_size: 8\n  max_steps: 100000\n  threads: 1";
+    let m = write_manifest(
+        dir.path(),
+        &dir.path().join("ckpt"),
+        TINY,
+        training,
+        "  max_workers: 2\n  heartbeat_ms: 200",
+    );
+    let mut coord = Command::new(bin("scfm"))
+        .args(["launch"])
+        .arg(&m)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The coordinator prints its address on stdout.
+    let mut out = std::io::BufReader::new(coord.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let _ = m;
+    // No token configured: workers join without one.
+    let spawn = || {
+        Command::new(bin("scfm-worker"))
+            .args(["join", "--coordinator", &format!("http://{addr}")])
+            .env("RUST_BACKTRACE", "0")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut w0 = spawn();
+    let mut w1 = spawn();
+    // Let them train a little, then kill one without warning.
+    std::thread::sleep(Duration::from_secs(8));
+    w1.kill().unwrap();
+    let _ = w1.wait();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = w0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "surviving worker hung after its peer died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !status.success(),
+        "the survivor must fail, not hang or succeed"
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut w0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("rank 1") || err.contains("coordinator ended the job"),
+        "{err}"
+    );
+    let cstatus = loop {
+        if let Some(s) = coord.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "coordinator hung"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!cstatus.success());
+    let mut cerr = String::new();
+    std::io::Read::read_to_string(&mut coord.stderr.take().unwrap(), &mut cerr).unwrap();
+    assert!(cerr.contains("job failed"), "{cerr}");
+}

@@ -1,0 +1,318 @@
+//! `scfm-worker join`: a cluster worker. Registers with the coordinator (token, protocol
+//! version, ring address), heartbeats in the background, waits for its assignment, forms
+//! the ring with its peers, trains its slice of every global batch, streams per-step
+//! metrics, and reports completion or failure. Every network wait has a deadline.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use scfm_common::manifest::Manifest;
+use scfm_common::rpc::{Assignment, PROTOCOL_VERSION, TOKEN_HEADER, pb};
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::collective::{RingCollective, RingConfig};
+use crate::error::{Result, WorkerError};
+use crate::trainer::{RunOptions, RunSummary, StepReport, Trainer, WorkerContext};
+
+/// How to reach the coordinator.
+#[derive(Debug, Clone)]
+pub struct JoinArgs {
+    /// Coordinator URL (`http://host:port`, or `https://` with TLS).
+    pub coordinator: String,
+    /// Shared token.
+    pub token: Option<String>,
+    /// Host to bind the ring listener on (peers connect to it).
+    pub bind: String,
+    /// CA certificate (PEM) to verify the coordinator with (TLS).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Server name in the coordinator's certificate.
+    pub tls_domain: Option<String>,
+}
+
+#[derive(Clone)]
+struct TokenInterceptor(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert(TOKEN_HEADER, t.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = pb::coordinator_client::CoordinatorClient<
+    tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>,
+>;
+
+fn status_err(what: &str, s: Status) -> WorkerError {
+    WorkerError::Coordinator(format!("{what}: {} ({:?})", s.message(), s.code()))
+}
+
+async fn connect(args: &JoinArgs, deadline: Instant) -> Result<Client> {
+    let mut ep = Endpoint::from_shared(args.coordinator.clone())
+        .map_err(|e| {
+            WorkerError::Coordinator(format!("bad coordinator URL `{}`: {e}", args.coordinator))
+        })?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &args.tls_ca {
+        let pem = std::fs::read(ca).map_err(|e| {
+            WorkerError::Coordinator(format!("cannot read CA {}: {e}", ca.display()))
+        })?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(pem))
+            .domain_name(
+                args.tls_domain
+                    .clone()
+                    .unwrap_or_else(|| "localhost".into()),
+            );
+        ep = ep
+            .tls_config(tls)
+            .map_err(|e| WorkerError::Coordinator(format!("TLS: {e}")))?;
+    }
+    let token = match &args.token {
+        Some(t) => Some(
+            t.parse()
+                .map_err(|_| WorkerError::Coordinator("the token is not valid ASCII".into()))?,
+        ),
+        None => None,
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match ep.connect().await {
+            Ok(ch) => {
+                return Ok(pb::coordinator_client::CoordinatorClient::with_interceptor(
+                    ch,
+                    TokenInterceptor(token),
+                ));
+            }
+            Err(e) if Instant::now() + backoff < deadline => {
+                tracing::warn!(error = %e, url = %args.coordinator, "coordinator not reachable yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(WorkerError::Coordinator(format!(
+                    "cannot reach {}: {e}",
+                    args.coordinator
+                )));
+            }
+        }
+    }
+}
+
+async fn await_assignment(
+    client: &mut Client,
+    worker_id: &str,
+    deadline: Instant,
+) -> Result<Assignment> {
+    loop {
+        let req = pb::AssignmentRequest {
+            worker_id: worker_id.to_string(),
+            after_generation: 0,
+        };
+        // The coordinator answers within ~10 s ("not yet" or an assignment).
+        match tokio::time::timeout(Duration::from_secs(30), client.get_assignment(req)).await {
+            Ok(Ok(r)) => return Ok(Assignment::try_from(r.into_inner())?),
+            Ok(Err(s)) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tracing::info!("{}", s.message());
+            }
+            Ok(Err(s)) => return Err(status_err("no assignment", s)),
+            Err(_) if Instant::now() < deadline => {
+                tracing::warn!("assignment request timed out; retrying")
+            }
+            Err(_) => {
+                return Err(WorkerError::Coordinator(
+                    "no assignment before the join deadline".into(),
+                ));
+            }
+        }
+    }
+}
+
+fn to_pb(worker_id: &str, generation: u64, r: StepReport) -> pb::StepMetrics {
+    let s = r.stats;
+    pb::StepMetrics {
+        worker_id: worker_id.to_string(),
+        generation,
+        step: s.step,
+        loss: s.loss,
+        mgem: s.mgem,
+        contrastive: s.contrastive,
+        grad_norm: s.grad_norm,
+        lr: s.lr,
+        cells_per_s: s.cells_per_s,
+        data_wait_s: s.data_wait_s,
+        allreduce_s: s.allreduce_s,
+        step_s: s.compute_s + s.data_wait_s,
+        epoch: r.epoch,
+        val_loss: r.val_loss.unwrap_or(f64::NAN),
+    }
+}
+
+/// Joins the cluster and trains until the job ends.
+pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| WorkerError::Internal(e.to_string()))?;
+    let listener = TcpListener::bind((args.bind.as_str(), 0)).map_err(|e| {
+        WorkerError::Coordinator(format!("cannot bind a ring socket on {}: {e}", args.bind))
+    })?;
+    let ring_addr = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Internal(e.to_string()))?;
+    let mut client = rt.block_on(connect(args, Instant::now() + Duration::from_secs(60)))?;
+    let device = if tch::Cuda::is_available() {
+        "cuda:0"
+    } else {
+        "cpu"
+    };
+    let register = client.register(pb::RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        ring_addr: ring_addr.to_string(),
+        hostname: std::env::var("HOSTNAME").unwrap_or_default(),
+        pid: std::process::id(),
+        device: device.into(),
+    });
+    let reg = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(30), register).await })
+        .map_err(|_| WorkerError::Coordinator("registration timed out".into()))?
+        .map_err(|s| status_err("registration refused", s))?
+        .into_inner();
+    let id = reg.worker_id.clone();
+    let manifest = Manifest::parse(&reg.manifest_yaml, std::path::Path::new("<coordinator>"))?;
+    let spec = manifest.train_spec()?;
+    tracing::info!(worker = %id, run = %reg.run_id, ring = %ring_addr, "registered");
+
+    // Heartbeats from the first moment: the coordinator may wait long for the others.
+    let step = Arc::new(AtomicU64::new(0));
+    let generation = Arc::new(AtomicU64::new(0));
+    let hb = {
+        let (mut c, id, step, generation) =
+            (client.clone(), id.clone(), step.clone(), generation.clone());
+        let every = Duration::from_millis(reg.heartbeat_ms.max(50));
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let req = pb::HeartbeatRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    worker_id: id.clone(),
+                    generation: generation.load(Ordering::Relaxed),
+                    step: step.load(Ordering::Relaxed),
+                };
+                match tokio::time::timeout(every * 5, c.heartbeat(req)).await {
+                    Ok(Ok(r)) if r.get_ref().order == pb::Order::Stop as i32 => {
+                        tracing::error!("the coordinator ended the job; stopping");
+                        std::process::exit(3);
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(s)) => tracing::warn!(error = %s.message(), "heartbeat refused"),
+                    Err(_) => tracing::warn!("heartbeat timed out"),
+                }
+            }
+        })
+    };
+
+    let join_deadline = Instant::now() + Duration::from_secs(manifest.cluster.join_timeout_s + 60);
+    let a = rt.block_on(await_assignment(&mut client, &id, join_deadline))?;
+    if a.finished {
+        hb.abort();
+        return Ok(None);
+    }
+    generation.store(a.generation, Ordering::Relaxed);
+    tracing::info!(
+        rank = a.rank,
+        world = a.world_size,
+        generation = a.generation,
+        step = a.step,
+        "assignment"
+    );
+    let timeout = Duration::from_secs(manifest.cluster.collective_timeout_s);
+    let ring = RingCollective::new(
+        a.rank,
+        a.world_size,
+        a.peers.clone(),
+        listener,
+        RingConfig::new(a.generation, timeout),
+    )?;
+
+    // Metrics: the trainer sends on a std channel; a task streams them to the coordinator.
+    let (tx, rx) = std::sync::mpsc::channel::<StepReport>();
+    let (atx, arx) = tokio::sync::mpsc::channel::<pb::StepMetrics>(1024);
+    let fwd = {
+        let (id, step, g) = (id.clone(), step.clone(), a.generation);
+        std::thread::spawn(move || {
+            while let Ok(r) = rx.recv() {
+                step.store(r.stats.step, Ordering::Relaxed);
+                if atx.blocking_send(to_pb(&id, g, r)).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let stream = {
+        let mut c = client.clone();
+        rt.spawn(async move {
+            c.stream_metrics(tokio_stream::wrappers::ReceiverStream::new(arx))
+                .await
+        })
+    };
+    let ctx = WorkerContext {
+        collective: Box::new(ring),
+        reporter: Some(tx),
+        checksum_every: manifest.cluster.checksum_every,
+    };
+    let opts = RunOptions {
+        resume: a.step > 0,
+        stop_after: None,
+        json: false,
+    };
+    let outcome = Trainer::with_context(spec, &opts, ctx).and_then(|mut t| {
+        if t.state.step != a.step {
+            return Err(WorkerError::Checkpoint {
+                url: manifest.checkpoint.url.clone(),
+                message: format!(
+                    "latest checkpoint is at step {}, the coordinator resumes at {}",
+                    t.state.step, a.step
+                ),
+            });
+        }
+        let summary = t.run(&opts);
+        drop(t); // closes the metrics channel
+        summary
+    });
+    let _ = fwd.join();
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), stream).await });
+    let done = match &outcome {
+        Ok(s) => pb::DoneRequest {
+            worker_id: id.clone(),
+            step: s.steps,
+            checkpoint: s.checkpoint.clone(),
+            failed: false,
+            error: String::new(),
+        },
+        Err(e) => pb::DoneRequest {
+            worker_id: id.clone(),
+            step: step.load(Ordering::Relaxed),
+            checkpoint: String::new(),
+            failed: true,
+            error: e.to_string(),
+        },
+    };
+    let reported = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), client.report_done(done)).await
+    });
+    if !matches!(reported, Ok(Ok(_))) {
+        tracing::warn!("could not report completion to the coordinator");
+    }
+    hb.abort();
+    outcome.map(Some)
+}
