@@ -91,6 +91,15 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Ring all-reduce bus bandwidth over loopback next to the loopback TCP bound.
+    BenchAllreduce {
+        /// World sizes (one thread per rank in this process).
+        #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
+        world: Vec<usize>,
+        /// Buffer sizes in MB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        mb: Vec<usize>,
+    },
     /// Write a fixed small model, inputs and outputs as safetensors for the PyTorch cross-check.
     Reference {
         /// Output directory.
@@ -202,6 +211,27 @@ fn main() -> Result<()> {
             if let Some(out) = out {
                 std::fs::write(&out, serde_json::to_vec_pretty(&results)?)
                     .with_context(|| format!("writing {}", out.display()))?;
+            }
+        }
+        Cmd::BenchAllreduce { world, mb } => {
+            let sizes: Vec<usize> = mb.iter().map(|m| m << 20).collect();
+            let rows = scfm_worker::collective::bench_bus_bandwidth(&world, &sizes);
+            println!("{:>5} {:>8} {:>10} {:>12} {:>12} {:>12} {:>8}", "ranks", "MB", "ms", "algbw GB/s", "busbw GB/s", "TCP GB/s", "bus/TCP");
+            for r in rows {
+                if let Some(e) = r.error {
+                    println!("{:>5} {:>8} failed: {e}", r.world_size, r.bytes >> 20);
+                    continue;
+                }
+                println!(
+                    "{:>5} {:>8} {:>10.2} {:>12.3} {:>12.3} {:>12.3} {:>7.0}%",
+                    r.world_size,
+                    r.bytes >> 20,
+                    r.seconds * 1e3,
+                    r.algbw / 1e9,
+                    r.busbw / 1e9,
+                    r.tcp_bound / 1e9,
+                    100.0 * r.busbw / r.tcp_bound
+                );
             }
         }
         Cmd::Reference { out } => scfm_worker::reference::export(&out)?,
