@@ -230,8 +230,10 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
     );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut w0.stderr.take().unwrap(), &mut err).unwrap();
+    // Either the ring notices first (naming the dead rank) or the coordinator's heartbeat
+    // watchdog does and stops the job.
     assert!(
-        err.contains("rank 1") || err.contains("coordinator ended the job"),
+        err.contains("with rank") || err.contains("coordinator ended the job"),
         "{err}"
     );
     let cstatus = loop {

@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod rng;
 pub mod rpc;
 pub mod storage;
+pub mod telemetry;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -1,7 +1,6 @@
 //! `scfm`: the user-facing command. This crate does not link libtorch; commands that
 //! need the model run the `scfm-worker` binary installed beside this one.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -74,20 +73,6 @@ fn worker_binary() -> PathBuf {
     Path::new(name).to_path_buf()
 }
 
-fn init_logging(format: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -97,7 +82,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    scfm_common::telemetry::init_logging(&cli.log_format);
     match cli.cmd {
         Cmd::Train { args } => {
             let bin = worker_binary();

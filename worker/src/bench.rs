@@ -178,11 +178,24 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         let mut single = LocalCollective::new();
         let mut step = 0u64;
         let mut one_step = |params: &FlatParams, opt: &mut AdamW| {
+            let t0 = Instant::now();
             params.zero_grad();
+            let t1 = Instant::now();
             forward_backward(&model, &micro, 0, step, &mut single)
                 .expect("a local step cannot fail");
+            let t2 = Instant::now();
             clip_grad_norm(params, Some(1.0));
+            let t3 = Instant::now();
             opt.update(params, 1e-4);
+            if std::env::var_os("SCFM_BENCH_TRACE").is_some() {
+                eprintln!(
+                    "zero {:?} fwd+bwd {:?} clip {:?} adamw {:?}",
+                    t1 - t0,
+                    t2 - t1,
+                    t3 - t2,
+                    t3.elapsed()
+                );
+            }
             step += 1;
         };
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());

@@ -1,7 +1,6 @@
 //! `scfm-worker`: trains the model in this process (`train`), exports reference tensors
 //! for the PyTorch cross-check (`reference`), and benchmarks training steps (`bench`).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -108,23 +107,9 @@ enum Cmd {
     },
 }
 
-fn init_logging(format: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    scfm_common::telemetry::init_logging(&cli.log_format);
     match cli.cmd {
         Cmd::Train {
             config,
@@ -216,7 +201,10 @@ fn main() -> Result<()> {
         Cmd::BenchAllreduce { world, mb } => {
             let sizes: Vec<usize> = mb.iter().map(|m| m << 20).collect();
             let rows = scfm_worker::collective::bench_bus_bandwidth(&world, &sizes);
-            println!("{:>5} {:>8} {:>10} {:>12} {:>12} {:>12} {:>8}", "ranks", "MB", "ms", "algbw GB/s", "busbw GB/s", "TCP GB/s", "bus/TCP");
+            println!(
+                "{:>5} {:>8} {:>10} {:>12} {:>12} {:>12} {:>8}",
+                "ranks", "MB", "ms", "algbw GB/s", "busbw GB/s", "TCP GB/s", "bus/TCP"
+            );
             for r in rows {
                 if let Some(e) = r.error {
                     println!("{:>5} {:>8} failed: {e}", r.world_size, r.bytes >> 20);

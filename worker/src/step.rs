@@ -56,9 +56,9 @@ pub fn forward_backward(
     let mut con_total = 0.0;
     for (i, x) in micro.iter().enumerate() {
         tch::manual_seed(derive_seed(seed, &[stream::TORCH, step, i as u64, rank as u64]) as i64);
-        let out = model.forward(x, true);
+        let out = model.forward_train(x, true);
         let m_global = counts[i].max(1.0);
-        let mgem_sum = model.mgem_loss_sum(&out, x);
+        let mgem_sum = model.mgem_loss_train(&out, x, tch::Reduction::Sum);
         let z = &out.proj;
         let z_full = if coll.world_size() > 1 {
             let (rows, dim) = z.size2().map_err(WorkerError::from)?;

@@ -63,12 +63,72 @@ impl Block {
     }
 }
 
+impl Block {
+    /// The block's output for the query positions `idx` `[N, K]` only (keys and values
+    /// still come from every token). Equal to `forward(..)` gathered at `idx`, at a
+    /// fraction of the cost when `K` is much smaller than `L`: the last block of a
+    /// training forward only needs `[CLS]` and the masked tokens.
+    pub fn forward_queries(
+        &self,
+        x: &Tensor,
+        attend: &Tensor,
+        train: bool,
+        compute: Option<Kind>,
+        idx: &Tensor,
+    ) -> Tensor {
+        let (n, l, h) = x.size3().expect("block input must be [N, L, H]");
+        let k = idx.size()[1];
+        let hd = h / self.n_heads;
+        let gather = |t: &Tensor| t.gather(1, &idx.unsqueeze(-1).expand([n, k, h], false), false);
+        let hn = x.apply(&self.norm1);
+        let (w, b) = (&self.qkv.ws, self.qkv.bs.as_ref().expect("qkv has a bias"));
+        let q = linear_w(
+            &gather(&hn),
+            &w.narrow(0, 0, h),
+            Some(&b.narrow(0, 0, h)),
+            compute,
+        )
+        .view([n, k, self.n_heads, hd])
+        .transpose(1, 2);
+        let kv = linear_w(
+            &hn,
+            &w.narrow(0, h, 2 * h),
+            Some(&b.narrow(0, h, 2 * h)),
+            compute,
+        )
+        .view([n, l, 2, self.n_heads, hd])
+        .permute([2, 0, 3, 1, 4]);
+        let a = Tensor::scaled_dot_product_attention(
+            &q,
+            &kv.get(0),
+            &kv.get(1),
+            Some(attend),
+            0.0,
+            false,
+            None,
+            false,
+        );
+        let a = linear(&a.transpose(1, 2).reshape([n, k, h]), &self.out, compute)
+            .to_kind(x.kind())
+            .dropout(self.dropout, train);
+        let xs = gather(x) + a;
+        let f = linear(&xs.apply(&self.norm2), &self.fc1, compute).gelu("none");
+        let f = linear(&f, &self.fc2, compute)
+            .to_kind(xs.kind())
+            .dropout(self.dropout, train);
+        xs + f
+    }
+}
+
 /// `x W^T + b`, in `compute` precision when given.
 pub fn linear(x: &Tensor, l: &nn::Linear, compute: Option<Kind>) -> Tensor {
+    linear_w(x, &l.ws, l.bs.as_ref(), compute)
+}
+
+/// `x W^T + b` with explicit weights, in `compute` precision when given.
+pub fn linear_w(x: &Tensor, w: &Tensor, b: Option<&Tensor>, compute: Option<Kind>) -> Tensor {
     match compute {
-        None => x.apply(l),
-        Some(k) => x
-            .to_kind(k)
-            .linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k))),
+        None => x.linear(w, b),
+        Some(k) => x.to_kind(k).linear(&w.to_kind(k), b.map(|b| b.to_kind(k))),
     }
 }

@@ -13,7 +13,7 @@ pub mod loss;
 use scfm_common::config::model::special;
 use scfm_common::config::{ExpressionEncoding, ModelConfig, Pooling};
 use scfm_common::tokenizer::Batch;
-use tch::{Device, Kind, Tensor, nn};
+use tch::{Device, Kind, Reduction, Tensor, nn};
 
 use crate::error::{Result, WorkerError};
 
@@ -64,6 +64,57 @@ pub struct Outputs {
     pub cell: Tensor,
     /// Contrastive projections `[N, projection_dim]`, unit rows.
     pub proj: Tensor,
+}
+
+/// What a training forward produces: only what the losses need.
+#[derive(Debug)]
+pub struct TrainOutputs {
+    /// MGEM logits `[M, n_bins]` (or predictions `[M, 1]`) of the masked tokens, in
+    /// row-major order (as `masked_select` over `[N, L]`).
+    pub mgem: Tensor,
+    /// Cell embeddings `[N, H]`.
+    pub cell: Tensor,
+    /// Contrastive projections `[N, projection_dim]`, unit rows.
+    pub proj: Tensor,
+}
+
+/// Query positions for the last block: `[CLS]` then each row's masked positions, padded
+/// with 0 to the longest row. Returns `(idx [N, K], selects_masked [N, K])`.
+fn query_index(masked: &Tensor) -> (Tensor, Tensor) {
+    let (n, l) = masked.size2().expect("masked is [N, L]");
+    let m: Vec<u8> = Vec::<u8>::try_from(
+        &masked
+            .to_kind(Kind::Uint8)
+            .to_device(Device::Cpu)
+            .reshape([-1]),
+    )
+    .expect("mask to host");
+    let rows: Vec<Vec<i64>> = (0..n as usize)
+        .map(|r| {
+            (0..l as usize)
+                .filter(|&c| m[r * l as usize + c] != 0)
+                .map(|c| c as i64)
+                .collect()
+        })
+        .collect();
+    let k = 1 + rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut idx = vec![0i64; n as usize * k];
+    let mut sel = vec![0u8; n as usize * k];
+    for (r, cols) in rows.iter().enumerate() {
+        for (j, &c) in cols.iter().enumerate() {
+            idx[r * k + 1 + j] = c;
+            sel[r * k + 1 + j] = 1;
+        }
+    }
+    let dev = masked.device();
+    let shape = [n, k as i64];
+    (
+        Tensor::from_slice(&idx).view(shape).to_device(dev),
+        Tensor::from_slice(&sel)
+            .view(shape)
+            .to_kind(Kind::Bool)
+            .to_device(dev),
+    )
 }
 
 /// The model.
@@ -178,6 +229,64 @@ impl ScfmModel {
         }
     }
 
+    /// The training forward: like [`ScfmModel::forward`] but the last block runs only for
+    /// `[CLS]` and the masked tokens (with `cls` pooling), whose outputs are all the losses
+    /// use; the others are dead code there. Same values as the full forward.
+    pub fn forward_train(&self, x: &Inputs, train: bool) -> TrainOutputs {
+        let Some((last, first)) = self
+            .layers
+            .split_last()
+            .filter(|_| self.cfg.pooling == Pooling::Cls)
+        else {
+            let out = self.forward(x, train);
+            let c = out.mgem.size()[2];
+            let mgem = out
+                .mgem
+                .masked_select(&x.masked.unsqueeze(-1))
+                .view([-1, c]);
+            return TrainOutputs {
+                mgem,
+                cell: out.cell,
+                proj: out.proj,
+            };
+        };
+        let attend = x.genes.ne(special::PAD).unsqueeze(1).unsqueeze(1);
+        let mut h = self
+            .embed
+            .forward(&x.genes, &x.bins, &x.values, &x.masked, train);
+        for layer in first {
+            h = layer.forward(&h, &attend, train, self.compute);
+        }
+        let (idx, sel) = query_index(&x.masked);
+        let hs = last
+            .forward_queries(&h, &attend, train, self.compute, &idx)
+            .apply(&self.norm);
+        let hidden = hs.size()[2];
+        let cell = hs.select(1, 0);
+        let mgem = self
+            .mgem
+            .forward(&hs.masked_select(&sel.unsqueeze(-1)).view([-1, hidden]));
+        let proj = self.proj.forward(&cell);
+        TrainOutputs { mgem, cell, proj }
+    }
+
+    /// The MGEM loss of a training forward, summed (`Reduction::Sum`) or averaged over the
+    /// masked tokens.
+    pub fn mgem_loss_train(&self, out: &TrainOutputs, x: &Inputs, reduction: Reduction) -> Tensor {
+        match self.cfg.expression {
+            ExpressionEncoding::Binned => loss::cross_entropy_selected(
+                &out.mgem,
+                &x.target_bins.masked_select(&x.masked),
+                self.cfg.label_smoothing,
+                reduction,
+            ),
+            ExpressionEncoding::Continuous => out
+                .mgem
+                .squeeze_dim(-1)
+                .mse_loss(&x.target_values.masked_select(&x.masked), reduction),
+        }
+    }
+
     /// The MGEM loss for `out` on `x`'s masked tokens.
     pub fn mgem_loss(&self, out: &Outputs, x: &Inputs) -> Tensor {
         match self.cfg.expression {
@@ -186,26 +295,10 @@ impl ScfmModel {
                 &x.target_bins,
                 &x.masked,
                 self.cfg.label_smoothing,
+                Reduction::Mean,
             ),
             ExpressionEncoding::Continuous => {
-                loss::mgem_mse(&out.mgem, &x.target_values, &x.masked)
-            }
-        }
-    }
-}
-
-impl ScfmModel {
-    /// The MGEM loss *summed* over `x`'s masked tokens (divide by the global count).
-    pub fn mgem_loss_sum(&self, out: &Outputs, x: &Inputs) -> Tensor {
-        match self.cfg.expression {
-            ExpressionEncoding::Binned => loss::mgem_cross_entropy_sum(
-                &out.mgem,
-                &x.target_bins,
-                &x.masked,
-                self.cfg.label_smoothing,
-            ),
-            ExpressionEncoding::Continuous => {
-                loss::mgem_sse(&out.mgem, &x.target_values, &x.masked)
+                loss::mgem_squared_error(&out.mgem, &x.target_values, &x.masked, Reduction::Mean)
             }
         }
     }
@@ -225,8 +318,8 @@ pub struct Losses {
 impl ScfmModel {
     /// Forward and losses for a batch holding two views per cell (rows `i`, `i + B`).
     pub fn losses(&self, x: &Inputs, train: bool) -> Losses {
-        let out = self.forward(x, train);
-        let mgem = self.mgem_loss(&out, x);
+        let out = self.forward_train(x, train);
+        let mgem = self.mgem_loss_train(&out, x, Reduction::Mean);
         let con = loss::nt_xent(&out.proj, self.cfg.temperature);
         let total = &mgem * self.cfg.w_mgem + &con * self.cfg.w_contrastive;
         Losses {

@@ -120,11 +120,17 @@ fn masked_losses_use_only_masked_tokens() {
     let masked = Tensor::from_slice(&[0u8, 1, 0])
         .view([1, 3])
         .to_kind(Kind::Bool);
-    let ce = loss::mgem_cross_entropy(&logits, &targets, &masked, 0.0).double_value(&[]);
+    let ce = loss::mgem_cross_entropy(&logits, &targets, &masked, 0.0, tch::Reduction::Mean)
+        .double_value(&[]);
     assert!((ce - 4f64.ln()).abs() < 1e-6);
     let pred = Tensor::from_slice(&[5f32, 1.0, 9.0]).view([1, 3, 1]);
     let vals = Tensor::from_slice(&[0f32, 3.0, 0.0]).view([1, 3]);
-    assert!((loss::mgem_mse(&pred, &vals, &masked).double_value(&[]) - 4.0).abs() < 1e-6);
+    assert!(
+        (loss::mgem_squared_error(&pred, &vals, &masked, tch::Reduction::Mean).double_value(&[])
+            - 4.0)
+            .abs()
+            < 1e-6
+    );
 }
 
 #[test]
@@ -222,4 +228,49 @@ fn blocked_nt_xent_equals_plain_for_one_block_and_pairs_within_blocks() {
     let perm = Tensor::from_slice(&[0i64, 1, 4, 5, 2, 3, 6, 7]);
     let one = loss::nt_xent(&z.index_select(0, &perm), 0.3).double_value(&[]);
     assert!((two - one).abs() < 1e-6, "{two} vs {one}");
+}
+
+#[test]
+fn training_forward_equals_full_forward() {
+    for extra in [
+        "",
+        "expression: continuous",
+        "positional: learned\nlabel_smoothing: 0.1",
+    ] {
+        let cfg = small(extra);
+        tch::manual_seed(9);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = ScfmModel::new(&vs, &cfg, 30).unwrap();
+        let mut p = FlatParams::new(&vs);
+        p.attach_grads();
+        // Rows with 1 and 2 masked tokens (padding included) exercise the query padding.
+        let mut b = batch(&[
+            &[1, 5, 6, 7, 8],
+            &[1, 9, 3, 0, 0],
+            &[1, 4, 8, 11, 12],
+            &[1, 2, 12, 13, 0],
+        ]);
+        b.masked[4] = true;
+        b.input_bins[4] = 7;
+        let x = Inputs::from_batch(&b, Device::Cpu);
+        let full = m.forward(&x, false);
+        let fast = m.forward_train(&x, false);
+        let c = full.mgem.size()[2];
+        let want = full
+            .mgem
+            .masked_select(&x.masked.unsqueeze(-1))
+            .view([-1, c]);
+        let d = (&want - &fast.mgem).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "masked logits differ by {d} ({extra})");
+        assert!((&full.proj - &fast.proj).abs().max().double_value(&[]) < 1e-5);
+        // Gradients agree too.
+        p.zero_grad();
+        m.mgem_loss(&full, &x).backward();
+        let g_full = p.grad.copy();
+        p.zero_grad();
+        m.mgem_loss_train(&fast, &x, tch::Reduction::Mean)
+            .backward();
+        let d = (&g_full - &p.grad).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "gradients differ by {d} ({extra})");
+    }
 }
