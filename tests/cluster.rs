@@ -251,3 +251,39 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
     std::io::Read::read_to_string(&mut coord.stderr.take().unwrap(), &mut cerr).unwrap();
     assert!(cerr.contains("job failed"), "{cerr}");
 }
+
+/// TLS on the coordinator's endpoint: certificates made with openssl, workers verify the
+/// coordinator against the CA and train.
+#[test]
+fn tls_cluster_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |args: &str| {
+        let out = run_with_timeout(
+            Command::new("sh").arg("-c").arg(args).current_dir(d),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "{args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=scfm-test-ca",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
+    );
+    sh(
+        "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > ext.cnf && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile ext.cnf",
+    );
+    let training = "  batch_size: 8\n  max_steps: 3\n  eval_every: 100\n  threads: 1";
+    let m = write_manifest(d, &d.join("ckpt"), TINY, training, "  max_workers: 2");
+    let mut text = std::fs::read_to_string(&m).unwrap();
+    text.push_str("auth:\n  token: tls-test\n  tls: {cert: server.pem, key: server.key, ca: ca.pem, domain: localhost}\n");
+    std::fs::write(&m, text).unwrap();
+    let err = local(&m, 2);
+    assert!(err.contains("https://127.0.0.1:"), "{err}");
+    assert!(d.join("ckpt/ckpt-000000003/model.safetensors").exists());
+}

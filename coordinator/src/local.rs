@@ -27,10 +27,22 @@ fn spawn_worker(
     i: usize,
     url: &str,
     token: &str,
-    host: &str,
+    m: &Manifest,
 ) -> Result<Child, CoordinatorError> {
-    let mut child = Command::new(bin)
-        .args(["join", "--coordinator", url, "--bind", host])
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "join",
+        "--coordinator",
+        url,
+        "--bind",
+        &m.cluster.worker_host,
+    ]);
+    if let Some(tls) = &m.auth.tls {
+        cmd.arg("--tls-ca")
+            .arg(&tls.ca)
+            .args(["--tls-domain", tls.domain.as_deref().unwrap_or("localhost")]);
+    }
+    let mut child = cmd
         .env("SCFM_TOKEN", token)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -85,13 +97,7 @@ pub async fn run_local(
     eprintln!("coordinator on {url}; starting {workers} workers");
     let mut children = Vec::with_capacity(workers);
     for i in 0..workers {
-        children.push(spawn_worker(
-            &worker_bin,
-            i,
-            &url,
-            &token,
-            &manifest.cluster.worker_host,
-        )?);
+        children.push(spawn_worker(&worker_bin, i, &url, &token, &manifest)?);
     }
     // A worker that exits with an error fails the job (the others are stopped).
     let shared = coord.shared.clone();

@@ -54,6 +54,18 @@ fn status_err(what: &str, s: Status) -> WorkerError {
     WorkerError::Coordinator(format!("{what}: {} ({:?})", s.message(), s.code()))
 }
 
+/// An error with its sources, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 async fn connect(args: &JoinArgs, deadline: Instant) -> Result<Client> {
     let mut ep = Endpoint::from_shared(args.coordinator.clone())
         .map_err(|e| {
@@ -92,7 +104,8 @@ async fn connect(args: &JoinArgs, deadline: Instant) -> Result<Client> {
                 ));
             }
             Err(e) if Instant::now() + backoff < deadline => {
-                tracing::warn!(error = %e, url = %args.coordinator, "coordinator not reachable yet; retrying");
+                let chain = error_chain(&e);
+                tracing::warn!(error = %chain, url = %args.coordinator, "coordinator not reachable yet; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
