@@ -287,3 +287,105 @@ fn tls_cluster_trains() {
     assert!(err.contains("https://127.0.0.1:"), "{err}");
     assert!(d.join("ckpt/ckpt-000000003/model.safetensors").exists());
 }
+
+/// Preemption: SIGTERM to `scfm local` mid-run → every worker checkpoints at the same step
+/// boundary and the command exits 0; running the same manifest again resumes and ends with
+/// exactly the parameters of an uninterrupted run.
+#[test]
+fn sigterm_checkpoints_and_relaunch_matches_uninterrupted_run() {
+    let training = "  seed: 11\n  batch_size: 8\n  max_steps: 400\n  eval_every: 1000\n  threads: 1\n  log_every: 1";
+    let a = tempfile::tempdir().unwrap();
+    let ma = write_manifest(
+        a.path(),
+        &a.path().join("ckpt"),
+        TINY,
+        training,
+        "  max_workers: 2",
+    );
+    local(&ma, 2);
+
+    let b = tempfile::tempdir().unwrap();
+    let mb = write_manifest(
+        b.path(),
+        &b.path().join("ckpt"),
+        TINY,
+        training,
+        "  max_workers: 2",
+    );
+    let mut child = Command::new(bin("scfm"))
+        .arg("local")
+        .arg(&mb)
+        .args(["--workers", "2"])
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (step lines from the coordinator), then SIGTERM.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start = std::time::Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no output from scfm local");
+        let started = line.contains("scfm_coordinator::metrics: train step=20 ");
+        seen.push(line);
+        if started {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "scfm local did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    reader.join().unwrap();
+    seen.extend(rx.try_iter());
+    let log = seen.join("\n");
+    assert!(status.success(), "SIGTERM must end in exit 0:\n{log}");
+    assert!(log.contains("preempted at step"), "{log}");
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.path().join("ckpt/latest.json")).unwrap()).unwrap();
+    let stopped = latest["step"].as_u64().unwrap();
+    assert!((20..400).contains(&stopped), "checkpoint at step {stopped}");
+
+    // Relaunch: resumes from the checkpoint and finishes.
+    let log = local(&mb, 2);
+    assert!(
+        log.contains(&format!(
+            "resuming from the latest checkpoint step={stopped}"
+        )),
+        "{log}"
+    );
+    let fa = std::fs::read(a.path().join("ckpt/ckpt-000000400/model.safetensors")).unwrap();
+    let fb = std::fs::read(b.path().join("ckpt/ckpt-000000400/model.safetensors")).unwrap();
+    assert!(
+        fa == fb,
+        "resumed run ended with other parameters than the uninterrupted one"
+    );
+}

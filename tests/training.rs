@@ -193,3 +193,69 @@ fn bad_config_is_rejected_before_any_work() {
         "nothing may be written for a bad config"
     );
 }
+
+/// SIGTERM to a single-process run: checkpoint at the next step, exit 0; `--resume`
+/// continues and ends bit-identical to an uninterrupted run.
+#[test]
+fn sigterm_checkpoints_and_resume_matches() {
+    let training = "  seed: 2\n  batch_size: 8\n  max_steps: 300\n  eval_every: 1000\n  threads: 1";
+    let model = "  preset: minimal\n  hidden: 32\n  n_layers: 1\n  ffn_dim: 64\n  max_seq_len: 64";
+    let a = tempfile::tempdir().unwrap();
+    train(
+        &write_config(a.path(), &a.path().join("ckpt"), model, training),
+        &[],
+    );
+    let b = tempfile::tempdir().unwrap();
+    let cfg = write_config(b.path(), &b.path().join("ckpt"), model, training);
+    let mut child = Command::new(bin("scfm-worker"))
+        .args(["train", "--json", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no step output");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["event"] == "step" && v["step"].as_u64().is_some_and(|s| s >= 10) {
+            break;
+        }
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    assert!(status.success(), "SIGTERM must end in exit 0");
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.path().join("ckpt/latest.json")).unwrap()).unwrap();
+    let stopped = latest["step"].as_u64().unwrap();
+    assert!((10..300).contains(&stopped), "checkpoint at step {stopped}");
+    train(&cfg, &["--resume"]);
+    let fa = std::fs::read(a.path().join("ckpt/ckpt-000000300/model.safetensors")).unwrap();
+    let fb = std::fs::read(b.path().join("ckpt/ckpt-000000300/model.safetensors")).unwrap();
+    assert!(fa == fb, "resumed run ended with other parameters");
+}

@@ -42,6 +42,13 @@ pub struct ClusterConfig {
     /// Check that all workers hold identical parameters every this many steps.
     #[serde(default = "default_checksum_every")]
     pub checksum_every: u64,
+    /// After SIGTERM, how long workers get to checkpoint and stop before the job fails.
+    #[serde(default = "default_grace")]
+    pub preempt_grace_s: u64,
+}
+
+fn default_grace() -> u64 {
+    120
 }
 
 fn one() -> usize {

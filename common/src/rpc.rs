@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use crate::error::{Error, Result};
 
 /// Version of the coordinator/worker protocol; checked on every register and heartbeat.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";

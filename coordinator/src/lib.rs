@@ -22,6 +22,36 @@ pub use error::CoordinatorError;
 use server::{Service, Shared};
 use state::Phase;
 
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Last step any worker reported.
+    pub step: u64,
+    /// Whether it stopped on a preemption (relaunch the same manifest to resume).
+    pub preempted: bool,
+}
+
+/// Asks the job to checkpoint and stop when this process gets SIGTERM or SIGINT.
+pub fn preempt_on_signals(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                r = tokio::signal::ctrl_c() => if r.is_err() { return },
+            }
+            shared.preempt();
+        }
+    });
+}
+
 /// A running coordinator.
 pub struct Coordinator {
     /// The address it listens on.
@@ -138,8 +168,9 @@ impl Coordinator {
         })
     }
 
-    /// Waits for the job to end; flushes metrics; `Ok` when every worker succeeded.
-    pub async fn wait(self) -> Result<u64, CoordinatorError> {
+    /// Waits for the job to end; flushes metrics; `Ok` when every worker succeeded (or
+    /// checkpointed and stopped on a preemption).
+    pub async fn wait(self) -> Result<Finished, CoordinatorError> {
         let mut rx = self.shared.changed.subscribe();
         let mut flush = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -159,7 +190,10 @@ impl Coordinator {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
         let phase = self.shared.lock().phase.clone();
         match phase {
-            Phase::Done => Ok(self.shared.metrics.last_step()),
+            Phase::Done => Ok(Finished {
+                step: self.shared.metrics.last_step(),
+                preempted: self.shared.lock().preempted,
+            }),
             Phase::Failed(why) => Err(CoordinatorError::JobFailed(why)),
             other => Err(CoordinatorError::JobFailed(format!(
                 "ended in phase {other:?}"

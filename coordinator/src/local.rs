@@ -74,7 +74,7 @@ pub async fn run_local(
     mut manifest: Manifest,
     workers: usize,
     worker_bin: PathBuf,
-) -> Result<u64, CoordinatorError> {
+) -> Result<crate::Finished, CoordinatorError> {
     manifest.cluster.max_workers = workers;
     manifest.cluster.min_workers = manifest.cluster.min_workers.min(workers);
     manifest.cluster.coordinator = "127.0.0.1:0".into();
@@ -88,6 +88,7 @@ pub async fn run_local(
     };
     manifest.validate()?;
     let coord = Coordinator::start(&manifest).await?;
+    crate::preempt_on_signals(coord.shared.clone());
     let scheme = if manifest.auth.tls.is_some() {
         "https"
     } else {

@@ -73,6 +73,20 @@ fn worker_binary() -> PathBuf {
     Path::new(name).to_path_buf()
 }
 
+fn report(m: &Manifest, fin: scfm_coordinator::Finished) {
+    if fin.preempted {
+        eprintln!(
+            "job {} preempted at step {}: checkpoint saved in {}; run the same manifest again to resume",
+            m.run_id, fin.step, m.checkpoint.url
+        );
+    } else {
+        eprintln!(
+            "job {} finished at step {}; checkpoints and metrics.jsonl in {}",
+            m.run_id, fin.step, m.checkpoint.url
+        );
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -103,12 +117,13 @@ fn main() -> Result<()> {
         Cmd::Launch { manifest } => {
             let m = Manifest::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;
-            let step = runtime()?.block_on(async {
+            let fin = runtime()?.block_on(async {
                 let c = Coordinator::start(&m).await?;
+                scfm_coordinator::preempt_on_signals(c.shared.clone());
                 println!("coordinator listening on {}", c.addr);
                 c.wait().await
             })?;
-            eprintln!("job {} finished at step {step}", m.run_id);
+            report(&m, fin);
         }
         Cmd::Local { manifest, workers } => {
             if workers == 0 {
@@ -116,15 +131,12 @@ fn main() -> Result<()> {
             }
             let m = Manifest::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;
-            let step = runtime()?.block_on(scfm_coordinator::local::run_local(
+            let fin = runtime()?.block_on(scfm_coordinator::local::run_local(
                 m.clone(),
                 workers,
                 worker_binary(),
             ))?;
-            eprintln!(
-                "job {} finished at step {step} with {workers} workers; checkpoints and metrics.jsonl in {}",
-                m.run_id, m.checkpoint.url
-            );
+            report(&m, fin);
         }
         Cmd::Validate { manifest } => {
             let m = Manifest::load(&manifest)

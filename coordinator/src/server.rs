@@ -33,6 +33,8 @@ pub struct Shared {
     pub resume: (u64, u64, u64),
     /// Metrics aggregation.
     pub metrics: MetricsSink,
+    /// How long workers get to checkpoint and stop after a preemption.
+    pub preempt_grace: Duration,
 }
 
 impl Shared {
@@ -53,7 +55,24 @@ impl Shared {
             heartbeat_ms: c.heartbeat_ms,
             resume,
             metrics,
+            preempt_grace: Duration::from_secs(c.preempt_grace_s),
         })
+    }
+
+    /// Asks every worker to checkpoint at the next step boundary and stop (SIGTERM).
+    pub fn preempt(&self) {
+        {
+            let mut s = self.lock();
+            if s.is_over() || s.preempt_at.is_some() {
+                return;
+            }
+            s.preempt_at = Some(Instant::now());
+            if s.phase == Phase::Joining {
+                s.fail("preempted before training started".into());
+            }
+        }
+        tracing::warn!("preemption requested: workers checkpoint at the next step and stop");
+        self.notify();
     }
 
     fn notify(&self) {
@@ -166,6 +185,8 @@ impl pb::coordinator_server::Coordinator for Service {
         }
         let order = if s.is_over() {
             pb::Order::Stop
+        } else if s.preempt_at.is_some() {
+            pb::Order::Preempt
         } else if r.generation != 0 && r.generation < s.generation {
             pb::Order::Reform
         } else {
@@ -251,6 +272,9 @@ impl pb::coordinator_server::Coordinator for Service {
                 ));
             } else {
                 tracing::info!(worker = %r.worker_id, step = r.step, "worker finished");
+                if r.preempted {
+                    s.preempted = true;
+                }
                 s.done(&r.worker_id);
             }
         }
@@ -277,6 +301,17 @@ pub async fn watchdog(shared: Arc<Shared>) {
                     workers = s.members.len(),
                     "training starts"
                 );
+                changed = true;
+            }
+            if s.preempt_at
+                .is_some_and(|t| now.duration_since(t) > shared.preempt_grace)
+            {
+                let why = format!(
+                    "workers did not checkpoint and stop within the preemption grace period ({} s)",
+                    shared.preempt_grace.as_secs()
+                );
+                tracing::error!("{why}");
+                s.fail(why);
                 changed = true;
             }
             if let Some(dead) = s.dead_workers(now).first() {

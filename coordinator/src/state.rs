@@ -59,6 +59,10 @@ pub struct JobState {
     pub join_timeout: Duration,
     /// Silence after which a worker is dead.
     pub worker_timeout: Duration,
+    /// When a preemption was requested (workers checkpoint at the next step and stop).
+    pub preempt_at: Option<Instant>,
+    /// Whether the job ended on a preemption (every worker checkpointed and stopped).
+    pub preempted: bool,
     next_id: u64,
 }
 
@@ -87,6 +91,8 @@ impl JobState {
             first_join: None,
             join_timeout,
             worker_timeout,
+            preempt_at: None,
+            preempted: false,
             next_id: 0,
         }
     }

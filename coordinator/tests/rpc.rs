@@ -147,6 +147,7 @@ async fn tokens_versions_and_capacity_are_enforced() {
         checkpoint: String::new(),
         failed: false,
         error: String::new(),
+        preempted: false,
     };
     tokio::time::timeout(
         T,

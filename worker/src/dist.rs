@@ -226,6 +226,14 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
                         tracing::error!("the coordinator ended the job; stopping");
                         std::process::exit(3);
                     }
+                    Ok(Ok(r)) if r.get_ref().order == pb::Order::Preempt as i32 => {
+                        if !crate::preempt::requested() {
+                            tracing::warn!(
+                                "the coordinator asks to checkpoint and stop (preemption)"
+                            );
+                        }
+                        crate::preempt::request();
+                    }
                     Ok(Ok(_)) => {}
                     Ok(Err(s)) => tracing::warn!(error = %s.message(), "heartbeat refused"),
                     Err(_) => tracing::warn!("heartbeat timed out"),
@@ -311,6 +319,7 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             checkpoint: s.checkpoint.clone(),
             failed: false,
             error: String::new(),
+            preempted: s.preempted,
         },
         Err(e) => pb::DoneRequest {
             worker_id: id.clone(),
@@ -318,6 +327,7 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             checkpoint: String::new(),
             failed: true,
             error: e.to_string(),
+            preempted: false,
         },
     };
     let reported = rt.block_on(async {

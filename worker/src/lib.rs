@@ -9,6 +9,7 @@ pub mod error;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod preempt;
 pub mod step;
 pub mod trainer;
 

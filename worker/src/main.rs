@@ -119,6 +119,7 @@ fn main() -> Result<()> {
         } => {
             let spec = TrainSpec::load(&config)
                 .with_context(|| format!("loading {}", config.display()))?;
+            scfm_worker::preempt::install_signal_handlers()?;
             let opts = RunOptions {
                 resume,
                 stop_after,
@@ -129,6 +130,12 @@ fn main() -> Result<()> {
             let s = serde_json::to_value(&summary)?;
             if json {
                 println!("{}", serde_json::json!({"event": "done", "summary": s}));
+            }
+            if summary.preempted {
+                eprintln!(
+                    "preempted at step {}: checkpoint saved; run again with --resume to continue",
+                    summary.steps
+                );
             }
             eprintln!(
                 "done: {} steps ({} in this run) in {:.1} s; MGEM loss {:.4} -> {:.4}; best validation loss {}; data wait {:.1}%; checkpoints in {}",
@@ -149,6 +156,7 @@ fn main() -> Result<()> {
             tls_ca,
             tls_domain,
         } => {
+            scfm_worker::preempt::install_signal_handlers()?;
             let args = scfm_worker::dist::JoinArgs {
                 coordinator,
                 token,

@@ -31,6 +31,8 @@ pub struct StepLosses {
     pub mgem: f64,
     /// NT-Xent over the global batch.
     pub contrastive: f64,
+    /// Some worker was asked to stop (preemption): every worker stops after this step.
+    pub stop: bool,
 }
 
 /// Forward and backward over one step's micro-batches, gradients accumulated (each loss
@@ -51,7 +53,14 @@ pub fn forward_backward(
         .iter()
         .map(|x| x.masked.sum(Kind::Int64).int64_value(&[]) as f64)
         .collect();
+    // The last entry carries this worker's stop request, so all agree on it.
+    counts.push(if crate::preempt::requested() {
+        1.0
+    } else {
+        0.0
+    });
     coll.all_reduce_sum_f64(&mut counts)?;
+    let stop = counts.pop().is_some_and(|s| s > 0.0);
     let mut mgem_sums = Vec::with_capacity(micro.len());
     let mut con_total = 0.0;
     for (i, x) in micro.iter().enumerate() {
@@ -93,6 +102,7 @@ pub fn forward_backward(
         total: cfg.w_mgem * mgem + cfg.w_contrastive * con_total,
         mgem,
         contrastive: con_total,
+        stop,
     })
 }
 

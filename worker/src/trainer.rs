@@ -44,6 +44,9 @@ pub struct RunOptions {
 pub struct StepStats {
     /// Step number (1-based, after the update).
     pub step: u64,
+    /// The workers agreed to stop after this step (preemption).
+    #[serde(skip)]
+    pub stop: bool,
     /// Weighted total loss (mean over micro-batches).
     pub loss: f64,
     /// MGEM loss.
@@ -351,6 +354,7 @@ impl Trainer {
             compute_s,
             allreduce_s,
             cells_per_s: cells as f64 / compute_s,
+            stop: l.stop,
         })
     }
 
@@ -463,6 +467,7 @@ impl Trainer {
         );
         let (mut first_mgem, mut last_mgem, mut wait_total, mut time_total) = (None, 0.0, 0.0, 0.0);
         let mut stopped_early = false;
+        let mut preempted = false;
         let run_start = Instant::now();
         while self.state.step < self.total_steps {
             if opts
@@ -558,7 +563,8 @@ impl Trainer {
                     );
                 }
             }
-            if do_save || stopped_early {
+            let stop = s.stop && !last;
+            if do_save || stopped_early || stop {
                 self.save()?;
             }
             if let Some(tx) = &self.ctx.reporter {
@@ -572,10 +578,22 @@ impl Trainer {
             if stopped_early {
                 break;
             }
+            if stop {
+                tracing::info!(
+                    step = self.state.step,
+                    "preempted: checkpoint saved, stopping"
+                );
+                preempted = true;
+                break;
+            }
         }
         // Every worker must end with the same parameters.
         check_params_identical(&self.params, self.ctx.collective.as_mut(), self.state.step)?;
-        if opts.stop_after.is_some() && self.state.step < self.total_steps && !stopped_early {
+        if opts.stop_after.is_some()
+            && self.state.step < self.total_steps
+            && !stopped_early
+            && !preempted
+        {
             self.save()?;
         }
         bar.finish_and_clear();
@@ -586,6 +604,7 @@ impl Trainer {
             last_mgem,
             best_val: self.state.best_val,
             stopped_early,
+            preempted,
             data_wait_fraction: if time_total > 0.0 {
                 wait_total / time_total
             } else {
@@ -614,6 +633,8 @@ pub struct RunSummary {
     pub best_val: Option<f64>,
     /// Whether early stopping ended the run.
     pub stopped_early: bool,
+    /// Whether a preemption ended the run (after a checkpoint; relaunch to resume).
+    pub preempted: bool,
     /// Fraction of wall time spent waiting for data.
     pub data_wait_fraction: f64,
     /// Wall seconds of the loop.
