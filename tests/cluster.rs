@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use scfm_tests::{bin, dataset, run_with_timeout};
+use scfm_tests::{bin, dataset, lines, run_with_timeout, sigterm, wait_exit};
 
 fn write_manifest(
     dir: &Path,
@@ -192,11 +192,11 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
         .spawn()
         .unwrap();
     // The coordinator prints its address on stdout.
-    let mut out = std::io::BufReader::new(coord.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let (out, _reader) = lines(coord.stdout.take().unwrap());
+    let line = out
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the coordinator printed no address");
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    let _ = m;
     // No token configured: workers join without one.
     let spawn = || {
         Command::new(bin("scfm-worker"))
@@ -213,17 +213,11 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
     std::thread::sleep(Duration::from_secs(8));
     w1.kill().unwrap();
     let _ = w1.wait();
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = w0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "surviving worker hung after its peer died"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_exit(
+        &mut w0,
+        Duration::from_secs(60),
+        "surviving worker after its peer died",
+    );
     assert!(
         !status.success(),
         "the survivor must fail, not hang or succeed"
@@ -236,16 +230,11 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
         err.contains("with rank") || err.contains("coordinator ended the job"),
         "{err}"
     );
-    let cstatus = loop {
-        if let Some(s) = coord.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "coordinator hung"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let cstatus = wait_exit(
+        &mut coord,
+        Duration::from_secs(60),
+        "coordinator after a worker died",
+    );
     assert!(!cstatus.success());
     let mut cerr = String::new();
     std::io::Read::read_to_string(&mut coord.stderr.take().unwrap(), &mut cerr).unwrap();
@@ -322,13 +311,7 @@ fn sigterm_checkpoints_and_relaunch_matches_uninterrupted_run() {
         .spawn()
         .unwrap();
     // Wait until training is under way (step lines from the coordinator), then SIGTERM.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (rx, reader) = lines(child.stderr.take().unwrap());
     let start = std::time::Instant::now();
     let mut seen = Vec::new();
     loop {
@@ -345,25 +328,12 @@ fn sigterm_checkpoints_and_relaunch_matches_uninterrupted_run() {
             "training did not start"
         );
     }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
+    sigterm(&child);
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(60),
+        "scfm local after SIGTERM",
     );
-    let t = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "scfm local did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
     reader.join().unwrap();
     seen.extend(rx.try_iter());
     let log = seen.join("\n");

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use scfm_tests::{bin, dataset, json_lines, run_with_timeout};
+use scfm_tests::{bin, dataset, json_lines, lines, run_with_timeout, sigterm, wait_exit};
 
 fn write_config(dir: &Path, ckpt: &Path, model: &str, training: &str) -> std::path::PathBuf {
     let cfg = format!(
@@ -214,13 +214,7 @@ fn sigterm_checkpoints_and_resume_matches() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (rx, reader) = lines(child.stdout.take().unwrap());
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
@@ -230,24 +224,12 @@ fn sigterm_checkpoints_and_resume_matches() {
             break;
         }
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
+    sigterm(&child);
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(60),
+        "training after SIGTERM",
     );
-    let t = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
     reader.join().unwrap();
     assert!(status.success(), "SIGTERM must end in exit 0");
     let latest: serde_json::Value =

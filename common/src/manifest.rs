@@ -169,13 +169,7 @@ impl Manifest {
 
     /// Makes data, checkpoint and TLS paths absolute against `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
-        let abs = |p: &Path| {
-            if p.is_relative() {
-                base.join(p)
-            } else {
-                p.to_path_buf()
-            }
-        };
+        let abs = |p: &Path| crate::config::lexical_join(base, p);
         self.data.path = abs(&self.data.path);
         if !self.checkpoint.url.contains("://") {
             self.checkpoint.url = abs(Path::new(&self.checkpoint.url))

@@ -547,13 +547,15 @@ impl Trainer {
                 if opts.json {
                     println!("{ev}");
                 }
-                tracing::info!(
-                    step = self.state.step,
-                    val_loss = val,
-                    val_mgem = vm,
-                    val_contrastive = vc,
-                    "eval"
-                );
+                if self.ctx.collective.rank() == 0 {
+                    tracing::info!(
+                        step = self.state.step,
+                        val_loss = val,
+                        val_mgem = vm,
+                        val_contrastive = vc,
+                        "eval"
+                    );
+                }
                 self.metrics.push(ev.to_string());
                 if stopped_early {
                     tracing::info!(

@@ -14,6 +14,30 @@ pub use training::{Augment, Device, Precision, Schedule, TrainingConfig};
 use crate::data::h5ad::MatrixSource;
 use crate::error::{Error, Result};
 
+/// `base.join(p)` for a relative `p` (else `p`), with `.` and `..` folded lexically, so
+/// that `configs/../data/x` is reported as `data/x`.
+pub fn lexical_join(base: &Path, p: &Path) -> PathBuf {
+    use std::path::Component;
+    let joined = if p.is_relative() {
+        base.join(p)
+    } else {
+        p.to_path_buf()
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 /// Where the training cells come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,11 +130,13 @@ impl TrainSpec {
     /// Resolves and validates a parsed file; relative data paths are taken from `base`.
     pub fn from_file(mut file: TrainFile, base: &Path) -> Result<Self> {
         if file.data.path.is_relative() {
-            file.data.path = base.join(&file.data.path);
+            file.data.path = lexical_join(base, &file.data.path);
         }
         let url = &file.checkpoint.url;
         if !url.contains("://") && Path::new(url).is_relative() {
-            file.checkpoint.url = base.join(url).to_string_lossy().into_owned();
+            file.checkpoint.url = lexical_join(base, Path::new(url))
+                .to_string_lossy()
+                .into_owned();
         }
         let model = ModelConfig::from_spec(&file.model)?;
         model.validate()?;
@@ -161,6 +187,14 @@ mod tests {
         let s = parse(ok).unwrap();
         assert_eq!(s.data.path, PathBuf::from("/base/d.h5ad"));
         assert_eq!(s.checkpoint.url, "/base/runs/x");
+        assert_eq!(
+            lexical_join(Path::new("/a/configs"), Path::new("../data/./x")),
+            PathBuf::from("/a/data/x")
+        );
+        assert_eq!(
+            lexical_join(Path::new("/a"), Path::new("/abs/y")),
+            PathBuf::from("/abs/y")
+        );
         assert_eq!(s.model.n_layers, 1);
         let e = parse("data: {path: d.h5ad, bogus: 1}\ncheckpoint: {url: x}\n")
             .unwrap_err()
