@@ -10,6 +10,8 @@ pub mod rng;
 pub mod rpc;
 pub mod storage;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -2,16 +2,12 @@
 //! data and on files written into a temporary directory by `common/tests/h5ad/reference.py`
 //! (with anndata, or with h5py by hand for the pre-0.7 layout).
 
-use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
 use super::*;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use crate::testutil::{read_bin, repo_root, run_script, same};
 
 /// One file and what to read from it.
 struct Case {
@@ -31,9 +27,6 @@ fn case(file: PathBuf, source: MatrixSource, label: Option<&'static str>) -> Cas
 /// Runs the reference script: writes the `make` kinds of test files into `dir`, then dumps
 /// what anndata reads for each case into `dir/ref<i>`.
 fn reference(dir: &Path, make: &[&str], cases: &[Case]) {
-    let python = std::env::var("SCFM_PYTHON").unwrap_or_else(|_| {
-        panic!("SCFM_PYTHON is not set: it names the Python with anndata (set by .cargo/config.toml, written by scripts/setup.sh)")
-    });
     let dump: Vec<Value> = cases
         .iter()
         .enumerate()
@@ -52,36 +45,7 @@ fn reference(dir: &Path, make: &[&str], cases: &[Case]) {
         json!({"dir": dir, "make": make, "dump": dump}).to_string(),
     )
     .unwrap();
-    let script = repo_root().join("common/tests/h5ad/reference.py");
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(&spec)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python} (SCFM_PYTHON): {e}"));
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn read_bin<T, const N: usize>(path: &Path, from: fn([u8; N]) -> T) -> Vec<T> {
-    let bytes = std::fs::read(path).unwrap();
-    bytes
-        .chunks_exact(N)
-        .map(|c| from(c.try_into().unwrap()))
-        .collect()
-}
-
-fn same<T: PartialEq + Debug>(what: &str, name: &str, got: &[T], want: &[T]) {
-    assert_eq!(got.len(), want.len(), "{what}: length of {name}");
-    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
-        panic!(
-            "{what}: {name}[{i}] = {:?}, anndata has {:?}",
-            got[i], want[i]
-        );
-    }
+    run_script("common/tests/h5ad/reference.py", &spec);
 }
 
 /// Reads case `c` and compares everything with anndata's dump in `out`.

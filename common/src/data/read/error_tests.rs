@@ -3,10 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use crate::testutil::repo_root;
 
 /// The error of reading `path` with `opts`, checked to name the file (its last component).
 fn err(path: &Path, opts: &ReadOptions) -> String {

@@ -4,16 +4,12 @@
 //! bad inputs. Built with `cfg(test)`, so HDF5 data is read in blocks of 1,000 values and
 //! loom matrices in blocks of 64 cells.
 
-use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
 use super::*;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use crate::testutil::{read_bin, repo_root, run_script, same};
 
 /// scanpy's 10x test data (CellRanger 1.2.0 and 3.0.0 outputs).
 fn tenx_data(rel: &str) -> PathBuf {
@@ -42,9 +38,6 @@ fn case(file: PathBuf, format: InputFormat, opts: ReadOptions, py: Value) -> Cas
 /// Runs the reference script: with `make`, writes the test files into `dir`; then dumps
 /// what scanpy reads for each case into `dir/ref<i>`.
 fn reference(dir: &Path, make: bool, cases: &[Case]) {
-    let python = std::env::var("SCFM_PYTHON").unwrap_or_else(|_| {
-        panic!("SCFM_PYTHON is not set: it names the Python with scanpy and loompy (set by .cargo/config.toml, written by scripts/setup.sh)")
-    });
     let dump: Vec<Value> = cases
         .iter()
         .enumerate()
@@ -58,36 +51,7 @@ fn reference(dir: &Path, make: bool, cases: &[Case]) {
     let spec = dir.join("spec.json");
     let spec_json = json!({"dir": dir, "repo": repo_root(), "make": make, "dump": dump});
     std::fs::write(&spec, spec_json.to_string()).unwrap();
-    let script = repo_root().join("common/tests/readers/reference.py");
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(&spec)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python} (SCFM_PYTHON): {e}"));
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn read_bin<T, const N: usize>(path: &Path, from: fn([u8; N]) -> T) -> Vec<T> {
-    let bytes = std::fs::read(path).unwrap();
-    bytes
-        .chunks_exact(N)
-        .map(|c| from(c.try_into().unwrap()))
-        .collect()
-}
-
-fn same<T: PartialEq + Debug>(what: &str, name: &str, got: &[T], want: &[T]) {
-    assert_eq!(got.len(), want.len(), "{what}: length of {name}");
-    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
-        panic!(
-            "{what}: {name}[{i}] = {:?}, scanpy has {:?}",
-            got[i], want[i]
-        );
-    }
+    run_script("common/tests/readers/reference.py", &spec);
 }
 
 /// Reads case `c` with [`read_any`] and compares everything with scanpy's dump in `out`.
