@@ -225,9 +225,11 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut w0.stderr.take().unwrap(), &mut err).unwrap();
     // Either the ring notices first (naming the dead rank) or the coordinator's heartbeat
-    // watchdog does and stops the job.
+    // watchdog does and stops the job (on a slow machine, possibly before the ring formed).
     assert!(
-        err.contains("with rank") || err.contains("coordinator ended the job"),
+        err.contains("with rank")
+            || err.contains("coordinator ended the job")
+            || err.contains("job failed"),
         "{err}"
     );
     let cstatus = wait_exit(
