@@ -361,3 +361,24 @@ fn sigterm_checkpoints_and_relaunch_matches_uninterrupted_run() {
         "resumed run ended with other parameters than the uninterrupted one"
     );
 }
+
+/// A coordinator whose workers never come fails after the join timeout instead of waiting
+/// forever.
+#[test]
+fn launch_without_workers_fails_after_join_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write_manifest(
+        dir.path(),
+        &dir.path().join("ckpt"),
+        TINY,
+        "  batch_size: 8",
+        "  min_workers: 2\n  max_workers: 2\n  join_timeout_s: 1",
+    );
+    let out = run_with_timeout(
+        Command::new(bin("scfm")).arg("launch").arg(&m).env("RUST_BACKTRACE", "0"),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only 0 of the 2 required workers joined within 1 s"), "{err}");
+}

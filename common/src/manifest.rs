@@ -33,7 +33,9 @@ pub struct ClusterConfig {
     /// A worker silent for this long is declared dead.
     #[serde(default = "default_worker_timeout")]
     pub worker_timeout_s: u64,
-    /// How long to wait for `max_workers` before starting with `min_workers`.
+    /// How long to wait for `max_workers` before starting with `min_workers` (counted
+    /// from the first join); the job fails when fewer than `min_workers` joined this long
+    /// after the coordinator started.
     #[serde(default = "default_join_timeout")]
     pub join_timeout_s: u64,
     /// Deadline of every collective receive between workers.

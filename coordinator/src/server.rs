@@ -303,6 +303,11 @@ pub async fn watchdog(shared: Arc<Shared>) {
                 );
                 changed = true;
             }
+            if let Some(why) = s.join_expired(now) {
+                tracing::error!("{why}");
+                s.fail(why);
+                changed = true;
+            }
             if s.preempt_at
                 .is_some_and(|t| now.duration_since(t) > shared.preempt_grace)
             {

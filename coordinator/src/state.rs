@@ -55,6 +55,8 @@ pub struct JobState {
     pub max_workers: usize,
     /// When the first worker joined.
     pub first_join: Option<Instant>,
+    /// When the coordinator started waiting for workers.
+    pub created: Instant,
     /// How long to wait for `max_workers`.
     pub join_timeout: Duration,
     /// Silence after which a worker is dead.
@@ -89,6 +91,7 @@ impl JobState {
             min_workers: min,
             max_workers: max,
             first_join: None,
+            created: Instant::now(),
             join_timeout,
             worker_timeout,
             preempt_at: None,
@@ -169,6 +172,22 @@ impl JobState {
         a.rank = rank;
         a.finished = matches!(self.phase, Phase::Done);
         Some(a)
+    }
+
+    /// Why the job must fail for lack of workers: fewer than `min_workers` joined within
+    /// `join_timeout` of the coordinator starting.
+    pub fn join_expired(&self, now: Instant) -> Option<String> {
+        (self.phase == Phase::Joining
+            && self.workers.len() < self.min_workers
+            && now.duration_since(self.created) > self.join_timeout)
+            .then(|| {
+                format!(
+                    "only {} of the {} required workers joined within {} s",
+                    self.workers.len(),
+                    self.min_workers,
+                    self.join_timeout.as_secs()
+                )
+            })
     }
 
     /// Records a heartbeat; false when the worker is unknown.
@@ -265,6 +284,13 @@ mod tests {
         assert_eq!(s.dead_workers(later), vec![a.clone()]);
         s.heartbeat(&a, 3, later);
         assert!(s.dead_workers(later).is_empty());
+        let mut lonely = JobState::new(2, 2, Duration::from_millis(10), Duration::from_secs(1));
+        lonely.register(addr(9), "h".into(), "cpu".into()).unwrap();
+        assert_eq!(lonely.join_expired(Instant::now()), None);
+        assert_eq!(
+            lonely.join_expired(later).as_deref(),
+            Some("only 1 of the 2 required workers joined within 0 s")
+        );
         s.fail("x".into());
         s.fail("y".into());
         assert_eq!(s.phase, Phase::Failed("x".into()));
