@@ -375,10 +375,16 @@ fn launch_without_workers_fails_after_join_timeout() {
         "  min_workers: 2\n  max_workers: 2\n  join_timeout_s: 1",
     );
     let out = run_with_timeout(
-        Command::new(bin("scfm")).arg("launch").arg(&m).env("RUST_BACKTRACE", "0"),
+        Command::new(bin("scfm"))
+            .arg("launch")
+            .arg(&m)
+            .env("RUST_BACKTRACE", "0"),
         Duration::from_secs(30),
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("only 0 of the 2 required workers joined within 1 s"), "{err}");
+    assert!(
+        err.contains("only 0 of the 2 required workers joined within 1 s"),
+        "{err}"
+    );
 }
