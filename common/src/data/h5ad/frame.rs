@@ -49,6 +49,15 @@ pub(super) fn labels(file: &Group, frame: &str, col: &str, n: usize) -> R<Vec<St
     Ok(labels)
 }
 
+/// Whether dataframe `frame` has a column `col`.
+pub(super) fn has_column(file: &Group, frame: &str, col: &str) -> R<bool> {
+    Ok(match open_elem(file, frame)? {
+        None => false,
+        Some(Elem::Group(g)) => g.link_exists(col),
+        Some(Elem::Dataset(ds)) => record_fields(&ds, frame)?.iter().any(|f| f == col),
+    })
+}
+
 /// Field names of compound dataset `ds` (dataframe `frame`), in stored order.
 fn record_fields(ds: &Dataset, frame: &str) -> R<Vec<String>> {
     match Src::dataset(ds).field_names()? {

@@ -8,7 +8,9 @@
 //! per-cell labels.
 
 mod frame;
+pub mod rows;
 pub(crate) mod typed;
+pub mod write;
 
 #[cfg(test)]
 mod tests;

@@ -107,6 +107,8 @@ pub(crate) struct Src<'a> {
     field: Option<&'a str>,
     /// Whether block-wise reading is possible (plain 1-D datasets).
     blocks: bool,
+    /// Only the elements `a..b` of a 1-D dataset (see [`Src::slice`]).
+    range: Option<(usize, usize)>,
     /// Name for messages.
     pub name: String,
 }
@@ -119,6 +121,7 @@ impl<'a> Src<'a> {
             c: ds,
             field: None,
             blocks,
+            range: None,
             name: format!("`{}`", display_name(ds)),
         }
     }
@@ -130,6 +133,7 @@ impl<'a> Src<'a> {
             c: ds,
             field: Some(field),
             blocks: false,
+            range: None,
             name,
         }
     }
@@ -141,13 +145,30 @@ impl<'a> Src<'a> {
             c: attr,
             field: None,
             blocks: false,
+            range: None,
             name,
         }
     }
 
-    /// Number of values.
+    /// Elements `a..b` only (a 1-D dataset; `a <= b <= len`).
+    pub fn slice(mut self, a: usize, b: usize) -> R<Self> {
+        let n = self.c.size();
+        if !self.blocks || a > b || b > n {
+            return bad(format!(
+                "cannot read elements {a}..{b} of {} ({n} values)",
+                self.name
+            ));
+        }
+        self.range = Some((a, b));
+        Ok(self)
+    }
+
+    /// Number of values (of the slice, for a slice).
     pub fn len(&self) -> usize {
-        self.c.size()
+        match self.range {
+            Some((a, b)) => b - a,
+            None => self.c.size(),
+        }
     }
 
     /// The stored type of the values (of the field, for a field).
@@ -194,6 +215,14 @@ impl<'a> Src<'a> {
         if self.len() == 0 {
             return Ok(Vec::new());
         }
+        if let Some((a, b)) = self.range {
+            return Ok(self
+                .c
+                .read_slice_1d::<T, _>(a..b)
+                .at(&self.name)?
+                .into_raw_vec_and_offset()
+                .0);
+        }
         let Some(field) = self.field else {
             return self.c.read_raw::<T>().at(&self.name);
         };
@@ -208,11 +237,12 @@ impl<'a> Src<'a> {
         if !self.blocks || n <= BLOCK {
             return self.read_vec::<S>()?.into_iter().map(f).collect();
         }
+        let base = self.range.map_or(0, |r| r.0);
         let mut out = Vec::with_capacity(n);
         for a in (0..n).step_by(BLOCK) {
             let block = self
                 .c
-                .read_slice_1d::<S, _>(a..(a + BLOCK).min(n))
+                .read_slice_1d::<S, _>(base + a..base + (a + BLOCK).min(n))
                 .at(&self.name)?;
             for &v in block.iter() {
                 out.push(f(v)?);
