@@ -172,7 +172,9 @@ impl Manifest {
     /// Makes data, checkpoint and TLS paths absolute against `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
         let abs = |p: &Path| crate::config::lexical_join(base, p);
-        self.data.path = abs(&self.data.path);
+        if !crate::config::is_url(&self.data.path) {
+            self.data.path = abs(&self.data.path);
+        }
         if !self.checkpoint.url.contains("://") {
             self.checkpoint.url = abs(Path::new(&self.checkpoint.url))
                 .to_string_lossy()
@@ -232,12 +234,10 @@ impl Manifest {
         }
         let url = self.data.path.to_string_lossy();
         if url.contains("://") {
-            return Err(Error::config(
-                "data.path",
-                format!("`{url}`: remote datasets are not supported yet; give a local .h5ad path"),
-            ));
-        }
-        if !self.data.path.is_file() {
+            if let Err(e) = crate::storage::Store::check_url(&url) {
+                return Err(Error::config("data.path", e.to_string()));
+            }
+        } else if !self.data.path.exists() {
             return Err(Error::config(
                 "data.path",
                 format!("dataset `{url}` does not exist"),

@@ -22,6 +22,8 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: ObjPath,
     url: String,
+    /// The directory behind a local store.
+    local: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -47,13 +49,8 @@ impl Store {
             Some(std::path::PathBuf::from(url))
         };
         let Some(path) = local else {
-            let scheme = url.split("://").next().unwrap_or("");
-            return Err(Error::config(
-                "url",
-                format!(
-                    "`{url}`: object-store scheme `{scheme}://` is not supported by this build (local paths and file:// are)"
-                ),
-            ));
+            Self::check_url(url)?;
+            unreachable!("check_url refuses every non-local URL");
         };
         std::fs::create_dir_all(&path).map_err(|source| Error::Io {
             path: path.clone(),
@@ -73,7 +70,34 @@ impl Store {
             inner: Arc::new(fs),
             prefix: ObjPath::default(),
             url: format!("file://{}", abs.display()),
+            local: Some(abs),
         })
+    }
+
+    /// Checks that this build can open `url` (without opening it): local paths and
+    /// `file://` URLs; other schemes are refused with a message naming them.
+    pub fn check_url(url: &str) -> Result<()> {
+        if url.starts_with("file://") || !url.contains("://") {
+            return Ok(());
+        }
+        let scheme = url.split("://").next().unwrap_or("");
+        Err(Error::config(
+            "url",
+            format!(
+                "`{url}`: object-store scheme `{scheme}://` is not supported by this build (local paths and file:// are)"
+            ),
+        ))
+    }
+
+    /// The local file of `key` when this store is a local directory (objects can then be
+    /// read in place), else `None`.
+    pub fn local_path(&self, key: &str) -> Option<std::path::PathBuf> {
+        let root = self.local.as_ref()?;
+        let mut p = root.join(self.prefix.as_ref());
+        for part in key.split('/').filter(|s| !s.is_empty()) {
+            p.push(part);
+        }
+        Some(p)
     }
 
     /// Wraps an existing backend (used by tests and by cloud backends).
@@ -82,6 +106,7 @@ impl Store {
             inner,
             prefix: ObjPath::from(prefix),
             url: url.to_string(),
+            local: None,
         }
     }
 

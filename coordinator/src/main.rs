@@ -11,6 +11,8 @@ use scfm_common::config::model::PRESETS;
 use scfm_common::manifest::Manifest;
 use scfm_coordinator::Coordinator;
 
+mod prepare_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "scfm",
@@ -46,6 +48,8 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         workers: usize,
     },
+    /// Turn input files into a prepared (sharded) dataset for training.
+    Prepare(Box<prepare_cmd::PrepareArgs>),
     /// Check a manifest and print it resolved.
     Validate {
         /// Job manifest (YAML).
@@ -138,6 +142,7 @@ fn main() -> Result<()> {
             ))?;
             report(&m, fin);
         }
+        Cmd::Prepare(args) => args.run()?,
         Cmd::Validate { manifest } => {
             let m = Manifest::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;

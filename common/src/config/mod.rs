@@ -42,7 +42,9 @@ pub fn lexical_join(base: &Path, p: &Path) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// An `.h5ad` file with raw counts (relative paths are relative to the config file).
+    /// A prepared dataset (a directory or URL with `dataset.json`, made by `scfm prepare`)
+    /// or one input file of raw counts in any supported format, read into memory (relative
+    /// paths are relative to the config file).
     pub path: PathBuf,
     /// Which matrix holds the counts: `X` (default), `{Layer: name}` or `Raw`.
     #[serde(default)]
@@ -53,6 +55,28 @@ pub struct DataConfig {
     /// Target sum of `normalize_total` before log1p.
     #[serde(default = "default_target_sum")]
     pub target_sum: f64,
+    /// Consecutive cells of a shard that form one unit of the sample order.
+    #[serde(default = "default_block_cells")]
+    pub block_cells: usize,
+    /// Units whose cells are shuffled together (the shuffle window).
+    #[serde(default = "default_shuffle_window")]
+    pub shuffle_window: usize,
+    /// Where shards of a remote dataset are cached (default: the system temp dir's
+    /// `scfm-cache`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn default_block_cells() -> usize {
+    64
+}
+fn default_shuffle_window() -> usize {
+    64
+}
+
+/// Whether a data or checkpoint location is a URL (`scheme://…`) rather than a path.
+pub fn is_url(p: &Path) -> bool {
+    p.to_string_lossy().contains("://")
 }
 
 fn default_val_fraction() -> f64 {
@@ -129,7 +153,7 @@ impl TrainSpec {
 
     /// Resolves and validates a parsed file; relative data paths are taken from `base`.
     pub fn from_file(mut file: TrainFile, base: &Path) -> Result<Self> {
-        if file.data.path.is_relative() {
+        if file.data.path.is_relative() && !is_url(&file.data.path) {
             file.data.path = lexical_join(base, &file.data.path);
         }
         let url = &file.checkpoint.url;
@@ -152,6 +176,12 @@ impl TrainSpec {
             return Err(Error::config(
                 "data.target_sum",
                 format!("{} must be > 0", file.data.target_sum),
+            ));
+        }
+        if file.data.block_cells == 0 || file.data.shuffle_window == 0 {
+            return Err(Error::config(
+                "data.block_cells",
+                "block_cells and shuffle_window must be >= 1",
             ));
         }
         if file.checkpoint.every_steps == 0 {

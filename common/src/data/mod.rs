@@ -2,9 +2,12 @@
 
 pub mod csv;
 pub mod h5ad;
+pub mod inputs;
 pub mod loom;
 pub mod matrix;
 pub mod mtx;
+pub mod order;
+pub mod prepared;
 pub mod preprocess;
 pub mod read;
 pub mod tenx;

@@ -46,7 +46,8 @@ impl fmt::Display for InputFormat {
 }
 
 /// Which gene identifier becomes the var names, where a format stores both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum GeneIdColumn {
     /// Gene symbols: 10x `name` / `gene_names` / second column of `features.tsv`,
     /// loom `row_attrs/Gene`.

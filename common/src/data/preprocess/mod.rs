@@ -41,6 +41,18 @@ pub fn check_counts(
     var_names: &[String],
     require_integer: bool,
 ) -> Result<()> {
+    check_counts_at(x, path, var_names, require_integer, 0)
+}
+
+/// [`check_counts`] for a block of cells that starts at cell `first_row` of the file
+/// (errors give the cell's index in the file).
+pub fn check_counts_at(
+    x: &CsrMatrix,
+    path: &Path,
+    var_names: &[String],
+    require_integer: bool,
+    first_row: usize,
+) -> Result<()> {
     for r in 0..x.n_rows {
         let (idx, vals) = x.row(r);
         for (&c, &v) in idx.iter().zip(vals) {
@@ -60,7 +72,8 @@ pub fn check_counts(
                 return Err(Error::format(
                     path,
                     format!(
-                        "{p} count {v} at cell {r}, gene {c} (`{gene}`); expected raw counts (finite, >= 0{})",
+                        "{p} count {v} at cell {}, gene {c} (`{gene}`); expected raw counts (finite, >= 0{})",
+                        first_row + r,
                         if require_integer { ", integer" } else { "" }
                     ),
                 ));
@@ -70,19 +83,18 @@ pub fn check_counts(
     Ok(())
 }
 
-/// `log1p(v / sum(row) * target_sum)` for one cell's stored values, in place, in f32.
-/// A cell with zero total is left as is.
-///
-/// This multiplies by `target_sum / total`; scanpy (and [`normalize::normalize_total`])
-/// divides by `total / target_sum`, which can differ in the last bit of a value.
+/// `log1p(v / (total / target_sum))` for one cell's stored values, in place, with the
+/// arithmetic of [`normalize::normalize_total`] + [`normalize::log1p`] (scanpy's): the
+/// total is a float64 sum stored as f32, the factor `total / target` is f32, and values are
+/// divided by it in f32. A cell with zero total is left as is.
 pub fn normalize_log1p(values: &mut [f32], target_sum: f64) {
-    let total: f64 = values.iter().map(|&v| v as f64).sum();
+    let total = values.iter().fold(0f64, |s, &v| s + f64::from(v)) as f32;
     if total <= 0.0 {
         return;
     }
-    let scale = (target_sum / total) as f32;
+    let factor = total / target_sum as f32;
     for v in values.iter_mut() {
-        *v = (*v * scale).ln_1p();
+        *v = (*v / factor).ln_1p();
     }
 }
 
