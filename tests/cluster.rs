@@ -1,12 +1,13 @@
 //! Multi-process clusters on 127.0.0.1: `scfm local` starts the coordinator and real
-//! `scfm-worker join` processes that train on the real demo dataset.
+//! `scfm-worker join` processes that train on the real demo dataset, prepared into shards
+//! by `scfm prepare`.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use scfm_tests::{bin, dataset, lines, run_with_timeout, sigterm, wait_exit};
+use scfm_tests::{bin, lines, prepared_dataset, run_with_timeout, sigterm, wait_exit};
 
 fn write_manifest(
     dir: &Path,
@@ -17,7 +18,7 @@ fn write_manifest(
 ) -> std::path::PathBuf {
     let m = format!(
         "run_id: test\ndata:\n  path: {}\n  validation_fraction: 0.05\nmodel:\n{model}\ntraining:\n{training}\ncluster:\n  collective_timeout_s: 20\n  worker_timeout_s: 20\n{cluster}\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
-        dataset("mouse10k.h5ad").display(),
+        prepared_dataset(dir).display(),
         ckpt.display()
     );
     let p = dir.join("job.yaml");

@@ -39,6 +39,28 @@ pub fn dataset(name: &str) -> PathBuf {
     p
 }
 
+/// Prepares the demo dataset (data/mouse10k.h5ad) into `dir/prepared` with `scfm
+/// prepare` and the demo settings (configs/prepare-demo.yaml); returns its path.
+pub fn prepared_dataset(dir: &Path) -> PathBuf {
+    let out = dir.join("prepared");
+    let o = run_with_timeout(
+        Command::new(bin("scfm"))
+            .arg("prepare")
+            .arg(dataset("mouse10k.h5ad"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--settings")
+            .arg(repo_root().join("configs/prepare-demo.yaml")),
+        Duration::from_secs(120),
+    );
+    assert!(
+        o.status.success(),
+        "scfm prepare failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 /// Runs `cmd` to completion or kills it after `timeout` (then panics with its output).
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     let mut child = cmd

@@ -34,6 +34,9 @@ pub enum WorkerError {
     /// The requested device cannot be used.
     #[error("device: {0}")]
     Device(String),
+    /// The training data could not be read (the message names the shard or file).
+    #[error("data: {0}")]
+    Data(String),
     /// An invariant of the worker was broken (a bug).
     #[error("internal error: {0}")]
     Internal(String),

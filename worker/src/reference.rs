@@ -15,7 +15,7 @@ use scfm_common::tokenizer::Tokenizer;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::checkpoint::tensors_to_safetensors;
-use crate::data::{build_batch, stream};
+use crate::data::{CellRef, Row, build_batch, stream};
 use crate::error::{Result, WorkerError};
 use crate::model::{Inputs, ScfmModel};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
@@ -98,7 +98,17 @@ pub fn export(out: &Path) -> Result<()> {
             gene_dropout: 0.2,
             ..Default::default()
         };
-        let batch = build_batch(&x, &[0, 1, 2, 3, 4, 5], &tok, &aug, 7, stream::VIEW, 0);
+        let rows: Vec<Row> = (0..6u32)
+            .map(|r| {
+                let (genes, values) = x.row(r as usize);
+                Row {
+                    key: (0, CellRef { shard: 0, row: r }),
+                    genes,
+                    values,
+                }
+            })
+            .collect();
+        let batch = build_batch(&rows, &tok, &aug, 7, stream::VIEW);
         let inputs = Inputs::from_batch(&batch, Device::Cpu);
         params.zero_grad();
         let out = model.forward(&inputs, false);

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use scfm_common::config::TrainSpec;
-use scfm_common::data::h5ad::{H5adOptions, read_h5ad};
-use scfm_common::data::preprocess::{check_counts, normalize_log1p_matrix};
 use scfm_common::rng::derive_seed;
 use scfm_common::storage::{Store, sha256_hex};
 use scfm_common::tokenizer::Tokenizer;
@@ -17,7 +15,8 @@ use tch::{Device, Kind, nn};
 use crate::checkpoint::{self, TrainState};
 use crate::collective::{Collective, LocalCollective};
 use crate::data::{
-    CellStore, Loader, LoaderConfig, StepData, build_batch, steps_per_epoch, stream,
+    Blocks, CellSource, Keyed, Loader, LoaderConfig, OrderConfig, SampleOrder, StepData, advance,
+    batch_of, open_source, stream,
 };
 use crate::error::{Result, WorkerError};
 use crate::model::{Inputs, ScfmModel};
@@ -81,7 +80,8 @@ pub struct Trainer {
     pub state: TrainState,
     /// Total optimizer steps of the run (the schedule's length).
     pub total_steps: u64,
-    cells: Arc<CellStore>,
+    source: Arc<dyn CellSource>,
+    order: SampleOrder,
     store: Store,
     rt: tokio::runtime::Runtime,
     _vs: nn::VarStore,
@@ -142,33 +142,18 @@ impl Trainer {
                 as i32,
         );
         let device = select_device(t.device)?;
-        let path = &spec.data.path;
-        let ds = read_h5ad(
-            path,
-            &H5adOptions {
-                source: spec.data.source.clone(),
-                label_column: None,
+        let source = open_source(&spec.data)?;
+        let n_genes = source.n_genes();
+        let order = SampleOrder::new(
+            &source.shard_cells(),
+            OrderConfig {
+                seed: t.seed,
+                validation_fraction: spec.data.validation_fraction,
+                block_cells: spec.data.block_cells,
+                window_units: spec.data.shuffle_window,
             },
-        )?;
-        check_counts(&ds.x, path, &ds.var_names, false)?;
-        if ds.x.data.iter().any(|v| v.fract() != 0.0) {
-            tracing::warn!(file = %path.display(), "values are not integers; treating them as counts anyway (normalize_total + log1p is applied)");
-        }
-        let mut x = ds.x;
-        let nonempty: Vec<usize> = (0..x.n_rows)
-            .filter(|&r| x.indptr[r + 1] > x.indptr[r])
-            .collect();
-        if nonempty.len() < x.n_rows {
-            tracing::warn!(
-                dropped = x.n_rows - nonempty.len(),
-                "dropping cells with no expressed genes"
-            );
-            x = x.select_rows(&nonempty);
-        }
-        normalize_log1p_matrix(&mut x, spec.data.target_sum);
-        let n_genes = x.n_cols;
-        let cells = Arc::new(CellStore::new(x, spec.data.validation_fraction, t.seed));
-        tracing::info!(file = %path.display(), cells = cells.x.n_rows, genes = n_genes, train = cells.train.len(), val = cells.val.len(), "loaded data");
+        );
+        tracing::info!(data = %source.describe(), genes = n_genes, train = order.n_train(), val = order.validation().len(), "data opened");
 
         tch::manual_seed(derive_seed(t.seed, &[0]) as i64);
         let vs = nn::VarStore::new(device);
@@ -200,22 +185,25 @@ impl Trainer {
             &params,
         );
         let lcfg = loader_config(&spec, &ctx);
-        let per_epoch = steps_per_epoch(cells.train.len(), &lcfg);
-        if per_epoch == 0 {
+        let n_train = order.n_train();
+        if n_train < lcfg.cells_per_step() {
             return Err(WorkerError::Common(scfm_common::Error::config(
                 "training.batch_size",
                 format!(
-                    "{} training cells are fewer than one step's {} cells",
-                    cells.train.len(),
+                    "{n_train} training cells are fewer than one step's {} cells",
                     lcfg.cells_per_step()
                 ),
             )));
         }
-        let total_steps = t.max_steps.unwrap_or(per_epoch * t.epochs as u64);
+        // Epochs are one stream of cells: the last step may reach into the next epoch.
+        let total_steps = t
+            .max_steps
+            .unwrap_or(((n_train * t.epochs) as u64).div_ceil(lcfg.cells_per_step() as u64));
         let digest = sha256_hex(
             serde_json::json!({"model": model_json(&spec), "n_genes": n_genes, "seed": t.seed,
                 "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                "validation_fraction": spec.data.validation_fraction, "genes": sha256_hex(ds.var_names.join("\n").as_bytes())})
+                "validation_fraction": spec.data.validation_fraction, "data": source.identity(),
+                "block_cells": spec.data.block_cells, "shuffle_window": spec.data.shuffle_window})
             .to_string()
             .as_bytes(),
         );
@@ -243,7 +231,8 @@ impl Trainer {
             opt,
             state,
             total_steps,
-            cells,
+            source,
+            order,
             store,
             rt,
             _vs: vs,
@@ -363,27 +352,24 @@ impl Trainer {
     /// all-reduced, so all workers get the same figures.
     pub fn evaluate(&mut self) -> Result<Option<(f64, f64, f64)>> {
         let t = &self.spec.training;
-        let n = self.cells.val.len().min(t.max_eval_cells);
+        let n = self.order.validation().len().min(t.max_eval_cells);
         if n < 2 {
             return Ok(None);
         }
         let (rank, world) = (self.ctx.collective.rank(), self.ctx.collective.world_size());
         let tok = Tokenizer::new(&self.spec.model);
         let (mut tot, mut mg, mut co, mut w) = (0.0, 0.0, 0.0, 0.0);
-        tch::no_grad(|| {
-            for (ci, chunk) in self.cells.val[..n].chunks(t.batch_size).enumerate() {
+        let mut blocks = Blocks::new(self.source.clone(), self.spec.data.block_cells, 8);
+        let val: Vec<Keyed> = self.order.validation()[..n]
+            .iter()
+            .map(|&c| (0, c))
+            .collect();
+        tch::no_grad(|| -> Result<()> {
+            for (ci, chunk) in val.chunks(t.batch_size).enumerate() {
                 if chunk.len() < 2 || ci % world != rank {
                     continue;
                 }
-                let b = build_batch(
-                    &self.cells.x,
-                    chunk,
-                    &tok,
-                    &t.augment,
-                    t.seed,
-                    stream::EVAL,
-                    0,
-                );
+                let b = batch_of(&mut blocks, chunk, &tok, &t.augment, t.seed, stream::EVAL)?;
                 let l = self
                     .model
                     .losses(&Inputs::from_batch(&b, self.device), false);
@@ -393,7 +379,8 @@ impl Trainer {
                 co += l.contrastive * c;
                 w += c;
             }
-        });
+            Ok(())
+        })?;
         let mut sums = [tot, mg, co, w];
         self.ctx.collective.all_reduce_sum_f64(&mut sums)?;
         let [tot, mg, co, w] = sums;
@@ -448,9 +435,10 @@ impl Trainer {
     pub fn run(&mut self, opts: &RunOptions) -> Result<RunSummary> {
         let lcfg = loader_config(&self.spec, &self.ctx);
         let per_step = lcfg.cells_per_step();
-        let n_train = self.cells.train.len();
+        let n_train = self.order.n_train();
         let loader = Loader::start(
-            self.cells.clone(),
+            self.source.clone(),
+            self.order.clone(),
             &self.spec.model,
             lcfg,
             self.state.epoch,
@@ -477,9 +465,7 @@ impl Trainer {
                 break;
             }
             let w0 = Instant::now();
-            let data = loader
-                .next()
-                .ok_or_else(|| WorkerError::Internal("data loader stopped".into()))?;
+            let data = loader.next()?;
             let wait = w0.elapsed().as_secs_f64();
             debug_assert_eq!(
                 (data.epoch, data.position),
@@ -492,12 +478,9 @@ impl Trainer {
             time_total += wait + s.compute_s;
             first_mgem.get_or_insert(s.mgem);
             last_mgem = s.mgem;
-            self.state.position = data.position + per_step;
-            let epoch_end = self.state.position + per_step > n_train;
-            if epoch_end {
-                self.state.epoch += 1;
-                self.state.position = 0;
-            }
+            (self.state.epoch, self.state.position) =
+                advance(data.epoch, data.position, per_step, n_train);
+            let epoch_end = self.state.epoch > data.epoch;
             let mut line = serde_json::to_value(&s).expect("stats serialize");
             line["event"] = "step".into();
             line["epoch"] = data.epoch.into();
@@ -655,6 +638,8 @@ fn loader_config(spec: &TrainSpec, ctx: &WorkerContext) -> LoaderConfig {
         grad_accum: t.grad_accum,
         augment: t.augment.clone(),
         prefetch: 4,
+        block_cells: spec.data.block_cells,
+        window_units: spec.data.shuffle_window,
         rank: ctx.collective.rank(),
         world: ctx.collective.world_size(),
     }

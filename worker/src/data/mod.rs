@@ -1,22 +1,28 @@
-//! Training data for one process: cells in memory, a seeded train/validation split,
-//! a deterministic per-epoch order, two augmented views per cell, and a background
-//! thread that builds batches ahead of the trainer.
+//! Training data for one worker: a [`CellSource`] (prepared shards or one file in memory),
+//! the deterministic global order of [`SampleOrder`] (independent of the number of
+//! workers), two augmented views per cell, and a background thread that reads blocks and
+//! builds this worker's batches ahead of the trainer.
 
+mod cache;
+pub mod source;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use scfm_common::config::{Augment, ModelConfig};
 use scfm_common::data::CsrMatrix;
+pub use scfm_common::data::order::{CellRef, OrderConfig, SampleOrder, advance};
 use scfm_common::rng::Rng;
 use scfm_common::tokenizer::{Batch, CellTokens, Tokenizer, cellmix};
 
+pub use self::source::{CellSource, MemorySource, PreparedSource, open_source};
+use crate::error::{Result, WorkerError};
+
 /// Random-stream identifiers (first element of every derived stream).
 pub mod stream {
-    /// Train/validation split.
-    pub const SPLIT: u64 = 1;
-    /// Per-epoch order.
-    pub const ORDER: u64 = 2;
+    pub use scfm_common::data::order::stream::{ORDER, SPLIT};
     /// Views of a cell.
     pub const VIEW: u64 = 3;
     /// libtorch's generator (dropout), per step.
@@ -25,74 +31,50 @@ pub mod stream {
     pub const EVAL: u64 = 5;
 }
 
-/// Log1p-normalised cells with a seeded train/validation split.
-#[derive(Debug)]
-pub struct CellStore {
-    /// Cells × genes, log1p-normalised.
-    pub x: CsrMatrix,
-    /// Training cell indices (sorted).
-    pub train: Vec<usize>,
-    /// Validation cell indices (sorted).
-    pub val: Vec<usize>,
+/// A cell of the stream: its epoch and address.
+pub type Keyed = (u64, CellRef);
+
+/// One cell's expressed genes and values, with the key its randomness derives from.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    /// Epoch and address.
+    pub key: Keyed,
+    /// Expressed genes (column indices).
+    pub genes: &'a [u32],
+    /// Their log1p-normalised values.
+    pub values: &'a [f32],
 }
 
-impl CellStore {
-    /// Splits `x`'s cells: `round(n * val_fraction)` go to validation (at least 2 when
-    /// the fraction is > 0 and there are enough cells).
-    pub fn new(x: CsrMatrix, val_fraction: f64, seed: u64) -> Self {
-        let n = x.n_rows;
-        let mut n_val = (n as f64 * val_fraction).round() as usize;
-        if val_fraction > 0.0 && n >= 8 {
-            n_val = n_val.max(2);
-        }
-        let mut rng = Rng::new(seed, &[stream::SPLIT]);
-        let val_idx = rng.sample_sorted(n, n_val.min(n));
-        let mut is_val = vec![false; n];
-        for &i in &val_idx {
-            is_val[i] = true;
-        }
-        let train = (0..n).filter(|&i| !is_val[i]).collect();
-        CellStore {
-            x,
-            train,
-            val: val_idx,
-        }
-    }
-}
-
-/// The order of training cells in `epoch` (a permutation of `train`).
-pub fn epoch_order(train: &[usize], seed: u64, epoch: u64) -> Vec<usize> {
-    let mut order = train.to_vec();
-    Rng::new(seed, &[stream::ORDER, epoch]).shuffle(&mut order);
-    order
-}
-
-/// Builds the two-view batch for `cells`: rows `0..B` are view 0, rows `B..2B` view 1.
-/// Each view's randomness comes from `(stream_id, epoch, cell, view)`, so a cell's
+/// Builds the two-view batch of `rows`: rows `0..B` are view 0, rows `B..2B` view 1.
+/// Each view's randomness comes from `(stream_id, epoch, shard, row, view)`, so a cell's
 /// views do not depend on which batch or worker it lands in.
 pub fn build_batch(
-    x: &CsrMatrix,
-    cells: &[usize],
+    rows: &[Row<'_>],
     tok: &Tokenizer,
     aug: &Augment,
     seed: u64,
     stream_id: u64,
-    epoch: u64,
 ) -> Batch {
-    let mut seqs: Vec<CellTokens> = Vec::with_capacity(cells.len() * 2);
+    let mut seqs: Vec<CellTokens> = Vec::with_capacity(rows.len() * 2);
     for view in 0..2u64 {
-        for (i, &c) in cells.iter().enumerate() {
-            let mut rng = Rng::new(seed, &[stream_id, epoch, c as u64, view]);
-            let (g, v) = x.row(c);
+        for (i, r) in rows.iter().enumerate() {
+            let (e, c) = r.key;
+            let mut rng = Rng::new(
+                seed,
+                &[stream_id, e, u64::from(c.shard), u64::from(c.row), view],
+            );
             let mixed;
             let (g, v) =
-                if aug.cellmix_prob > 0.0 && cells.len() > 1 && rng.uniform() < aug.cellmix_prob {
-                    let other =
-                        cells[(i + 1 + rng.below(cells.len() as u64 - 1) as usize) % cells.len()];
-                    mixed = cellmix((g, v), x.row(other), aug.cellmix_alpha as f32);
+                if aug.cellmix_prob > 0.0 && rows.len() > 1 && rng.uniform() < aug.cellmix_prob {
+                    let o = &rows[(i + 1 + rng.below(rows.len() as u64 - 1) as usize) % rows.len()];
+                    mixed = cellmix(
+                        (r.genes, r.values),
+                        (o.genes, o.values),
+                        aug.cellmix_alpha as f32,
+                    );
                     (&mixed.0[..], &mixed.1[..])
                 } else {
-                    (g, v)
+                    (r.genes, r.values)
                 };
             seqs.push(tok.tokenize(g, v, Some(aug), true, &mut rng));
         }
@@ -100,15 +82,103 @@ pub fn build_batch(
     Batch::collate(&seqs)
 }
 
-/// One optimizer step's worth of data.
+/// Decoded row blocks of a source, least recently used evicted first.
+pub struct Blocks {
+    src: Arc<dyn CellSource>,
+    block: usize,
+    cap: usize,
+    map: HashMap<(u32, u32), Arc<CsrMatrix>>,
+    lru: VecDeque<(u32, u32)>,
+    shard_cells: Vec<usize>,
+    /// Blocks read from the source so far.
+    pub reads: u64,
+}
+
+impl Blocks {
+    /// Reads `src` in blocks of `block` rows, keeping at most `cap` blocks.
+    pub fn new(src: Arc<dyn CellSource>, block: usize, cap: usize) -> Blocks {
+        Blocks {
+            shard_cells: src.shard_cells(),
+            src,
+            block: block.max(1),
+            cap: cap.max(1),
+            map: HashMap::new(),
+            lru: VecDeque::new(),
+            reads: 0,
+        }
+    }
+
+    /// The blocks holding `cells` (loaded as needed) and each cell's row in its block.
+    pub fn locate(&mut self, cells: &[CellRef]) -> Result<Vec<(Arc<CsrMatrix>, usize)>> {
+        let mut out = Vec::with_capacity(cells.len());
+        for c in cells {
+            let key = (c.shard, c.row / self.block as u32);
+            let m = match self.map.get(&key) {
+                Some(m) => {
+                    let m = m.clone();
+                    if let Some(i) = self.lru.iter().position(|k| *k == key) {
+                        self.lru.remove(i);
+                    }
+                    self.lru.push_back(key);
+                    m
+                }
+                None => {
+                    let a = key.1 as usize * self.block;
+                    let n = *self.shard_cells.get(c.shard as usize).ok_or_else(|| {
+                        WorkerError::Internal(format!("cell of unknown shard {}", c.shard))
+                    })?;
+                    let m = Arc::new(self.src.read(c.shard, a, (a + self.block).min(n))?);
+                    self.reads += 1;
+                    while self.map.len() >= self.cap {
+                        let Some(old) = self.lru.pop_front() else {
+                            break;
+                        };
+                        self.map.remove(&old);
+                    }
+                    self.map.insert(key, m.clone());
+                    self.lru.push_back(key);
+                    m
+                }
+            };
+            out.push((m, c.row as usize % self.block));
+        }
+        Ok(out)
+    }
+}
+
+/// Builds the batch of `cells` reading their rows through `blocks`.
+pub fn batch_of(
+    blocks: &mut Blocks,
+    cells: &[Keyed],
+    tok: &Tokenizer,
+    aug: &Augment,
+    seed: u64,
+    stream_id: u64,
+) -> Result<Batch> {
+    let refs: Vec<CellRef> = cells.iter().map(|k| k.1).collect();
+    let located = blocks.locate(&refs)?;
+    let rows: Vec<Row> = located
+        .iter()
+        .zip(cells)
+        .map(|((m, r), &key)| {
+            let (genes, values) = m.row(*r);
+            Row { key, genes, values }
+        })
+        .collect();
+    Ok(build_batch(&rows, tok, aug, seed, stream_id))
+}
+
+/// One optimizer step's worth of data for this worker.
 #[derive(Debug)]
 pub struct StepData {
-    /// Epoch.
+    /// Epoch of the step's first cell.
     pub epoch: u64,
-    /// Cells of the epoch consumed before this step.
+    /// Position of the step's first cell in that epoch's order.
     pub position: usize,
     /// Micro-batches (gradient accumulation).
     pub micro: Vec<Batch>,
+    /// This worker's cells of each micro-batch.
+    pub cells: Vec<Vec<Keyed>>,
 }
 
 /// Settings of the batch producer.
@@ -122,8 +192,12 @@ pub struct LoaderConfig {
     pub grad_accum: usize,
     /// Augmentations.
     pub augment: Augment,
-    /// Batches built ahead.
+    /// Steps built ahead.
     pub prefetch: usize,
+    /// Rows per block read from the source (the order's unit size).
+    pub block_cells: usize,
+    /// Units per shuffle window (sizes the block cache).
+    pub window_units: usize,
     /// This worker's rank.
     pub rank: usize,
     /// Number of workers: each step consumes `world * batch_size * grad_accum` cells of
@@ -137,24 +211,25 @@ impl LoaderConfig {
     pub fn cells_per_step(&self) -> usize {
         self.batch_size * self.grad_accum * self.world
     }
+
+    /// Blocks the producer keeps decoded: two windows and a step's worth.
+    pub fn block_cache(&self) -> usize {
+        2 * self.window_units + self.cells_per_step().div_ceil(self.block_cells.max(1)) + 4
+    }
 }
 
-/// Optimizer steps in one epoch of `n_train` cells (the incomplete tail is skipped).
-pub fn steps_per_epoch(n_train: usize, cfg: &LoaderConfig) -> u64 {
-    (n_train / cfg.cells_per_step()) as u64
-}
-
-/// A background thread producing [`StepData`] from `(epoch, position)` onwards, forever
-/// (epoch after epoch); dropping the loader stops it.
+/// A background thread producing [`StepData`] from a cursor onwards, forever (epoch after
+/// epoch); dropping the loader stops it.
 pub struct Loader {
-    rx: Option<Receiver<StepData>>,
+    rx: Option<Receiver<std::result::Result<StepData, String>>>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Loader {
     /// Starts producing from the cursor `(epoch, position)`.
     pub fn start(
-        store: Arc<CellStore>,
+        src: Arc<dyn CellSource>,
+        order: SampleOrder,
         model: &ModelConfig,
         cfg: LoaderConfig,
         epoch: u64,
@@ -164,7 +239,7 @@ impl Loader {
         let tok = Tokenizer::new(model);
         let handle = std::thread::Builder::new()
             .name("scfm-loader".into())
-            .spawn(move || produce(store, tok, cfg, epoch, position, tx))
+            .spawn(move || produce(src, order, tok, cfg, epoch, position, tx))
             .expect("spawn loader thread");
         Loader {
             rx: Some(rx),
@@ -172,9 +247,13 @@ impl Loader {
         }
     }
 
-    /// The next step's data (blocks until built).
-    pub fn next(&self) -> Option<StepData> {
-        self.rx.as_ref().and_then(|r| r.recv().ok())
+    /// The next step's data (blocks until built); an error names the shard or file.
+    pub fn next(&self) -> Result<StepData> {
+        match self.rx.as_ref().and_then(|r| r.recv().ok()) {
+            Some(Ok(d)) => Ok(d),
+            Some(Err(e)) => Err(WorkerError::Data(e)),
+            None => Err(WorkerError::Internal("data loader stopped".into())),
+        }
     }
 }
 
@@ -187,128 +266,66 @@ impl Drop for Loader {
     }
 }
 
+/// Shards in the order the epoch first needs them.
+fn shard_order(order: &SampleOrder, epoch: u64) -> Vec<u32> {
+    let mut seen = std::collections::HashSet::new();
+    order
+        .epoch_order(epoch)
+        .iter()
+        .filter(|c| seen.insert(c.shard))
+        .map(|c| c.shard)
+        .collect()
+}
+
 fn produce(
-    store: Arc<CellStore>,
+    src: Arc<dyn CellSource>,
+    mut order: SampleOrder,
     tok: Tokenizer,
     cfg: LoaderConfig,
     mut epoch: u64,
     mut position: usize,
-    tx: SyncSender<StepData>,
+    tx: SyncSender<std::result::Result<StepData, String>>,
 ) {
+    src.prefetch(shard_order(&order, epoch));
+    let mut blocks = Blocks::new(src, cfg.block_cells, cfg.block_cache());
     let per_step = cfg.cells_per_step();
+    let n_train = order.n_train();
     loop {
-        let order = epoch_order(&store.train, cfg.seed, epoch);
-        while position + per_step <= order.len() {
-            let micro = (0..cfg.grad_accum)
-                .map(|m| {
-                    let a = position + (m * cfg.world + cfg.rank) * cfg.batch_size;
-                    build_batch(
-                        &store.x,
-                        &order[a..a + cfg.batch_size],
-                        &tok,
-                        &cfg.augment,
-                        cfg.seed,
-                        stream::VIEW,
-                        epoch,
-                    )
-                })
-                .collect();
-            if tx
-                .send(StepData {
+        let all = order.take(epoch, position, per_step);
+        let built: Result<Vec<(Vec<Keyed>, Batch)>> = (0..cfg.grad_accum)
+            .map(|m| {
+                let a = (m * cfg.world + cfg.rank) * cfg.batch_size;
+                let cells = all[a..a + cfg.batch_size].to_vec();
+                let b = batch_of(
+                    &mut blocks,
+                    &cells,
+                    &tok,
+                    &cfg.augment,
+                    cfg.seed,
+                    stream::VIEW,
+                )?;
+                Ok((cells, b))
+            })
+            .collect();
+        let msg = match built {
+            Ok(parts) => {
+                let (cells, micro) = parts.into_iter().unzip();
+                Ok(StepData {
                     epoch,
                     position,
                     micro,
+                    cells,
                 })
-                .is_err()
-            {
-                return;
             }
-            position += per_step;
+            Err(e) => Err(e.to_string()),
+        };
+        let failed = msg.is_err();
+        if tx.send(msg).is_err() || failed {
+            return;
         }
-        epoch += 1;
-        position = 0;
+        (epoch, position) = advance(epoch, position, per_step, n_train);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn split_and_order_are_deterministic_partitions() {
-        let x = CsrMatrix::from_dense(100, 1, &[1.0; 100]);
-        let s = CellStore::new(x, 0.1, 3);
-        assert_eq!((s.train.len(), s.val.len()), (90, 10));
-        let mut all: Vec<usize> = s.train.iter().chain(&s.val).copied().collect();
-        all.sort();
-        assert_eq!(all, (0..100).collect::<Vec<_>>());
-        let o1 = epoch_order(&s.train, 3, 0);
-        assert_eq!(o1, epoch_order(&s.train, 3, 0));
-        assert_ne!(o1, epoch_order(&s.train, 3, 1));
-    }
-
-    #[test]
-    fn loader_resumes_at_cursor() {
-        let dense: Vec<f32> = (0..40 * 5).map(|i| (i % 7) as f32).collect();
-        let store = Arc::new(CellStore::new(CsrMatrix::from_dense(40, 5, &dense), 0.0, 1));
-        let model = ModelConfig::preset("minimal").unwrap();
-        let cfg = LoaderConfig {
-            seed: 1,
-            batch_size: 4,
-            grad_accum: 2,
-            augment: Augment::default(),
-            prefetch: 2,
-            rank: 0,
-            world: 1,
-        };
-        let a = Loader::start(store.clone(), &model, cfg.clone(), 0, 0);
-        let steps: Vec<StepData> = (0..7).map(|_| a.next().unwrap()).collect();
-        assert_eq!(steps[4].epoch, 0);
-        assert_eq!((steps[5].epoch, steps[5].position), (1, 0)); // 40 cells / 8 per step = 5 steps
-        let b = Loader::start(store, &model, cfg, 0, 24);
-        let s = b.next().unwrap();
-        assert_eq!((s.epoch, s.position), (0, 24));
-        assert_eq!(s.micro, steps[3].micro);
-    }
-
-    /// Two workers with batch B see, step by step, exactly the cells one worker with
-    /// batch 2B sees, and the same views of them.
-    #[test]
-    fn ranks_split_the_global_batch() {
-        let dense: Vec<f32> = (0..40 * 5).map(|i| (i % 7) as f32).collect();
-        let store = Arc::new(CellStore::new(CsrMatrix::from_dense(40, 5, &dense), 0.0, 1));
-        let model = ModelConfig::preset("minimal").unwrap();
-        let cfg = |batch_size, rank, world| LoaderConfig {
-            seed: 1,
-            batch_size,
-            grad_accum: 1,
-            augment: Augment::default(),
-            prefetch: 1,
-            rank,
-            world,
-        };
-        let one = Loader::start(store.clone(), &model, cfg(8, 0, 1), 0, 0)
-            .next()
-            .unwrap();
-        let r0 = Loader::start(store.clone(), &model, cfg(4, 0, 2), 0, 0)
-            .next()
-            .unwrap();
-        let r1 = Loader::start(store, &model, cfg(4, 1, 2), 0, 0)
-            .next()
-            .unwrap();
-        let (b, b0, b1) = (&one.micro[0], &r0.micro[0], &r1.micro[0]);
-        // Row i of the single batch (view 0) is row i of rank 0 for i < 4, of rank 1 after.
-        let row = |x: &Batch, i: usize| {
-            x.genes[i * x.len..i * x.len + x.len]
-                .iter()
-                .filter(|&&g| g != 0)
-                .copied()
-                .collect::<Vec<_>>()
-        };
-        for i in 0..4 {
-            assert_eq!(row(b, i), row(b0, i));
-            assert_eq!(row(b, i + 4), row(b1, i));
-            assert_eq!(row(b, 8 + i), row(b0, 4 + i), "second views");
-        }
-    }
-}
+mod tests;

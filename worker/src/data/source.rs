@@ -1,0 +1,223 @@
+//! Where training cells are read from: a prepared dataset (shards in object storage,
+//! cached locally and verified) or one input file held in memory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use scfm_common::config::DataConfig;
+use scfm_common::data::CsrMatrix;
+use scfm_common::data::h5ad::rows::H5adRows;
+use scfm_common::data::prepared::PreparedDataset;
+use scfm_common::data::preprocess::{check_counts, normalize_log1p_matrix};
+use scfm_common::data::read::{ReadOptions, read_any};
+use scfm_common::storage::sha256_hex;
+
+use super::cache::ShardCache;
+use crate::error::{Result, WorkerError};
+
+/// Cells addressed as `(shard, row)`, read in row ranges, log1p-normalised.
+pub trait CellSource: Send + Sync {
+    /// Rows of each shard.
+    fn shard_cells(&self) -> Vec<usize>;
+    /// Genes (columns; the model's vocabulary).
+    fn n_genes(&self) -> usize;
+    /// A digest of what the data is (vocabulary and content), for checkpoint compatibility.
+    fn identity(&self) -> String;
+    /// Rows `a..b` of shard `shard`, normalised (normalize_total + log1p).
+    fn read(&self, shard: u32, a: usize, b: usize) -> Result<CsrMatrix>;
+    /// Starts fetching and verifying shards in the background, in this order.
+    fn prefetch(&self, _order: Vec<u32>) {}
+    /// What it is, for logs.
+    fn describe(&self) -> String;
+}
+
+/// Opens the data of `cfg`: a prepared dataset when the path is a URL or a directory
+/// with `dataset.json`, else one input file read into memory.
+pub fn open_source(cfg: &DataConfig) -> Result<Arc<dyn CellSource>> {
+    let p = &cfg.path;
+    if scfm_common::config::is_url(p) || p.is_dir() && PreparedDataset::is_prepared_dir(p) {
+        return Ok(Arc::new(PreparedSource::open(cfg)?));
+    }
+    Ok(Arc::new(MemorySource::load(cfg)?))
+}
+
+/// One input file in memory (a single shard).
+pub struct MemorySource {
+    x: CsrMatrix,
+    identity: String,
+    path: PathBuf,
+}
+
+impl MemorySource {
+    /// Reads `cfg.path` (any supported format), checks the counts, drops cells without any
+    /// expressed gene, and normalises.
+    pub fn load(cfg: &DataConfig) -> Result<MemorySource> {
+        let path = &cfg.path;
+        let mut opts = ReadOptions::default();
+        opts.h5ad.source = cfg.source.clone();
+        let ds = read_any(path, &opts)?;
+        check_counts(&ds.x, path, &ds.var_names, false)?;
+        if ds.x.data.iter().any(|v| v.fract() != 0.0) {
+            tracing::warn!(file = %path.display(), "values are not integers; treating them as counts anyway (normalize_total + log1p is applied)");
+        }
+        let mut x = ds.x;
+        let nonempty: Vec<usize> = (0..x.n_rows)
+            .filter(|&r| x.indptr[r + 1] > x.indptr[r])
+            .collect();
+        if nonempty.len() < x.n_rows {
+            tracing::warn!(
+                dropped = x.n_rows - nonempty.len(),
+                "dropping cells with no expressed genes"
+            );
+            x = x.select_rows(&nonempty);
+        }
+        normalize_log1p_matrix(&mut x, cfg.target_sum);
+        Ok(MemorySource {
+            x,
+            identity: sha256_hex(ds.var_names.join("\n").as_bytes()),
+            path: path.clone(),
+        })
+    }
+
+    /// From a normalised matrix (tests and benchmarks).
+    pub fn from_matrix(x: CsrMatrix) -> MemorySource {
+        MemorySource {
+            identity: format!("matrix {}x{}", x.n_rows, x.n_cols),
+            x,
+            path: PathBuf::from("<memory>"),
+        }
+    }
+}
+
+impl CellSource for MemorySource {
+    fn shard_cells(&self) -> Vec<usize> {
+        vec![self.x.n_rows]
+    }
+    fn n_genes(&self) -> usize {
+        self.x.n_cols
+    }
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+    fn read(&self, shard: u32, a: usize, b: usize) -> Result<CsrMatrix> {
+        if shard != 0 || a > b || b > self.x.n_rows {
+            return Err(WorkerError::Internal(format!(
+                "rows {a}..{b} of shard {shard} requested from a single-matrix source of {} rows",
+                self.x.n_rows
+            )));
+        }
+        Ok(self.x.select_rows(&(a..b).collect::<Vec<_>>()))
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} ({} cells x {} genes, in memory)",
+            self.path.display(),
+            self.x.n_rows,
+            self.x.n_cols
+        )
+    }
+}
+
+/// A prepared dataset: shards verified against `dataset.json` and read by row blocks.
+pub struct PreparedSource {
+    dataset: PreparedDataset,
+    cache: Arc<ShardCache>,
+    open: Mutex<HashMap<u32, Arc<H5adRows>>>,
+    target_sum: f64,
+}
+
+impl PreparedSource {
+    /// Opens the prepared dataset at `cfg.path`.
+    pub fn open(cfg: &DataConfig) -> Result<PreparedSource> {
+        let url = cfg.path.to_string_lossy().into_owned();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let dataset = rt.block_on(PreparedDataset::open(&url))?;
+        let cache_dir = cfg
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("scfm-cache"));
+        let cache = Arc::new(ShardCache::new(
+            dataset.store.clone(),
+            dataset.manifest.shards.clone(),
+            &cache_dir,
+        ));
+        Ok(PreparedSource {
+            dataset,
+            cache,
+            open: Mutex::new(HashMap::new()),
+            target_sum: cfg.target_sum,
+        })
+    }
+
+    fn rows(&self, shard: u32) -> Result<Arc<H5adRows>> {
+        if let Some(r) = self.open.lock().expect("shard table").get(&shard) {
+            return Ok(r.clone());
+        }
+        let path: PathBuf = self.cache.ensure(shard)?;
+        let r = open_shard(&path, &self.dataset, shard)?;
+        let r = Arc::new(r);
+        self.open
+            .lock()
+            .expect("shard table")
+            .insert(shard, r.clone());
+        Ok(r)
+    }
+}
+
+fn open_shard(path: &Path, ds: &PreparedDataset, shard: u32) -> Result<H5adRows> {
+    let info = &ds.manifest.shards[shard as usize];
+    let r = H5adRows::open(path, &Default::default())?
+        .ok_or_else(|| WorkerError::Data(format!("{}: X is not a CSR matrix", path.display())))?;
+    if r.n_rows() != info.n_cells || r.n_cols() != ds.manifest.n_genes {
+        return Err(WorkerError::Data(format!(
+            "{}: {} x {} cells x genes, but dataset.json says {} x {}",
+            ds.store.url_of(&info.path),
+            r.n_rows(),
+            r.n_cols(),
+            info.n_cells,
+            ds.manifest.n_genes
+        )));
+    }
+    Ok(r)
+}
+
+impl CellSource for PreparedSource {
+    fn shard_cells(&self) -> Vec<usize> {
+        self.dataset
+            .manifest
+            .shards
+            .iter()
+            .map(|s| s.n_cells)
+            .collect()
+    }
+    fn n_genes(&self) -> usize {
+        self.dataset.manifest.n_genes
+    }
+    fn identity(&self) -> String {
+        let m = &self.dataset.manifest;
+        let shas: Vec<&str> = m.shards.iter().map(|s| s.sha256.as_str()).collect();
+        sha256_hex(format!("{}\n{}", m.vocab_sha256, shas.join("\n")).as_bytes())
+    }
+    fn read(&self, shard: u32, a: usize, b: usize) -> Result<CsrMatrix> {
+        let mut x = self.rows(shard)?.read(a, b)?;
+        normalize_log1p_matrix(&mut x, self.target_sum);
+        Ok(x)
+    }
+    fn prefetch(&self, order: Vec<u32>) {
+        self.cache.prefetch(order);
+    }
+    fn describe(&self) -> String {
+        let m = &self.dataset.manifest;
+        format!(
+            "{} ({} cells x {} genes in {} shards)",
+            self.dataset.store.url(),
+            m.n_cells,
+            m.n_genes,
+            m.shards.len()
+        )
+    }
+}
