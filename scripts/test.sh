@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Everything CI runs: setup (idempotent), formatting and lints, the Rust tests (unit and
-# multi-process integration, release profile so libtorch's wrapper builds once), and the
+# multi-process integration against real processes and a real S3 server, release profile
+# so libtorch's wrapper builds once), and the
 # Python cross-checks against PyTorch / anndata / scanpy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# A real S3-compatible server for the object-storage tests (tests/storage.rs starts it).
+S3S_VERSION=0.14.1
+if ! .cache/s3s/bin/s3s-fs --version 2>/dev/null | grep -q "$S3S_VERSION"; then
+    echo "[test] installing s3s-fs $S3S_VERSION (S3 test server) into .cache/s3s"
+    cargo install s3s-fs --version "$S3S_VERSION" --features binary --locked --root .cache/s3s
+fi
 t0=$(date +%s)
 cargo fmt --all -- --check
 cargo build --release --workspace --all-targets

@@ -351,7 +351,7 @@ fn sigterm_checkpoints_and_relaunch_matches_uninterrupted_run() {
     let log = local(&mb, 2);
     assert!(
         log.contains(&format!(
-            "resuming from the latest checkpoint step={stopped}"
+            "resuming from a verified checkpoint step={stopped}"
         )),
         "{log}"
     );
@@ -388,4 +388,45 @@ fn launch_without_workers_fails_after_join_timeout() {
         err.contains("only 0 of the 2 required workers joined within 1 s"),
         "{err}"
     );
+}
+
+/// Relaunching a manifest whose model settings changed since its checkpoints is refused
+/// by the coordinator before any worker starts, naming the difference; `--fresh` discards
+/// the old checkpoints and starts over.
+#[test]
+fn changed_settings_are_refused_with_the_difference_and_fresh_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let training = "  batch_size: 8\n  max_steps: 3\n  eval_every: 100\n  threads: 1";
+    let m = write_manifest(d, &d.join("ckpt"), TINY, training, "  max_workers: 2");
+    local(&m, 2);
+    let changed = TINY.replace("n_layers: 1", "n_layers: 2");
+    let m = write_manifest(d, &d.join("ckpt"), &changed, training, "  max_workers: 2");
+    let out = run_with_timeout(
+        Command::new(bin("scfm"))
+            .arg("local")
+            .arg(&m)
+            .args(["--workers", "2"]),
+        Duration::from_secs(60),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("model.n_layers: 1 -> 2") && err.contains("--fresh"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("worker joined"),
+        "refused before workers start: {err}"
+    );
+    let out = run_with_timeout(
+        Command::new(bin("scfm"))
+            .arg("local")
+            .arg(&m)
+            .args(["--workers", "2", "--fresh"]),
+        Duration::from_secs(300),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("discarded earlier checkpoints"), "{err}");
 }

@@ -155,3 +155,90 @@ pub fn sigterm(child: &std::process::Child) {
         .success();
     assert!(ok, "kill -TERM {} failed", child.id());
 }
+
+/// A real S3-compatible server (s3s-fs) on 127.0.0.1, serving `dir` (a bucket is a folder
+/// in it); killed when dropped. The binary comes from `SCFM_S3S_FS` or
+/// `.cache/s3s/bin/s3s-fs` (scripts/test.sh installs it).
+pub struct S3Server {
+    child: std::process::Child,
+    /// The served directory.
+    pub dir: PathBuf,
+    /// Its port.
+    pub port: u16,
+}
+
+impl S3Server {
+    /// Access key of the test server.
+    pub const KEY: &'static str = "scfmtest";
+    /// Secret key of the test server.
+    pub const SECRET: &'static str = "scfmtestsecret";
+
+    /// Starts a server on a free port with bucket `bucket` and waits until it accepts.
+    pub fn start(dir: &Path, bucket: &str) -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        Self::start_on(dir, bucket, port)
+    }
+
+    /// Starts a server on `port` (e.g. to restart one that was killed).
+    pub fn start_on(dir: &Path, bucket: &str, port: u16) -> S3Server {
+        let bin = std::env::var_os("SCFM_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join(".cache/s3s/bin/s3s-fs"));
+        assert!(
+            bin.exists(),
+            "{} is missing: scripts/test.sh installs s3s-fs (cargo install s3s-fs --version 0.14.1 --features binary --locked --root .cache/s3s)",
+            bin.display()
+        );
+        std::fs::create_dir_all(dir.join(bucket)).expect("bucket folder");
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", Self::KEY, "--secret-key", Self::SECRET])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn s3s-fs");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        S3Server {
+            child,
+            dir: dir.to_path_buf(),
+            port,
+        }
+    }
+
+    /// Environment for processes that use `s3://` URLs on this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", Self::KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", Self::SECRET.to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Kills the server (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -162,8 +162,20 @@ fn resume_refuses_changed_model_and_missing_checkpoint() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("model fields differ: n_layers: 2 -> 1"),
+        err.contains("other settings (model.n_layers: 2 -> 1)") && err.contains("--fresh"),
         "{err}"
+    );
+    // --fresh discards the old checkpoints and starts over with the new settings.
+    let out = run_with_timeout(
+        Command::new(bin("scfm-worker"))
+            .args(["train", "--fresh", "--config"])
+            .arg(&cfg),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

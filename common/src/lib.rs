@@ -2,6 +2,7 @@
 //! configuration types and presets, single-cell data formats, preprocessing, the
 //! tokenizer, object storage and deterministic random numbers. No libtorch here.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -15,3 +16,4 @@ pub(crate) mod testutil;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use storage::install_crypto_provider;

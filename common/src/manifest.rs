@@ -243,14 +243,8 @@ impl Manifest {
                 format!("dataset `{url}` does not exist"),
             ));
         }
-        if self.checkpoint.url.contains("://") && !self.checkpoint.url.starts_with("file://") {
-            return Err(Error::config(
-                "checkpoint.url",
-                format!(
-                    "`{}` is not reachable: only local paths and file:// URLs are supported by this build",
-                    self.checkpoint.url
-                ),
-            ));
+        if let Err(e) = crate::storage::Store::check_url(&self.checkpoint.url) {
+            return Err(Error::config("checkpoint.url", e.to_string()));
         }
         if let (None, Some(var)) = (&self.auth.token, &self.auth.token_env)
             && std::env::var(var).is_err()
@@ -347,12 +341,14 @@ mod tests {
             e,
             "invalid config `cluster.coordinator`: `nowhere` is not a host:port socket address"
         );
-        let text = manifest("", "d.h5ad").replace("url: ckpt", "url: s3://bucket/run");
+        let text = manifest("", "d.h5ad").replace("url: ckpt", "url: ftp://host/run");
         let e = check(&text).unwrap_err().to_string();
         assert!(
-            e.contains("checkpoint.url") && e.contains("not reachable"),
+            e.contains("checkpoint.url") && e.contains("`ftp://` is not supported"),
             "{e}"
         );
+        let text = manifest("", "d.h5ad").replace("url: ckpt", "url: s3://bucket/run");
+        check(&text).unwrap();
         let text = manifest("", "d.h5ad").replace("run_id: t1", "run_id: 'a b'");
         assert!(check(&text).unwrap_err().to_string().contains("run_id"));
         let text = manifest("", "d.h5ad").replace("preset: minimal", "preset: minimal, n_heads: 5");

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use crate::error::{Error, Result};
 
 /// Version of the coordinator/worker protocol; checked on every register and heartbeat.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";
@@ -36,6 +36,8 @@ pub struct Assignment {
     pub position: u64,
     /// Whether the run is already complete.
     pub finished: bool,
+    /// The checkpoint directory to restore (verified by the coordinator), if any.
+    pub resume_dir: Option<String>,
 }
 
 impl TryFrom<pb::AssignmentResponse> for Assignment {
@@ -73,6 +75,7 @@ impl TryFrom<pb::AssignmentResponse> for Assignment {
             epoch: r.epoch,
             position: r.position,
             finished: r.finished,
+            resume_dir: Some(r.resume_dir).filter(|d| !d.is_empty()),
         })
     }
 }
@@ -89,6 +92,7 @@ impl From<&Assignment> for pb::AssignmentResponse {
             position: a.position,
             finished: a.finished,
             nccl_id: Vec::new(),
+            resume_dir: a.resume_dir.clone().unwrap_or_default(),
         }
     }
 }
@@ -111,6 +115,7 @@ mod tests {
             epoch: 1,
             position: 64,
             finished: false,
+            resume_dir: Some("ckpt-000000010".into()),
         };
         let pb: pb::AssignmentResponse = (&a).into();
         assert_eq!(Assignment::try_from(pb.clone()).unwrap(), a);

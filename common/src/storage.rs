@@ -3,9 +3,19 @@
 //! [`Store`] wraps an `object_store` backend plus a key prefix; keys are `/`-separated
 //! paths below the store's URL. Local paths and `file://` URLs use
 //! `object_store::local::LocalFileSystem` (writes go to a temporary file and are renamed
-//! into place, so a reader never sees a half-written object).
+//! into place, so a reader never sees a half-written object). `s3://bucket/prefix`,
+//! `gs://bucket/prefix` and `az://container/prefix` use object_store's cloud clients,
+//! configured from the environment as those clients document (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` + `AWS_ALLOW_HTTP=true` for an
+//! S3-compatible server; `GOOGLE_SERVICE_ACCOUNT`; `AZURE_STORAGE_ACCOUNT_NAME`,
+//! `AZURE_STORAGE_ACCOUNT_KEY`, …).
+//!
+//! Every request has a deadline, and transient failures are retried with exponential
+//! backoff: inside the cloud clients (HTTP errors, timeouts), and once more around each
+//! whole operation here (e.g. a server that refuses connections for a moment).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -32,6 +42,62 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Attempts of one store operation when it fails transiently (on top of the cloud
+/// clients' own request retries).
+pub const OP_ATTEMPTS: u32 = 3;
+
+/// Whether an object_store error may go away when the operation is repeated (network,
+/// server and timeout errors; not a missing object, a refused credential or a bad path).
+fn transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    match e {
+        E::Generic { .. } | E::JoinError { .. } => true,
+        E::NotFound { .. }
+        | E::AlreadyExists { .. }
+        | E::Precondition { .. }
+        | E::NotModified { .. }
+        | E::NotImplemented { .. }
+        | E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::InvalidPath { .. }
+        | E::UnknownConfigurationKey { .. }
+        | E::NotSupported { .. } => false,
+        _ => false,
+    }
+}
+
+/// The process-wide runtime all store operations run on (2 threads).
+fn io_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("scfm-store-io")
+            .enable_all()
+            .build()
+            .expect("cannot start the storage I/O runtime")
+    })
+}
+
+/// Chooses rustls' crypto provider for the process (ring, as tonic's TLS uses): with
+/// more than one provider compiled in (object_store's cloud clients bring aws-lc-rs),
+/// rustls refuses to pick one and TLS servers and clients fail to build. Called by every
+/// entry point that may use TLS; idempotent.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error means another provider was installed first, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -49,8 +115,7 @@ impl Store {
             Some(std::path::PathBuf::from(url))
         };
         let Some(path) = local else {
-            Self::check_url(url)?;
-            unreachable!("check_url refuses every non-local URL");
+            return Self::open_cloud(url);
         };
         std::fs::create_dir_all(&path).map_err(|source| Error::Io {
             path: path.clone(),
@@ -74,18 +139,108 @@ impl Store {
         })
     }
 
-    /// Checks that this build can open `url` (without opening it): local paths and
-    /// `file://` URLs; other schemes are refused with a message naming them.
+    /// Checks that `url` names a store this build can open (without contacting it):
+    /// a local path, `file://`, `s3://`, `gs://` or `az://` with a bucket.
     pub fn check_url(url: &str) -> Result<()> {
         if url.starts_with("file://") || !url.contains("://") {
             return Ok(());
         }
-        let scheme = url.split("://").next().unwrap_or("");
-        Err(Error::config(
-            "url",
-            format!(
-                "`{url}`: object-store scheme `{scheme}://` is not supported by this build (local paths and file:// are)"
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));
+        if !matches!(scheme, "s3" | "gs" | "az") {
+            return Err(Error::config(
+                "url",
+                format!(
+                    "`{url}`: object-store scheme `{scheme}://` is not supported (local paths, file://, s3://, gs:// and az:// are)"
+                ),
+            ));
+        }
+        if rest.split('/').next().unwrap_or("").is_empty() {
+            return Err(Error::config(
+                "url",
+                format!("`{url}`: no bucket (expected {scheme}://BUCKET/PREFIX)"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens an `s3://`, `gs://` or `az://` URL with credentials and endpoint from the
+    /// environment, request deadlines and retries.
+    fn open_cloud(url: &str) -> Result<Store> {
+        Self::check_url(url)?;
+        install_crypto_provider();
+        let (scheme, rest) = url.split_once("://").expect("checked");
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let base = format!("{scheme}://{bucket}");
+        let retry = object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: env_or("SCFM_STORE_RETRIES", 5),
+            retry_timeout: Duration::from_secs(env_or("SCFM_STORE_RETRY_TIMEOUT_S", 60)),
+        };
+        // Deadlines as client config keys, so that the client options the builders read
+        // from the environment (AWS_ALLOW_HTTP, proxies, …) are kept.
+        use object_store::ClientConfigKey as C;
+        let timeouts = [
+            (C::ConnectTimeout, "10s".to_string()),
+            (
+                C::Timeout,
+                format!("{}s", env_or("SCFM_STORE_TIMEOUT_S", 120u64)),
             ),
+        ];
+        let err = |source| Error::Store {
+            url: url.to_string(),
+            source,
+        };
+        let inner: Arc<dyn ObjectStore> = match scheme {
+            "s3" => Arc::new(
+                timeouts
+                    .into_iter()
+                    .fold(
+                        object_store::aws::AmazonS3Builder::from_env(),
+                        |b, (k, v)| {
+                            b.with_config(object_store::aws::AmazonS3ConfigKey::Client(k), v)
+                        },
+                    )
+                    .with_url(&base)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(err)?,
+            ),
+            "gs" => Arc::new(
+                timeouts
+                    .into_iter()
+                    .fold(
+                        object_store::gcp::GoogleCloudStorageBuilder::from_env(),
+                        |b, (k, v)| b.with_config(object_store::gcp::GoogleConfigKey::Client(k), v),
+                    )
+                    .with_url(&base)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(err)?,
+            ),
+            _ => Arc::new(
+                timeouts
+                    .into_iter()
+                    .fold(
+                        object_store::azure::MicrosoftAzureBuilder::from_env(),
+                        |b, (k, v)| {
+                            b.with_config(object_store::azure::AzureConfigKey::Client(k), v)
+                        },
+                    )
+                    .with_url(&base)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(err)?,
+            ),
+        };
+        let prefix = prefix.trim_matches('/');
+        Ok(Store::from_backend(
+            inner,
+            prefix,
+            format!("{base}/{prefix}").trim_end_matches('/'),
         ))
     }
 
@@ -135,43 +290,80 @@ impl Store {
         }
     }
 
-    /// Writes `bytes` at `key` (atomically for the local store).
+    /// Runs `op` on the store's I/O runtime until it succeeds, fails for good, or
+    /// [`OP_ATTEMPTS`] attempts failed transiently (waiting 0.5 s, 1 s, 2 s, … between).
+    ///
+    /// Every operation runs on one process-wide runtime whatever runtime the caller is on:
+    /// the HTTP clients pool connections, and a pooled connection is driven by the runtime
+    /// that opened it — used from another, idle runtime it would hang until its deadline.
+    async fn retry<T, F, Fut>(&self, key: &str, what: &'static str, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(Arc<dyn ObjectStore>, ObjPath) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        let (inner, path, url) = (self.inner.clone(), self.path(key), self.url_of(key));
+        let task = io_runtime().spawn(async move {
+            let mut wait = Duration::from_millis(500);
+            let mut attempt = 1;
+            loop {
+                match op(inner.clone(), path.clone()).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) if attempt < OP_ATTEMPTS && transient(&e) => {
+                        tracing::warn!(url = %url, attempt, error = %e, "{what} failed; retrying in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        match task.await {
+            Ok(r) => r.map_err(|e| self.err(key, e)),
+            Err(join) => Err(self.err(key, object_store::Error::JoinError { source: join })),
+        }
+    }
+
+    /// Writes `bytes` at `key` (atomically: readers see the old object or the new one).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
-        self.inner
-            .put(&self.path(key), PutPayload::from(bytes))
-            .await
-            .map_err(|e| self.err(key, e))?;
+        self.retry(key, "put", move |s, p| {
+            let payload = PutPayload::from(bytes.clone());
+            async move { s.put(&p, payload).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// Reads `key`.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        let r = self
-            .inner
-            .get(&self.path(key))
-            .await
-            .map_err(|e| self.err(key, e))?;
-        r.bytes().await.map_err(|e| self.err(key, e))
+        self.retry(
+            key,
+            "get",
+            |s, p| async move { s.get(&p).await?.bytes().await },
+        )
+        .await
     }
 
     /// Reads `key`, or `None` when it does not exist.
     pub async fn get_opt(&self, key: &str) -> Result<Option<Bytes>> {
-        match self.inner.get(&self.path(key)).await {
-            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.err(key, e))?)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err(key, e)),
+        match self.get(key).await {
+            Ok(b) => Ok(Some(b)),
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
     /// Keys (relative to the store) below `prefix`, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        let base = self.path(prefix);
-        let metas: Vec<_> = self
-            .inner
-            .list(Some(&base))
-            .try_collect()
-            .await
-            .map_err(|e| self.err(prefix, e))?;
+        let metas: Vec<object_store::ObjectMeta> = self
+            .retry(prefix, "list", |s, p| async move {
+                s.list(Some(&p)).try_collect().await
+            })
+            .await?;
         let strip = self.prefix.as_ref().len();
         let mut keys: Vec<String> = metas
             .into_iter()
@@ -187,9 +379,16 @@ impl Store {
 
     /// Deletes `key`; a missing key is not an error.
     pub async fn delete(&self, key: &str) -> Result<()> {
-        match self.inner.delete(&self.path(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err(key, e)),
+        match self
+            .retry(key, "delete", |s, p| async move { s.delete(&p).await })
+            .await
+        {
+            Ok(())
+            | Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }
@@ -227,8 +426,10 @@ mod tests {
 
     #[test]
     fn unsupported_scheme_is_named() {
-        let e = Store::open("s3://bucket/run").unwrap_err().to_string();
-        assert!(e.contains("s3://"), "{e}");
+        let e = Store::open("ftp://host/run").unwrap_err().to_string();
+        assert!(e.contains("ftp://"), "{e}");
+        let e = Store::open("s3:///run").unwrap_err().to_string();
+        assert!(e.contains("no bucket"), "{e}");
         assert_eq!(
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use scfm_common::checkpoint::{ResumePoint, discard_all, json_diff, select_verified};
+use scfm_common::config::run_settings;
+use scfm_common::data::prepared::data_identity;
 use scfm_common::manifest::Manifest;
 use scfm_common::rpc::pb::coordinator_server::CoordinatorServer;
 use scfm_common::storage::Store;
@@ -61,40 +64,63 @@ pub struct Coordinator {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
-/// Reads the data cursor of the latest checkpoint, if any: `(step, epoch, position)`.
-pub async fn resume_cursor(store: &Store) -> Result<(u64, u64, u64), CoordinatorError> {
-    let Some(latest) = store.get_opt("latest.json").await? else {
-        return Ok((0, 0, 0));
+/// How the coordinator starts.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Discard the checkpoints at the manifest's checkpoint URL and start over.
+    pub fresh: bool,
+}
+
+/// Where the run starts: the newest checkpoint that verifies (older ones when newer ones
+/// fail verification), refused when it was trained with other settings than the
+/// manifest's (the differences are named); step 0 when there is none.
+pub async fn resume_point(store: &Store, m: &Manifest) -> Result<ResumePoint, CoordinatorError> {
+    let Some(v) = select_verified(store).await? else {
+        return Ok(ResumePoint::default());
     };
-    let bad =
-        |m: String| CoordinatorError::Checkpoint(format!("{}: {m}", store.url_of("latest.json")));
-    let l: serde_json::Value = serde_json::from_slice(&latest).map_err(|e| bad(e.to_string()))?;
-    let dir = l["dir"].as_str().ok_or_else(|| bad("no `dir`".into()))?;
-    let st = store.get(&format!("{dir}/state.json")).await?;
-    let v: serde_json::Value = serde_json::from_slice(&st).map_err(|e| bad(e.to_string()))?;
-    let s = &v["state"];
-    match (
-        s["step"].as_u64(),
-        s["epoch"].as_u64(),
-        s["position"].as_u64(),
-    ) {
-        (Some(a), Some(b), Some(c)) => Ok((a, b, c)),
-        _ => Err(bad(format!("{dir}/state.json lacks step/epoch/position"))),
+    let at = ResumePoint::of(&v, store)?;
+    let spec = m.train_spec()?;
+    let identity = data_identity(&spec.data.path).await?;
+    let want = run_settings(&spec.model, &spec.data, &identity, &spec.training);
+    let have = &v.state.state["settings"];
+    let diff = json_diff("", have, &want);
+    if !diff.is_empty() {
+        return Err(CoordinatorError::Checkpoint(format!(
+            "{} was trained with other settings than {} asks for: {}; run with --fresh to start over (discarding those checkpoints) or use another checkpoint.url",
+            store.url_of(&v.dir),
+            m.run_id,
+            diff.join(", ")
+        )));
     }
+    Ok(at)
 }
 
 impl Coordinator {
     /// Binds the manifest's address and starts serving (plus the watchdog and, when
     /// configured, the Prometheus endpoint).
     pub async fn start(manifest: &Manifest) -> Result<Self, CoordinatorError> {
+        Self::start_with(manifest, &StartOptions::default()).await
+    }
+
+    /// [`Coordinator::start`] with options (`--fresh`).
+    pub async fn start_with(
+        manifest: &Manifest,
+        opts: &StartOptions,
+    ) -> Result<Self, CoordinatorError> {
+        scfm_common::install_crypto_provider();
         let store = Store::open(&manifest.checkpoint.url)?;
-        let resume = resume_cursor(&store).await?;
-        if resume.0 > 0 {
+        if opts.fresh {
+            let n = discard_all(&store).await?;
+            tracing::info!(url = %store.url(), objects = n, "--fresh: discarded earlier checkpoints");
+        }
+        let resume = resume_point(&store, manifest).await?;
+        if let Some(dir) = &resume.dir {
             tracing::info!(
-                step = resume.0,
-                epoch = resume.1,
-                position = resume.2,
-                "resuming from the latest checkpoint"
+                step = resume.step,
+                epoch = resume.epoch,
+                position = resume.position,
+                checkpoint = %store.url_of(dir),
+                "resuming from a verified checkpoint"
             );
         }
         if let Some(addr) = &manifest.metrics.prometheus {

@@ -74,6 +74,7 @@ pub async fn run_local(
     mut manifest: Manifest,
     workers: usize,
     worker_bin: PathBuf,
+    opts: &crate::StartOptions,
 ) -> Result<crate::Finished, CoordinatorError> {
     manifest.cluster.max_workers = workers;
     manifest.cluster.min_workers = manifest.cluster.min_workers.min(workers);
@@ -87,7 +88,7 @@ pub async fn run_local(
         }
     };
     manifest.validate()?;
-    let coord = Coordinator::start(&manifest).await?;
+    let coord = Coordinator::start_with(&manifest, opts).await?;
     crate::preempt_on_signals(coord.shared.clone());
     let scheme = if manifest.auth.tls.is_some() {
         "https"

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use scfm_common::config::ModelConfig;
 use scfm_common::config::model::PRESETS;
 use scfm_common::manifest::Manifest;
-use scfm_coordinator::Coordinator;
+use scfm_coordinator::{Coordinator, StartOptions};
 
 mod prepare_cmd;
 
@@ -39,6 +39,9 @@ enum Cmd {
     Launch {
         /// Job manifest (YAML).
         manifest: PathBuf,
+        /// Discard the checkpoints at checkpoint.url and start over (default: resume).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Run a whole job on this machine: the coordinator and N worker processes.
     Local {
@@ -47,6 +50,9 @@ enum Cmd {
         /// Number of worker processes.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Discard the checkpoints at checkpoint.url and start over (default: resume).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Turn input files into a prepared (sharded) dataset for training.
     Prepare(Box<prepare_cmd::PrepareArgs>),
@@ -101,6 +107,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     scfm_common::telemetry::init_logging(&cli.log_format);
+    scfm_common::install_crypto_provider();
     match cli.cmd {
         Cmd::Train { args } => {
             let bin = worker_binary();
@@ -118,18 +125,22 @@ fn main() -> Result<()> {
                 bail!("{} train exited with {status}", bin.display());
             }
         }
-        Cmd::Launch { manifest } => {
+        Cmd::Launch { manifest, fresh } => {
             let m = Manifest::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;
             let fin = runtime()?.block_on(async {
-                let c = Coordinator::start(&m).await?;
+                let c = Coordinator::start_with(&m, &StartOptions { fresh }).await?;
                 scfm_coordinator::preempt_on_signals(c.shared.clone());
                 println!("coordinator listening on {}", c.addr);
                 c.wait().await
             })?;
             report(&m, fin);
         }
-        Cmd::Local { manifest, workers } => {
+        Cmd::Local {
+            manifest,
+            workers,
+            fresh,
+        } => {
             if workers == 0 {
                 bail!("--workers must be at least 1");
             }
@@ -139,6 +150,7 @@ fn main() -> Result<()> {
                 m.clone(),
                 workers,
                 worker_binary(),
+                &StartOptions { fresh },
             ))?;
             report(&m, fin);
         }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use scfm_common::checkpoint::ResumePoint;
 use scfm_common::manifest::Manifest;
 use scfm_common::rpc::{PROTOCOL_VERSION, TOKEN_HEADER, pb};
 use tokio::sync::watch;
@@ -29,8 +30,8 @@ pub struct Shared {
     pub run_id: String,
     /// Heartbeat interval for workers.
     pub heartbeat_ms: u64,
-    /// Data cursor `(step, epoch, position)` the run starts from.
-    pub resume: (u64, u64, u64),
+    /// Where the run starts (step, data cursor, checkpoint directory).
+    pub resume: ResumePoint,
     /// Metrics aggregation.
     pub metrics: MetricsSink,
     /// How long workers get to checkpoint and stop after a preemption.
@@ -39,7 +40,7 @@ pub struct Shared {
 
 impl Shared {
     /// Builds the shared state for a manifest and resume cursor.
-    pub fn new(m: &Manifest, resume: (u64, u64, u64), metrics: MetricsSink) -> Arc<Self> {
+    pub fn new(m: &Manifest, resume: ResumePoint, metrics: MetricsSink) -> Arc<Self> {
         let c = &m.cluster;
         let state = JobState::new(
             c.min_workers,
@@ -156,7 +157,7 @@ impl pb::coordinator_server::Coordinator for Service {
                     }
                     Refusal::Over => Status::failed_precondition("the job is over"),
                 })?;
-            s.maybe_start(Instant::now(), self.shared.resume);
+            s.maybe_start(Instant::now(), &self.shared.resume);
             id
         };
         tracing::info!(worker = %id, ring = %ring, host = %r.hostname, device = %r.device, pid = r.pid, "worker joined");
@@ -295,7 +296,7 @@ pub async fn watchdog(shared: Arc<Shared>) {
                 break;
             }
             let now = Instant::now();
-            if s.maybe_start(now, shared.resume) {
+            if s.maybe_start(now, &shared.resume) {
                 tracing::info!(
                     generation = s.generation,
                     workers = s.members.len(),

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use scfm_common::checkpoint::ResumePoint;
 use scfm_common::rpc::Assignment;
 
 /// Where the job is.
@@ -133,7 +134,7 @@ impl JobState {
     }
 
     /// Forms the first generation when enough workers joined; returns true if it did.
-    pub fn maybe_start(&mut self, now: Instant, resume: (u64, u64, u64)) -> bool {
+    pub fn maybe_start(&mut self, now: Instant, resume: &ResumePoint) -> bool {
         if self.phase != Phase::Joining || self.workers.is_empty() {
             return false;
         }
@@ -144,7 +145,6 @@ impl JobState {
         if n >= self.max_workers || (n >= self.min_workers && waited) {
             self.members = self.workers.keys().cloned().collect();
             self.generation += 1;
-            let (step, epoch, position) = resume;
             self.base = Some(Assignment {
                 generation: self.generation,
                 rank: 0,
@@ -154,10 +154,11 @@ impl JobState {
                     .iter()
                     .map(|id| self.workers[id].ring_addr)
                     .collect(),
-                step,
-                epoch,
-                position,
+                step: resume.step,
+                epoch: resume.epoch,
+                position: resume.position,
                 finished: false,
+                resume_dir: resume.dir.clone(),
             });
             self.phase = Phase::Running;
             return true;
@@ -251,19 +252,26 @@ mod tests {
     fn forms_generation_at_max_and_assigns_ranks() {
         let mut s = JobState::new(1, 2, Duration::from_secs(60), Duration::from_secs(30));
         let a = s.register(addr(1), "h".into(), "cpu".into()).unwrap();
-        assert!(!s.maybe_start(Instant::now(), (0, 0, 0)));
+        assert!(!s.maybe_start(Instant::now(), &ResumePoint::default()));
         let b = s.register(addr(2), "h".into(), "cpu".into()).unwrap();
         assert_eq!(
             s.register(addr(3), "h".into(), "cpu".into()),
             Err(Refusal::AlreadyRunning).or(Err(Refusal::Full(2)))
         );
-        assert!(s.maybe_start(Instant::now(), (5, 1, 64)));
+        let at = ResumePoint {
+            step: 5,
+            epoch: 1,
+            position: 64,
+            dir: Some("ckpt-000000005".into()),
+        };
+        assert!(s.maybe_start(Instant::now(), &at));
         let (aa, ab) = (s.assignment_for(&a).unwrap(), s.assignment_for(&b).unwrap());
         assert_eq!(
             (aa.rank, ab.rank, aa.world_size, aa.generation, aa.step),
             (0, 1, 2, 1, 5)
         );
         assert_eq!(aa.peers, vec![addr(1), addr(2)]);
+        assert_eq!(ab.resume_dir.as_deref(), Some("ckpt-000000005"));
         assert_eq!(
             s.register(addr(4), "h".into(), "cpu".into()),
             Err(Refusal::AlreadyRunning)
@@ -279,7 +287,7 @@ mod tests {
         let mut s = JobState::new(1, 3, Duration::from_millis(10), Duration::from_millis(20));
         let a = s.register(addr(1), "h".into(), "cpu".into()).unwrap();
         let later = Instant::now() + Duration::from_millis(50);
-        assert!(s.maybe_start(later, (0, 0, 0)));
+        assert!(s.maybe_start(later, &ResumePoint::default()));
         assert_eq!(s.assignment_for(&a).unwrap().world_size, 1);
         assert_eq!(s.dead_workers(later), vec![a.clone()]);
         s.heartbeat(&a, 3, later);

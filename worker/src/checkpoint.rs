@@ -9,12 +9,17 @@
 //! ```
 //! Every part is uploaded and read back for its checksum before `state.json`, and
 //! `latest.json` is written only after that, so a crash mid-save leaves the previous
-//! checkpoint current.
+//! checkpoint current. Saving is two halves: [`encode`] copies the tensors on the training
+//! thread (fast), [`upload`] stores them (slow; run in the background by
+//! [`crate::upload::Uploader`]). Which checkpoint a resume uses is decided by
+//! [`scfm_common::checkpoint::select_verified`]: the newest that verifies.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
 use safetensors::tensor::{Dtype, TensorView};
+use scfm_common::checkpoint::{LATEST, StateFile, Verified, checkpoint_dirs, verify_dir};
+pub use scfm_common::checkpoint::{Latest, dir_for};
 use scfm_common::storage::{Store, sha256_hex};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -46,6 +51,10 @@ pub struct TrainState {
     pub model: serde_json::Value,
     /// Number of genes in the vocabulary.
     pub n_genes: usize,
+    /// The model, data and batch settings the run was started with (a resume with other
+    /// settings is refused, naming the differences).
+    #[serde(default)]
+    pub settings: serde_json::Value,
 }
 
 impl TrainState {
@@ -61,28 +70,6 @@ impl TrainState {
         }
         patience.is_some_and(|p| self.evals_since_best >= p)
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StateFile {
-    state: TrainState,
-    files: HashMap<String, String>,
-}
-
-/// `latest.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Latest {
-    /// Step of the current checkpoint.
-    pub step: u64,
-    /// Its directory key.
-    pub dir: String,
-    /// sha256 of its `state.json`.
-    pub state_sha256: String,
-}
-
-/// Directory key of the checkpoint at `step`.
-pub fn dir_for(step: u64) -> String {
-    format!("ckpt-{step:09}")
 }
 
 /// Named tensors read from safetensors: name → (shape, values).
@@ -151,14 +138,19 @@ fn slot_tensors(slots: &[Slot], flat: &Tensor, prefix: &str) -> Vec<(String, Ten
         .collect()
 }
 
-/// Writes a checkpoint and then `latest.json`; returns the checkpoint's directory key.
-pub async fn save(
-    store: &Store,
-    params: &FlatParams,
-    opt: &AdamW,
-    state: &TrainState,
-) -> Result<String> {
-    let dir = dir_for(state.step);
+/// A checkpoint serialized in memory, ready to upload.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// Its directory key.
+    pub dir: String,
+    /// Its state.
+    pub state: TrainState,
+    /// Parts by file name.
+    pub parts: Vec<(String, Bytes)>,
+}
+
+/// Serializes parameters, optimizer moments and state (on the calling thread).
+pub fn encode(params: &FlatParams, opt: &AdamW, state: &TrainState) -> Result<Encoded> {
     // One metadata key: safetensors writes its metadata map in hash order, so several
     // keys would make otherwise identical checkpoints differ byte for byte.
     let scfm =
@@ -171,14 +163,25 @@ pub async fn save(
         &opt_named,
         Some(HashMap::from([("step".to_string(), opt.step.to_string())])),
     )?;
+    Ok(Encoded {
+        dir: dir_for(state.step),
+        state: state.clone(),
+        parts: vec![
+            ("model.safetensors".into(), Bytes::from(model)),
+            ("optimizer.safetensors".into(), Bytes::from(optim)),
+        ],
+    })
+}
+
+/// Uploads an encoded checkpoint: every part, read back and verified; then `state.json`;
+/// then `latest.json`. Returns the directory key.
+pub async fn upload(store: &Store, enc: &Encoded) -> Result<String> {
+    let dir = &enc.dir;
     let mut files = HashMap::new();
-    for (name, bytes) in [
-        ("model.safetensors", model),
-        ("optimizer.safetensors", optim),
-    ] {
+    for (name, bytes) in &enc.parts {
         let key = format!("{dir}/{name}");
-        let sha = sha256_hex(&bytes);
-        store.put(&key, Bytes::from(bytes)).await?;
+        let sha = sha256_hex(bytes);
+        store.put(&key, bytes.clone()).await?;
         let back = store.get(&key).await?;
         if sha256_hex(&back) != sha {
             return Err(WorkerError::Checkpoint {
@@ -186,10 +189,10 @@ pub async fn save(
                 message: "read-back checksum differs from what was written".into(),
             });
         }
-        files.insert(name.to_string(), sha);
+        files.insert(name.clone(), sha);
     }
     let state_bytes = serde_json::to_vec_pretty(&StateFile {
-        state: state.clone(),
+        state: serde_json::to_value(&enc.state).expect("state serializes"),
         files,
     })
     .expect("state serializes");
@@ -198,17 +201,27 @@ pub async fn save(
         .put(&format!("{dir}/state.json"), Bytes::from(state_bytes))
         .await?;
     let latest = Latest {
-        step: state.step,
+        step: enc.state.step,
         dir: dir.clone(),
         state_sha256: state_sha,
     };
     store
         .put(
-            "latest.json",
+            LATEST,
             Bytes::from(serde_json::to_vec_pretty(&latest).expect("latest serializes")),
         )
         .await?;
-    Ok(dir)
+    Ok(dir.clone())
+}
+
+/// Writes a checkpoint and then `latest.json` (encode + upload); returns the directory key.
+pub async fn save(
+    store: &Store,
+    params: &FlatParams,
+    opt: &AdamW,
+    state: &TrainState,
+) -> Result<String> {
+    upload(store, &encode(params, opt, state)?).await
 }
 
 /// A verified checkpoint read back from storage.
@@ -226,12 +239,12 @@ pub struct Loaded {
 
 /// Reads `latest.json`, if any.
 pub async fn latest(store: &Store) -> Result<Option<Latest>> {
-    match store.get_opt("latest.json").await? {
+    match store.get_opt(LATEST).await? {
         None => Ok(None),
         Some(b) => serde_json::from_slice(&b)
             .map(Some)
             .map_err(|e| WorkerError::Checkpoint {
-                url: store.url_of("latest.json"),
+                url: store.url_of(LATEST),
                 message: format!("malformed: {e}"),
             }),
     }
@@ -239,37 +252,26 @@ pub async fn latest(store: &Store) -> Result<Option<Latest>> {
 
 /// Loads and verifies the checkpoint in `dir` (checksums of every part).
 pub async fn load(store: &Store, dir: &str, expect_state_sha: Option<&str>) -> Result<Loaded> {
+    let v = verify_dir(store, dir, expect_state_sha).await?;
+    decode(store, v)
+}
+
+/// Decodes a verified checkpoint.
+pub fn decode(store: &Store, v: Verified) -> Result<Loaded> {
+    let dir = v.dir.as_str();
     let err = |key: &str, message: String| WorkerError::Checkpoint {
         url: store.url_of(key),
         message,
     };
     let state_key = format!("{dir}/state.json");
-    let sb = store.get(&state_key).await?;
-    if let Some(want) = expect_state_sha
-        && sha256_hex(&sb) != want
-    {
-        return Err(err(&state_key, "sha256 differs from latest.json".into()));
-    }
-    let sf: StateFile =
-        serde_json::from_slice(&sb).map_err(|e| err(&state_key, format!("malformed: {e}")))?;
-    let mut parts = HashMap::new();
-    for name in ["model.safetensors", "optimizer.safetensors"] {
-        let key = format!("{dir}/{name}");
-        let want = sf
-            .files
+    let state: TrainState = serde_json::from_value(v.state.state.clone())
+        .map_err(|e| err(&state_key, format!("malformed state: {e}")))?;
+    let part = |name: &str| {
+        v.parts
             .get(name)
-            .ok_or_else(|| err(&state_key, format!("no checksum for {name}")))?;
-        let b = store.get(&key).await?;
-        let got = sha256_hex(&b);
-        if &got != want {
-            return Err(err(
-                &key,
-                format!("sha256 {got} does not match state.json's {want} (truncated or corrupt)"),
-            ));
-        }
-        parts.insert(name, b);
-    }
-    let opt_bytes = &parts["optimizer.safetensors"];
+            .ok_or_else(|| err(&state_key, format!("lists no {name}")))
+    };
+    let opt_bytes = part("optimizer.safetensors")?;
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(opt_bytes).map_err(|e| err(dir, e.to_string()))?;
     let opt_step = meta
@@ -279,9 +281,8 @@ pub async fn load(store: &Store, dir: &str, expect_state_sha: Option<&str>) -> R
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| err(dir, "optimizer.safetensors has no `step` metadata".into()))?;
     Ok(Loaded {
-        state: sf.state,
         model: safetensors_to_vecs(
-            &parts["model.safetensors"],
+            part("model.safetensors")?,
             &store.url_of(&format!("{dir}/model.safetensors")),
         )?,
         optimizer: safetensors_to_vecs(
@@ -289,6 +290,7 @@ pub async fn load(store: &Store, dir: &str, expect_state_sha: Option<&str>) -> R
             &store.url_of(&format!("{dir}/optimizer.safetensors")),
         )?,
         opt_step,
+        state,
     })
 }
 
@@ -333,17 +335,7 @@ pub fn restore(loaded: &Loaded, params: &FlatParams, opt: &mut AdamW) -> Result<
 /// Deletes all but the newest `keep_last` checkpoints and `keep_also` (the best).
 pub async fn retain(store: &Store, keep_last: usize, keep_also: Option<&str>) -> Result<()> {
     let keys = store.list("").await?;
-    let mut dirs: Vec<String> = keys
-        .iter()
-        .filter_map(|k| {
-            k.split('/')
-                .next()
-                .filter(|d| d.starts_with("ckpt-") && k.contains('/'))
-                .map(str::to_string)
-        })
-        .collect();
-    dirs.sort();
-    dirs.dedup();
+    let dirs = checkpoint_dirs(store).await?;
     let n = dirs.len();
     for d in dirs.iter().take(n.saturating_sub(keep_last)) {
         if Some(d.as_str()) == keep_also {
@@ -397,6 +389,7 @@ mod tests {
             val_loss: None,
             model: serde_json::json!({}),
             n_genes: 2,
+            settings: serde_json::json!({"model": {}}),
         };
         (vs, p, opt, state)
     }
@@ -435,7 +428,7 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(e.contains("sha256 differs from latest.json"), "{e}");
+        assert!(e.contains("differs from latest.json"), "{e}");
     }
 
     #[test]

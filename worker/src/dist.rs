@@ -170,6 +170,7 @@ fn to_pb(worker_id: &str, generation: u64, r: StepReport) -> pb::StepMetrics {
 
 /// Joins the cluster and trains until the job ends.
 pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
+    scfm_common::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -292,9 +293,9 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
         checksum_every: manifest.cluster.checksum_every,
     };
     let opts = RunOptions {
-        resume: a.step > 0,
-        stop_after: None,
-        json: false,
+        resume: false,
+        resume_dir: a.resume_dir.clone(),
+        ..RunOptions::default()
     };
     let outcome = Trainer::with_context(spec, &opts, ctx).and_then(|mut t| {
         if t.state.step != a.step {

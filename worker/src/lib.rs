@@ -12,6 +12,7 @@ pub mod params;
 pub mod preempt;
 pub mod step;
 pub mod trainer;
+pub mod upload;
 
 pub use error::{Result, WorkerError};
 pub mod bench;

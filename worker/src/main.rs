@@ -29,9 +29,12 @@ enum Cmd {
         /// Training file (YAML).
         #[arg(long)]
         config: PathBuf,
-        /// Continue from the checkpoint's latest.json.
-        #[arg(long)]
+        /// Continue from the newest checkpoint that verifies.
+        #[arg(long, conflicts_with = "fresh")]
         resume: bool,
+        /// Discard the checkpoints at checkpoint.url first (start over).
+        #[arg(long)]
+        fresh: bool,
         /// Stop after this many steps in this process (the schedule still spans the run).
         #[arg(long)]
         stop_after: Option<u64>,
@@ -110,10 +113,12 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     scfm_common::telemetry::init_logging(&cli.log_format);
+    scfm_common::install_crypto_provider();
     match cli.cmd {
         Cmd::Train {
             config,
             resume,
+            fresh,
             stop_after,
             json,
         } => {
@@ -122,8 +127,10 @@ fn main() -> Result<()> {
             scfm_worker::preempt::install_signal_handlers()?;
             let opts = RunOptions {
                 resume,
+                fresh,
                 stop_after,
                 json,
+                ..RunOptions::default()
             };
             let mut trainer = Trainer::new(spec, &opts)?;
             let summary = trainer.run(&opts)?;

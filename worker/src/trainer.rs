@@ -25,12 +25,20 @@ use crate::params::FlatParams;
 use crate::step::{
     all_reduce_grads, check_params_identical, compute_kind, forward_backward, select_device,
 };
+use crate::upload::{AfterUpload, Uploader};
+use scfm_common::checkpoint::{discard_all, json_diff, select_verified, verify_dir};
+use scfm_common::config::run_settings;
+use scfm_common::data::prepared::data_identity;
 
 /// Command-line options of a training run.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Continue from the checkpoint's `latest.json` (an error when there is none).
+    /// Continue from the newest checkpoint that verifies (an error when there is none).
     pub resume: bool,
+    /// Continue from this checkpoint directory (the coordinator's choice).
+    pub resume_dir: Option<String>,
+    /// Discard the checkpoints at the checkpoint URL before starting.
+    pub fresh: bool,
     /// Stop this process after this many steps (the schedule still spans the whole run):
     /// simulates a preemption.
     pub stop_after: Option<u64>,
@@ -88,6 +96,7 @@ pub struct Trainer {
     device: Device,
     metrics: Vec<String>,
     ctx: WorkerContext,
+    uploader: Uploader,
 }
 
 /// How this trainer fits in a cluster.
@@ -199,14 +208,13 @@ impl Trainer {
         let total_steps = t
             .max_steps
             .unwrap_or(((n_train * t.epochs) as u64).div_ceil(lcfg.cells_per_step() as u64));
-        let digest = sha256_hex(
-            serde_json::json!({"model": model_json(&spec), "n_genes": n_genes, "seed": t.seed,
-                "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                "validation_fraction": spec.data.validation_fraction, "data": source.identity(),
-                "block_cells": spec.data.block_cells, "shuffle_window": spec.data.shuffle_window})
-            .to_string()
-            .as_bytes(),
-        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let identity = rt.block_on(data_identity(&spec.data.path))?;
+        let settings = run_settings(&spec.model, &spec.data, &identity, t);
+        let digest = sha256_hex(settings.to_string().as_bytes());
         let state = TrainState {
             step: 0,
             epoch: 0,
@@ -218,12 +226,13 @@ impl Trainer {
             val_loss: None,
             model: model_json(&spec),
             n_genes,
+            settings,
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| WorkerError::Internal(e.to_string()))?;
         let store = Store::open(&spec.checkpoint.url)?;
+        if opts.fresh {
+            let n = rt.block_on(discard_all(&store))?;
+            tracing::info!(url = %store.url(), objects = n, "--fresh: discarded earlier checkpoints");
+        }
         let mut tr = Trainer {
             spec,
             model,
@@ -239,36 +248,39 @@ impl Trainer {
             device,
             metrics: Vec::new(),
             ctx,
+            uploader: Uploader::new(),
         };
-        if opts.resume {
-            tr.resume()?;
+        if opts.resume || opts.resume_dir.is_some() {
+            tr.resume(opts.resume_dir.as_deref())?;
         }
         Ok(tr)
     }
 
-    fn resume(&mut self) -> Result<()> {
-        let latest = self
-            .rt
-            .block_on(checkpoint::latest(&self.store))?
-            .ok_or_else(|| WorkerError::Checkpoint {
-                url: self.store.url_of("latest.json"),
-                message: "--resume given but there is no checkpoint".into(),
-            })?;
-        let loaded = self.rt.block_on(checkpoint::load(
-            &self.store,
-            &latest.dir,
-            Some(&latest.state_sha256),
-        ))?;
+    /// Restores the checkpoint in `dir` (chosen by the coordinator), or else the newest
+    /// one that verifies.
+    fn resume(&mut self, dir: Option<&str>) -> Result<()> {
+        let verified = match dir {
+            Some(d) => self.rt.block_on(verify_dir(&self.store, d, None))?,
+            None => self
+                .rt
+                .block_on(select_verified(&self.store))?
+                .ok_or_else(|| WorkerError::Checkpoint {
+                    url: self.store.url_of("latest.json"),
+                    message: "--resume given but there is no checkpoint".into(),
+                })?,
+        };
+        let dir = verified.dir.clone();
+        let loaded = checkpoint::decode(&self.store, verified)?;
         if loaded.state.config_digest != self.state.config_digest {
-            let diff = diff_keys(&loaded.state.model, &self.state.model);
+            let diff = json_diff("", &loaded.state.settings, &self.state.settings);
             return Err(WorkerError::Checkpoint {
-                url: self.store.url_of(&latest.dir),
+                url: self.store.url_of(&dir),
                 message: format!(
-                    "was written with other model/data settings{}; use another checkpoint URL to start over",
+                    "was written with other settings ({}); start over with --fresh or use another checkpoint URL",
                     if diff.is_empty() {
-                        " (data, seed or batch settings differ)".to_string()
+                        "from an older scfm".to_string()
                     } else {
-                        format!(" (model fields differ: {})", diff.join(", "))
+                        diff.join(", ")
                     }
                 ),
             });
@@ -288,10 +300,10 @@ impl Trainer {
                 .map(str::to_string)
                 .collect();
         }
-        tracing::info!(step = self.state.step, epoch = self.state.epoch, position = self.state.position, dir = %latest.dir, "resumed");
+        tracing::info!(step = self.state.step, epoch = self.state.epoch, position = self.state.position, dir = %dir, "resumed");
         eprintln!(
             "resumed from {} at step {}",
-            self.store.url_of(&latest.dir),
+            self.store.url_of(&dir),
             self.state.step
         );
         Ok(())
@@ -387,33 +399,51 @@ impl Trainer {
         Ok((w > 0.0).then(|| (tot / w, mg / w, co / w)))
     }
 
-    /// Saves a checkpoint (and metrics) and applies retention.
-    /// Only rank 0 writes (one writer of `latest.json`); the others return the key.
+    /// Saves a checkpoint: the tensors are copied here, the upload (then metrics and
+    /// retention) runs in the background while training goes on. Only rank 0 writes (one
+    /// writer of `latest.json`); the others return the key. A failed earlier upload is
+    /// logged (`latest.json` still names the checkpoint before it) and training goes on;
+    /// [`Trainer::flush_checkpoint`] makes the last one's failure an error.
     pub fn save(&mut self) -> Result<String> {
+        let dir = checkpoint::dir_for(self.state.step);
         if self.ctx.collective.rank() != 0 {
-            return Ok(checkpoint::dir_for(self.state.step));
+            return Ok(dir);
         }
-        let dir = self.rt.block_on(checkpoint::save(
-            &self.store,
-            &self.params,
-            &self.opt,
-            &self.state,
-        ))?;
-        if self.ctx.reporter.is_none() {
-            // A single process writes its own metrics; in a cluster the coordinator does.
+        let t = Instant::now();
+        let enc = checkpoint::encode(&self.params, &self.opt, &self.state)?;
+        // A single process writes its own metrics; in a cluster the coordinator does.
+        let metrics = self.ctx.reporter.is_none().then(|| {
             let mut text = self.metrics.join("\n");
             text.push('\n');
-            self.rt
-                .block_on(self.store.put("metrics.jsonl", text.into()))?;
+            text
+        });
+        let after = AfterUpload {
+            metrics,
+            keep_last: self.spec.checkpoint.keep_last,
+            keep_also: self.best_dir(),
+        };
+        if let Some(Err(e)) = self.uploader.start(self.store.clone(), enc, after) {
+            tracing::error!(error = %e, "checkpoint upload failed; the previous checkpoint stays current");
         }
-        let best = self.best_dir();
-        self.rt.block_on(checkpoint::retain(
-            &self.store,
-            self.spec.checkpoint.keep_last,
-            best.as_deref(),
-        ))?;
-        tracing::info!(step = self.state.step, url = %self.store.url_of(&dir), "checkpoint saved");
+        let stall = t.elapsed().as_secs_f64();
+        tracing::debug!(
+            step = self.state.step,
+            stall_s = stall,
+            "checkpoint handed to the uploader"
+        );
+        self.metrics.push(
+            serde_json::json!({"event": "checkpoint", "step": self.state.step, "stall_s": stall})
+                .to_string(),
+        );
         Ok(dir)
+    }
+
+    /// Waits for the checkpoint upload in flight; its failure is an error.
+    pub fn flush_checkpoint(&mut self) -> Result<()> {
+        match self.uploader.wait() {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     fn best_dir(&self) -> Option<String> {
@@ -581,6 +611,7 @@ impl Trainer {
         {
             self.save()?;
         }
+        self.flush_checkpoint()?;
         bar.finish_and_clear();
         let summary = RunSummary {
             steps: self.state.step,
@@ -643,27 +674,6 @@ fn loader_config(spec: &TrainSpec, ctx: &WorkerContext) -> LoaderConfig {
         rank: ctx.collective.rank(),
         world: ctx.collective.world_size(),
     }
-}
-
-fn diff_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
-    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
-        return vec![];
-    };
-    let mut keys: Vec<String> = a
-        .keys()
-        .chain(b.keys())
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| {
-            format!(
-                "{k}: {} -> {}",
-                a.get(k).unwrap_or(&serde_json::Value::Null),
-                b.get(k).unwrap_or(&serde_json::Value::Null)
-            )
-        })
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys
 }
 
 #[cfg(test)]

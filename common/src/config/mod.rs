@@ -123,6 +123,34 @@ pub struct TrainFile {
     pub checkpoint: CheckpointConfig,
 }
 
+/// The settings a checkpoint must have been trained with to be resumed: the model, the
+/// data (by identity, see `data::prepared::data_identity`, and how it is read and
+/// ordered) and what fixes the sample stream (seed, batch size, accumulation). Epochs,
+/// learning rate and the cluster may change between runs.
+pub fn run_settings(
+    model: &ModelConfig,
+    data: &DataConfig,
+    data_identity: &str,
+    training: &TrainingConfig,
+) -> serde_json::Value {
+    serde_json::json!({
+        "model": serde_json::to_value(model).expect("model config serializes"),
+        "data": {
+            "identity": data_identity,
+            "source": serde_json::to_value(&data.source).expect("source serializes"),
+            "validation_fraction": data.validation_fraction,
+            "target_sum": data.target_sum,
+            "block_cells": data.block_cells,
+            "shuffle_window": data.shuffle_window,
+        },
+        "training": {
+            "seed": training.seed,
+            "batch_size": training.batch_size,
+            "grad_accum": training.grad_accum,
+        },
+    })
+}
+
 /// A [`TrainFile`] with its model resolved and every field validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSpec {

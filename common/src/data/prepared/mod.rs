@@ -113,6 +113,13 @@ pub struct DatasetManifest {
 }
 
 impl DatasetManifest {
+    /// What the data is, independent of where it lives: a digest of the vocabulary and
+    /// of every shard's checksum.
+    pub fn identity(&self) -> String {
+        let shas: Vec<&str> = self.shards.iter().map(|s| s.sha256.as_str()).collect();
+        crate::storage::sha256_hex(format!("{}\n{}", self.vocab_sha256, shas.join("\n")).as_bytes())
+    }
+
     /// Parses and checks `dataset.json` (`url` names it in errors).
     pub fn parse(bytes: &[u8], url: &str) -> Result<DatasetManifest> {
         let m: DatasetManifest = serde_json::from_slice(bytes).map_err(|e| Error::Parse {
@@ -200,6 +207,24 @@ pub fn parse_vocab_tsv(text: &str, url: &str) -> Result<Vec<VocabEntry>> {
         }
     }
     Ok(out)
+}
+
+/// Whether the data location of a training config names a prepared dataset (a URL, or a
+/// directory with `dataset.json`) rather than one input file.
+pub fn is_prepared(path: &Path) -> bool {
+    crate::config::is_url(path) || path.is_dir() && PreparedDataset::is_prepared_dir(path)
+}
+
+/// The identity of the training data at `path` (see [`DatasetManifest::identity`]; for one
+/// input file, its SHA-256), so that a checkpoint can tell whether it was trained on the
+/// same data wherever the data now lives.
+pub async fn data_identity(path: &Path) -> Result<String> {
+    if is_prepared(path) {
+        let d = PreparedDataset::open(&path.to_string_lossy()).await?;
+        Ok(d.manifest.identity())
+    } else {
+        prepare::file_sha256(path)
+    }
 }
 
 /// A prepared dataset opened from its URL: the description and the vocabulary.

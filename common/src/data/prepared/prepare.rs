@@ -415,7 +415,7 @@ fn vocab_entries(vocab: &[String], sources: &[Source]) -> Vec<VocabEntry> {
 }
 
 /// Hex SHA-256 of a file, or of an mtx folder's files in name order.
-fn file_sha256(path: &Path) -> Result<String> {
+pub(crate) fn file_sha256(path: &Path) -> Result<String> {
     let io = |source| Error::Io {
         path: path.into(),
         source,

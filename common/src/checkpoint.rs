@@ -1,0 +1,348 @@
+//! The checkpoint layout in object storage and the choice of the checkpoint to resume
+//! from, shared by the coordinator (which decides) and the workers (which load).
+//!
+//! ```text
+//! <url>/ckpt-<step:09>/<part>        parts (model.safetensors, optimizer.safetensors)
+//! <url>/ckpt-<step:09>/state.json    {"state": …, "files": {part: sha256}}
+//! <url>/latest.json                  {"step", "dir", "state_sha256"}, written last
+//! ```
+//! A checkpoint is used only when its `state.json` and every part match their SHA-256.
+//! [`select_verified`] tries `latest.json`'s checkpoint first, then older ones, newest
+//! first; directories newer than `latest.json` are unfinished uploads and never used.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::storage::{Store, sha256_hex};
+
+/// Key of the pointer to the current checkpoint.
+pub const LATEST: &str = "latest.json";
+/// Key of the metrics log next to the checkpoints.
+pub const METRICS: &str = "metrics.jsonl";
+
+/// `latest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latest {
+    /// Step of the current checkpoint.
+    pub step: u64,
+    /// Its directory key.
+    pub dir: String,
+    /// sha256 of its `state.json`.
+    pub state_sha256: String,
+}
+
+/// `state.json` of a checkpoint: the trainer's state (opaque here) and the parts' sha256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateFile {
+    /// The trainer's state (step, data cursor, settings, …).
+    pub state: serde_json::Value,
+    /// sha256 of each part, by file name.
+    pub files: HashMap<String, String>,
+}
+
+/// Directory key of the checkpoint at `step`.
+pub fn dir_for(step: u64) -> String {
+    format!("ckpt-{step:09}")
+}
+
+/// The step of a checkpoint directory key, if it is one.
+pub fn step_of(dir: &str) -> Option<u64> {
+    dir.strip_prefix("ckpt-")?.parse().ok()
+}
+
+/// Checkpoint directories present under the store, oldest first.
+pub async fn checkpoint_dirs(store: &Store) -> Result<Vec<String>> {
+    let mut dirs: Vec<String> = store
+        .list("")
+        .await?
+        .iter()
+        .filter_map(|k| k.split_once('/').map(|(d, _)| d))
+        .filter(|d| step_of(d).is_some())
+        .map(str::to_string)
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    Ok(dirs)
+}
+
+/// A checkpoint whose state and parts all matched their checksums.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// Its directory key.
+    pub dir: String,
+    /// Its `state.json`.
+    pub state: StateFile,
+    /// The parts' bytes, by file name.
+    pub parts: HashMap<String, Bytes>,
+    /// Newer checkpoints passed over, each with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Reads and verifies the checkpoint in `dir`; `state_sha` (from `latest.json`) is
+/// checked when given.
+pub async fn verify_dir(store: &Store, dir: &str, state_sha: Option<&str>) -> Result<Verified> {
+    let corrupt = |key: &str, message: String| Error::Corrupt {
+        url: store.url_of(key),
+        message,
+    };
+    let state_key = format!("{dir}/state.json");
+    let Some(sb) = store.get_opt(&state_key).await? else {
+        return Err(corrupt(
+            &state_key,
+            "missing (an unfinished checkpoint)".into(),
+        ));
+    };
+    if let Some(want) = state_sha
+        && sha256_hex(&sb) != want
+    {
+        return Err(corrupt(
+            &state_key,
+            format!(
+                "sha256 {} differs from latest.json's {want}",
+                sha256_hex(&sb)
+            ),
+        ));
+    }
+    let state: StateFile =
+        serde_json::from_slice(&sb).map_err(|e| corrupt(&state_key, format!("malformed: {e}")))?;
+    let mut names: Vec<&String> = state.files.keys().collect();
+    names.sort();
+    let mut parts = HashMap::new();
+    for name in names {
+        let key = format!("{dir}/{name}");
+        let Some(b) = store.get_opt(&key).await? else {
+            return Err(corrupt(&key, "missing".into()));
+        };
+        let (got, want) = (sha256_hex(&b), &state.files[name]);
+        if &got != want {
+            return Err(corrupt(
+                &key,
+                format!(
+                    "sha256 {got} ({} bytes) does not match state.json's {want} (truncated or corrupt)",
+                    b.len()
+                ),
+            ));
+        }
+        parts.insert(name.clone(), b);
+    }
+    Ok(Verified {
+        dir: dir.to_string(),
+        state,
+        parts,
+        skipped: Vec::new(),
+    })
+}
+
+/// The newest checkpoint that verifies: `latest.json`'s, else the previous ones, newest
+/// first. `Ok(None)` when there is no checkpoint at all; an error when there are some but
+/// none verifies (the reasons are named; nothing is silently restarted from scratch).
+pub async fn select_verified(store: &Store) -> Result<Option<Verified>> {
+    let mut skipped = Vec::new();
+    let latest = match store.get_opt(LATEST).await? {
+        None => None,
+        Some(b) => match serde_json::from_slice::<Latest>(&b) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                skipped.push(format!("{}: malformed ({e})", store.url_of(LATEST)));
+                None
+            }
+        },
+    };
+    let dirs = checkpoint_dirs(store).await?;
+    let mut candidates: Vec<(String, Option<String>)> = Vec::new();
+    let newest = match &latest {
+        Some(l) => {
+            candidates.push((l.dir.clone(), Some(l.state_sha256.clone())));
+            l.step
+        }
+        None => u64::MAX,
+    };
+    for d in dirs.iter().rev() {
+        if step_of(d).is_some_and(|s| s < newest) {
+            candidates.push((d.clone(), None));
+        }
+    }
+    if candidates.is_empty() {
+        return match skipped.is_empty() {
+            true => Ok(None),
+            false => Err(Error::Corrupt {
+                url: store.url_of(LATEST),
+                message: format!("no usable checkpoint: {}", skipped.join("; ")),
+            }),
+        };
+    }
+    for (dir, sha) in candidates {
+        match verify_dir(store, &dir, sha.as_deref()).await {
+            Ok(mut v) => {
+                for s in &skipped {
+                    tracing::warn!(skipped = %s, using = %store.url_of(&dir), "a newer checkpoint failed verification; using an older one");
+                }
+                v.skipped = skipped;
+                return Ok(Some(v));
+            }
+            Err(e) => skipped.push(e.to_string()),
+        }
+    }
+    Err(Error::Corrupt {
+        url: store.url().to_string(),
+        message: format!(
+            "no checkpoint verifies: {}; start over with --fresh or use another checkpoint URL",
+            skipped.join("; ")
+        ),
+    })
+}
+
+/// Where a run starts: the step and data cursor of a verified checkpoint, or zero.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Data cursor: epoch.
+    pub epoch: u64,
+    /// Data cursor: position in the epoch's order.
+    pub position: u64,
+    /// The checkpoint directory (`None`: a fresh start).
+    pub dir: Option<String>,
+}
+
+impl ResumePoint {
+    /// The resume point of a verified checkpoint (its state's step, epoch, position).
+    pub fn of(v: &Verified, store: &Store) -> Result<ResumePoint> {
+        let s = &v.state.state;
+        match (
+            s["step"].as_u64(),
+            s["epoch"].as_u64(),
+            s["position"].as_u64(),
+        ) {
+            (Some(step), Some(epoch), Some(position)) => Ok(ResumePoint {
+                step,
+                epoch,
+                position,
+                dir: Some(v.dir.clone()),
+            }),
+            _ => Err(Error::Corrupt {
+                url: store.url_of(&format!("{}/state.json", v.dir)),
+                message: "lacks step/epoch/position".into(),
+            }),
+        }
+    }
+}
+
+/// Deletes every checkpoint, `latest.json` and the metrics log under `store` (`--fresh`).
+pub async fn discard_all(store: &Store) -> Result<usize> {
+    store.delete(LATEST).await?;
+    let mut n = 0;
+    for k in store.list("").await? {
+        let in_ckpt = k.split_once('/').is_some_and(|(d, _)| step_of(d).is_some());
+        if in_ckpt || k == METRICS {
+            store.delete(&k).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The field-by-field differences between two JSON objects (`prefix.key: old -> new`),
+/// recursing into nested objects; empty when equal.
+pub fn json_diff(prefix: &str, old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value::{Null, Object};
+    match (old, new) {
+        (Object(a), Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    json_diff(&p, a.get(k).unwrap_or(&Null), b.get(k).unwrap_or(&Null))
+                })
+                .collect()
+        }
+        _ if old == new => Vec::new(),
+        _ => vec![format!("{prefix}: {old} -> {new}")],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn put_ckpt(store: &Store, step: u64, model: &[u8]) -> Latest {
+        let dir = dir_for(step);
+        store
+            .put(&format!("{dir}/model.bin"), Bytes::copy_from_slice(model))
+            .await
+            .unwrap();
+        let sf = StateFile {
+            state: serde_json::json!({"step": step}),
+            files: HashMap::from([("model.bin".to_string(), sha256_hex(model))]),
+        };
+        let sb = serde_json::to_vec(&sf).unwrap();
+        let l = Latest {
+            step,
+            dir: dir.clone(),
+            state_sha256: sha256_hex(&sb),
+        };
+        store
+            .put(&format!("{dir}/state.json"), sb.into())
+            .await
+            .unwrap();
+        store
+            .put(LATEST, serde_json::to_vec(&l).unwrap().into())
+            .await
+            .unwrap();
+        l
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_the_newest_checkpoint_that_verifies() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path().to_str().unwrap()).unwrap();
+        assert!(select_verified(&s).await.unwrap().is_none());
+        put_ckpt(&s, 10, b"ten").await;
+        put_ckpt(&s, 20, b"twenty").await;
+        assert_eq!(select_verified(&s).await.unwrap().unwrap().dir, dir_for(20));
+        // Truncate step 20's part: step 10 is used, the reason is kept.
+        std::fs::write(d.path().join("ckpt-000000020/model.bin"), b"twen").unwrap();
+        let v = select_verified(&s).await.unwrap().unwrap();
+        assert_eq!(v.dir, dir_for(10));
+        assert_eq!(&v.parts["model.bin"][..], b"ten");
+        assert!(
+            v.skipped[0].contains("ckpt-000000020/model.bin"),
+            "{:?}",
+            v.skipped
+        );
+        // An unfinished newer upload (no latest.json pointing at it) is ignored.
+        s.put("ckpt-000000030/model.bin", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(select_verified(&s).await.unwrap().unwrap().dir, dir_for(10));
+        // Everything corrupt: an error naming the reasons, not a fresh start.
+        std::fs::write(d.path().join("ckpt-000000010/model.bin"), b"").unwrap();
+        let e = select_verified(&s).await.unwrap_err().to_string();
+        assert!(
+            e.contains("no checkpoint verifies") && e.contains("--fresh"),
+            "{e}"
+        );
+        assert_eq!(discard_all(&s).await.unwrap(), 5);
+        assert!(select_verified(&s).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn json_diff_names_changed_fields() {
+        let a = serde_json::json!({"model": {"hidden": 128, "n_layers": 2}, "seed": 0});
+        let b = serde_json::json!({"model": {"hidden": 256, "n_layers": 2}, "seed": 0, "x": 1});
+        assert_eq!(
+            json_diff("", &a, &b),
+            vec!["model.hidden: 128 -> 256", "x: null -> 1"]
+        );
+        assert!(json_diff("", &a, &a).is_empty());
+    }
+}

@@ -1,0 +1,189 @@
+//! Checkpoints in object storage, against a real S3-compatible server (s3s-fs, started
+//! here) and the local-disk store: save/resume round trips, falling back to the previous
+//! checkpoint when one fails verification, and a store that dies mid-upload.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use scfm_tests::{S3Server, bin, json_lines, lines, prepared_dataset, run_with_timeout, wait_exit};
+
+const TINY: &str = "  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 2\n  ffn_dim: 64\n  max_seq_len: 64";
+
+fn config(dir: &Path, name: &str, url: &str, every: u64, max_steps: u64) -> PathBuf {
+    let cfg = format!(
+        "data:\n  path: {}\nmodel:\n{TINY}\ntraining:\n  batch_size: 16\n  max_steps: {max_steps}\n  warmup_steps: 2\n  eval_every: 1000\n  log_every: 1000\n  threads: 1\ncheckpoint:\n  url: {url}\n  every_steps: {every}\n  keep_last: 10\n",
+        prepared_dataset(dir).display()
+    );
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+fn train(cfg: &Path, extra: &[&str], env: &[(String, String)]) -> Output {
+    run_with_timeout(
+        Command::new(bin("scfm-worker"))
+            .args(["train", "--json", "--config"])
+            .arg(cfg)
+            .args(extra)
+            .envs(env.iter().cloned()),
+        Duration::from_secs(300),
+    )
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "training failed:\n{err}");
+    err
+}
+
+/// Losses per step and the final parameter fingerprint.
+fn outcome(o: &Output) -> (Vec<(u64, String)>, String) {
+    let lines = json_lines(o);
+    let steps = lines
+        .iter()
+        .filter(|l| l["event"] == "step")
+        .map(|l| (l["step"].as_u64().unwrap(), l["loss"].to_string()))
+        .collect();
+    let fp = lines
+        .iter()
+        .find(|l| l["event"] == "done")
+        .map(|l| l["summary"]["fingerprint"].as_str().unwrap().to_string())
+        .expect("done line");
+    (steps, fp)
+}
+
+/// The same run on S3, stopped and resumed, ends bit-identical to an uninterrupted run
+/// on local disk.
+#[test]
+fn s3_checkpoints_resume_bitwise_like_local_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&d.path().join("s3"), "scfm");
+    let local = config(
+        d.path(),
+        "local",
+        d.path().join("local").to_str().unwrap(),
+        3,
+        8,
+    );
+    let (full, fp) = outcome(&train(&local, &[], &[]));
+    assert_eq!(full.len(), 8);
+    let remote = config(d.path(), "remote", "s3://scfm/runs/a", 3, 8);
+    ok(&train(&remote, &["--stop-after", "4"], &s3.env()));
+    assert!(d.path().join("s3/scfm/runs/a/latest.json").is_file());
+    let o = train(&remote, &["--resume"], &s3.env());
+    let err = ok(&o);
+    assert!(
+        err.contains("resumed from s3://scfm/runs/a/ckpt-000000004"),
+        "{err}"
+    );
+    let (tail, fp2) = outcome(&o);
+    assert_eq!(tail, full[4..].to_vec());
+    assert_eq!(fp2, fp);
+}
+
+fn corrupt_latest_falls_back(url: &str, part_path: &Path, env: &[(String, String)], d: &Path) {
+    let cfg = config(d, "run", url, 2, 8);
+    let reference = config(d, "ref", d.join("ref").to_str().unwrap(), 100, 8);
+    let (_, fp) = outcome(&train(&reference, &[], &[]));
+    ok(&train(&cfg, &["--stop-after", "6"], env));
+    // Truncate the model of the newest checkpoint (step 6).
+    let bytes = std::fs::read(part_path).unwrap();
+    std::fs::write(part_path, &bytes[..bytes.len() / 2]).unwrap();
+    let o = train(&cfg, &["--resume"], env);
+    let err = ok(&o);
+    assert!(err.contains("ckpt-000000004 at step 4"), "{err}");
+    assert!(
+        err.contains("failed verification") && err.contains("ckpt-000000006/model.safetensors"),
+        "{err}"
+    );
+    assert_eq!(outcome(&o).1, fp, "resumed from step 4: same end");
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_on_local_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("ck");
+    let part = ck.join("ckpt-000000006/model.safetensors");
+    corrupt_latest_falls_back(ck.to_str().unwrap(), &part, &[], d.path());
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_on_s3() {
+    let d = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&d.path().join("s3"), "scfm");
+    let part = d
+        .path()
+        .join("s3/scfm/run/ckpt-000000006/model.safetensors");
+    corrupt_latest_falls_back("s3://scfm/run", &part, &s3.env(), d.path());
+}
+
+/// The S3 server is killed while checkpoints are uploading (one per step): the run fails
+/// for want of its last checkpoint, `latest.json` names a complete checkpoint, and once
+/// the server is back the run resumes from it.
+#[test]
+fn the_store_dying_mid_upload_leaves_latest_json_valid() {
+    let d = tempfile::tempdir().unwrap();
+    let mut s3 = S3Server::start(&d.path().join("s3"), "scfm");
+    let cfg = config(d.path(), "run", "s3://scfm/run", 1, 16);
+    let mut env = s3.env();
+    env.extend(
+        [
+            ("SCFM_STORE_RETRIES", "1"),
+            ("SCFM_STORE_RETRY_TIMEOUT_S", "2"),
+            ("SCFM_STORE_TIMEOUT_S", "5"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let mut child = Command::new(bin("scfm-worker"))
+        .args(["train", "--json", "--config"])
+        .arg(&cfg)
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, _t1) = lines(child.stdout.take().unwrap());
+    let (err, t2) = lines(child.stderr.take().unwrap());
+    loop {
+        let l = out
+            .recv_timeout(Duration::from_secs(120))
+            .expect("training printed no step 6");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+        if v["event"] == "step" && v["step"].as_u64() >= Some(6) {
+            break;
+        }
+    }
+    s3.kill();
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(180),
+        "training after the store died",
+    );
+    let _ = t2.join();
+    let stderr: Vec<String> = err.try_iter().collect();
+    assert!(
+        !status.success(),
+        "the run cannot finish without its last checkpoint"
+    );
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("checkpoint upload failed")),
+        "{stderr:?}"
+    );
+    let root = d.path().join("s3/scfm/run");
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("latest.json")).unwrap()).unwrap();
+    let dir = latest["dir"].as_str().unwrap().to_string();
+    let step = latest["step"].as_u64().unwrap();
+    assert!(step >= 1, "{latest}");
+    let _s3 = S3Server::start_on(&d.path().join("s3"), "scfm", s3.port);
+    let o = train(&cfg, &["--resume"], &env);
+    let e = ok(&o);
+    assert!(
+        e.contains(&format!("resumed from s3://scfm/run/{dir}")),
+        "{e}"
+    );
+    assert_eq!(outcome(&o).0.last().unwrap().0, 16);
+}
