@@ -203,6 +203,7 @@ fn loader_config() -> LoaderConfig {
         prefetch: 4,
         block_cells: BLOCK,
         window_units: WINDOW,
+        threads: 1,
         rank: 0,
         world: 1,
     }

@@ -381,7 +381,15 @@ impl Trainer {
                 if chunk.len() < 2 || ci % world != rank {
                     continue;
                 }
-                let b = batch_of(&mut blocks, chunk, &tok, &t.augment, t.seed, stream::EVAL)?;
+                let b = batch_of(
+                    &mut blocks,
+                    chunk,
+                    &tok,
+                    &t.augment,
+                    t.seed,
+                    stream::EVAL,
+                    1,
+                )?;
                 let l = self
                     .model
                     .losses(&Inputs::from_batch(&b, self.device), false);
@@ -671,6 +679,7 @@ fn loader_config(spec: &TrainSpec, ctx: &WorkerContext) -> LoaderConfig {
         prefetch: 4,
         block_cells: spec.data.block_cells,
         window_units: spec.data.shuffle_window,
+        threads: spec.data.loader_threads,
         rank: ctx.collective.rank(),
         world: ctx.collective.world_size(),
     }

@@ -65,6 +65,14 @@ pub struct DataConfig {
     /// `scfm-cache`).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// Threads of each worker's loader that tokenise batches (1 on CPU training, where
+    /// the cores train; 2–4 feed a GPU).
+    #[serde(default = "default_loader_threads")]
+    pub loader_threads: usize,
+}
+
+fn default_loader_threads() -> usize {
+    1
 }
 
 fn default_block_cells() -> usize {

@@ -55,31 +55,70 @@ pub fn build_batch(
     seed: u64,
     stream_id: u64,
 ) -> Batch {
-    let mut seqs: Vec<CellTokens> = Vec::with_capacity(rows.len() * 2);
-    for view in 0..2u64 {
-        for (i, r) in rows.iter().enumerate() {
-            let (e, c) = r.key;
-            let mut rng = Rng::new(
-                seed,
-                &[stream_id, e, u64::from(c.shard), u64::from(c.row), view],
-            );
-            let mixed;
-            let (g, v) =
-                if aug.cellmix_prob > 0.0 && rows.len() > 1 && rng.uniform() < aug.cellmix_prob {
-                    let o = &rows[(i + 1 + rng.below(rows.len() as u64 - 1) as usize) % rows.len()];
-                    mixed = cellmix(
-                        (r.genes, r.values),
-                        (o.genes, o.values),
-                        aug.cellmix_alpha as f32,
-                    );
-                    (&mixed.0[..], &mixed.1[..])
-                } else {
-                    (r.genes, r.values)
-                };
-            seqs.push(tok.tokenize(g, v, Some(aug), true, &mut rng));
-        }
-    }
+    build_batch_threads(rows, tok, aug, seed, stream_id, 1)
+}
+
+/// [`build_batch`] tokenising on `threads` threads (the same batch: each cell's view only
+/// depends on its own random stream).
+pub fn build_batch_threads(
+    rows: &[Row<'_>],
+    tok: &Tokenizer,
+    aug: &Augment,
+    seed: u64,
+    stream_id: u64,
+    threads: usize,
+) -> Batch {
+    let jobs: Vec<(u64, usize)> = (0..2u64)
+        .flat_map(|view| (0..rows.len()).map(move |i| (view, i)))
+        .collect();
+    let one = |&(view, i): &(u64, usize)| view_of(rows, i, view, tok, aug, seed, stream_id);
+    let seqs: Vec<CellTokens> = if threads <= 1 || jobs.len() < 2 * threads {
+        jobs.iter().map(one).collect()
+    } else {
+        let per = jobs.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = jobs
+                .chunks(per)
+                .map(|c| s.spawn(move || c.iter().map(one).collect::<Vec<_>>()))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| h.join().expect("tokeniser thread"))
+                .collect()
+        })
+    };
     Batch::collate(&seqs)
+}
+
+/// View `view` of row `i` of a batch.
+fn view_of(
+    rows: &[Row<'_>],
+    i: usize,
+    view: u64,
+    tok: &Tokenizer,
+    aug: &Augment,
+    seed: u64,
+    stream_id: u64,
+) -> CellTokens {
+    let r = &rows[i];
+    let (e, c) = r.key;
+    let mut rng = Rng::new(
+        seed,
+        &[stream_id, e, u64::from(c.shard), u64::from(c.row), view],
+    );
+    let mixed;
+    let (g, v) = if aug.cellmix_prob > 0.0 && rows.len() > 1 && rng.uniform() < aug.cellmix_prob {
+        let o = &rows[(i + 1 + rng.below(rows.len() as u64 - 1) as usize) % rows.len()];
+        mixed = cellmix(
+            (r.genes, r.values),
+            (o.genes, o.values),
+            aug.cellmix_alpha as f32,
+        );
+        (&mixed.0[..], &mixed.1[..])
+    } else {
+        (r.genes, r.values)
+    };
+    tok.tokenize(g, v, Some(aug), true, &mut rng)
 }
 
 /// Decoded row blocks of a source, least recently used evicted first.
@@ -154,6 +193,7 @@ pub fn batch_of(
     aug: &Augment,
     seed: u64,
     stream_id: u64,
+    threads: usize,
 ) -> Result<Batch> {
     let refs: Vec<CellRef> = cells.iter().map(|k| k.1).collect();
     let located = blocks.locate(&refs)?;
@@ -165,7 +205,9 @@ pub fn batch_of(
             Row { key, genes, values }
         })
         .collect();
-    Ok(build_batch(&rows, tok, aug, seed, stream_id))
+    Ok(build_batch_threads(
+        &rows, tok, aug, seed, stream_id, threads,
+    ))
 }
 
 /// One optimizer step's worth of data for this worker.
@@ -198,6 +240,8 @@ pub struct LoaderConfig {
     pub block_cells: usize,
     /// Units per shuffle window (sizes the block cache).
     pub window_units: usize,
+    /// Threads tokenising each batch.
+    pub threads: usize,
     /// This worker's rank.
     pub rank: usize,
     /// Number of workers: each step consumes `world * batch_size * grad_accum` cells of
@@ -303,6 +347,7 @@ fn produce(
                     &cfg.augment,
                     cfg.seed,
                     stream::VIEW,
+                    cfg.threads,
                 )?;
                 Ok((cells, b))
             })

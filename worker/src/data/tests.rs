@@ -34,6 +34,7 @@ fn cfg(batch_size: usize, grad_accum: usize, rank: usize, world: usize) -> Loade
         prefetch: 2,
         block_cells: 8,
         window_units: 3,
+        threads: 1 + rank % 2,
         rank,
         world,
     }

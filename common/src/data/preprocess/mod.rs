@@ -87,14 +87,26 @@ pub fn check_counts_at(
 /// arithmetic of [`normalize::normalize_total`] + [`normalize::log1p`] (scanpy's): the
 /// total is a float64 sum stored as f32, the factor `total / target` is f32, and values are
 /// divided by it in f32. A cell with zero total is left as is.
+///
+/// Small integer counts repeat within a cell, so their results are computed once per
+/// cell (the same expression, so the values are identical).
 pub fn normalize_log1p(values: &mut [f32], target_sum: f64) {
     let total = values.iter().fold(0f64, |s, &v| s + f64::from(v)) as f32;
     if total <= 0.0 {
         return;
     }
     let factor = total / target_sum as f32;
+    let mut table = [f32::NAN; 64];
     for v in values.iter_mut() {
-        *v = (*v / factor).ln_1p();
+        let c = *v as usize;
+        if c < table.len() && c as f32 == *v {
+            if table[c].is_nan() {
+                table[c] = (*v / factor).ln_1p();
+            }
+            *v = table[c];
+        } else {
+            *v = (*v / factor).ln_1p();
+        }
     }
 }
 

@@ -15,6 +15,24 @@ fn normalizes_like_scanpy() {
     assert!((v[0] - (2501.0f32).ln()).abs() < 1e-5 && (v[1] - (7501.0f32).ln()).abs() < 1e-5);
 }
 
+/// The per-cell table of small counts gives exactly `normalize_total` + `log1p`.
+#[test]
+fn normalize_log1p_equals_normalize_total_then_log1p_bitwise() {
+    let vals: Vec<f32> = (0..500)
+        .map(|i| {
+            [1.0, 2.0, 1.0, 3.0, 70.0, 1.5, 1.0, 63.0, 64.0, 1000.0][i % 10]
+                * ((i % 3) as f32 + 1.0)
+        })
+        .collect();
+    let mut m = CsrMatrix::from_dense(1, vals.len(), &vals);
+    normalize::normalize_total(&mut m, Some(1e4)).unwrap();
+    normalize::log1p(&mut m);
+    let mut v = vals.clone();
+    normalize_log1p(&mut v, 1e4);
+    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&v), bits(&m.data));
+}
+
 #[test]
 fn bad_counts_name_cell_and_gene() {
     let names = vec!["A".to_string(), "B".to_string()];
