@@ -430,3 +430,78 @@ fn changed_settings_are_refused_with_the_difference_and_fresh_starts_over() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("discarded earlier checkpoints"), "{err}");
 }
+
+/// The coordinator is killed (SIGKILL) mid-run and started again on the same address:
+/// it adopts the running workers from `coordinator.json` (they keep training and
+/// reconnect), and the run completes.
+#[test]
+fn a_restarted_coordinator_adopts_the_running_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let training =
+        "  batch_size: 8\n  max_steps: 600\n  eval_every: 1000\n  log_every: 10\n  threads: 1";
+    let cluster = format!(
+        "  max_workers: 2\n  coordinator: 127.0.0.1:{port}\n  heartbeat_ms: 200"
+    );
+    let m = write_manifest(d, &d.join("ckpt"), TINY, training, &cluster);
+    let mut text = std::fs::read_to_string(&m).unwrap();
+    text.push_str("auth:\n  token: restart-test\n");
+    std::fs::write(&m, text).unwrap();
+    let launch = || {
+        Command::new(bin("scfm"))
+            .arg("launch")
+            .arg(&m)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = launch();
+    let (rx, _r1) = lines(first.stderr.take().unwrap());
+    let mut workers: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            Command::new(bin("scfm-worker"))
+                .args(["join", "--bind", "127.0.0.1", "--coordinator"])
+                .arg(format!("http://127.0.0.1:{port}"))
+                .env("SCFM_TOKEN", "restart-test")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the first coordinator logged no step 50");
+        if line.contains("scfm_coordinator::metrics: train step=50 ") {
+            break;
+        }
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(d.join("ckpt/coordinator.json").is_file());
+    let mut second = launch();
+    let (rx2, r2) = lines(second.stderr.take().unwrap());
+    let status = wait_exit(
+        &mut second,
+        Duration::from_secs(240),
+        "restarted coordinator",
+    );
+    r2.join().unwrap();
+    let log: Vec<String> = rx2.try_iter().collect();
+    let log = log.join("\n");
+    assert!(status.success(), "{log}");
+    assert!(log.contains("adopting its workers"), "{log}");
+    assert!(log.contains("finished at step 600"), "{log}");
+    for w in &mut workers {
+        let s = wait_exit(w, Duration::from_secs(60), "worker");
+        assert!(s.success(), "worker exit {s}");
+    }
+    assert!(d.join("ckpt/ckpt-000000600/model.safetensors").is_file());
+    assert!(!d.join("ckpt/coordinator.json").exists());
+}

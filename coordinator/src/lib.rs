@@ -4,6 +4,7 @@
 pub mod error;
 pub mod local;
 pub mod metrics;
+pub mod persist;
 pub mod server;
 pub mod state;
 
@@ -62,6 +63,7 @@ pub struct Coordinator {
     /// Shared state (for inspection).
     pub shared: Arc<Shared>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    store: Store,
 }
 
 /// How the coordinator starts.
@@ -113,8 +115,23 @@ impl Coordinator {
             let n = discard_all(&store).await?;
             tracing::info!(url = %store.url(), objects = n, "--fresh: discarded earlier checkpoints");
         }
+        let recovered = match persist::load(&store).await? {
+            Some(p) if p.run_id == manifest.run_id && !opts.fresh => Some(p),
+            Some(p) => {
+                tracing::warn!(run = %p.run_id, "ignoring the coordinator state of another run");
+                None
+            }
+            None => None,
+        };
         let resume = resume_point(&store, manifest).await?;
-        if let Some(dir) = &resume.dir {
+        if let Some(p) = &recovered {
+            tracing::warn!(
+                generation = p.generation,
+                workers = p.members.len(),
+                started_at_step = p.step,
+                "a coordinator of this run stopped while training: adopting its workers (they reconnect)"
+            );
+        } else if let Some(dir) = &resume.dir {
             tracing::info!(
                 step = resume.step,
                 epoch = resume.epoch,
@@ -137,8 +154,21 @@ impl Coordinator {
                 })?;
             tracing::info!(%addr, "Prometheus /metrics served");
         }
-        let sink = metrics::MetricsSink::new(store, manifest.training.log_every);
+        let sink = metrics::MetricsSink::new(store.clone(), manifest.training.log_every);
+        // Keep the metrics of the steps already done (up to the checkpoint, or all of them
+        // when adopting running workers).
+        if let Some(b) = store.get_opt(scfm_common::checkpoint::METRICS).await? {
+            let upto = if recovered.is_some() {
+                u64::MAX
+            } else {
+                resume.step
+            };
+            sink.preload(&String::from_utf8_lossy(&b), upto);
+        }
         let shared = Shared::new(manifest, resume, sink);
+        if let Some(p) = &recovered {
+            p.restore(&mut shared.lock());
+        }
         let listener = tokio::net::TcpListener::bind(&manifest.cluster.coordinator)
             .await
             .map_err(|e| {
@@ -191,6 +221,7 @@ impl Coordinator {
             addr,
             shared,
             server,
+            store,
         })
     }
 
@@ -199,9 +230,23 @@ impl Coordinator {
     pub async fn wait(self) -> Result<Finished, CoordinatorError> {
         let mut rx = self.shared.changed.subscribe();
         let mut flush = tokio::time::interval(Duration::from_secs(5));
+        let mut persisted_generation = 0;
         loop {
-            if self.shared.lock().is_over() {
+            let (over, running) = {
+                let s = self.shared.lock();
+                (s.is_over(), persist::Persisted::of(&s, &self.shared.run_id))
+            };
+            if over {
                 break;
+            }
+            // A new generation: persist it so a restarted coordinator can adopt it.
+            if let Some(p) = running
+                && p.generation != persisted_generation
+            {
+                match persist::save(&self.store, &p).await {
+                    Ok(()) => persisted_generation = p.generation,
+                    Err(e) => tracing::warn!(error = %e, "could not persist the coordinator state"),
+                }
             }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
@@ -213,6 +258,9 @@ impl Coordinator {
             }
         }
         self.shared.metrics.flush().await?;
+        if let Err(e) = persist::clear(&self.store).await {
+            tracing::warn!(error = %e, "could not remove the coordinator state");
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
         let phase = self.shared.lock().phase.clone();
         match phase {

@@ -27,6 +27,21 @@ impl MetricsSink {
         }
     }
 
+    /// Keeps the lines of an earlier `metrics.jsonl` whose step is at most `upto` (the run
+    /// continues from there), so the file keeps the whole run's history.
+    pub fn preload(&self, text: &str, upto: u64) {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        for l in text.lines() {
+            let step = serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64());
+            if let Some(s) = step.filter(|&s| s <= upto) {
+                lines.push(l.to_string());
+                self.last_step.fetch_max(s, Ordering::SeqCst);
+            }
+        }
+    }
+
     /// Records one worker's metrics for one step. Losses are already global (all-reduced
     /// by the workers), so the first report of a step stands for the cluster; every
     /// worker's throughput and timings are kept in the file.

@@ -101,6 +101,16 @@ impl JobState {
         }
     }
 
+    /// The next worker id counter (persisted across coordinator restarts).
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Sets the next worker id counter (when adopting a running job).
+    pub fn set_next_id(&mut self, n: u64) {
+        self.next_id = n;
+    }
+
     /// Registers a worker; returns its id.
     pub fn register(
         &mut self,

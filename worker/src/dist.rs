@@ -50,6 +50,46 @@ type Client = pb::coordinator_client::CoordinatorClient<
     tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>,
 >;
 
+/// How long a worker keeps trying to report its completion (the coordinator may be
+/// restarting).
+const DONE_RETRY: Duration = Duration::from_secs(60);
+
+/// Streams step metrics to the coordinator, reconnecting (after a pause) whenever the
+/// stream breaks — e.g. while a restarted coordinator comes back; metrics produced while
+/// it is unreachable are dropped, training is not held up.
+async fn forward_metrics(mut c: Client, mut arx: tokio::sync::mpsc::Receiver<pb::StepMetrics>) {
+    loop {
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::StepMetrics>(1024);
+        let mut call = Box::pin(c.stream_metrics(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let mut tx = Some(tx);
+        let ended = loop {
+            tokio::select! {
+                m = arx.recv(), if tx.is_some() => match m {
+                    Some(m) => {
+                        if tx.as_ref().is_some_and(|t| t.try_send(m).is_err()) {
+                            tracing::debug!("metrics stream congested or closed; dropping a report");
+                        }
+                    }
+                    // Training ended: close the stream and let it finish.
+                    None => tx = None,
+                },
+                r = &mut call => {
+                    if let Err(s) = &r {
+                        tracing::warn!(error = %s.message(), "metrics stream to the coordinator broke; reconnecting");
+                    }
+                    break tx.is_none();
+                }
+            }
+        };
+        drop(call);
+        if ended {
+            return;
+        }
+        // Drain what came meanwhile into the next stream after a pause.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 fn status_err(what: &str, s: Status) -> WorkerError {
     WorkerError::Coordinator(format!("{what}: {} ({:?})", s.message(), s.code()))
 }
@@ -280,13 +320,7 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             }
         })
     };
-    let stream = {
-        let mut c = client.clone();
-        rt.spawn(async move {
-            c.stream_metrics(tokio_stream::wrappers::ReceiverStream::new(arx))
-                .await
-        })
-    };
+    let stream = rt.spawn(forward_metrics(client.clone(), arx));
     let ctx = WorkerContext {
         collective: Box::new(ring),
         reporter: Some(tx),
@@ -331,10 +365,22 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             preempted: false,
         },
     };
+    // The coordinator may be restarting: retry for a while.
     let reported = rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), client.report_done(done)).await
+        let deadline = tokio::time::Instant::now() + DONE_RETRY;
+        loop {
+            let call = tokio::time::timeout(Duration::from_secs(10), client.report_done(done.clone()));
+            match call.await {
+                Ok(Ok(_)) => return true,
+                r if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(outcome = ?r.map(|x| x.map(|_| ())), "giving up reporting completion");
+                    return false;
+                }
+                _ => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
     });
-    if !matches!(reported, Ok(Ok(_))) {
+    if !reported {
         tracing::warn!("could not report completion to the coordinator");
     }
     hb.abort();
