@@ -444,9 +444,7 @@ fn a_restarted_coordinator_adopts_the_running_workers() {
         .port();
     let training =
         "  batch_size: 8\n  max_steps: 600\n  eval_every: 1000\n  log_every: 10\n  threads: 1";
-    let cluster = format!(
-        "  max_workers: 2\n  coordinator: 127.0.0.1:{port}\n  heartbeat_ms: 200"
-    );
+    let cluster = format!("  max_workers: 2\n  coordinator: 127.0.0.1:{port}\n  heartbeat_ms: 200");
     let m = write_manifest(d, &d.join("ckpt"), TINY, training, &cluster);
     let mut text = std::fs::read_to_string(&m).unwrap();
     text.push_str("auth:\n  token: restart-test\n");
