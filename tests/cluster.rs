@@ -7,24 +7,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use scfm_tests::{bin, lines, prepared_dataset, run_with_timeout, sigterm, wait_exit};
-
-fn write_manifest(
-    dir: &Path,
-    ckpt: &Path,
-    model: &str,
-    training: &str,
-    cluster: &str,
-) -> std::path::PathBuf {
-    let m = format!(
-        "run_id: test\ndata:\n  path: {}\n  validation_fraction: 0.05\nmodel:\n{model}\ntraining:\n{training}\ncluster:\n  collective_timeout_s: 20\n  worker_timeout_s: 20\n{cluster}\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
-        prepared_dataset(dir).display(),
-        ckpt.display()
-    );
-    let p = dir.join("job.yaml");
-    std::fs::write(&p, m).unwrap();
-    p
-}
+use scfm_tests::{
+    TINY, bin, launch_coordinator, lines, metric_steps, run_with_timeout, sigterm, wait_exit,
+    write_manifest,
+};
 
 fn local(manifest: &Path, workers: usize) -> String {
     let out = run_with_timeout(
@@ -56,15 +42,6 @@ fn read_params(path: &Path) -> HashMap<String, Vec<f32>> {
         })
         .collect()
 }
-
-fn metric_steps(ckpt: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(ckpt.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-const TINY: &str = "  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 4\n  ffn_dim: 64\n  max_seq_len: 64";
 
 #[test]
 fn three_workers_train_and_end_with_identical_parameters() {
@@ -173,31 +150,22 @@ fn two_workers_with_batch_b_equal_one_worker_with_batch_2b() {
     }
 }
 
+/// A worker SIGKILLed when no other can take its place (min_workers = 2 of 2): the
+/// survivor agrees on the state, checkpoints it and waits; nobody returns within the join
+/// timeout, so the job fails, naming why, and the checkpoint stays for a relaunch.
 #[test]
-fn a_dead_worker_fails_the_job_within_the_deadline() {
+fn below_min_workers_the_survivor_checkpoints_and_the_job_fails_after_the_join_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let training = "  batch_size: 8\n  max_steps: 100000\n  threads: 1";
+    let ckpt = dir.path().join("ckpt");
+    let training = "  batch_size: 8\n  max_steps: 100000\n  threads: 1\n  log_every: 5";
     let m = write_manifest(
         dir.path(),
-        &dir.path().join("ckpt"),
+        &ckpt,
         TINY,
         training,
-        "  max_workers: 2\n  heartbeat_ms: 200",
+        "  min_workers: 2\n  max_workers: 2\n  heartbeat_ms: 200\n  join_timeout_s: 8",
     );
-    let mut coord = Command::new(bin("scfm"))
-        .args(["launch"])
-        .arg(&m)
-        .env("RUST_BACKTRACE", "0")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The coordinator prints its address on stdout.
-    let (out, _reader) = lines(coord.stdout.take().unwrap());
-    let line = out
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the coordinator printed no address");
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mut coord, addr, log) = launch_coordinator(&m);
     // No token configured: workers join without one.
     let spawn = || {
         Command::new(bin("scfm-worker"))
@@ -210,13 +178,22 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
     };
     let mut w0 = spawn();
     let mut w1 = spawn();
-    // Let them train a little, then kill one without warning.
-    std::thread::sleep(Duration::from_secs(8));
+    let mut seen = Vec::new();
+    loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(120))
+            .expect("no step 20 logged");
+        let done = line.contains("train step=20 ");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
     w1.kill().unwrap();
     let _ = w1.wait();
     let status = wait_exit(
         &mut w0,
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         "surviving worker after its peer died",
     );
     assert!(
@@ -225,12 +202,12 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
     );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut w0.stderr.take().unwrap(), &mut err).unwrap();
-    // Either the ring notices first (naming the dead rank) or the coordinator's heartbeat
-    // watchdog does and stops the job (on a slow machine, possibly before the ring formed).
     assert!(
-        err.contains("with rank")
-            || err.contains("coordinator ended the job")
-            || err.contains("job failed"),
+        err.contains("with rank"),
+        "the ring names the dead peer:\n{err}"
+    );
+    assert!(
+        err.contains("job failed") || err.contains("coordinator ended the job"),
         "{err}"
     );
     let cstatus = wait_exit(
@@ -239,9 +216,17 @@ fn a_dead_worker_fails_the_job_within_the_deadline() {
         "coordinator after a worker died",
     );
     assert!(!cstatus.success());
-    let mut cerr = String::new();
-    std::io::Read::read_to_string(&mut coord.stderr.take().unwrap(), &mut cerr).unwrap();
-    assert!(cerr.contains("job failed"), "{cerr}");
+    seen.extend(log.try_iter());
+    let cerr = seen.join("\n");
+    assert!(cerr.contains("worker lost"), "{cerr}");
+    assert!(
+        cerr.contains("fewer than min_workers (2) workers for 8 s"),
+        "{cerr}"
+    );
+    // The holding generation checkpointed the agreed state.
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("latest.json")).unwrap()).unwrap();
+    assert!(latest["step"].as_u64().unwrap() >= 20, "{latest}");
 }
 
 /// TLS on the coordinator's endpoint: certificates made with openssl, workers verify the

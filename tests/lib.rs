@@ -242,3 +242,59 @@ impl Drop for S3Server {
         self.kill();
     }
 }
+
+/// Writes `job.yaml` in `dir`: the demo data prepared into shards, the given model,
+/// training and cluster sections (deadlines of 20 s), checkpoints at `ckpt`.
+pub fn write_manifest(
+    dir: &Path,
+    ckpt: &Path,
+    model: &str,
+    training: &str,
+    cluster: &str,
+) -> std::path::PathBuf {
+    let m = format!(
+        "run_id: test\ndata:\n  path: {}\n  validation_fraction: 0.05\nmodel:\n{model}\ntraining:\n{training}\ncluster:\n  collective_timeout_s: 20\n  worker_timeout_s: 20\n{cluster}\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
+        prepared_dataset(dir).display(),
+        ckpt.display()
+    );
+    let p = dir.join("job.yaml");
+    std::fs::write(&p, m).unwrap();
+    p
+}
+
+/// The lines of `metrics.jsonl` at `ckpt`.
+pub fn metric_steps(ckpt: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(ckpt.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A tiny model for cluster tests.
+pub const TINY: &str = "  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 4\n  ffn_dim: 64\n  max_seq_len: 64";
+
+/// Starts `scfm launch MANIFEST` and returns it with the address it printed and its
+/// stderr lines.
+pub fn launch_coordinator(
+    manifest: &Path,
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut coord = Command::new(bin("scfm"))
+        .arg("launch")
+        .arg(manifest)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, _reader) = lines(coord.stdout.take().unwrap());
+    let line = out
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the coordinator printed no address");
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (err, _r) = lines(coord.stderr.take().unwrap());
+    (coord, addr, err)
+}

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use crate::error::{Error, Result};
 
 /// Version of the coordinator/worker protocol; checked on every register and heartbeat.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";
@@ -38,6 +38,9 @@ pub struct Assignment {
     pub finished: bool,
     /// The checkpoint directory to restore (verified by the coordinator), if any.
     pub resume_dir: Option<String>,
+    /// Fewer than `min_workers` remain: the members agree on the state, checkpoint it and
+    /// wait for the next generation instead of training.
+    pub hold: bool,
 }
 
 impl TryFrom<pb::AssignmentResponse> for Assignment {
@@ -76,6 +79,7 @@ impl TryFrom<pb::AssignmentResponse> for Assignment {
             position: r.position,
             finished: r.finished,
             resume_dir: Some(r.resume_dir).filter(|d| !d.is_empty()),
+            hold: r.hold,
         })
     }
 }
@@ -93,6 +97,7 @@ impl From<&Assignment> for pb::AssignmentResponse {
             finished: a.finished,
             nccl_id: Vec::new(),
             resume_dir: a.resume_dir.clone().unwrap_or_default(),
+            hold: a.hold,
         }
     }
 }
@@ -116,6 +121,7 @@ mod tests {
             position: 64,
             finished: false,
             resume_dir: Some("ckpt-000000010".into()),
+            hold: true,
         };
         let pb: pb::AssignmentResponse = (&a).into();
         assert_eq!(Assignment::try_from(pb.clone()).unwrap(), a);

@@ -5,6 +5,7 @@ pub mod error;
 pub mod local;
 pub mod metrics;
 pub mod persist;
+pub mod reform;
 pub mod server;
 pub mod state;
 

@@ -101,15 +101,18 @@ pub async fn run_local(
     for i in 0..workers {
         children.push(spawn_worker(&worker_bin, i, &url, &token, &manifest)?);
     }
-    // A worker that exits with an error fails the job (the others are stopped).
+    // A worker process that dies is lost at once (no need to wait for its heartbeats to
+    // stop): the others go on in a new generation while at least min_workers remain.
     let shared = coord.shared.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, std::process::ExitStatus)>(workers);
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(usize, Option<u32>, std::process::ExitStatus)>(workers);
     for (i, mut c) in children.into_iter().enumerate() {
         let tx = tx.clone();
         tokio::spawn(async move {
+            let pid = c.id();
             let status = c.wait().await;
             if let Ok(s) = status {
-                let _ = tx.send((i, s)).await;
+                let _ = tx.send((i, pid, s)).await;
             }
         });
     }
@@ -117,13 +120,19 @@ pub async fn run_local(
     let watcher = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            while let Some((i, status)) = rx.recv().await {
-                if !status.success() && !shared.lock().is_over() {
-                    shared
-                        .lock()
-                        .fail(format!("worker process {i} exited with {status}"));
-                    shared.changed.send_modify(|v| *v += 1);
+            while let Some((i, pid, status)) = rx.recv().await {
+                let mut s = shared.lock();
+                if status.success() || s.is_over() {
+                    continue;
                 }
+                let why = format!("worker process {i} exited with {status}");
+                match pid.and_then(|p| s.worker_with_pid(p)) {
+                    Some(id) => s.lose(&id, &why),
+                    // It never registered: nothing to re-form, but it will not come.
+                    None => tracing::warn!("{why}"),
+                }
+                drop(s);
+                shared.changed.send_modify(|v| *v += 1);
             }
         })
     };

@@ -91,12 +91,8 @@ impl Persisted {
             s.workers.insert(
                 m.id.clone(),
                 Worker {
-                    ring_addr: m.ring_addr,
-                    hostname: m.hostname.clone(),
-                    device: m.device.clone(),
-                    last_seen: now,
                     step: self.step,
-                    done: false,
+                    ..Worker::new(m.ring_addr, m.hostname.clone(), m.device.clone(), 0)
                 },
             );
         }
@@ -112,6 +108,7 @@ impl Persisted {
             position: self.position,
             finished: false,
             resume_dir: self.resume_dir.clone(),
+            hold: false,
         });
         s.phase = Phase::Running;
         s.set_next_id(self.next_id);
@@ -152,10 +149,20 @@ mod tests {
     async fn a_running_generation_survives_a_restart() {
         let mut s = JobState::new(1, 2, Duration::from_secs(60), Duration::from_secs(30));
         let a = s
-            .register("127.0.0.1:7001".parse().unwrap(), "h".into(), "cpu".into())
+            .register(
+                "127.0.0.1:7001".parse().unwrap(),
+                "h".into(),
+                "cpu".into(),
+                1,
+            )
             .unwrap();
         let b = s
-            .register("127.0.0.1:7002".parse().unwrap(), "h".into(), "cpu".into())
+            .register(
+                "127.0.0.1:7002".parse().unwrap(),
+                "h".into(),
+                "cpu".into(),
+                1,
+            )
             .unwrap();
         assert!(Persisted::of(&s, "r").is_none());
         let at = ResumePoint {

@@ -147,13 +147,10 @@ impl pb::coordinator_server::Coordinator for Service {
         let id = {
             let mut s = self.shared.lock();
             let id = s
-                .register(ring, r.hostname.clone(), r.device.clone())
+                .register(ring, r.hostname.clone(), r.device.clone(), r.pid)
                 .map_err(|e| match e {
                     Refusal::Full(n) => {
                         Status::resource_exhausted(format!("the cluster is full ({n} workers)"))
-                    }
-                    Refusal::AlreadyRunning => {
-                        Status::failed_precondition("training already started")
                     }
                     Refusal::Over => Status::failed_precondition("the job is over"),
                 })?;
@@ -180,7 +177,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let mut s = self.shared.lock();
         if !s.heartbeat(&r.worker_id, r.step, Instant::now()) {
             return Err(Status::not_found(format!(
-                "unknown worker `{}`",
+                "unknown worker `{}` (lost: it was silent or left the job)",
                 r.worker_id
             )));
         }
@@ -188,7 +185,7 @@ impl pb::coordinator_server::Coordinator for Service {
             pb::Order::Stop
         } else if s.preempt_at.is_some() {
             pb::Order::Preempt
-        } else if r.generation != 0 && r.generation < s.generation {
+        } else if s.must_reform(&r.worker_id, r.generation) {
             pb::Order::Reform
         } else {
             pb::Order::Continue
@@ -206,9 +203,10 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         let mut rx = self.shared.changed.subscribe();
         let deadline = tokio::time::Instant::now() + ASSIGNMENT_POLL;
+        let mut noted = false;
         loop {
             {
-                let s = self.shared.lock();
+                let mut s = self.shared.lock();
                 if !s.workers.contains_key(&r.worker_id) {
                     return Err(Status::not_found(format!(
                         "unknown worker `{}`",
@@ -223,10 +221,13 @@ impl pb::coordinator_server::Coordinator for Service {
                 {
                     return Ok(Response::new((&a).into()));
                 }
-                if s.generation > r.after_generation {
-                    return Err(Status::failed_precondition(
-                        "this worker is not a member of the current generation",
-                    ));
+                // Not in the current generation (a joiner), or done with it: it waits
+                // for the next one.
+                if !noted && s.phase == Phase::Running {
+                    s.wants_next(&r.worker_id);
+                    noted = true;
+                    drop(s);
+                    self.shared.notify();
                 }
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -234,12 +235,21 @@ impl pb::coordinator_server::Coordinator for Service {
                 Ok(Err(_)) => return Err(Status::unavailable("coordinator shutting down")),
                 Err(_) => {
                     let s = self.shared.lock();
-                    return Err(Status::unavailable(format!(
-                        "waiting for workers: {} of {} joined (min {})",
-                        s.workers.len(),
-                        s.max_workers,
-                        s.min_workers
-                    )));
+                    let msg = if s.phase == Phase::Running {
+                        format!(
+                            "waiting for the next generation: {} workers alive (min {})",
+                            s.workers.len(),
+                            s.min_workers
+                        )
+                    } else {
+                        format!(
+                            "waiting for workers: {} of {} joined (min {})",
+                            s.workers.len(),
+                            s.max_workers,
+                            s.min_workers
+                        )
+                    };
+                    return Err(Status::unavailable(msg));
                 }
             }
         }
@@ -284,8 +294,15 @@ impl pb::coordinator_server::Coordinator for Service {
     }
 }
 
-/// Starts the job when the join timeout passes and fails it when a worker goes silent.
+/// Starts the job when the join timeout passes, loses workers that go silent and forms
+/// new generations (see `reform.rs`), and fails the job when too few workers remain for
+/// too long.
 pub async fn watchdog(shared: Arc<Shared>) {
+    // A worker that still trains in a dead generation keeps heartbeating; one silent for
+    // this long while the others wait for the next generation is lost.
+    let silence = (Duration::from_millis(shared.heartbeat_ms) * 5)
+        .max(Duration::from_secs(2))
+        .min(shared.lock().worker_timeout);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
@@ -320,14 +337,25 @@ pub async fn watchdog(shared: Arc<Shared>) {
                 s.fail(why);
                 changed = true;
             }
-            if let Some(dead) = s.dead_workers(now).first() {
-                let w = &s.workers[dead];
-                let why = format!(
-                    "worker {dead} ({}, {}) sent no heartbeat for {} s",
-                    w.ring_addr,
-                    w.hostname,
-                    s.worker_timeout.as_secs()
-                );
+            for dead in s.dead_workers(now) {
+                let why = format!("no heartbeat for {} s", s.worker_timeout.as_secs());
+                s.lose(&dead, &why);
+                changed = true;
+            }
+            if s.maybe_reform(now, silence) {
+                if let Some((at, took)) = s.last_reform {
+                    shared.metrics.generation_formed(s.generation, at - took);
+                }
+                shared.metrics.event(serde_json::json!({
+                    "event": "generation",
+                    "generation": s.generation,
+                    "world_size": s.members.len(),
+                    "hold": s.holding,
+                    "ready_after_s": s.last_reform.map_or(0.0, |(_, d)| d.as_secs_f64()),
+                }));
+                changed = true;
+            }
+            if let Some(why) = s.short_expired(now) {
                 tracing::error!("{why}");
                 s.fail(why);
                 changed = true;

@@ -35,6 +35,37 @@ pub struct Worker {
     pub step: u64,
     /// Whether it reported completion.
     pub done: bool,
+    /// Process id it reported (`scfm local` maps exited children to workers by it).
+    pub pid: u32,
+    /// It asked for a generation newer than the current one: it is not (or no longer)
+    /// training in the current generation and is ready for the next.
+    pub waiting: bool,
+}
+
+impl Worker {
+    /// A worker seen just now.
+    pub fn new(ring_addr: SocketAddr, hostname: String, device: String, pid: u32) -> Self {
+        Worker {
+            ring_addr,
+            hostname,
+            device,
+            last_seen: Instant::now(),
+            step: 0,
+            done: false,
+            pid,
+            waiting: false,
+        }
+    }
+}
+
+/// A pending change of membership: the next generation forms once every live worker is
+/// ready for it.
+#[derive(Debug, Clone)]
+pub struct Reform {
+    /// Why (a worker was lost, left its generation, or joined).
+    pub reason: String,
+    /// When the change was noticed.
+    pub since: Instant,
 }
 
 /// The coordinator's view of the job.
@@ -66,6 +97,15 @@ pub struct JobState {
     pub preempt_at: Option<Instant>,
     /// Whether the job ended on a preemption (every worker checkpointed and stopped).
     pub preempted: bool,
+    /// A membership change waiting for the next generation.
+    pub reform: Option<Reform>,
+    /// Whether the current generation only holds the state (fewer than `min_workers`).
+    pub holding: bool,
+    /// Since when the job has had fewer than `min_workers` (it fails after `join_timeout`).
+    pub short_since: Option<Instant>,
+    /// When the last generation formed after a membership change, and why (for logs and
+    /// the recovery-time figure).
+    pub last_reform: Option<(Instant, Duration)>,
     next_id: u64,
 }
 
@@ -74,8 +114,6 @@ pub struct JobState {
 pub enum Refusal {
     /// The cluster is full.
     Full(usize),
-    /// Training already started (joining a running job comes with elastic membership).
-    AlreadyRunning,
     /// The job is over.
     Over,
 }
@@ -97,6 +135,10 @@ impl JobState {
             worker_timeout,
             preempt_at: None,
             preempted: false,
+            reform: None,
+            holding: false,
+            short_since: None,
+            last_reform: None,
             next_id: 0,
         }
     }
@@ -111,34 +153,29 @@ impl JobState {
         self.next_id = n;
     }
 
-    /// Registers a worker; returns its id.
+    /// Registers a worker; returns its id. While training, a worker joins at the next
+    /// generation (which its registration asks for).
     pub fn register(
         &mut self,
         ring_addr: SocketAddr,
         hostname: String,
         device: String,
+        pid: u32,
     ) -> Result<String, Refusal> {
-        match self.phase {
-            Phase::Joining => {}
-            Phase::Running => return Err(Refusal::AlreadyRunning),
-            Phase::Done | Phase::Failed(_) => return Err(Refusal::Over),
+        if self.is_over() {
+            return Err(Refusal::Over);
         }
         if self.workers.len() >= self.max_workers {
             return Err(Refusal::Full(self.max_workers));
         }
         let id = format!("w{:04}", self.next_id);
         self.next_id += 1;
-        self.workers.insert(
-            id.clone(),
-            Worker {
-                ring_addr,
-                hostname,
-                device,
-                last_seen: Instant::now(),
-                step: 0,
-                done: false,
-            },
-        );
+        let mut w = Worker::new(ring_addr, hostname, device, pid);
+        if self.phase == Phase::Running {
+            w.waiting = true;
+            self.request_reform(format!("worker {id} joined"));
+        }
+        self.workers.insert(id.clone(), w);
         self.first_join.get_or_insert_with(Instant::now);
         Ok(id)
     }
@@ -169,6 +206,7 @@ impl JobState {
                 position: resume.position,
                 finished: false,
                 resume_dir: resume.dir.clone(),
+                hold: false,
             });
             self.phase = Phase::Running;
             return true;
@@ -222,6 +260,14 @@ impl JobState {
             .collect()
     }
 
+    /// The workers of the current generation that are alive (not lost).
+    pub fn live_members(&self) -> usize {
+        self.members
+            .iter()
+            .filter(|m| self.workers.contains_key(*m))
+            .count()
+    }
+
     /// Fails the job (first failure wins).
     pub fn fail(&mut self, why: String) {
         if !matches!(self.phase, Phase::Done | Phase::Failed(_)) {
@@ -235,6 +281,8 @@ impl JobState {
             w.done = true;
         }
         if self.phase == Phase::Running
+            && self.reform.is_none()
+            && !self.holding
             && self
                 .members
                 .iter()
@@ -261,12 +309,12 @@ mod tests {
     #[test]
     fn forms_generation_at_max_and_assigns_ranks() {
         let mut s = JobState::new(1, 2, Duration::from_secs(60), Duration::from_secs(30));
-        let a = s.register(addr(1), "h".into(), "cpu".into()).unwrap();
+        let a = s.register(addr(1), "h".into(), "cpu".into(), 1).unwrap();
         assert!(!s.maybe_start(Instant::now(), &ResumePoint::default()));
-        let b = s.register(addr(2), "h".into(), "cpu".into()).unwrap();
+        let b = s.register(addr(2), "h".into(), "cpu".into(), 2).unwrap();
         assert_eq!(
-            s.register(addr(3), "h".into(), "cpu".into()),
-            Err(Refusal::AlreadyRunning).or(Err(Refusal::Full(2)))
+            s.register(addr(3), "h".into(), "cpu".into(), 3),
+            Err(Refusal::Full(2))
         );
         let at = ResumePoint {
             step: 5,
@@ -283,8 +331,8 @@ mod tests {
         assert_eq!(aa.peers, vec![addr(1), addr(2)]);
         assert_eq!(ab.resume_dir.as_deref(), Some("ckpt-000000005"));
         assert_eq!(
-            s.register(addr(4), "h".into(), "cpu".into()),
-            Err(Refusal::AlreadyRunning)
+            s.register(addr(4), "h".into(), "cpu".into(), 4),
+            Err(Refusal::Full(2))
         );
         s.done(&a);
         assert_eq!(s.phase, Phase::Running);
@@ -295,7 +343,7 @@ mod tests {
     #[test]
     fn starts_with_min_after_join_timeout_and_detects_silence() {
         let mut s = JobState::new(1, 3, Duration::from_millis(10), Duration::from_millis(20));
-        let a = s.register(addr(1), "h".into(), "cpu".into()).unwrap();
+        let a = s.register(addr(1), "h".into(), "cpu".into(), 1).unwrap();
         let later = Instant::now() + Duration::from_millis(50);
         assert!(s.maybe_start(later, &ResumePoint::default()));
         assert_eq!(s.assignment_for(&a).unwrap().world_size, 1);
@@ -303,7 +351,9 @@ mod tests {
         s.heartbeat(&a, 3, later);
         assert!(s.dead_workers(later).is_empty());
         let mut lonely = JobState::new(2, 2, Duration::from_millis(10), Duration::from_secs(1));
-        lonely.register(addr(9), "h".into(), "cpu".into()).unwrap();
+        lonely
+            .register(addr(9), "h".into(), "cpu".into(), 9)
+            .unwrap();
         assert_eq!(lonely.join_expired(Instant::now()), None);
         assert_eq!(
             lonely.join_expired(later).as_deref(),

@@ -116,7 +116,7 @@ async fn tokens_versions_and_capacity_are_enforced() {
         (a.generation, a.rank, a.world_size, a.peers),
         (1, 0, 1, vec!["127.0.0.1:9".to_string()])
     );
-    // A second worker is refused: training already started.
+    // A second worker is refused: the cluster is full (max_workers = 1).
     let e = tokio::time::timeout(
         T,
         c.register(with_token(register(PROTOCOL_VERSION), "s3cret")),
@@ -124,7 +124,10 @@ async fn tokens_versions_and_capacity_are_enforced() {
     .await
     .unwrap()
     .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::ResourceExhausted, "the cluster is full (1 workers)")
+    );
     // Heartbeats with a wrong version are refused too.
     let hb = pb::HeartbeatRequest {
         protocol_version: 0,

@@ -162,12 +162,13 @@ async fn connect(args: &JoinArgs, deadline: Instant) -> Result<Client> {
 async fn await_assignment(
     client: &mut Client,
     worker_id: &str,
+    after_generation: u64,
     deadline: Instant,
 ) -> Result<Assignment> {
     loop {
         let req = pb::AssignmentRequest {
             worker_id: worker_id.to_string(),
-            after_generation: 0,
+            after_generation,
         };
         // The coordinator answers within ~10 s ("not yet" or an assignment).
         match tokio::time::timeout(Duration::from_secs(30), client.get_assignment(req)).await {
@@ -188,11 +189,11 @@ async fn await_assignment(
     }
 }
 
-fn to_pb(worker_id: &str, generation: u64, r: StepReport) -> pb::StepMetrics {
+fn to_pb(worker_id: &str, r: StepReport) -> pb::StepMetrics {
     let s = r.stats;
     pb::StepMetrics {
         worker_id: worker_id.to_string(),
-        generation,
+        generation: r.generation,
         step: s.step,
         loss: s.loss,
         mgem: s.mgem,
@@ -205,6 +206,10 @@ fn to_pb(worker_id: &str, generation: u64, r: StepReport) -> pb::StepMetrics {
         step_s: s.compute_s + s.data_wait_s,
         epoch: r.epoch,
         val_loss: r.val_loss.unwrap_or(f64::NAN),
+        offset: r.offset,
+        step_cells: r.step_cells,
+        rank: r.rank as u32,
+        world_size: r.world as u32,
     }
 }
 
@@ -256,15 +261,23 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
+                let req_generation = generation.load(Ordering::Relaxed);
                 let req = pb::HeartbeatRequest {
                     protocol_version: PROTOCOL_VERSION,
                     worker_id: id.clone(),
-                    generation: generation.load(Ordering::Relaxed),
+                    generation: req_generation,
                     step: step.load(Ordering::Relaxed),
                 };
                 match tokio::time::timeout(every * 5, c.heartbeat(req)).await {
                     Ok(Ok(r)) if r.get_ref().order == pb::Order::Stop as i32 => {
                         tracing::error!("the coordinator ended the job; stopping");
+                        std::process::exit(3);
+                    }
+                    Ok(Ok(r)) if r.get_ref().order == pb::Order::Reform as i32 => {
+                        crate::preempt::request_reform(req_generation);
+                    }
+                    Ok(Err(s)) if s.code() == Code::NotFound => {
+                        tracing::error!(error = %s.message(), "the coordinator dropped this worker; stopping");
                         std::process::exit(3);
                     }
                     Ok(Ok(r)) if r.get_ref().order == pb::Order::Preempt as i32 => {
@@ -283,70 +296,48 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
         })
     };
 
-    let join_deadline = Instant::now() + Duration::from_secs(manifest.cluster.join_timeout_s + 60);
-    let a = rt.block_on(await_assignment(&mut client, &id, join_deadline))?;
-    if a.finished {
-        hb.abort();
-        return Ok(None);
-    }
-    generation.store(a.generation, Ordering::Relaxed);
-    tracing::info!(
-        rank = a.rank,
-        world = a.world_size,
-        generation = a.generation,
-        step = a.step,
-        "assignment"
-    );
-    let timeout = Duration::from_secs(manifest.cluster.collective_timeout_s);
-    let ring = RingCollective::new(
-        a.rank,
-        a.world_size,
-        a.peers.clone(),
-        listener,
-        RingConfig::new(a.generation, timeout),
-    )?;
-
     // Metrics: the trainer sends on a std channel; a task streams them to the coordinator.
     let (tx, rx) = std::sync::mpsc::channel::<StepReport>();
     let (atx, arx) = tokio::sync::mpsc::channel::<pb::StepMetrics>(1024);
     let fwd = {
-        let (id, step, g) = (id.clone(), step.clone(), a.generation);
+        let (id, step) = (id.clone(), step.clone());
         std::thread::spawn(move || {
             while let Ok(r) = rx.recv() {
                 step.store(r.stats.step, Ordering::Relaxed);
-                if atx.blocking_send(to_pb(&id, g, r)).is_err() {
+                if atx.blocking_send(to_pb(&id, r)).is_err() {
                     break;
                 }
             }
         })
     };
     let stream = rt.spawn(forward_metrics(client.clone(), arx));
-    let ctx = WorkerContext {
-        collective: Box::new(ring),
-        reporter: Some(tx),
-        checksum_every: manifest.cluster.checksum_every,
-    };
-    let opts = RunOptions {
-        resume: false,
-        resume_dir: a.resume_dir.clone(),
-        ..RunOptions::default()
-    };
-    let outcome = Trainer::with_context(spec, &opts, ctx).and_then(|mut t| {
-        if t.state.step != a.step {
-            return Err(WorkerError::Checkpoint {
-                url: manifest.checkpoint.url.clone(),
-                message: format!(
-                    "latest checkpoint is at step {}, the coordinator resumes at {}",
-                    t.state.step, a.step
-                ),
-            });
-        }
-        let summary = t.run(&opts);
-        drop(t); // closes the metrics channel
-        summary
-    });
+    let wait_for = Duration::from_secs(manifest.cluster.join_timeout_s + 60);
+    let timeout = Duration::from_secs(manifest.cluster.collective_timeout_s);
+    let outcome = run_generations(
+        &rt,
+        &mut client,
+        &id,
+        &spec,
+        listener,
+        Gen {
+            timeout,
+            wait_for,
+            reporter: tx,
+            checksum_every: manifest.cluster.checksum_every,
+            generation: generation.clone(),
+            checkpoint_url: manifest.checkpoint.url.clone(),
+        },
+    );
     let _ = fwd.join();
     let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), stream).await });
+    let outcome = match outcome {
+        Ok(None) => {
+            hb.abort();
+            return Ok(None);
+        }
+        Ok(Some(s)) => Ok(s),
+        Err(e) => Err(e),
+    };
     let done = match &outcome {
         Ok(s) => pb::DoneRequest {
             worker_id: id.clone(),
@@ -385,4 +376,142 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
     }
     hb.abort();
     outcome.map(Some)
+}
+
+/// What every generation of a worker shares.
+struct Gen {
+    timeout: Duration,
+    wait_for: Duration,
+    reporter: std::sync::mpsc::Sender<StepReport>,
+    checksum_every: u64,
+    generation: Arc<AtomicU64>,
+    checkpoint_url: String,
+}
+
+/// Trains through the generations of an elastic cluster: for each assignment, forms the
+/// ring, agrees on the state with the other members (from the second generation on),
+/// and trains until the run ends, the ring breaks (a peer was lost) or the coordinator
+/// asks to re-form (a worker joins); then waits for the next generation. `Ok(None)`: the
+/// run was already complete.
+fn run_generations(
+    rt: &tokio::runtime::Runtime,
+    client: &mut Client,
+    id: &str,
+    spec: &scfm_common::config::TrainSpec,
+    listener: TcpListener,
+    g: Gen,
+) -> Result<Option<RunSummary>> {
+    let mut trainer: Option<Trainer> = None;
+    // The generation whose state the trainer holds from training (0: none).
+    let mut live = 0u64;
+    let mut after = 0u64;
+    loop {
+        let a = rt.block_on(await_assignment(
+            client,
+            id,
+            after,
+            Instant::now() + g.wait_for,
+        ))?;
+        if a.finished {
+            return Ok(None);
+        }
+        after = a.generation;
+        g.generation.store(a.generation, Ordering::Relaxed);
+        tracing::info!(
+            rank = a.rank,
+            world = a.world_size,
+            generation = a.generation,
+            step = a.step,
+            hold = a.hold,
+            "assignment"
+        );
+        let ring = RingCollective::new(
+            a.rank,
+            a.world_size,
+            a.peers.clone(),
+            listener
+                .try_clone()
+                .map_err(|e| WorkerError::Internal(format!("ring listener: {e}")))?,
+            RingConfig::new(a.generation, g.timeout),
+        );
+        let ring = match ring {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, generation = a.generation, "could not form the ring; waiting for the next generation");
+                continue;
+            }
+        };
+        let ctx = WorkerContext {
+            collective: Box::new(ring),
+            reporter: Some(g.reporter.clone()),
+            checksum_every: g.checksum_every,
+            generation: a.generation,
+        };
+        let mut t = match trainer.take() {
+            Some(mut t) => {
+                t.set_context(ctx);
+                t
+            }
+            None => {
+                let opts = RunOptions {
+                    resume_dir: a.resume_dir.clone(),
+                    ..RunOptions::default()
+                };
+                let mut t = Trainer::with_context(spec.clone(), &opts, ctx)?;
+                if a.generation > 1 && a.resume_dir.is_none() {
+                    // Joining a running job: a peer's state follows; without survivors,
+                    // the newest checkpoint.
+                    t.resume_latest_if_any()?;
+                } else if t.state.step != a.step {
+                    return Err(WorkerError::Checkpoint {
+                        url: g.checkpoint_url.clone(),
+                        message: format!(
+                            "latest checkpoint is at step {}, the coordinator resumes at {}",
+                            t.state.step, a.step
+                        ),
+                    });
+                }
+                t
+            }
+        };
+        if a.generation > 1
+            && let Err(e) = t.sync_state(live)
+        {
+            let WorkerError::Collective(_) = e else {
+                return Err(e);
+            };
+            tracing::warn!(error = %e, "agreeing on the state failed; waiting for the next generation");
+            t.drop_collective();
+            if t.is_tainted() {
+                // Half-received: only a checkpoint can be trusted now.
+                live = 0;
+                if !t.resume_latest_if_any()? {
+                    return Err(e);
+                }
+            }
+            trainer = Some(t);
+            continue;
+        }
+        live = a.generation;
+        if a.hold {
+            // Too few workers: keep the agreed state safe and wait for workers to return.
+            if t.rank() == 0 {
+                t.save()?;
+                t.flush_checkpoint()?;
+            }
+            t.drop_collective();
+            trainer = Some(t);
+            continue;
+        }
+        match t.run(&RunOptions::default()) {
+            Ok(s) if s.reform => {}
+            Ok(s) => return Ok(Some(s)),
+            Err(WorkerError::Collective(e)) => {
+                tracing::warn!(error = %e, generation = a.generation, step = t.state.step, "the ring broke (a peer was lost?); waiting for the next generation");
+            }
+            Err(e) => return Err(e),
+        }
+        t.drop_collective();
+        trainer = Some(t);
+    }
 }

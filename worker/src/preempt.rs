@@ -28,3 +28,20 @@ pub fn requested() -> bool {
 pub fn request() {
     flag().store(true, Ordering::SeqCst);
 }
+
+/// The generation a coordinator's re-form order applies to (0: none).
+fn reform_flag() -> &'static std::sync::atomic::AtomicU64 {
+    static REFORM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    &REFORM
+}
+
+/// The coordinator asks the members of `generation` to stop after the current step and
+/// fetch the next generation (a worker joins). Agreed on like a preemption.
+pub fn request_reform(generation: u64) {
+    reform_flag().fetch_max(generation, Ordering::SeqCst);
+}
+
+/// Whether the members of `generation` were asked to re-form.
+pub fn reform_requested(generation: u64) -> bool {
+    generation != 0 && reform_flag().load(Ordering::SeqCst) == generation
+}

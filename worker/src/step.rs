@@ -33,16 +33,21 @@ pub struct StepLosses {
     pub contrastive: f64,
     /// Some worker was asked to stop (preemption): every worker stops after this step.
     pub stop: bool,
+    /// Some worker was asked to leave for the next generation (a worker joins): every
+    /// worker stops after this step and re-forms.
+    pub reform: bool,
 }
 
 /// Forward and backward over one step's micro-batches, gradients accumulated (each loss
 /// scaled by 1/k) into the flat gradient. libtorch's generator is re-seeded from
-/// `(seed, step, micro-batch, rank)` first, so dropout is reproducible.
+/// `(seed, step, micro-batch, rank)` first, so dropout is reproducible. `reform` is this
+/// worker's vote to stop for a new generation (agreed on with the preemption vote).
 pub fn forward_backward(
     model: &ScfmModel,
     micro: &[Inputs],
     seed: u64,
     step: u64,
+    reform: bool,
     coll: &mut dyn Collective,
 ) -> Result<StepLosses> {
     let k = micro.len() as f64;
@@ -53,13 +58,15 @@ pub fn forward_backward(
         .iter()
         .map(|x| x.masked.sum(Kind::Int64).int64_value(&[]) as f64)
         .collect();
-    // The last entry carries this worker's stop request, so all agree on it.
+    // The last entries carry this worker's stop and re-form requests, so all agree.
     counts.push(if crate::preempt::requested() {
         1.0
     } else {
         0.0
     });
+    counts.push(if reform { 1.0 } else { 0.0 });
     coll.all_reduce_sum_f64(&mut counts)?;
+    let reform = counts.pop().is_some_and(|s| s > 0.0);
     let stop = counts.pop().is_some_and(|s| s > 0.0);
     let mut mgem_sums = Vec::with_capacity(micro.len());
     let mut con_total = 0.0;
@@ -103,6 +110,7 @@ pub fn forward_backward(
         mgem,
         contrastive: con_total,
         stop,
+        reform,
     })
 }
 

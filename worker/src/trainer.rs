@@ -30,6 +30,8 @@ use scfm_common::checkpoint::{discard_all, json_diff, select_verified, verify_di
 use scfm_common::config::run_settings;
 use scfm_common::data::prepared::data_identity;
 
+mod elastic;
+
 /// Command-line options of a training run.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -54,6 +56,9 @@ pub struct StepStats {
     /// The workers agreed to stop after this step (preemption).
     #[serde(skip)]
     pub stop: bool,
+    /// The workers agreed to leave for the next generation after this step.
+    #[serde(skip)]
+    pub reform: bool,
     /// Weighted total loss (mean over micro-batches).
     pub loss: f64,
     /// MGEM loss.
@@ -97,6 +102,8 @@ pub struct Trainer {
     metrics: Vec<String>,
     ctx: WorkerContext,
     uploader: Uploader,
+    /// A state synchronisation failed half-way: the parameters may be a mix.
+    tainted: bool,
 }
 
 /// How this trainer fits in a cluster.
@@ -108,6 +115,8 @@ pub struct WorkerContext {
     pub reporter: Option<std::sync::mpsc::Sender<StepReport>>,
     /// Check identical parameters across workers every this many steps.
     pub checksum_every: u64,
+    /// Membership generation of the collective (0 for a single process).
+    pub generation: u64,
 }
 
 impl WorkerContext {
@@ -117,6 +126,7 @@ impl WorkerContext {
             collective: Box::new(LocalCollective::new()),
             reporter: None,
             checksum_every: u64::MAX,
+            generation: 0,
         }
     }
 }
@@ -128,8 +138,18 @@ pub struct StepReport {
     pub stats: StepStats,
     /// Epoch of the step.
     pub epoch: u64,
+    /// Membership generation that ran the step.
+    pub generation: u64,
     /// Validation loss when evaluated at this step.
     pub val_loss: Option<f64>,
+    /// The step's place in the data stream: `epoch * n_train + position` at its start.
+    pub offset: u64,
+    /// Cells of the step over all workers.
+    pub step_cells: u64,
+    /// This worker's rank and the world size of the step.
+    pub rank: usize,
+    /// World size of the step.
+    pub world: usize,
 }
 
 fn model_json(spec: &TrainSpec) -> serde_json::Value {
@@ -204,10 +224,6 @@ impl Trainer {
                 ),
             )));
         }
-        // Epochs are one stream of cells: the last step may reach into the next epoch.
-        let total_steps = t
-            .max_steps
-            .unwrap_or(((n_train * t.epochs) as u64).div_ceil(lcfg.cells_per_step() as u64));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -239,7 +255,7 @@ impl Trainer {
             params,
             opt,
             state,
-            total_steps,
+            total_steps: 0,
             source,
             order,
             store,
@@ -249,10 +265,12 @@ impl Trainer {
             metrics: Vec::new(),
             ctx,
             uploader: Uploader::new(),
+            tainted: false,
         };
         if opts.resume || opts.resume_dir.is_some() {
             tr.resume(opts.resume_dir.as_deref())?;
         }
+        tr.total_steps = tr.plan_total_steps();
         Ok(tr)
     }
 
@@ -325,6 +343,7 @@ impl Trainer {
             &inputs,
             t.seed,
             step,
+            crate::preempt::reform_requested(self.ctx.generation),
             self.ctx.collective.as_mut(),
         )?;
         let (loss, mgem, con) = (l.total, l.mgem, l.contrastive);
@@ -339,9 +358,6 @@ impl Trainer {
         let lr = t.lr_at(step, self.total_steps);
         self.opt.update(&self.params, lr);
         self.state.step += 1;
-        if self.state.step.is_multiple_of(self.ctx.checksum_every) {
-            check_params_identical(&self.params, self.ctx.collective.as_mut(), self.state.step)?;
-        }
         let compute_s = start.elapsed().as_secs_f64();
         let cells = data.micro.iter().map(|b| b.n / 2).sum::<usize>();
         Ok(StepStats {
@@ -356,6 +372,7 @@ impl Trainer {
             allreduce_s,
             cells_per_s: cells as f64 / compute_s,
             stop: l.stop,
+            reform: l.reform,
         })
     }
 
@@ -494,6 +511,7 @@ impl Trainer {
         let (mut first_mgem, mut last_mgem, mut wait_total, mut time_total) = (None, 0.0, 0.0, 0.0);
         let mut stopped_early = false;
         let mut preempted = false;
+        let mut reform = false;
         let run_start = Instant::now();
         while self.state.step < self.total_steps {
             if opts
@@ -518,6 +536,14 @@ impl Trainer {
             last_mgem = s.mgem;
             (self.state.epoch, self.state.position) =
                 advance(data.epoch, data.position, per_step, n_train);
+            // After the cursor moved: a failure here leaves a consistent completed step.
+            if self.state.step.is_multiple_of(self.ctx.checksum_every) {
+                check_params_identical(
+                    &self.params,
+                    self.ctx.collective.as_mut(),
+                    self.state.step,
+                )?;
+            }
             let epoch_end = self.state.epoch > data.epoch;
             let mut line = serde_json::to_value(&s).expect("stats serialize");
             line["event"] = "step".into();
@@ -593,9 +619,14 @@ impl Trainer {
             if let Some(tx) = &self.ctx.reporter {
                 // The coordinator stream may be gone (it then stops us by heartbeat).
                 let _ = tx.send(StepReport {
-                    stats: s,
+                    stats: s.clone(),
                     epoch: data.epoch,
+                    generation: self.ctx.generation,
                     val_loss,
+                    offset: data.epoch * n_train as u64 + data.position as u64,
+                    step_cells: per_step as u64,
+                    rank: self.ctx.collective.rank(),
+                    world: self.ctx.collective.world_size(),
                 });
             }
             if stopped_early {
@@ -609,6 +640,14 @@ impl Trainer {
                 preempted = true;
                 break;
             }
+            if s.reform && !last {
+                tracing::info!(
+                    step = self.state.step,
+                    "membership changes: leaving for the next generation"
+                );
+                reform = true;
+                break;
+            }
         }
         // Every worker must end with the same parameters.
         check_params_identical(&self.params, self.ctx.collective.as_mut(), self.state.step)?;
@@ -616,6 +655,7 @@ impl Trainer {
             && self.state.step < self.total_steps
             && !stopped_early
             && !preempted
+            && !reform
         {
             self.save()?;
         }
@@ -629,6 +669,7 @@ impl Trainer {
             best_val: self.state.best_val,
             stopped_early,
             preempted,
+            reform,
             data_wait_fraction: if time_total > 0.0 {
                 wait_total / time_total
             } else {
@@ -659,6 +700,9 @@ pub struct RunSummary {
     pub stopped_early: bool,
     /// Whether a preemption ended the run (after a checkpoint; relaunch to resume).
     pub preempted: bool,
+    /// Whether the run stopped to re-form the cluster (the worker continues in the next
+    /// generation).
+    pub reform: bool,
     /// Fraction of wall time spent waiting for data.
     pub data_wait_fraction: f64,
     /// Wall seconds of the loop.
@@ -741,7 +785,8 @@ mod tests {
                     target_values: x.target_values.shallow_clone(),
                 })
                 .collect();
-            let l = forward_backward(&model, &owned, 0, 0, &mut LocalCollective::new()).unwrap();
+            let l =
+                forward_backward(&model, &owned, 0, 0, false, &mut LocalCollective::new()).unwrap();
             (l.total, p.grad.copy())
         };
         let (la, ga) = grad_of(&[&a]);

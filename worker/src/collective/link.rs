@@ -104,11 +104,22 @@ impl Link {
         wire::write_all_by(&mut to_right, &ours.encode(), deadline)
             .map_err(|e| right.err(op, t, e))?;
 
-        let mut from_left = accept_by(listener, deadline).map_err(|e| left.err(op, t, e))?;
-        from_left
-            .set_nodelay(true)
-            .map_err(|e| left.err(op, t, e))?;
-        let theirs = read_hello(&mut from_left, deadline).map_err(|e| left.err(op, t, e))?;
+        // A connection left over from an earlier generation (a peer that tried to form a
+        // ring that failed) is dropped; the left neighbour of this generation follows.
+        let (mut from_left, theirs) = loop {
+            let mut s = accept_by(listener, deadline).map_err(|e| left.err(op, t, e))?;
+            s.set_nodelay(true).map_err(|e| left.err(op, t, e))?;
+            let h = read_hello(&mut s, deadline).map_err(|e| left.err(op, t, e))?;
+            if h.is_stale_for(&ours) {
+                tracing::debug!(
+                    stale = h.generation,
+                    generation = ours.generation,
+                    "dropped a ring connection of an earlier generation"
+                );
+                continue;
+            }
+            break (s, h);
+        };
         let verdict = theirs.check(&ours, left.rank);
         // Answer even a refused hello, so that the peer can report the mismatch too.
         let answered = wire::write_all_by(&mut from_left, &ours.encode(), deadline);

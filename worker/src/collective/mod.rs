@@ -181,6 +181,30 @@ pub trait Collective: Send {
 
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+
+    /// Overwrites `buf` on every rank with `root`'s bytes (any length; for small
+    /// messages such as serialized state). Travels as one f32 per byte (exact).
+    fn broadcast_bytes(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
+        if self.world_size() == 1 {
+            return check_root(root, 1);
+        }
+        let n = buf.len() as u64;
+        // The length as four exact 16-bit quarters.
+        let mut len: Vec<f32> = (0..4).map(|i| ((n >> (16 * i)) & 0xffff) as f32).collect();
+        self.broadcast(&mut len, root)?;
+        let n = len
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (i, &q)| acc | ((q as u64) << (16 * i)));
+        let mut v: Vec<f32> = if self.rank() == root {
+            buf.iter().map(|&b| b as f32).collect()
+        } else {
+            vec![0.0; n as usize]
+        };
+        self.broadcast(&mut v, root)?;
+        *buf = v.iter().map(|&x| x as u8).collect();
+        Ok(())
+    }
 }
 
 /// The collective of a single-process run (world size 1): every operation is the identity.

@@ -137,6 +137,11 @@ impl Hello {
         }
     }
 
+    /// Whether this hello comes from an scfm peer of an earlier generation than `ours`.
+    pub fn is_stale_for(&self, ours: &Hello) -> bool {
+        self.magic == MAGIC && self.generation < ours.generation
+    }
+
     /// Checks a peer's hello against ours and the rank we expect it to have.
     pub fn check(&self, ours: &Hello, expected_rank: usize) -> Result<(), String> {
         if self.magic != MAGIC {

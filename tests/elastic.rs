@@ -1,0 +1,176 @@
+//! Elastic membership with real processes on 127.0.0.1: a worker SIGKILLed mid-epoch, the
+//! survivors re-form and finish the epoch, a new worker joins and receives the state from
+//! a peer; the coordinator's accounting (`metrics.jsonl`) shows every cell of the epoch
+//! consumed exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use scfm_tests::{TINY, bin, launch_coordinator, metric_steps, wait_exit, write_manifest};
+
+/// Waits for a coordinator log line containing `needle`, keeping every line seen.
+fn wait_log(
+    log: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    needle: &str,
+    timeout: Duration,
+) {
+    let end = Instant::now() + timeout;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no `{needle}` within {timeout:?}:\n{}", seen.join("\n")));
+        let hit = line.contains(needle);
+        seen.push(line);
+        if hit {
+            return;
+        }
+    }
+}
+
+/// A worker process whose log goes to `log`.
+fn worker(addr: &str, log: &Path) -> Child {
+    Command::new(bin("scfm-worker"))
+        .args(["join", "--coordinator", &format!("http://{addr}")])
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_killed_worker_is_replaced_by_a_new_generation_and_every_cell_is_used_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let training =
+        "  batch_size: 16\n  epochs: 1\n  threads: 1\n  log_every: 10\n  eval_every: 100000";
+    let m = write_manifest(
+        dir.path(),
+        &ckpt,
+        TINY,
+        training,
+        "  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 200",
+    );
+    let (mut coord, addr, log) = launch_coordinator(&m);
+    let mut seen = Vec::new();
+    let wlog = |i: usize| dir.path().join(format!("w{i}.log"));
+    let mut ws: Vec<Child> = (0..3).map(|i| worker(&addr, &wlog(i))).collect();
+    wait_log(&log, &mut seen, "train step=30 ", Duration::from_secs(180));
+    // SIGKILL one worker mid-epoch: the other two go on as generation 2.
+    let mut dead = ws.remove(1);
+    dead.kill().unwrap();
+    let _ = dead.wait();
+    wait_log(
+        &log,
+        &mut seen,
+        "first step of the new generation",
+        Duration::from_secs(60),
+    );
+    // A new worker joins: generation 3 with three workers, the joiner gets a peer's state.
+    std::thread::sleep(Duration::from_secs(2));
+    ws.push(worker(&addr, &wlog(3)));
+    wait_log(&log, &mut seen, "worker joined", Duration::from_secs(60));
+    let status = wait_exit(&mut coord, Duration::from_secs(600), "coordinator");
+    seen.extend(log.try_iter());
+    let text = seen.join("\n");
+    let worker_logs: Vec<String> = (0..4)
+        .map(|i| std::fs::read_to_string(wlog(i)).unwrap_or_default())
+        .collect();
+    assert!(status.success(), "{text}\n{}", worker_logs.join("\n"));
+    for w in &mut ws {
+        let s = wait_exit(w, Duration::from_secs(60), "worker");
+        assert!(s.success(), "worker exit {s}");
+    }
+
+    let lines = metric_steps(&ckpt);
+    let generations: Vec<(u64, u64)> = lines
+        .iter()
+        .filter(|l| l["event"] == "generation")
+        .map(|l| {
+            (
+                l["generation"].as_u64().unwrap(),
+                l["world_size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(generations, vec![(2, 2), (3, 3)], "{text}");
+    let recovered: Vec<f64> = lines
+        .iter()
+        .filter(|l| l["event"] == "recovered")
+        .map(|l| l["seconds"].as_f64().unwrap())
+        .collect();
+    assert_eq!(recovered.len(), 2, "{lines:?}");
+    eprintln!("first step of a new generation after: {recovered:?} s");
+
+    // The coordinator's accounting: per committed step, the workers that reported it agree
+    // on its place in the data stream and its size, ranks are distinct, and the steps tile
+    // the stream from 0 without gap or overlap.
+    let mut steps: BTreeMap<u64, (u64, u64, u64, BTreeSet<u64>)> = BTreeMap::new();
+    let mut mgem: BTreeMap<u64, f64> = BTreeMap::new();
+    for l in lines.iter().filter(|l| l["event"] == "step") {
+        let step = l["step"].as_u64().unwrap();
+        let key = (
+            l["offset"].as_u64().unwrap(),
+            l["step_cells"].as_u64().unwrap(),
+            l["world_size"].as_u64().unwrap(),
+        );
+        let e = steps
+            .entry(step)
+            .or_insert((key.0, key.1, key.2, BTreeSet::new()));
+        assert_eq!((e.0, e.1, e.2), key, "step {step} reported differently");
+        assert!(
+            e.3.insert(l["rank"].as_u64().unwrap()),
+            "rank twice in step {step}"
+        );
+        mgem.insert(step, l["mgem"].as_f64().unwrap());
+    }
+    let last = *steps.keys().last().unwrap();
+    assert_eq!(
+        steps.keys().copied().collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>()
+    );
+    let mut next = 0;
+    let mut worlds = BTreeSet::new();
+    for (step, (offset, cells, world, ranks)) in &steps {
+        assert_eq!(
+            *offset, next,
+            "step {step} starts at {offset}, expected {next}"
+        );
+        assert_eq!(*cells, 16 * world);
+        assert!(ranks.iter().all(|r| r < world));
+        worlds.insert(*world);
+        next = offset + cells;
+    }
+    assert_eq!(worlds, BTreeSet::from([2, 3]));
+    // One epoch: the steps cover the training cells and stop within the last step.
+    let n_train = worker_logs[0]
+        .lines()
+        .find_map(|l| {
+            l.split(" train=")
+                .nth(1)
+                .and_then(|r| r.split(' ').next()?.parse::<u64>().ok())
+        })
+        .expect("worker 0 logs its training cells");
+    assert!(
+        next >= n_train && next - steps[&last].1 < n_train,
+        "{next} vs {n_train}"
+    );
+    // The joiner took the state from a peer.
+    assert!(
+        worker_logs[3].contains("generation state agreed"),
+        "{}",
+        worker_logs[3]
+    );
+    // Loss still falls.
+    let head: f64 = (1..=10).map(|s| mgem[&s]).sum::<f64>() / 10.0;
+    let tail: f64 = (last - 9..=last).map(|s| mgem[&s]).sum::<f64>() / 10.0;
+    assert!(tail < head, "mgem {head} -> {tail}");
+    assert!(
+        ckpt.join(format!("ckpt-{last:09}/model.safetensors"))
+            .is_file()
+    );
+}
