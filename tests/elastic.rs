@@ -106,9 +106,52 @@ fn a_killed_worker_is_replaced_by_a_new_generation_and_every_cell_is_used_once()
     assert_eq!(recovered.len(), 2, "{lines:?}");
     eprintln!("first step of a new generation after: {recovered:?} s");
 
-    // The coordinator's accounting: per committed step, the workers that reported it agree
-    // on its place in the data stream and its size, ranks are distinct, and the steps tile
-    // the stream from 0 without gap or overlap.
+    let (steps, mgem, worlds) = accounting(&lines);
+    let last = *steps.keys().last().unwrap();
+    let next = steps[&last].0 + steps[&last].1;
+    assert_eq!(worlds, BTreeSet::from([2, 3]));
+    // One epoch: the steps cover the training cells and stop within the last step.
+    let n_train = worker_logs[0]
+        .lines()
+        .find_map(|l| {
+            l.split(" train=")
+                .nth(1)
+                .and_then(|r| r.split(' ').next()?.parse::<u64>().ok())
+        })
+        .expect("worker 0 logs its training cells");
+    assert!(
+        next >= n_train && next - steps[&last].1 < n_train,
+        "{next} vs {n_train}"
+    );
+    // The joiner took the state from a peer.
+    assert!(
+        worker_logs[3].contains("generation state agreed"),
+        "{}",
+        worker_logs[3]
+    );
+    // Loss still falls.
+    let head: f64 = (1..=10).map(|s| mgem[&s]).sum::<f64>() / 10.0;
+    let tail: f64 = (last - 9..=last).map(|s| mgem[&s]).sum::<f64>() / 10.0;
+    assert!(tail < head, "mgem {head} -> {tail}");
+    assert!(
+        ckpt.join(format!("ckpt-{last:09}/model.safetensors"))
+            .is_file()
+    );
+}
+
+/// Per committed step `(offset, step_cells, world_size, ranks)`, the MGEM loss per step,
+/// and the world sizes seen, from the coordinator's `metrics.jsonl`; asserts that the
+/// workers that reported a step agree on its place in the data stream and its size, that
+/// ranks are distinct and in range, and that the steps tile the stream from 0 without gap
+/// or overlap.
+#[allow(clippy::type_complexity)]
+fn accounting(
+    lines: &[serde_json::Value],
+) -> (
+    BTreeMap<u64, (u64, u64, u64, BTreeSet<u64>)>,
+    BTreeMap<u64, f64>,
+    BTreeSet<u64>,
+) {
     let mut steps: BTreeMap<u64, (u64, u64, u64, BTreeSet<u64>)> = BTreeMap::new();
     let mut mgem: BTreeMap<u64, f64> = BTreeMap::new();
     for l in lines.iter().filter(|l| l["event"] == "step") {
@@ -145,32 +188,68 @@ fn a_killed_worker_is_replaced_by_a_new_generation_and_every_cell_is_used_once()
         worlds.insert(*world);
         next = offset + cells;
     }
+    (steps, mgem, worlds)
+}
+
+/// A worker that hangs (SIGSTOP: its sockets stay open, so no collective fails) is lost
+/// when its heartbeats stop for `worker_timeout_s`; the coordinator then tells its peers to
+/// abandon the generation, which breaks their ring at once instead of after the
+/// collective deadline, and they go on as a new generation.
+#[test]
+fn a_hung_worker_is_lost_after_the_heartbeat_timeout_and_its_peers_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let training =
+        "  batch_size: 16\n  max_steps: 120\n  threads: 1\n  log_every: 10\n  eval_every: 100000";
+    let m = write_manifest(
+        dir.path(),
+        &ckpt,
+        TINY,
+        training,
+        "  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 200",
+    );
+    // Heartbeat silence of 3 s loses a worker; collectives would wait 60 s.
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("worker_timeout_s: 20", "worker_timeout_s: 3")
+        .replace("collective_timeout_s: 20", "collective_timeout_s: 60");
+    std::fs::write(&m, text).unwrap();
+    let (mut coord, addr, log) = launch_coordinator(&m);
+    let mut seen = Vec::new();
+    let wlog = |i: usize| dir.path().join(format!("w{i}.log"));
+    let mut ws: Vec<Child> = (0..3).map(|i| worker(&addr, &wlog(i))).collect();
+    wait_log(&log, &mut seen, "train step=20 ", Duration::from_secs(180));
+    let mut hung = ws.remove(2);
+    let ok = Command::new("kill")
+        .args(["-STOP", &hung.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let t0 = Instant::now();
+    wait_log(
+        &log,
+        &mut seen,
+        "first step of the new generation",
+        Duration::from_secs(60),
+    );
+    let took = t0.elapsed();
+    hung.kill().unwrap();
+    let _ = hung.wait();
+    let status = wait_exit(&mut coord, Duration::from_secs(300), "coordinator");
+    seen.extend(log.try_iter());
+    let text = seen.join("\n");
+    assert!(status.success(), "{text}");
+    for w in &mut ws {
+        let s = wait_exit(w, Duration::from_secs(60), "worker");
+        assert!(s.success(), "worker exit {s}");
+    }
+    assert!(text.contains("no heartbeat for 3 s"), "{text}");
+    // Well before the 60 s collective deadline.
+    assert!(took < Duration::from_secs(30), "recovered after {took:?}");
+    let survivor = std::fs::read_to_string(wlog(0)).unwrap();
+    assert!(survivor.contains("abandoning the generation"), "{survivor}");
+    let (steps, _, worlds) = accounting(&metric_steps(&ckpt));
     assert_eq!(worlds, BTreeSet::from([2, 3]));
-    // One epoch: the steps cover the training cells and stop within the last step.
-    let n_train = worker_logs[0]
-        .lines()
-        .find_map(|l| {
-            l.split(" train=")
-                .nth(1)
-                .and_then(|r| r.split(' ').next()?.parse::<u64>().ok())
-        })
-        .expect("worker 0 logs its training cells");
-    assert!(
-        next >= n_train && next - steps[&last].1 < n_train,
-        "{next} vs {n_train}"
-    );
-    // The joiner took the state from a peer.
-    assert!(
-        worker_logs[3].contains("generation state agreed"),
-        "{}",
-        worker_logs[3]
-    );
-    // Loss still falls.
-    let head: f64 = (1..=10).map(|s| mgem[&s]).sum::<f64>() / 10.0;
-    let tail: f64 = (last - 9..=last).map(|s| mgem[&s]).sum::<f64>() / 10.0;
-    assert!(tail < head, "mgem {head} -> {tail}");
-    assert!(
-        ckpt.join(format!("ckpt-{last:09}/model.safetensors"))
-            .is_file()
-    );
+    assert_eq!(*steps.keys().last().unwrap(), 120);
 }

@@ -15,17 +15,22 @@ use scfm_common::rpc::Assignment;
 use crate::state::{JobState, Phase, Reform};
 
 impl JobState {
-    /// Asks for a new generation (the first reason is kept until it forms).
-    pub fn request_reform(&mut self, reason: String) {
+    /// Asks for a new generation (the first reason is kept until it forms); `lost`: a
+    /// member is gone, so the current generation is dead.
+    pub fn request_reform(&mut self, reason: String, lost: bool) {
         if self.phase != Phase::Running {
             return;
         }
-        if self.reform.is_none() {
-            tracing::warn!(generation = self.generation, %reason, "membership changes: forming a new generation");
-            self.reform = Some(Reform {
-                reason,
-                since: Instant::now(),
-            });
+        match &mut self.reform {
+            None => {
+                tracing::warn!(generation = self.generation, %reason, "membership changes: forming a new generation");
+                self.reform = Some(Reform {
+                    reason,
+                    lost,
+                    since: Instant::now(),
+                });
+            }
+            Some(r) => r.lost |= lost,
         }
     }
 
@@ -44,8 +49,17 @@ impl JobState {
         }
         w.waiting = true;
         if !self.holding && self.members.iter().any(|m| m == id) {
-            self.request_reform(format!("worker {id} left generation {}", self.generation));
+            self.request_reform(
+                format!("worker {id} left generation {}", self.generation),
+                true,
+            );
         }
+    }
+
+    /// Whether worker `id` must abandon its generation (`generation`) at once: a member of
+    /// it was lost, so its collectives cannot complete.
+    pub fn must_abort(&self, id: &str, generation: u64) -> bool {
+        self.must_reform(id, generation) && self.reform.as_ref().is_some_and(|r| r.lost)
     }
 
     /// Whether worker `id` must leave its generation (`generation`) for the next one.
@@ -64,7 +78,7 @@ impl JobState {
         };
         tracing::warn!(worker = %id, ring = %w.ring_addr, host = %w.hostname, pid = w.pid, "worker lost: {why}");
         if self.members.iter().any(|m| m == id) {
-            self.request_reform(format!("worker {id} lost ({why})"));
+            self.request_reform(format!("worker {id} lost ({why})"), true);
         }
     }
 
@@ -207,7 +221,7 @@ mod tests {
         // Worker 1's process exits; the others' ring fails and they ask for more.
         s.lose(&ids[1], "process exited");
         assert!(s.reform.is_some());
-        assert!(s.must_reform(&ids[0], 1));
+        assert!(s.must_reform(&ids[0], 1) && s.must_abort(&ids[0], 1));
         assert!(!s.must_reform(&ids[0], 2));
         s.wants_next(&ids[0]);
         assert!(!s.maybe_reform(now, quiet), "worker 2 is still training");
@@ -248,7 +262,7 @@ mod tests {
         let j = s
             .register(addr(9), "h".into(), "cpu".into(), 9)
             .expect("joining a running job");
-        assert!(s.must_reform(&ids[1], 1));
+        assert!(s.must_reform(&ids[1], 1) && !s.must_abort(&ids[1], 1));
         let now = Instant::now();
         assert!(!s.maybe_reform(now, Duration::from_secs(3)));
         s.wants_next(&ids[0]);

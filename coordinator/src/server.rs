@@ -185,6 +185,8 @@ impl pb::coordinator_server::Coordinator for Service {
             pb::Order::Stop
         } else if s.preempt_at.is_some() {
             pb::Order::Preempt
+        } else if s.must_abort(&r.worker_id, r.generation) {
+            pb::Order::Abort
         } else if s.must_reform(&r.worker_id, r.generation) {
             pb::Order::Reform
         } else {

@@ -64,6 +64,9 @@ impl Worker {
 pub struct Reform {
     /// Why (a worker was lost, left its generation, or joined).
     pub reason: String,
+    /// Whether a member was lost or left (the generation is dead: abort it) rather than a
+    /// worker joining (stop at a step boundary).
+    pub lost: bool,
     /// When the change was noticed.
     pub since: Instant,
 }
@@ -173,7 +176,7 @@ impl JobState {
         let mut w = Worker::new(ring_addr, hostname, device, pid);
         if self.phase == Phase::Running {
             w.waiting = true;
-            self.request_reform(format!("worker {id} joined"));
+            self.request_reform(format!("worker {id} joined"), false);
         }
         self.workers.insert(id.clone(), w);
         self.first_join.get_or_insert_with(Instant::now);

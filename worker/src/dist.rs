@@ -15,7 +15,10 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
-use crate::collective::{RingCollective, RingConfig};
+use crate::collective::{RingAbort, RingCollective, RingConfig};
+
+/// The ring of the current generation, breakable from the heartbeat task.
+type AbortSlot = Arc<std::sync::Mutex<Option<(u64, RingAbort)>>>;
 use crate::error::{Result, WorkerError};
 use crate::trainer::{RunOptions, RunSummary, StepReport, Trainer, WorkerContext};
 
@@ -253,9 +256,15 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
     // Heartbeats from the first moment: the coordinator may wait long for the others.
     let step = Arc::new(AtomicU64::new(0));
     let generation = Arc::new(AtomicU64::new(0));
+    let abort: AbortSlot = Arc::default();
     let hb = {
-        let (mut c, id, step, generation) =
-            (client.clone(), id.clone(), step.clone(), generation.clone());
+        let (mut c, id, step, generation, abort) = (
+            client.clone(),
+            id.clone(),
+            step.clone(),
+            generation.clone(),
+            abort.clone(),
+        );
         let every = Duration::from_millis(reg.heartbeat_ms.max(50));
         rt.spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -275,6 +284,18 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
                     }
                     Ok(Ok(r)) if r.get_ref().order == pb::Order::Reform as i32 => {
                         crate::preempt::request_reform(req_generation);
+                    }
+                    Ok(Ok(r)) if r.get_ref().order == pb::Order::Abort as i32 => {
+                        // A member is gone: collectives of this generation cannot complete,
+                        // so break the ring now rather than wait for their deadline.
+                        crate::preempt::request_reform(req_generation);
+                        let mut slot = abort.lock().unwrap_or_else(|p| p.into_inner());
+                        if slot.as_ref().is_some_and(|(g, _)| *g == req_generation)
+                            && let Some((g, h)) = slot.take()
+                        {
+                            tracing::warn!(generation = g, "a member was lost: abandoning the generation");
+                            h.abort();
+                        }
                     }
                     Ok(Err(s)) if s.code() == Code::NotFound => {
                         tracing::error!(error = %s.message(), "the coordinator dropped this worker; stopping");
@@ -326,6 +347,7 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             checksum_every: manifest.cluster.checksum_every,
             generation: generation.clone(),
             checkpoint_url: manifest.checkpoint.url.clone(),
+            abort,
         },
     );
     let _ = fwd.join();
@@ -386,6 +408,7 @@ struct Gen {
     checksum_every: u64,
     generation: Arc<AtomicU64>,
     checkpoint_url: String,
+    abort: AbortSlot,
 }
 
 /// Trains through the generations of an elastic cluster: for each assignment, forms the
@@ -435,7 +458,11 @@ fn run_generations(
             RingConfig::new(a.generation, g.timeout),
         );
         let ring = match ring {
-            Ok(r) => r,
+            Ok(r) => {
+                *g.abort.lock().unwrap_or_else(|p| p.into_inner()) =
+                    r.abort_handle().map(|h| (a.generation, h));
+                r
+            }
             Err(e) => {
                 tracing::warn!(error = %e, generation = a.generation, "could not form the ring; waiting for the next generation");
                 continue;

@@ -287,6 +287,13 @@ impl Link {
         self.left.err(op, self.timeout, e)
     }
 
+    /// A handle that shuts both sockets down from another thread.
+    pub(super) fn abort_handle(&self) -> io::Result<super::RingAbort> {
+        Ok(super::RingAbort {
+            sockets: vec![self.to_right.try_clone()?, self.from_left.try_clone()?],
+        })
+    }
+
     /// Shuts both sockets down: the receiver thread and both neighbours see it at once.
     pub(super) fn abort(&self) {
         let _ = self.to_right.shutdown(Shutdown::Both);

@@ -207,6 +207,23 @@ pub trait Collective: Send {
     }
 }
 
+/// Breaks a [`RingCollective`] from another thread: both of its sockets are shut down, so
+/// an operation in progress (here and at the neighbours) fails at once instead of waiting
+/// for its deadline.
+#[derive(Debug)]
+pub struct RingAbort {
+    sockets: Vec<std::net::TcpStream>,
+}
+
+impl RingAbort {
+    /// Shuts the ring's sockets down.
+    pub fn abort(&self) {
+        for s in &self.sockets {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// The collective of a single-process run (world size 1): every operation is the identity.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalCollective;

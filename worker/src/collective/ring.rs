@@ -76,6 +76,12 @@ impl std::fmt::Debug for RingCollective {
 }
 
 impl RingCollective {
+    /// A handle that breaks this ring from another thread (the coordinator declared a
+    /// member lost while this one may be blocked in a collective); `None` for world size 1.
+    pub fn abort_handle(&self) -> Option<super::RingAbort> {
+        self.link.as_ref().and_then(|l| l.abort_handle().ok())
+    }
+
     /// Forms the ring: connects to the right neighbour `peers[(rank + 1) % world_size]`,
     /// accepts the left neighbour on `listener` (already bound to `peers[rank]`), and
     /// checks the hello (magic, protocol version, rank, world size, generation) both ways.
