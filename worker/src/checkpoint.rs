@@ -149,19 +149,79 @@ pub struct Encoded {
     pub parts: Vec<(String, Bytes)>,
 }
 
+/// The tensors and state a checkpoint is made of, shared with training (no copy): the
+/// flat parameters and AdamW moments must not change until they are encoded.
+pub struct Snapshot {
+    /// Parameter layout in the flat buffers.
+    pub slots: Vec<Slot>,
+    /// Flat parameters (a shallow clone).
+    pub flat: Tensor,
+    /// AdamW first moments (a shallow clone).
+    pub exp_avg: Tensor,
+    /// AdamW second moments (a shallow clone).
+    pub exp_avg_sq: Tensor,
+    /// AdamW step count.
+    pub opt_step: u64,
+    /// Training state.
+    pub state: TrainState,
+}
+
+// SAFETY: the tensors are only read on the thread the snapshot moves to, and the trainer
+// does not write them until that thread signals that encoding is over (see `upload.rs`).
+unsafe impl Send for Snapshot {}
+
+impl Snapshot {
+    /// Takes a snapshot of the trainer's tensors without copying them.
+    pub fn of(params: &FlatParams, opt: &AdamW, state: &TrainState) -> Self {
+        Snapshot {
+            slots: params.slots.clone(),
+            flat: params.flat.shallow_clone(),
+            exp_avg: opt.exp_avg.shallow_clone(),
+            exp_avg_sq: opt.exp_avg_sq.shallow_clone(),
+            opt_step: opt.step,
+            state: state.clone(),
+        }
+    }
+
+    /// Serializes it (copies the tensors out).
+    pub fn encode(&self) -> Result<Encoded> {
+        encode_parts(
+            &self.slots,
+            [&self.flat, &self.exp_avg, &self.exp_avg_sq],
+            self.opt_step,
+            &self.state,
+        )
+    }
+}
+
 /// Serializes parameters, optimizer moments and state (on the calling thread).
 pub fn encode(params: &FlatParams, opt: &AdamW, state: &TrainState) -> Result<Encoded> {
+    encode_parts(
+        &params.slots,
+        [&params.flat, &opt.exp_avg, &opt.exp_avg_sq],
+        opt.step,
+        state,
+    )
+}
+
+/// Serializes `[parameters, exp_avg, exp_avg_sq]` laid out by `slots`, and the state.
+fn encode_parts(
+    slots: &[Slot],
+    [flat, exp_avg, exp_avg_sq]: [&Tensor; 3],
+    opt_step: u64,
+    state: &TrainState,
+) -> Result<Encoded> {
     // One metadata key: safetensors writes its metadata map in hash order, so several
     // keys would make otherwise identical checkpoints differ byte for byte.
     let scfm =
         serde_json::json!({"model": state.model, "n_genes": state.n_genes, "step": state.step});
     let meta = HashMap::from([("scfm".to_string(), scfm.to_string())]);
-    let model = tensors_to_safetensors(&slot_tensors(&params.slots, &params.flat, ""), Some(meta))?;
-    let mut opt_named = slot_tensors(&params.slots, &opt.exp_avg, "exp_avg.");
-    opt_named.extend(slot_tensors(&params.slots, &opt.exp_avg_sq, "exp_avg_sq."));
+    let model = tensors_to_safetensors(&slot_tensors(slots, flat, ""), Some(meta))?;
+    let mut opt_named = slot_tensors(slots, exp_avg, "exp_avg.");
+    opt_named.extend(slot_tensors(slots, exp_avg_sq, "exp_avg_sq."));
     let optim = tensors_to_safetensors(
         &opt_named,
-        Some(HashMap::from([("step".to_string(), opt.step.to_string())])),
+        Some(HashMap::from([("step".to_string(), opt_step.to_string())])),
     )?;
     Ok(Encoded {
         dir: dir_for(state.step),

@@ -303,6 +303,7 @@ impl Trainer {
                 ),
             });
         }
+        self.wait_snapshot();
         checkpoint::restore(&loaded, &self.params, &mut self.opt)?;
         self.state = loaded.state;
         if let Some(b) = self.rt.block_on(self.store.get_opt("metrics.jsonl"))? {
@@ -356,6 +357,7 @@ impl Trainer {
         let allreduce_s = all_reduce_grads(&self.params, self.ctx.collective.as_mut())?;
         let grad_norm = clip_grad_norm(&self.params, t.clip_grad_norm);
         let lr = t.lr_at(step, self.total_steps);
+        self.wait_snapshot();
         self.opt.update(&self.params, lr);
         self.state.step += 1;
         let compute_s = start.elapsed().as_secs_f64();
@@ -435,7 +437,7 @@ impl Trainer {
             return Ok(dir);
         }
         let t = Instant::now();
-        let enc = checkpoint::encode(&self.params, &self.opt, &self.state)?;
+        let snap = checkpoint::Snapshot::of(&self.params, &self.opt, &self.state);
         // A single process writes its own metrics; in a cluster the coordinator does.
         let metrics = self.ctx.reporter.is_none().then(|| {
             let mut text = self.metrics.join("\n");
@@ -447,7 +449,7 @@ impl Trainer {
             keep_last: self.spec.checkpoint.keep_last,
             keep_also: self.best_dir(),
         };
-        if let Some(Err(e)) = self.uploader.start(self.store.clone(), enc, after) {
+        if let Some(Err(e)) = self.uploader.start(self.store.clone(), snap, after) {
             tracing::error!(error = %e, "checkpoint upload failed; the previous checkpoint stays current");
         }
         let stall = t.elapsed().as_secs_f64();
@@ -461,6 +463,24 @@ impl Trainer {
                 .to_string(),
         );
         Ok(dir)
+    }
+
+    /// Waits until the checkpoint snapshot in flight is encoded, before anything changes
+    /// the parameters or moments; a wait (encoding slower than a forward + backward) is
+    /// recorded as a `checkpoint_wait` event.
+    pub(crate) fn wait_snapshot(&mut self) {
+        let waited = self.uploader.wait_snapshot();
+        if waited > 0.001 {
+            tracing::debug!(
+                step = self.state.step,
+                wait_s = waited,
+                "waited for a checkpoint snapshot"
+            );
+            self.metrics.push(
+                serde_json::json!({"event": "checkpoint_wait", "step": self.state.step, "wait_s": waited})
+                    .to_string(),
+            );
+        }
     }
 
     /// Waits for the checkpoint upload in flight; its failure is an error.

@@ -1,5 +1,11 @@
 //! Background checkpoint uploads: training goes on while a checkpoint is stored.
 //!
+//! The training thread only takes a [`Snapshot`] (shallow tensor handles, no copy); the
+//! upload thread serializes it while the next step's forward and backward run, and the
+//! trainer waits for that ([`Uploader::wait_snapshot`]) before its next optimizer update
+//! changes the tensors. So a checkpoint costs the training thread nothing unless encoding
+//! takes longer than a forward + backward.
+//!
 //! At most one upload is in flight: starting the next one first waits for the previous
 //! one. An upload stores the parts (read back and verified), `state.json`, then
 //! `latest.json`, then the metrics log and retention — so if it fails (after the store's
@@ -11,7 +17,7 @@ use std::time::Instant;
 use scfm_common::checkpoint::METRICS;
 use scfm_common::storage::Store;
 
-use crate::checkpoint::{self, Encoded};
+use crate::checkpoint::{self, Snapshot};
 use crate::error::{Result, WorkerError};
 
 /// What to do after the checkpoint is current.
@@ -40,6 +46,8 @@ pub struct Uploaded {
 #[derive(Default)]
 pub struct Uploader {
     inflight: Option<JoinHandle<Result<Uploaded>>>,
+    /// Disconnected once the snapshot in flight is encoded.
+    encoding: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Uploader {
@@ -48,8 +56,20 @@ impl Uploader {
         Self::default()
     }
 
+    /// Waits until the snapshot in flight is encoded (its tensors may change after);
+    /// returns the seconds waited.
+    pub fn wait_snapshot(&mut self) -> f64 {
+        let Some(rx) = self.encoding.take() else {
+            return 0.0;
+        };
+        let t = Instant::now();
+        let _ = rx.recv();
+        t.elapsed().as_secs_f64()
+    }
+
     /// Waits for the upload in flight, if any, and returns its outcome.
     pub fn wait(&mut self) -> Option<Result<Uploaded>> {
+        self.wait_snapshot();
         let h = self.inflight.take()?;
         Some(h.join().unwrap_or_else(|_| {
             Err(WorkerError::Internal(
@@ -58,19 +78,26 @@ impl Uploader {
         }))
     }
 
-    /// Starts uploading `enc` (after waiting for the previous upload, whose outcome is
-    /// returned).
+    /// Starts encoding and uploading `snap` (after waiting for the previous upload, whose
+    /// outcome is returned). Its tensors must not change before [`Uploader::wait_snapshot`]
+    /// (or [`Uploader::wait`]) returned.
     pub fn start(
         &mut self,
         store: Store,
-        enc: Encoded,
+        snap: Snapshot,
         after: AfterUpload,
     ) -> Option<Result<Uploaded>> {
         let previous = self.wait();
+        let (done, encoding) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("scfm-ckpt-upload".into())
             .spawn(move || {
                 let t = Instant::now();
+                let enc = snap.encode();
+                // Training may change the tensors from here on.
+                drop(snap);
+                drop(done);
+                let enc = enc?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -91,7 +118,10 @@ impl Uploader {
                 })
             });
         match handle {
-            Ok(h) => self.inflight = Some(h),
+            Ok(h) => {
+                self.inflight = Some(h);
+                self.encoding = Some(encoding);
+            }
             Err(e) => {
                 return Some(Err(WorkerError::Internal(format!(
                     "cannot start the upload thread: {e}"

@@ -85,6 +85,8 @@ impl Trainer {
         coll.all_reduce_sum_f64(&mut info)?;
         let members: Vec<(u64, u64)> = info.chunks(2).map(|c| (c[0] as u64, c[1] as u64)).collect();
         let root = sync_root(&members);
+        self.wait_snapshot();
+        let coll = self.ctx.collective.as_mut();
         // Until the whole state arrived, a failure leaves a mix of ours and the root's.
         self.tainted = rank != root;
         for t in [&self.params.flat, &self.opt.exp_avg, &self.opt.exp_avg_sq] {
