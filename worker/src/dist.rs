@@ -457,6 +457,18 @@ fn run_generations(
                 .map_err(|e| WorkerError::Internal(format!("ring listener: {e}")))?,
             RingConfig::new(a.generation, g.timeout),
         );
+        #[cfg(feature = "nccl")]
+        let ring = ring.and_then(|mut r| {
+            let cuda = !matches!(spec.training.device, scfm_common::config::Device::Cpu);
+            if cuda
+                && a.world_size > 1
+                && tch::Cuda::is_available()
+                && crate::collective::nccl::Nccl::available()
+            {
+                r.attach_nccl()?;
+            }
+            Ok(r)
+        });
         let ring = match ring {
             Ok(r) => {
                 *g.abort.lock().unwrap_or_else(|p| p.into_inner()) =

@@ -120,6 +120,13 @@ pub fn all_reduce_grads(params: &FlatParams, coll: &mut dyn Collective) -> Resul
         return Ok(0.0);
     }
     let t = Instant::now();
+    #[cfg(feature = "nccl")]
+    if params.grad.device() != Device::Cpu
+        && let Some(n) = coll.nccl()
+    {
+        n.all_reduce_mean(&params.grad)?;
+        return Ok(t.elapsed().as_secs_f64());
+    }
     with_host_slice(&params.grad, |g| coll.all_reduce_mean(g))??;
     Ok(t.elapsed().as_secs_f64())
 }

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 pub mod bench;
 mod link;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod plan;
 mod ring;
 mod wire;
@@ -143,6 +145,14 @@ pub enum CollectiveError {
         /// What is wrong.
         reason: String,
     },
+    /// A device collective library (NCCL) failed.
+    #[error("{op}: {reason}")]
+    Device {
+        /// Operation in progress.
+        op: Op,
+        /// What failed.
+        reason: String,
+    },
     /// An earlier operation failed; the ring must be re-formed before it can be used again.
     #[error("{op}: collective unusable after an earlier failure ({cause}); re-form the ring")]
     Broken {
@@ -181,6 +191,12 @@ pub trait Collective: Send {
 
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+
+    /// The NCCL communicator for CUDA gradients, when one was formed.
+    #[cfg(feature = "nccl")]
+    fn nccl(&mut self) -> Option<&mut nccl::Nccl> {
+        None
+    }
 
     /// Overwrites `buf` on every rank with `root`'s bytes (any length; for small
     /// messages such as serialized state). Travels as one f32 per byte (exact).

@@ -62,6 +62,9 @@ pub struct RingCollective {
     broken: Option<String>,
     plan: Vec<Step>,
     gather: Vec<f64>,
+    /// NCCL communicator of the same ranks, for CUDA gradients.
+    #[cfg(feature = "nccl")]
+    nccl: Option<super::nccl::Nccl>,
 }
 
 impl std::fmt::Debug for RingCollective {
@@ -76,6 +79,15 @@ impl std::fmt::Debug for RingCollective {
 }
 
 impl RingCollective {
+    /// Forms an NCCL communicator over this ring's ranks (the unique id travels over the
+    /// ring); CUDA gradients are then all-reduced by NCCL.
+    #[cfg(feature = "nccl")]
+    pub fn attach_nccl(&mut self) -> Result<(), CollectiveError> {
+        let n = super::nccl::Nccl::new(self)?;
+        self.nccl = Some(n);
+        Ok(())
+    }
+
     /// A handle that breaks this ring from another thread (the coordinator declared a
     /// member lost while this one may be blocked in a collective); `None` for world size 1.
     pub fn abort_handle(&self) -> Option<super::RingAbort> {
@@ -125,6 +137,8 @@ impl RingCollective {
             broken: None,
             plan: Vec::new(),
             gather: Vec::new(),
+            #[cfg(feature = "nccl")]
+            nccl: None,
         })
     }
 
@@ -174,6 +188,11 @@ impl RingCollective {
 impl Collective for RingCollective {
     fn rank(&self) -> usize {
         self.rank
+    }
+
+    #[cfg(feature = "nccl")]
+    fn nccl(&mut self) -> Option<&mut super::nccl::Nccl> {
+        self.nccl.as_mut()
     }
 
     fn world_size(&self) -> usize {
