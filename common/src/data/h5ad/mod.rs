@@ -7,6 +7,7 @@
 //! names come from the `obs`/`var` dataframes' index; an optional `obs` column becomes
 //! per-cell labels.
 
+mod chunks;
 mod frame;
 pub mod rows;
 pub(crate) mod typed;

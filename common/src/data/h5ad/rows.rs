@@ -1,12 +1,14 @@
 //! Row-block reading of an `.h5ad` CSR matrix: only `indptr` is held in memory; rows
 //! `a..b` are read by hyperslab from `indices` and `data`, so a reader's memory is bounded
-//! by the block, not the file. Used by `scfm prepare` (inputs) and the training loader
-//! (prepared shards).
+//! by the block, not the file. Compressed `indices`/`data` are read by raw chunks and
+//! decoded on two threads where possible (see `chunks`). Used by `scfm prepare` (inputs)
+//! and the training loader (prepared shards).
 
 use std::path::{Path, PathBuf};
 
 use hdf5::{Dataset, File};
 
+use super::chunks::RawCsr;
 use super::typed::{R, Src, bad};
 use super::{Elem, Layout, MatrixSource, check_indptr, frame, locate, member, open, to_error};
 use crate::data::CsrMatrix;
@@ -22,6 +24,8 @@ pub struct H5adRows {
     indices: Dataset,
     indptr: Vec<u64>,
     n_cols: usize,
+    /// The raw-chunk path for `indices` and `data`, where it applies.
+    raw: RawCsr,
 }
 
 impl std::fmt::Debug for H5adRows {
@@ -57,6 +61,7 @@ impl H5adRows {
                 ));
             }
             check_indptr(&indptr, m.n_rows, nnz, &m.name)?;
+            let raw = RawCsr::open(&indices, &data);
             Ok(Some(H5adRows {
                 path: path.to_path_buf(),
                 _file: file.clone(),
@@ -65,6 +70,7 @@ impl H5adRows {
                 indices,
                 indptr,
                 n_cols: m.n_cols,
+                raw,
             }))
         })();
         r.map_err(|e| to_error(path, e))
@@ -100,14 +106,25 @@ impl H5adRows {
         }
         let (lo, hi) = (self.indptr[a] as usize, self.indptr[b] as usize);
         let r: R<(Vec<u32>, Vec<f32>)> = (|| {
-            let indices = Src::dataset(&self.indices).slice(lo, hi)?.ints::<u32>()?;
-            let data = Src::dataset(&self.data).slice(lo, hi)?.f32s()?;
-            if let Some(&c) = indices.iter().find(|&&c| c as usize >= self.n_cols) {
-                return bad(format!(
-                    "`{}/indices` has column index {c}, but the matrix has {} columns",
-                    self.name, self.n_cols
-                ));
-            }
+            // The raw-chunk path checks the column indices while decoding.
+            let (indices, data) = self.raw.read(lo, hi, self.n_cols)?;
+            let indices = match indices {
+                Some(v) => v,
+                None => {
+                    let v = Src::dataset(&self.indices).slice(lo, hi)?.ints::<u32>()?;
+                    if let Some(&c) = v.iter().find(|&&c| c as usize >= self.n_cols) {
+                        return bad(format!(
+                            "`{}/indices` has column index {c}, but the matrix has {} columns",
+                            self.name, self.n_cols
+                        ));
+                    }
+                    v
+                }
+            };
+            let data = match data {
+                Some(v) => v,
+                None => Src::dataset(&self.data).slice(lo, hi)?.f32s()?,
+            };
             Ok((indices, data))
         })();
         let (mut indices, mut data) = r.map_err(|e| to_error(&self.path, e))?;
@@ -121,6 +138,20 @@ impl H5adRows {
             indices,
             data,
         )
+    }
+}
+
+#[cfg(test)]
+impl H5adRows {
+    /// This reader with the raw-chunk path off (tests compare both paths).
+    pub(crate) fn without_raw_chunks(mut self) -> Self {
+        self.raw = RawCsr::none();
+        self
+    }
+
+    /// Whether `indices` and `data` are read by raw chunks.
+    pub(crate) fn raw_chunks(&self) -> (bool, bool) {
+        self.raw.active()
     }
 }
 
