@@ -184,6 +184,9 @@ struct Finished {
     window: (f64, f64, f64),
 }
 
+/// A started command: the child, the command (for messages), its log, its exit status.
+type Started = (std::process::Child, Command, PathBuf, Option<ExitStatus>);
+
 /// Kills `root` and its descendants (only processes this benchmark started).
 fn kill_tree(root: u32) {
     let pids: Vec<String> = tree(root).iter().map(u32::to_string).collect();
@@ -201,7 +204,7 @@ fn run_logged(
 ) -> Result<Finished> {
     let cpu0 = children_cpu_s();
     let t = Instant::now();
-    let mut children = Vec::new();
+    let mut children: Vec<Started> = Vec::new();
     for (mut cmd, log) in cmds {
         let out = std::fs::File::create(&log)?;
         let child = cmd
@@ -214,7 +217,7 @@ fn run_logged(
     }
     let mut sched = Sched::default();
     let mut snaps: Vec<(f64, (f64, f64))> = Vec::new();
-    let stop = |children: &mut Vec<(std::process::Child, Command, PathBuf, Option<ExitStatus>)>| {
+    let stop = |children: &mut Vec<Started>| {
         for (c, _, _, done) in children.iter_mut() {
             if done.is_none() {
                 kill_tree(c.id());
@@ -296,12 +299,16 @@ fn timestamp(s: &str) -> Option<(&str, f64)> {
     Some((date, h * 3600.0 + m * 60.0 + sec))
 }
 
-/// Wall seconds between rank 0's `train step=a` and `train step=b` log lines.
+/// Wall seconds between rank 0's `train step=a` and `train step=b` log lines in `log`.
 fn step_span(log: &str, a: u64, b: u64) -> Option<f64> {
     let at = |n: u64| {
         let needle = format!("scfm_worker::trainer: train step={n} ");
         log.lines().find_map(|l| {
-            let rest = l.strip_prefix("[w")?.split_once("] ")?.1;
+            // `scfm local` prefixes worker lines with `[wN] `.
+            let rest = l
+                .strip_prefix("[w")
+                .and_then(|r| r.split_once("] "))
+                .map_or(l, |r| r.1);
             if !rest.contains(&needle) {
                 return None;
             }
@@ -317,48 +324,88 @@ fn step_span(log: &str, a: u64, b: u64) -> Option<f64> {
     })
 }
 
-/// `scfm local` with `workers` workers; returns the measured run.
-fn run_scfm(s: &Settings, scfm: &Path, data: &Path, dir: &Path, workers: usize) -> Result<Run> {
-    let ckpt = dir.join("ckpt");
+/// What a run measures: scfm (`scfm local`, or coordinator and workers in their own
+/// sessions) with W workers, or PyTorch DDP with P processes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Scfm { workers: usize, sessions: bool },
+    Ddp { procs: usize },
+}
+
+/// Paths the runs need.
+struct Env {
+    scfm: PathBuf,
+    worker: PathBuf,
+    python: PathBuf,
+    data: PathBuf,
+    dir: PathBuf,
+}
+
+/// A free port on 127.0.0.1 (for a coordinator started by this benchmark).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One scfm job with `workers` workers; returns the measured run.
+fn run_scfm(s: &Settings, e: &Env, workers: usize, sessions: bool) -> Result<Run> {
+    let ckpt = e.dir.join("ckpt");
     let _ = std::fs::remove_dir_all(&ckpt);
-    let log_every = gcd(s.warmup, s.steps);
+    let port = free_port()?;
     let manifest = format!(
         "run_id: scaling-{workers}w\ndata:\n  path: {}\nmodel:\n  preset: minimal\n\
          training:\n  seed: 0\n  batch_size: {}\n  max_steps: {}\n  warmup_steps: {}\n  \
-         eval_every: 1000000\n  max_eval_cells: 64\n  log_every: {log_every}\n  threads: 1\n\
-         cluster:\n  max_workers: {workers}\n\
-         checkpoint:\n  url: {}\n  every_steps: 1000000\n  keep_last: 1\n",
-        data.display(),
+         eval_every: 1000000\n  max_eval_cells: 64\n  log_every: {}\n  threads: 1\n\
+         cluster:\n  max_workers: {workers}\n  coordinator: 127.0.0.1:{port}\n\
+         checkpoint:\n  url: {}\n  every_steps: 1000000\n  keep_last: 1\n\
+         auth:\n  token: scaling-bench\n",
+        e.data.display(),
         s.batch,
         s.steps,
         s.warmup,
+        gcd(s.warmup, s.steps),
         ckpt.display()
     );
-    let job = dir.join(format!("job-{workers}w.yaml"));
+    let job = e.dir.join(format!("job-{workers}w.yaml"));
     std::fs::write(&job, manifest)?;
-    let log = dir.join(format!("scfm-{workers}w.log"));
-    let load = load_avg();
-    let fin = run_logged(
-        Command::new(scfm)
-            .arg("local")
+    let tag = if sessions { "sessions" } else { "local" };
+    let log = |name: &str| e.dir.join(format!("scfm-{workers}w-{tag}-{name}.log"));
+    let mut cmds = Vec::new();
+    if sessions {
+        let mut c = Command::new("setsid");
+        c.arg("-w").arg(&e.scfm).arg("launch").arg(&job);
+        cmds.push((c, log("coordinator")));
+        for i in 0..workers {
+            let mut w = Command::new("setsid");
+            w.arg("-w")
+                .arg(&e.worker)
+                .arg("join")
+                .args(["--coordinator", &format!("http://127.0.0.1:{port}")])
+                .args(["--bind", "127.0.0.1"])
+                .env("SCFM_TOKEN", "scaling-bench");
+            cmds.push((w, log(&format!("w{i}"))));
+        }
+    } else {
+        let mut c = Command::new(&e.scfm);
+        c.arg("local")
             .arg(&job)
-            .args(["--workers", &workers.to_string()])
-            .env("RUST_BACKTRACE", "0")
-            .env("RUST_LOG", "info"),
-        &log,
-        s.timeout,
-        Some(&[s.warmup, s.steps].map(|n| format!("scfm_worker::trainer: train step={n} "))),
-    )?;
-    if !fin.status.success() {
-        bail!(
-            "scfm local --workers {workers}: {}\n{}",
-            fin.status,
-            tail(&log)
-        );
+            .args(["--workers", &workers.to_string()]);
+        cmds.push((c, log("all")));
     }
-    let text = std::fs::read_to_string(&log)?;
+    for (c, _) in cmds.iter_mut() {
+        c.env("RUST_BACKTRACE", "0").env("RUST_LOG", "info");
+    }
+    let logs: Vec<PathBuf> = cmds.iter().map(|c| c.1.clone()).collect();
+    let load = load_avg();
+    let marks = [s.warmup, s.steps].map(|n| format!("scfm_worker::trainer: train step={n} "));
+    let fin = run_logged(cmds, s.timeout, Some(&marks))?;
+    let mut text = String::new();
+    for l in &logs {
+        text += &std::fs::read_to_string(l)?;
+    }
     let span = step_span(&text, s.warmup, s.steps)
-        .with_context(|| format!("no `train step=` log lines in {}", log.display()))?;
+        .with_context(|| format!("no `train step=` log lines in {logs:?}"))?;
     let timed = (s.steps - s.warmup) as f64;
     let cells = (workers * s.batch) as f64;
     // metrics.jsonl: per step, per worker.
@@ -374,7 +421,7 @@ fn run_scfm(s: &Settings, scfm: &Path, data: &Path, dir: &Path, workers: usize) 
     }
     if per_step.len() as u64 != s.steps - s.warmup || per_step.values().any(|v| v.len() != workers)
     {
-        bail!("metrics.jsonl misses steps; see {}", log.display());
+        bail!("metrics.jsonl misses steps; see {logs:?}");
     }
     let (mut step_max, mut ar, mut wait) = (0.0, 0.0, 0.0);
     for ws in per_step.values() {
@@ -399,34 +446,24 @@ fn run_scfm(s: &Settings, scfm: &Path, data: &Path, dir: &Path, workers: usize) 
 }
 
 /// `torchrun --nproc-per-node procs benches/ddp_train.py`; returns the measured run.
-fn run_ddp(s: &Settings, python: &Path, data: &Path, dir: &Path, procs: usize) -> Result<Run> {
-    let log = dir.join(format!("ddp-{procs}p.log"));
+fn run_ddp(s: &Settings, e: &Env, procs: usize) -> Result<Run> {
+    let log = e.dir.join(format!("ddp-{procs}p.log"));
     let load = load_avg();
-    let fin = run_logged(
-        Command::new(python)
-            .args(["-m", "torch.distributed.run", "--standalone"])
-            .args(["--nproc-per-node", &procs.to_string()])
-            .arg(repo().join("benches/ddp_train.py"))
-            .arg("--prepared")
-            .arg(data)
-            .arg("--preset")
-            .arg(repo().join("configs/models/minimal.yaml"))
-            .args(["--batch", &s.batch.to_string()])
-            .args(["--steps", &s.steps.to_string()])
-            .args(["--warmup", &s.warmup.to_string()])
-            .args(["--threads", "1"])
-            .env("OMP_NUM_THREADS", "1"),
-        &log,
-        s.timeout,
-        Some(&["timing: start".to_string(), "timing: end".to_string()]),
-    )?;
-    if !fin.status.success() {
-        bail!(
-            "torchrun --nproc-per-node {procs}: {}\n{}",
-            fin.status,
-            tail(&log)
-        );
-    }
+    let mut cmd = Command::new(&e.python);
+    cmd.args(["-m", "torch.distributed.run", "--standalone"])
+        .args(["--nproc-per-node", &procs.to_string()])
+        .arg(repo().join("benches/ddp_train.py"))
+        .arg("--prepared")
+        .arg(&e.data)
+        .arg("--preset")
+        .arg(repo().join("configs/models/minimal.yaml"))
+        .args(["--batch", &s.batch.to_string()])
+        .args(["--steps", &s.steps.to_string()])
+        .args(["--warmup", &s.warmup.to_string()])
+        .args(["--threads", "1"])
+        .env("OMP_NUM_THREADS", "1");
+    let marks = ["timing: start".to_string(), "timing: end".to_string()];
+    let fin = run_logged(vec![(cmd, log.clone())], s.timeout, Some(&marks))?;
     let text = std::fs::read_to_string(&log)?;
     let v: serde_json::Value = text
         .lines()
@@ -501,74 +538,101 @@ fn main() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join(".venv/bin/python"));
     let tmp = tempfile::Builder::new().prefix("scfm-scaling").tempdir()?;
-    let data = tmp.path().join("prepared");
-    let log = tmp.path().join("prepare.log");
-    let fin = run_logged(
-        Command::new(&scfm)
-            .arg("prepare")
-            .arg(repo().join("data/mouse10k.h5ad"))
-            .arg("--out")
-            .arg(&data)
-            .arg("--settings")
-            .arg(repo().join("configs/prepare-demo.yaml")),
-        &log,
-        Duration::from_secs(300),
-        None,
-    )?;
-    if !fin.status.success() {
-        bail!("scfm prepare: {}\n{}", fin.status, tail(&log));
-    }
+    let e = Env {
+        data: tmp.path().join("prepared"),
+        dir: tmp.path().to_path_buf(),
+        scfm,
+        worker,
+        python,
+    };
+    let mut prepare = Command::new(&e.scfm);
+    prepare
+        .arg("prepare")
+        .arg(repo().join("data/mouse10k.h5ad"))
+        .arg("--out")
+        .arg(&e.data)
+        .arg("--settings")
+        .arg(repo().join("configs/prepare-demo.yaml"));
+    let log = e.dir.join("prepare.log");
+    run_logged(vec![(prepare, log)], Duration::from_secs(300), None)?;
     println!(
         "binaries: {} + {}; python: {}\n`minimal` preset, demo data (9,912 cells x 1,000 genes), \
          {} cells x 2 views per worker per step, 1 intra-op thread per worker, {} steps, \
          first {} untimed; {} interleaved rounds; {} CPUs",
-        scfm.display(),
-        worker.display(),
-        python.display(),
+        e.scfm.display(),
+        e.worker.display(),
+        e.python.display(),
         s.batch,
         s.steps,
         s.warmup,
         s.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
-    let labels = ["scfm 1w", "scfm 2w", "DDP 1p", "DDP 2p"];
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); labels.len()];
+    let mut configs = vec![
+        (
+            "scfm 1w",
+            Kind::Scfm {
+                workers: 1,
+                sessions: false,
+            },
+        ),
+        (
+            "scfm 2w",
+            Kind::Scfm {
+                workers: 2,
+                sessions: false,
+            },
+        ),
+    ];
+    if env_or("SCFM_BENCH_SESSIONS", 1) != 0 {
+        configs.push((
+            "scfm 1w sessions",
+            Kind::Scfm {
+                workers: 1,
+                sessions: true,
+            },
+        ));
+        configs.push((
+            "scfm 2w sessions",
+            Kind::Scfm {
+                workers: 2,
+                sessions: true,
+            },
+        ));
+    }
+    configs.push(("DDP 1p", Kind::Ddp { procs: 1 }));
+    configs.push(("DDP 2p", Kind::Ddp { procs: 2 }));
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); configs.len()];
     for round in 0..s.rounds {
-        // Alternate the order so that drifting machine load hits all four alike.
-        let mut order: Vec<usize> = vec![0, 2, 1, 3];
+        // Alternate the order so that drifting machine load hits all alike.
+        let mut order: Vec<usize> = (0..configs.len()).collect();
         if round % 2 == 1 {
             order.reverse();
         }
         for i in order {
-            let r = match i {
-                0 => run_scfm(&s, &scfm, &data, tmp.path(), 1)?,
-                1 => run_scfm(&s, &scfm, &data, tmp.path(), 2)?,
-                2 => run_ddp(&s, &python, &data, tmp.path(), 1)?,
-                _ => run_ddp(&s, &python, &data, tmp.path(), 2)?,
+            let (label, kind) = configs[i];
+            let r = match kind {
+                Kind::Scfm { workers, sessions } => run_scfm(&s, &e, workers, sessions)?,
+                Kind::Ddp { procs } => run_ddp(&s, &e, procs)?,
             };
             eprintln!(
-                "round {round}: {:<8} {:7.1} cells/s {:7.1} ms/step (wall {:.1} s, CPU {:.1} s; \
-                 timed steps: {:.2} cores used, {:.2} wanted; load {:.2})",
-                labels[i],
-                r.cells_per_s,
-                r.step_ms,
-                r.wall_s,
-                r.cpu_s,
-                r.cores_used,
-                r.cores_wanted,
-                r.load
+                "round {round}: {label:<16} {:7.1} cells/s {:7.1} ms/step (wall {:.1} s, \
+                 CPU {:.1} s; timed steps: {:.2} cores used, {:.2} wanted; load {:.2})",
+                r.cells_per_s, r.step_ms, r.wall_s, r.cpu_s, r.cores_used, r.cores_wanted, r.load
             );
             runs[i].push(r);
         }
     }
+    report(&s, &configs, &runs);
+    Ok(())
+}
+
+/// Prints the tables (medians over rounds).
+fn report(s: &Settings, configs: &[(&str, Kind)], runs: &[Vec<Run>]) {
     let med = |i: usize, f: fn(&Run) -> f64| median(&runs[i].iter().map(f).collect::<Vec<_>>());
-    let cps: Vec<f64> = (0..4).map(|i| med(i, |r| r.cells_per_s)).collect();
-    let per_round = |a: usize, b: usize| -> String {
-        (0..s.rounds)
-            .map(|r| format!("{:.2}", runs[a][r].cells_per_s / runs[b][r].cells_per_s))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let cps: Vec<f64> = (0..configs.len())
+        .map(|i| med(i, |r| r.cells_per_s))
+        .collect();
     println!(
         "\nGlobal cells/s over steps {}..{} (median of rounds):",
         s.warmup + 1,
@@ -576,7 +640,7 @@ fn main() -> Result<()> {
     );
     println!("| run | cells/s per round | median cells/s | ms/step |");
     println!("|---|---|---|---|");
-    for (i, label) in labels.iter().enumerate() {
+    for (i, (label, _)) in configs.iter().enumerate() {
         let rounds: Vec<String> = runs[i]
             .iter()
             .map(|r| format!("{:.1}", r.cells_per_s))
@@ -590,42 +654,47 @@ fn main() -> Result<()> {
     }
     println!("\n| ratio | per round | of medians | target |");
     println!("|---|---|---|---|");
-    println!(
-        "| scfm 2w / 1w | {} | **{:.2}x** | >= 1.8x |",
-        per_round(1, 0),
-        cps[1] / cps[0]
-    );
-    println!(
-        "| DDP 2p / 1p | {} | **{:.2}x** | |",
-        per_round(3, 2),
-        cps[3] / cps[2]
-    );
-    println!(
-        "| scfm 2w / DDP 2p | {} | **{:.2}x** | >= 1 |",
-        per_round(1, 3),
-        cps[1] / cps[3]
-    );
-    println!(
-        "| scfm 1w / DDP 1p | {} | **{:.2}x** | |",
-        per_round(0, 2),
-        cps[0] / cps[2]
-    );
+    let ratios = [
+        ("scfm 2w", "scfm 1w", ">= 1.8x"),
+        ("scfm 2w sessions", "scfm 1w sessions", ">= 1.8x"),
+        ("DDP 2p", "DDP 1p", ""),
+        ("scfm 2w", "DDP 2p", ">= 1"),
+        ("scfm 2w sessions", "DDP 2p", ">= 1"),
+        ("scfm 1w", "DDP 1p", ""),
+    ];
+    let find = |l: &str| configs.iter().position(|c| c.0 == l);
+    for (a, b, target) in ratios {
+        let (Some(a_i), Some(b_i)) = (find(a), find(b)) else {
+            continue;
+        };
+        let per_round: Vec<String> = runs[a_i]
+            .iter()
+            .zip(&runs[b_i])
+            .map(|(x, y)| format!("{:.2}", x.cells_per_s / y.cells_per_s))
+            .collect();
+        println!(
+            "| {a} / {b} | {} | **{:.2}x** | {target} |",
+            per_round.join(" "),
+            cps[a_i] / cps[b_i]
+        );
+    }
     println!(
         "\nPer step (medians): scfm step_s from metrics.jsonl (slowest worker), all-reduce \
          (scfm: gradient ring all-reduce measured by the workers; DDP: standalone gloo \
          all-reduce of the gradient's size), data wait; during the timed steps, the CPUs \
          all threads of the run ran on (used) and were runnable for (wanted: running or \
-         waiting for a CPU), from /proc schedstat sampled every 200 ms; the whole run's \
-         CPU s and wall s (start-up included); 1-minute load average at the start."
+         waiting for a CPU), from /proc schedstat sampled every 200 ms, and cells/s per \
+         core used (flat from 1 to 2 workers when only CPU share limits scaling); the whole \
+         run's CPU s and wall s (start-up included); 1-minute load average at the start."
     );
     println!(
         "| run | wall ms/step | metrics ms/step | all-reduce ms | data wait ms | padded len | \
-         cores used | cores wanted | CPU s | wall s | load |"
+         cores used | cores wanted | cells/s per core used | CPU s | wall s | load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (i, label) in labels.iter().enumerate() {
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (i, (label, _)) in configs.iter().enumerate() {
         println!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             num(med(i, |r| r.step_ms), 1),
             num(med(i, |r| r.metric_step_ms), 1),
             num(med(i, |r| r.allreduce_ms), 2),
@@ -633,10 +702,10 @@ fn main() -> Result<()> {
             num(med(i, |r| r.padded_len), 1),
             num(med(i, |r| r.cores_used), 2),
             num(med(i, |r| r.cores_wanted), 2),
+            num(med(i, |r| r.cells_per_s / r.cores_used), 1),
             num(med(i, |r| r.cpu_s), 1),
             num(med(i, |r| r.wall_s), 1),
             num(med(i, |r| r.load), 2),
         );
     }
-    Ok(())
 }
