@@ -1,7 +1,8 @@
 """PyTorch DDP side of the scaling benchmark (`cargo bench -p scfm-coordinator --bench scaling`).
 
-Trains the scfm model in PyTorch (``ScfmRef`` and the AdamW parameter groups imported from
-``benches/torch_train.py``, the single-process baseline of ``scfm-worker bench``) under
+Trains the scfm model in PyTorch (``ScfmRef`` and the AdamW parameter groups of
+``tests/python/scfm_ref.py``, the model ``benches/torch_train.py`` times for
+``scfm-worker bench``, with the same optimizer settings) under
 ``DistributedDataParallel`` with the gloo backend, one intra-op thread per process::
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 benches/ddp_train.py \\
@@ -15,10 +16,11 @@ their longest; ``max(1, round(0.15 n))`` tokens are masked. Gene ids and bins ar
 (they do not change the cost). Batches are generated before timing (no data wait).
 
 Each step: ``zero_grad``, forward through DDP, MGEM + NT-Xent (``ScfmRef.losses``: NT-Xent
-over the rank's own batch), backward (DDP all-reduces the gradient buckets), global-norm
-clipping at 1.0, AdamW. Steps ``warmup+1 .. steps`` are timed on every rank; the slowest
-rank's time gives the global cells/s; rank 0 prints ``timing: start`` and ``timing: end``
-around them (the benchmark samples CPU use in between). Afterwards a standalone gloo all-reduce of a buffer
+over the rank's own batch; scfm's spans the global batch, with an all-gather of the
+embeddings), backward (DDP all-reduces the gradient buckets), global-norm clipping at 1.0,
+AdamW. Steps ``warmup+1 .. steps`` are timed on every rank; the slowest rank's time gives
+the global cells/s; rank 0 prints ``timing: start`` and ``timing: end`` around them (the
+benchmark samples CPU use in between). Afterwards a standalone gloo all-reduce of a buffer
 as large as the gradient is timed. Rank 0 prints one JSON line.
 """
 
@@ -28,7 +30,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,7 +39,7 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from torch_train import ScfmRef, adamw_param_groups  # noqa: E402
+from scfm_ref import ScfmRef, adamw_param_groups  # noqa: E402
 
 #: Tokenizer constants (common/src/config/model.rs): PAD 0, [CLS] 1, genes from 2.
 PAD, CLS, OFFSET = 0, 1, 2
