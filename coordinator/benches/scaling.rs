@@ -405,19 +405,22 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
         "\nPer timed step (medians over rounds): wall ms; scfm's slowest-worker step_s \
          (metrics.jsonl); all-reduce (scfm: gradient ring all-reduce; DDP: standalone gloo \
          all-reduce of the gradient's size); data wait; CPUs the run's threads ran on (used) \
-         and were runnable for (wanted); load average at the start.\n\n\
-         | run | wall ms | step_s ms | all-reduce ms | data wait ms | cores used | cores wanted | load |\n\
-         |---|---|---|---|---|---|---|---|"
+         and were runnable for (wanted), and cells per CPU-second (cells/s / cores used: flat \
+         from 1 to 2 workers when only the CPU share limits scaling); load average at the \
+         start.\n\n\
+         | run | wall ms | step_s ms | all-reduce ms | data wait ms | cores used | cores wanted \
+         | cells per CPU-s | load |\n|---|---|---|---|---|---|---|---|---|"
     );
     for (i, (label, ..)) in CONFIGS.iter().enumerate() {
         println!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
             num(med(i, |r| r.step_ms), 1),
             num(med(i, |r| r.metric_step_ms), 1),
             num(med(i, |r| r.allreduce_ms), 2),
             num(med(i, |r| r.data_wait_ms), 2),
             num(med(i, |r| r.cpu.cores_used), 2),
             num(med(i, |r| r.cpu.cores_wanted), 2),
+            num(med(i, |r| r.cells_per_s / r.cpu.cores_used), 1),
             num(med(i, |r| r.load), 2),
         );
     }
