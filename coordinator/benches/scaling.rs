@@ -4,8 +4,8 @@
 //! in one run, interleaved over rounds (issue 4).
 //!
 //! Runs the built `scfm` and, next to it, `scfm-worker` (`cargo build --release
-//! --workspace` first, same `CARGO_TARGET_DIR`) and the project's Python with torch (`SCFM_PYTHON`, else
-//! `.venv/bin/python`).
+//! --workspace` first, same `CARGO_TARGET_DIR`) and the project's Python with torch
+//! (`SCFM_PYTHON`, else `.venv/bin/python`).
 //!
 //! - **scfm**: `scfm launch JOB` plus W `scfm-worker join` processes, each in its own
 //!   session (`setsid`), as torchrun starts its workers (`start_new_session=True`): with
@@ -24,11 +24,12 @@
 //!   batches of the same shapes drawn from the same prepared dataset, 1 intra-op thread,
 //!   the same steps and warm-up; it reports global cells/s over the same steps (slowest rank).
 //!
-//! Per run, from `/proc`: the CPUs the run's threads ran on and were runnable for during
-//! the timed steps, which tells CPU contention (2 workers wanting more than the machine's
-//! CPUs) from time lost elsewhere. Settings from the environment: `SCFM_BENCH_ROUNDS` (3),
-//! `SCFM_BENCH_STEPS` (60), `SCFM_BENCH_WARMUP` (10), `SCFM_BENCH_BATCH` (32),
-//! `SCFM_BENCH_TIMEOUT_S` (600 per run).
+//! Per run, from `/proc`: the CPUs the run's threads ran on (used) and were runnable for
+//! (wanted) during the timed steps, which tells a CPU share taken by other jobs (used <
+//! wanted) from threads blocked on each other (wanted < threads), and cells per CPU-second.
+//!
+//! Settings from the environment: `SCFM_BENCH_ROUNDS` (3), `SCFM_BENCH_STEPS` (60),
+//! `SCFM_BENCH_WARMUP` (10), `SCFM_BENCH_BATCH` (32), `SCFM_BENCH_TIMEOUT_S` (600 per run).
 
 #[path = "scaling/procs.rs"]
 mod procs;
@@ -370,7 +371,8 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
         .map(|i| med(i, |r| r.cells_per_s))
         .collect();
     println!(
-        "\nGlobal cells/s over steps {}..={}:\n\n| run | cells/s per round | median |\n|---|---|---|",
+        "\nGlobal cells/s over steps {}..={}:\n\n\
+         | run | cells/s per round | median |\n|---|---|---|",
         s.warmup + 1,
         s.steps
     );
