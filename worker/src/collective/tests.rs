@@ -411,15 +411,21 @@ fn bench_bus_bandwidth_loopback() {
     let rows = bench_bus_bandwidth(&[2, 4], &[mb << 20]);
     for row in &rows {
         assert!(row.error.is_none(), "{row:?}");
-        assert!(row.busbw > 0.0 && row.tcp_bound > 0.0, "{row:?}");
+        assert!(
+            row.busbw > 0.0 && row.tcp_bound > 0.0 && row.tcp_concurrent > 0.0,
+            "{row:?}"
+        );
         eprintln!(
-            "W={} {} MiB: {:.1} ms  algbw {:.2} GB/s  busbw {:.2} GB/s  tcp bound {:.2} GB/s",
+            "W={} {} MiB: {:.1} ms  algbw {:.2} GB/s  busbw {:.2} GB/s  tcp bound {:.2} GB/s \
+             ({:.2} GB/s per stream with {} streams at once)",
             row.world_size,
             row.bytes >> 20,
             row.seconds * 1e3,
             row.algbw / 1e9,
             row.busbw / 1e9,
-            row.tcp_bound / 1e9
+            row.tcp_bound / 1e9,
+            row.tcp_concurrent / 1e9,
+            row.world_size
         );
     }
 }

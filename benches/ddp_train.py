@@ -1,0 +1,210 @@
+"""PyTorch DDP side of the scaling benchmark (`cargo bench -p scfm-coordinator --bench scaling`).
+
+Trains the scfm model in PyTorch (``ScfmRef`` and the AdamW parameter groups of
+``tests/python/scfm_ref.py``, the model ``benches/torch_train.py`` times for
+``scfm-worker bench``, with the same optimizer settings) under
+``DistributedDataParallel`` with the gloo backend, one intra-op thread per process::
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 benches/ddp_train.py \\
+        --prepared DIR --preset configs/models/minimal.yaml --batch 32 --steps 60 --warmup 10
+
+Batches have the shapes the scfm workers train on, drawn from the prepared dataset the scfm
+side uses: each rank takes ``--batch`` random cells per step, every cell gives two views
+whose length is its expressed-gene count after 10% gene dropout (the default augmentation),
+capped at ``max_seq_len - 1``, plus ``[CLS]``; the rank's 2 x batch sequences are padded to
+their longest; ``max(1, round(0.15 n))`` tokens are masked. Gene ids and bins are random
+(they do not change the cost). Batches are generated before timing (no data wait).
+
+Each step: ``zero_grad``, forward through DDP, MGEM + NT-Xent (``ScfmRef.losses``: NT-Xent
+over the rank's own batch; scfm's spans the global batch, with an all-gather of the
+embeddings), backward (DDP all-reduces the gradient buckets), global-norm clipping at 1.0,
+AdamW. Steps ``warmup+1 .. steps`` are timed on every rank; the slowest rank's time gives
+the global cells/s; rank 0 prints ``timing: start`` and ``timing: end`` around them (the
+benchmark samples CPU use in between). Afterwards a standalone gloo all-reduce of a buffer
+as large as the gradient is timed. Rank 0 prints one JSON line.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from scfm_ref import ScfmRef, adamw_param_groups  # noqa: E402
+
+#: Tokenizer constants (common/src/config/model.rs): PAD 0, [CLS] 1, genes from 2.
+PAD, CLS, OFFSET = 0, 1, 2
+#: Default augmentation of the scfm manifest (`training.augment.gene_dropout`).
+GENE_DROPOUT = 0.1
+
+
+class Losses(nn.Module):
+    """Wraps the model so that DDP's forward returns the losses of ``ScfmRef.losses``."""
+
+    def __init__(self, model: ScfmRef):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> tuple:
+        losses = self.model.losses(batch)
+        return losses["total"], losses["mgem"], losses["contrastive"]
+
+
+def genes_per_cell(prepared: str) -> np.ndarray:
+    """Expressed genes of every cell of a prepared dataset (from the shards' CSR indptr)."""
+    meta = json.load(open(os.path.join(prepared, "dataset.json")))
+    counts = []
+    for shard in meta["shards"]:
+        with h5py.File(os.path.join(prepared, shard["path"]), "r") as f:
+            counts.append(np.diff(f["X"]["indptr"][:]))
+    return np.concatenate(counts)
+
+
+def make_batch(rng: np.random.Generator, nnz: np.ndarray, cells: int, cfg, n_genes: int) -> dict:
+    """One rank's batch: ``2 * cells`` sequences (rows i and i + cells are the views of cell i)."""
+    picked = rng.choice(len(nnz), size=cells, replace=False)
+    seqs = []
+    for _view in range(2):
+        for c in picked:
+            n = int(nnz[c])
+            kept = int((rng.random(n) >= GENE_DROPOUT).sum())
+            n = min(kept if kept > 0 else n, cfg.max_seq_len - 1)
+            seqs.append(n)
+    length = 1 + max(seqs)
+    rows = len(seqs)
+    genes = np.full((rows, length), PAD, dtype=np.int64)
+    bins = np.zeros((rows, length), dtype=np.int64)
+    masked = np.zeros((rows, length), dtype=bool)
+    for i, n in enumerate(seqs):
+        genes[i, 0] = CLS
+        genes[i, 1 : n + 1] = OFFSET + rng.choice(n_genes, size=n, replace=False)
+        bins[i, 1 : n + 1] = rng.integers(1, cfg.n_bins, size=n)
+        k = min(max(1, round(cfg.mask_ratio * n)), n)
+        masked[i, 1 + rng.choice(n, size=k, replace=False)] = True
+    target_bins = torch.from_numpy(bins)
+    values = target_bins.float() * 0.1
+    return {
+        "genes": torch.from_numpy(genes),
+        "bins": target_bins.masked_fill(torch.from_numpy(masked), cfg.n_bins),
+        "values": values.masked_fill(torch.from_numpy(masked), 0.0),
+        "masked": torch.from_numpy(masked),
+        "target_bins": target_bins,
+        "target_values": values,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prepared", required=True, help="prepared dataset (scfm prepare)")
+    ap.add_argument("--preset", required=True, help="model preset YAML (configs/models/*.yaml)")
+    ap.add_argument("--batch", type=int, default=32, help="cells per rank per step")
+    ap.add_argument("--steps", type=int, default=60, help="steps in all")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed first steps")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    model_cfg = yaml.safe_load(open(args.preset))
+    meta = json.load(open(os.path.join(args.prepared, "dataset.json")))
+    n_genes = int(meta["n_genes"])
+    torch.manual_seed(args.seed)
+    model = ScfmRef.from_config(model_cfg, n_genes)
+    cfg = model.cfg
+    model.train()
+    ddp = DistributedDataParallel(Losses(model))
+    opt = torch.optim.AdamW(adamw_param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+
+    nnz = genes_per_cell(args.prepared)
+    rng = np.random.default_rng([args.seed, rank])
+    batches = [make_batch(rng, nnz, args.batch, cfg, n_genes) for _ in range(args.steps)]
+    lengths = [b["genes"].shape[1] for b in batches]
+
+    phases = np.zeros(3)  # forward + losses, backward (with DDP's all-reduce), clip + AdamW
+
+    def step(b: dict, timed: bool) -> float:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        total, mgem, con = ddp(b)
+        t1 = time.perf_counter()
+        total.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        t3 = time.perf_counter()
+        if timed:
+            phases[:] += (t1 - t0, t2 - t1, t3 - t2)
+        return total.item() + mgem.item() + con.item()
+
+    for b in batches[: args.warmup]:
+        step(b, False)
+    dist.barrier()
+    if rank == 0:
+        print("timing: start", flush=True)  # marks for the benchmark's CPU sampling
+    t = time.perf_counter()
+    for b in batches[args.warmup :]:
+        step(b, True)
+    elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+    if rank == 0:
+        print("timing: end", flush=True)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    timed = args.steps - args.warmup
+
+    # A standalone gloo all-reduce as large as the gradient (fp32), for comparison.
+    buf = torch.zeros(n_params)
+    dist.barrier()
+    reps = 20
+    t = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(buf)
+    ar = torch.tensor([(time.perf_counter() - t) / reps], dtype=torch.float64)
+    dist.all_reduce(ar, op=dist.ReduceOp.MAX)
+
+    if rank == 0:
+        secs = elapsed.item()
+        print(
+            json.dumps(
+                {
+                    "world": world,
+                    "params": n_params,
+                    "threads": torch.get_num_threads(),
+                    "cells_per_step": world * args.batch,
+                    "timed_steps": timed,
+                    "seconds": secs,
+                    "cells_per_s": world * args.batch * timed / secs,
+                    "step_ms": 1e3 * secs / timed,
+                    "phase_ms": {
+                        "forward": 1e3 * phases[0] / timed,
+                        "backward_allreduce": 1e3 * phases[1] / timed,
+                        "clip_adamw": 1e3 * phases[2] / timed,
+                    },
+                    "allreduce_ms_standalone": 1e3 * ar.item(),
+                    "padded_len": {
+                        "mean": float(np.mean(lengths[args.warmup :])),
+                        "min": int(np.min(lengths)),
+                        "max": int(np.max(lengths)),
+                    },
+                    "rows": 2 * args.batch,
+                }
+            ),
+            flush=True,
+        )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
