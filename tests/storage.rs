@@ -187,3 +187,59 @@ fn the_store_dying_mid_upload_leaves_latest_json_valid() {
     );
     assert_eq!(outcome(&o).0.last().unwrap().0, 16);
 }
+
+/// `scfm prepare` into S3 (shards go through a temporary file) writes the same shards as
+/// into a local directory (written in place), and training streams them from S3 through
+/// the verified shard cache.
+#[test]
+fn prepare_into_s3_matches_local_and_trains_from_it() {
+    let d = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&d.path().join("s3"), "scfm");
+    let local = prepared_dataset(d.path());
+    let out = run_with_timeout(
+        Command::new(bin("scfm"))
+            .arg("prepare")
+            .arg(scfm_tests::dataset("mouse10k.h5ad"))
+            .args(["--out", "s3://scfm/prep", "--settings"])
+            .arg(scfm_tests::repo_root().join("configs/prepare-demo.yaml"))
+            .envs(s3.env()),
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shards = |p: &Path| -> Vec<(String, u64)> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(p.join("dataset.json")).unwrap()).unwrap();
+        v["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["sha256"].as_str().unwrap().to_string(),
+                    s["bytes"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // s3s-fs keeps a bucket as a folder.
+    let remote = d.path().join("s3/scfm/prep");
+    let want = shards(&local);
+    assert!(!want.is_empty());
+    assert_eq!(shards(&remote), want);
+    let cfg = format!(
+        "data:\n  path: s3://scfm/prep\n  cache_dir: {}\nmodel:\n{TINY}\ntraining:\n  batch_size: 16\n  max_steps: 3\n  eval_every: 1000\n  threads: 1\ncheckpoint:\n  url: {}\n",
+        d.path().join("cache").display(),
+        d.path().join("ckpt").display()
+    );
+    let p = d.path().join("s3data.yaml");
+    std::fs::write(&p, cfg).unwrap();
+    let (steps, _) = outcome(&train(&p, &[], &s3.env()));
+    assert_eq!(steps.len(), 3);
+    // The shards came through the cache, named by their checksum.
+    let cached = std::fs::read_dir(d.path().join("cache")).unwrap().count();
+    assert!(cached >= 1, "nothing in the shard cache");
+}

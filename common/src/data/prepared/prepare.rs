@@ -531,48 +531,73 @@ impl<'a> ShardWriter<'a> {
             std::mem::take(&mut self.indices),
             std::mem::take(&mut self.data),
         )?;
-        if self.tmp.is_none() {
-            self.tmp = Some(tempfile::tempdir().map_err(|source| Error::Io {
-                path: std::env::temp_dir(),
-                source,
-            })?);
-        }
         let key = format!("shards/shard-{:06}.h5ad", self.shards.len());
-        let local = self
-            .tmp
-            .as_ref()
-            .expect("made above")
-            .path()
-            .join("shard.h5ad");
         let symbols: &[String] = &self.symbols;
         let source: &[String] = &self.source;
-        write_h5ad(
-            &local,
-            &ShardContents {
-                x: &x,
-                obs_names: &self.obs,
-                var_names: self.var_names,
-                var_columns: &[("gene_symbols", symbols)],
-                obs_columns: &[("source", source)],
-            },
-            &WriteOptions {
-                codec: self.settings.codec,
-                ..WriteOptions::default()
-            },
-        )?;
-        let bytes = std::fs::read(&local).map_err(|source| Error::Io {
-            path: local.clone(),
-            source,
-        })?;
+        let contents = ShardContents {
+            x: &x,
+            obs_names: &self.obs,
+            var_names: self.var_names,
+            var_columns: &[("gene_symbols", symbols)],
+            obs_columns: &[("source", source)],
+        };
+        let opts = WriteOptions {
+            codec: self.settings.codec,
+            ..WriteOptions::default()
+        };
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        let (bytes, sha256) = match self.store.local_path(&key) {
+            // A local store: written in place (atomically) and hashed from disk, so the
+            // shard's bytes are never held in memory.
+            Some(dst) => {
+                if let Some(dir) = dst.parent() {
+                    std::fs::create_dir_all(dir).map_err(io(dir))?;
+                }
+                write_h5ad(&dst, &contents, &opts)?;
+                let len = std::fs::metadata(&dst).map_err(io(&dst))?.len();
+                (len, file_sha256(&dst)?)
+            }
+            None => {
+                if self.tmp.is_none() {
+                    self.tmp = Some(tempfile::tempdir().map_err(io(&std::env::temp_dir()))?);
+                }
+                let local = self
+                    .tmp
+                    .as_ref()
+                    .expect("made above")
+                    .path()
+                    .join("shard.h5ad");
+                write_h5ad(&local, &contents, &opts)?;
+                let bytes = std::fs::read(&local).map_err(io(&local))?;
+                let sha = sha256_hex(&bytes);
+                let len = bytes.len() as u64;
+                self.rt.block_on(self.store.put(&key, Bytes::from(bytes)))?;
+                (len, sha)
+            }
+        };
         let info = ShardInfo {
             path: key.clone(),
             n_cells: n,
             nnz: x.nnz() as u64,
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
+            bytes,
+            sha256,
         };
-        self.rt.block_on(self.store.put(&key, Bytes::from(bytes)))?;
         tracing::info!(shard = %key, cells = n, sha256 = %info.sha256, "shard written");
+        // Keep the buffers' capacity for the next shard (no regrowth by doubling).
+        let CsrMatrix {
+            mut indptr,
+            mut indices,
+            mut data,
+            ..
+        } = x;
+        indptr.clear();
+        indptr.push(0);
+        indices.clear();
+        data.clear();
+        (self.indptr, self.indices, self.data) = (indptr, indices, data);
         self.shards.push(info);
         self.obs.clear();
         self.source.clear();
