@@ -4,7 +4,7 @@
 //! consumed exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,22 @@ fn wait_log(
     }
 }
 
+/// The manifest of an elastic job (2 to 3 workers, 16 cells per worker and step, the tiny
+/// model) with `length` (`epochs` or `max_steps`); returns the checkpoint dir and manifest.
+fn elastic_job(dir: &Path, length: &str) -> (PathBuf, PathBuf) {
+    let ckpt = dir.join("ckpt");
+    let training =
+        format!("  batch_size: 16\n{length}\n  threads: 1\n  log_every: 10\n  eval_every: 100000");
+    let m = write_manifest(
+        dir,
+        &ckpt,
+        TINY,
+        &training,
+        "  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 200",
+    );
+    (ckpt, m)
+}
+
 /// A worker process whose log goes to `log`.
 fn worker(addr: &str, log: &Path) -> Child {
     Command::new(bin("scfm-worker"))
@@ -45,16 +61,7 @@ fn worker(addr: &str, log: &Path) -> Child {
 #[test]
 fn a_killed_worker_is_replaced_by_a_new_generation_and_every_cell_is_used_once() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    let training =
-        "  batch_size: 16\n  epochs: 1\n  threads: 1\n  log_every: 10\n  eval_every: 100000";
-    let m = write_manifest(
-        dir.path(),
-        &ckpt,
-        TINY,
-        training,
-        "  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 200",
-    );
+    let (ckpt, m) = elastic_job(dir.path(), "  epochs: 1");
     let (mut coord, addr, log) = launch_coordinator(&m);
     let mut seen = Vec::new();
     let wlog = |i: usize| dir.path().join(format!("w{i}.log"));
@@ -198,16 +205,7 @@ fn accounting(
 #[test]
 fn a_hung_worker_is_lost_after_the_heartbeat_timeout_and_its_peers_go_on() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    let training =
-        "  batch_size: 16\n  max_steps: 120\n  threads: 1\n  log_every: 10\n  eval_every: 100000";
-    let m = write_manifest(
-        dir.path(),
-        &ckpt,
-        TINY,
-        training,
-        "  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 200",
-    );
+    let (ckpt, m) = elastic_job(dir.path(), "  max_steps: 120");
     // Heartbeat silence of 3 s loses a worker; collectives would wait 60 s.
     let text = std::fs::read_to_string(&m)
         .unwrap()
