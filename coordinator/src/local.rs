@@ -1,5 +1,8 @@
 //! `scfm local`: a whole cluster on this machine — the coordinator in this process and
-//! N `scfm-worker join` processes on 127.0.0.1, their output streamed with a prefix.
+//! N `scfm-worker join` processes on 127.0.0.1, their output streamed with a prefix. A
+//! worker process that dies is lost at once (its peers go on as a new generation) and,
+//! up to `max_restarts` times, replaced by a new process that joins the next generation
+//! with a peer's state (like `torchrun --max-restarts`, but without restarting the others).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -69,10 +72,12 @@ fn spawn_worker(
     Ok(child)
 }
 
-/// Runs the job with `workers` local worker processes; returns the last step.
+/// Runs the job with `workers` local worker processes, replacing up to `max_restarts`
+/// that die; returns how it finished.
 pub async fn run_local(
     mut manifest: Manifest,
     workers: usize,
+    max_restarts: usize,
     worker_bin: PathBuf,
     opts: &crate::StartOptions,
 ) -> Result<crate::Finished, CoordinatorError> {
@@ -97,42 +102,65 @@ pub async fn run_local(
     };
     let url = format!("{scheme}://{}", coord.addr);
     eprintln!("coordinator on {url}; starting {workers} workers");
-    let mut children = Vec::with_capacity(workers);
-    for i in 0..workers {
-        children.push(spawn_worker(&worker_bin, i, &url, &token, &manifest)?);
-    }
     // A worker process that dies is lost at once (no need to wait for its heartbeats to
     // stop): the others go on in a new generation while at least min_workers remain.
     let shared = coord.shared.clone();
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<(usize, Option<u32>, std::process::ExitStatus)>(workers);
-    for (i, mut c) in children.into_iter().enumerate() {
-        let tx = tx.clone();
+    type Exit = (usize, Option<u32>, std::process::ExitStatus);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Exit>(workers + max_restarts);
+    let watch = |i: usize, mut c: Child, tx: tokio::sync::mpsc::Sender<Exit>| {
         tokio::spawn(async move {
             let pid = c.id();
-            let status = c.wait().await;
-            if let Ok(s) = status {
+            if let Ok(s) = c.wait().await {
                 let _ = tx.send((i, pid, s)).await;
             }
         });
+    };
+    for i in 0..workers {
+        watch(
+            i,
+            spawn_worker(&worker_bin, i, &url, &token, &manifest)?,
+            tx.clone(),
+        );
     }
-    drop(tx);
     let watcher = {
         let shared = shared.clone();
         tokio::spawn(async move {
+            let (mut restarts, mut next, mut alive) = (0, workers, workers);
             while let Some((i, pid, status)) = rx.recv().await {
-                let mut s = shared.lock();
-                if status.success() || s.is_over() {
-                    continue;
+                alive -= 1;
+                {
+                    let mut s = shared.lock();
+                    if s.is_over() && alive == 0 {
+                        break;
+                    }
+                    if status.success() || s.is_over() {
+                        continue;
+                    }
+                    let why = format!("worker process {i} exited with {status}");
+                    match pid.and_then(|p| s.worker_with_pid(p)) {
+                        Some(id) => s.lose(&id, &why),
+                        // It never registered: nothing to re-form, but it will not come.
+                        None => tracing::warn!("{why}"),
+                    }
                 }
-                let why = format!("worker process {i} exited with {status}");
-                match pid.and_then(|p| s.worker_with_pid(p)) {
-                    Some(id) => s.lose(&id, &why),
-                    // It never registered: nothing to re-form, but it will not come.
-                    None => tracing::warn!("{why}"),
-                }
-                drop(s);
                 shared.changed.send_modify(|v| *v += 1);
+                if restarts < max_restarts {
+                    restarts += 1;
+                    tracing::warn!(
+                        worker = next,
+                        restart = restarts,
+                        max_restarts,
+                        "starting a worker process in place of worker process {i}"
+                    );
+                    match spawn_worker(&worker_bin, next, &url, &token, &manifest) {
+                        Ok(c) => {
+                            alive += 1;
+                            watch(next, c, tx.clone());
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot start a replacement worker"),
+                    }
+                    next += 1;
+                }
             }
         })
     };

@@ -50,6 +50,10 @@ enum Cmd {
         /// Number of worker processes.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Start a new worker process in place of one that dies, this many times in all
+        /// (it joins the next generation with a peer's state).
+        #[arg(long, default_value_t = 0)]
+        max_restarts: usize,
         /// Discard the checkpoints at checkpoint.url and start over (default: resume).
         #[arg(long)]
         fresh: bool,
@@ -139,6 +143,7 @@ fn main() -> Result<()> {
         Cmd::Local {
             manifest,
             workers,
+            max_restarts,
             fresh,
         } => {
             if workers == 0 {
@@ -149,6 +154,7 @@ fn main() -> Result<()> {
             let fin = runtime()?.block_on(scfm_coordinator::local::run_local(
                 m.clone(),
                 workers,
+                max_restarts,
                 worker_binary(),
                 &StartOptions { fresh },
             ))?;
