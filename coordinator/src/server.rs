@@ -303,7 +303,7 @@ pub async fn watchdog(shared: Arc<Shared>) {
     // A worker that still trains in a dead generation keeps heartbeating; one silent for
     // this long while the others wait for the next generation is lost.
     let silence = (Duration::from_millis(shared.heartbeat_ms) * 5)
-        .max(Duration::from_secs(2))
+        .max(Duration::from_secs(3))
         .min(shared.lock().worker_timeout);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
