@@ -27,19 +27,14 @@ pub fn quantile_bins(values: &[f32], n_bins: usize) -> Vec<i64> {
 /// are equal bit patterns), so the order statistics, hence the edges, are exactly those of
 /// a stable `sort_by(f32::total_cmp)`. Only the order statistics the edges need are
 /// computed: one counting-sort pass groups the keys into [`BUCKETS`] buckets of their range,
-/// and only the buckets holding a needed rank are then sorted. A bin is then looked up by
-/// bucket where the bucket spans a single bin (or holds a single value), and otherwise by a
-/// branch-free binary search over the edges.
+/// and only the buckets holding a needed rank are then sorted. A bin is then looked up in
+/// two branch-free steps over a 64-entry table of the edges (see [`Table`]).
 #[derive(Default)]
 pub(super) struct Binner {
     /// The edges; none when `n_bins <= 2` or there are no values (every value in bin 1).
     edges: Vec<f32>,
-    /// `edges` padded with `+inf` (never below a value) when they are at most 63 and
-    /// non-decreasing: then `#edges < v` is a branch-free 6-step lower bound.
-    table: Option<[f32; 64]>,
-    /// With `table`: the bin of every value in each bucket of `ranks`, where it is one
-    /// bin (0 where it is not, or the bucket is empty).
-    bucket_bin: Vec<u8>,
+    /// The edges as a [`Table`] when they are at most 63 and non-decreasing.
+    table: Option<Table>,
     ranks: RankSelect,
 }
 
@@ -70,74 +65,16 @@ impl Binner {
         // Interpolated edges are non-decreasing except in float corner cases (rounding
         // between values of opposite signs, infinities, NaN): those keep the binary search
         // of the reference definition.
-        self.bucket_bin.clear();
         if n_edges < 64 && self.edges.windows(2).all(|w| w[0] <= w[1]) {
-            let mut t = [f32::INFINITY; 64];
-            t[..n_edges].copy_from_slice(&self.edges);
-            self.table = Some(t);
-            self.fill_bucket_bins(&t);
-        }
-    }
-
-    /// Sets `bucket_bin` from the sorted table `t`: a bucket has one bin when its lowest
-    /// and highest possible keys have (the bin is monotone in the key), or when it holds a
-    /// single distinct value.
-    fn fill_bucket_bins(&mut self, t: &[f32; 64]) {
-        let r = &self.ranks;
-        if r.starts.len() != BUCKETS + 1 {
-            return;
-        }
-        self.bucket_bin.resize(BUCKETS, 0);
-        // Entries of t below a key, for increasing keys: a pointer walk.
-        let below = |ptr: &mut usize, k: u32| {
-            let x = from_order_key(k);
-            while *ptr < 63 && t[*ptr] < x {
-                *ptr += 1;
-            }
-            *ptr
-        };
-        let (mut p_lo, mut p_hi) = (0usize, 0usize);
-        for b in 0..BUCKETS {
-            let (s, e) = (r.starts[b] as usize, r.starts[b + 1] as usize);
-            if s == e {
-                self.bucket_bin[b] = 0;
-                continue;
-            }
-            // Keys of bucket b: first..=last (non-empty, so b << shift <= hi - lo).
-            let first = r.lo + ((b as u32) << r.shift);
-            let last = first.saturating_add((1u32 << r.shift) - 1).min(r.hi);
-            let (c_lo, c_hi) = (below(&mut p_lo, first), below(&mut p_hi, last));
-            self.bucket_bin[b] = if c_lo == c_hi {
-                1 + c_lo as u8
-            } else if r.sorted[b] && r.keys[s] == r.keys[e - 1] {
-                1 + table_below(t, from_order_key(r.keys[s])) as u8
-            } else {
-                0
-            };
+            self.table = Some(Table::new(&self.edges));
         }
     }
 
     /// Appends the bins of `values` to `out`: `1 +` the edges strictly below each.
     pub(super) fn bin_all(&self, values: &[f32], out: &mut Vec<i64>) {
         match &self.table {
-            Some(t) if !self.bucket_bin.is_empty() => {
-                let (r, bb) = (&self.ranks, &self.bucket_bin[..]);
-                out.extend(values.iter().map(|&v| {
-                    let d = order_key(v).wrapping_sub(r.lo);
-                    let known = if d <= r.hi - r.lo {
-                        bb[(d >> r.shift) as usize & (BUCKETS - 1)]
-                    } else {
-                        0
-                    };
-                    if known != 0 {
-                        i64::from(known)
-                    } else {
-                        1 + table_below(t, v) as i64
-                    }
-                }))
-            }
-            // A tight loop of independent branch-free lookups, which overlap.
-            Some(t) => out.extend(values.iter().map(|&v| 1 + table_below(t, v) as i64)),
+            // Independent branch-free lookups, which overlap.
+            Some(t) => out.extend(values.iter().map(|&v| 1 + t.below(v) as i64)),
             None => out.extend(
                 values
                     .iter()
@@ -147,15 +84,42 @@ impl Binner {
     }
 }
 
-/// The number of entries of a non-decreasing table strictly below `v`.
-#[inline]
-fn table_below(t: &[f32; 64], v: f32) -> usize {
-    // After each step, `i` entries are known to be below `v`.
-    let mut i = 0usize;
-    for step in [32, 16, 8, 4, 2, 1] {
-        i += step * usize::from(t[(i + step - 1) & 63] < v);
+/// At most 63 non-decreasing edges padded with `+inf` (never below a value) to 64, in
+/// blocks of 8: `#edges < v` is 8 times the number of blocks whose last entry is below `v`
+/// (every entry of those blocks is, and no entry after the next block) plus the entries
+/// of the next block below `v`. Both counts are 8-wide compares that vectorise.
+#[derive(Debug, Clone, Copy)]
+struct Table {
+    /// Last entry of each block (`blocks[7][7] = +inf`, so at most 7 are below a value).
+    tops: [f32; 8],
+    blocks: [[f32; 8]; 8],
+}
+
+impl Table {
+    /// The table of `edges` (at most 63, non-decreasing).
+    fn new(edges: &[f32]) -> Self {
+        let mut blocks = [[f32::INFINITY; 8]; 8];
+        for (i, &e) in edges.iter().enumerate() {
+            blocks[i / 8][i % 8] = e;
+        }
+        Table {
+            tops: blocks.map(|b| b[7]),
+            blocks,
+        }
     }
-    i
+
+    /// The number of edges strictly below `v`.
+    #[inline]
+    fn below(&self, v: f32) -> usize {
+        let block = count_below(&self.tops, v);
+        8 * block + count_below(&self.blocks[block & 7], v)
+    }
+}
+
+/// The number of entries of `x` strictly below `v`.
+#[inline]
+fn count_below(x: &[f32; 8], v: f32) -> usize {
+    x.iter().map(|&e| u32::from(e < v)).sum::<u32>() as usize
 }
 
 /// Buckets of [`RankSelect`] (a power of two).
@@ -169,6 +133,8 @@ pub(super) struct RankSelect {
     keys: Vec<u32>,
     /// The keys in the values' order.
     raw: Vec<u32>,
+    /// The bucket of each of `raw`.
+    bucket: Vec<u8>,
     /// Where each bucket starts in `keys` (`starts[BUCKETS]` = the number of values).
     starts: Vec<u32>,
     /// Whether each bucket is sorted yet.
@@ -184,7 +150,7 @@ impl RankSelect {
     /// keys' range, so bucket order is key order.
     pub(super) fn load(&mut self, values: &[f32]) {
         // Histograms per bucket (see below).
-        const H: usize = 2;
+        const H: usize = 4;
         let n = values.len();
         self.starts.clear();
         self.sorted.clear();
@@ -209,20 +175,23 @@ impl RankSelect {
         }
         let shift = (32 - (hi - lo).leading_zeros()).saturating_sub(BUCKETS.trailing_zeros());
         (self.lo, self.hi, self.shift) = (lo, hi, shift);
-        let bucket = |k: u32| ((k - lo) >> shift) as usize & (BUCKETS - 1);
+        // Each key's bucket, once (a vectorisable pass).
+        self.bucket.clear();
+        self.bucket
+            .extend(self.raw.iter().map(|&k| ((k - lo) >> shift) as u8));
         // H histograms (key i counts in histogram i % H), so that runs of equal keys do
         // not serialise on one counter; each then owns a part of every bucket. A bucket's
         // H counters are adjacent (`counts[bucket][h]`): counters of one bucket a power of
         // two apart would falsely alias in the CPU's store forwarding.
         let mut counts = [[0u32; H]; BUCKETS];
-        let mut chunks = self.raw.chunks_exact(H);
+        let mut chunks = self.bucket.chunks_exact(H);
         for c in &mut chunks {
-            for (h, &k) in c.iter().enumerate() {
-                counts[bucket(k)][h] += 1;
+            for (h, &b) in c.iter().enumerate() {
+                counts[b as usize][h] += 1;
             }
         }
-        for &k in chunks.remainder() {
-            counts[bucket(k)][0] += 1;
+        for &b in chunks.remainder() {
+            counts[b as usize][0] += 1;
         }
         // Exclusive prefix sums in place: where each histogram's part of each bucket starts.
         self.starts.resize(BUCKETS + 1, 0);
@@ -240,16 +209,17 @@ impl RankSelect {
         self.keys.resize(n, 0);
         // Local slices, so that the stores are known not to move the vectors.
         let keys = &mut self.keys[..n];
-        let mut chunks = self.raw.chunks_exact(H);
-        for c in &mut chunks {
-            for (h, &k) in c.iter().enumerate() {
-                let slot = &mut counts[bucket(k)][h];
+        let mut chunks = self.raw.chunks_exact(H).zip(self.bucket.chunks_exact(H));
+        for (c, bs) in &mut chunks {
+            for (h, (&k, &b)) in c.iter().zip(bs).enumerate() {
+                let slot = &mut counts[b as usize][h];
                 keys[*slot as usize] = k;
                 *slot += 1;
             }
         }
-        for &k in chunks.remainder() {
-            let slot = &mut counts[bucket(k)][0];
+        let tail = n - n % H;
+        for (&k, &b) in self.raw[tail..].iter().zip(&self.bucket[tail..]) {
+            let slot = &mut counts[b as usize][0];
             keys[*slot as usize] = k;
             *slot += 1;
         }
