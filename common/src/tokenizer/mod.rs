@@ -218,6 +218,10 @@ impl Tokenizer {
 /// Gene dropout: writes the genes (and their values) kept with probability `1 - p` each
 /// to the front of `kept_genes` / `kept_values` (grown to at least `genes.len()`) and
 /// returns how many. Gene `i` is kept iff the `i`-th [`Rng::uniform`] is `>= p`.
+///
+/// That test is done on the raw draw: `uniform() = (x >> 11) * 2^-53` with `x >> 11` below
+/// `2^53` (exact in `f64`, as is scaling by a power of two), so `uniform() >= p` iff
+/// `x >> 11 >= ceil(p * 2^53)` iff `x >= ceil(p * 2^53) << 11`.
 fn dropout(
     genes: &[u32],
     values: &[f32],
@@ -226,7 +230,18 @@ fn dropout(
     kept_genes: &mut Vec<u32>,
     kept_values: &mut Vec<f32>,
 ) -> usize {
+    const TWO_53: f64 = (1u64 << 53) as f64;
     let n = genes.len().min(values.len());
+    let scaled = (p * TWO_53).ceil();
+    if scaled.is_nan() || scaled >= TWO_53 {
+        // p >= 1 (or NaN): no draw is kept.
+        for _ in 0..n {
+            rng.next_u64();
+        }
+        return 0;
+    }
+    // p > 0 in practice; a negative p keeps every draw (scaled <= 0 saturates to 0).
+    let lim = (scaled as u64) << 11;
     // Only grown (every slot read is written first).
     if kept_genes.len() < n {
         kept_genes.resize(n, 0);
@@ -237,7 +252,7 @@ fn dropout(
     let (kg, kv) = (&mut kept_genes[..n], &mut kept_values[..n]);
     let mut w = 0;
     for (&g, &v) in genes[..n].iter().zip(&values[..n]) {
-        let keep = rng.uniform() >= p;
+        let keep = rng.next_u64() >= lim;
         // Branch-free compaction: always write, advance when kept (w <= i < n).
         kg[w] = g;
         kv[w] = v;
