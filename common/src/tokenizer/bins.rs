@@ -193,18 +193,24 @@ impl RankSelect {
         for &b in chunks.remainder() {
             counts[b as usize][0] += 1;
         }
-        // Exclusive prefix sums in place: where each histogram's part of each bucket starts.
+        // Where each bucket starts: an exclusive prefix sum of the bucket totals (a chain of
+        // BUCKETS adds, not BUCKETS * H).
         self.starts.resize(BUCKETS + 1, 0);
         let mut total = 0u32;
-        for (start, c) in self.starts[..BUCKETS].iter_mut().zip(counts.iter_mut()) {
+        for (start, c) in self.starts[..BUCKETS].iter_mut().zip(&counts) {
             *start = total;
-            for x in c.iter_mut() {
-                let n = *x;
-                *x = total;
-                total += n;
-            }
+            total += c.iter().sum::<u32>();
         }
         self.starts[BUCKETS] = total;
+        // Then where each histogram's part of each bucket starts, in place.
+        for (&start, c) in self.starts[..BUCKETS].iter().zip(counts.iter_mut()) {
+            let mut at = start;
+            for x in c.iter_mut() {
+                let n = *x;
+                *x = at;
+                at += n;
+            }
+        }
         // Every slot is written below: only grow.
         self.keys.resize(n, 0);
         // Local slices, so that the stores are known not to move the vectors.
