@@ -116,7 +116,23 @@ impl Table {
     }
 }
 
+/// The number of entries of a non-decreasing `x` strictly below `v`: they are a prefix,
+/// so the count is the number of trailing ones of the comparison mask.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn count_below(x: &[f32; 8], v: f32) -> usize {
+    use std::arch::x86_64::{_mm_cmplt_ps, _mm_loadu_ps, _mm_movemask_ps, _mm_set1_ps};
+    // SAFETY: SSE2 is part of every x86_64 target; the loads read x[0..4] and x[4..8].
+    let mask = unsafe {
+        let v = _mm_set1_ps(v);
+        let (a, b) = (_mm_loadu_ps(x.as_ptr()), _mm_loadu_ps(x.as_ptr().add(4)));
+        _mm_movemask_ps(_mm_cmplt_ps(a, v)) | (_mm_movemask_ps(_mm_cmplt_ps(b, v)) << 4)
+    };
+    (!(mask as u32)).trailing_zeros() as usize
+}
+
 /// The number of entries of `x` strictly below `v`.
+#[cfg(not(target_arch = "x86_64"))]
 #[inline]
 fn count_below(x: &[f32; 8], v: f32) -> usize {
     x.iter().map(|&e| u32::from(e < v)).sum::<u32>() as usize
