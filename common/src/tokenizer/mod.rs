@@ -195,8 +195,8 @@ impl Tokenizer {
         }
         let k = ((self.mask_ratio * n as f64).round() as usize).clamp(1, n);
         rng.sample_sorted_bits(n, k, perm, bits);
-        t.masked
-            .extend((0..n).map(|p| (bits[p / 64] >> (p % 64)) & 1 != 0));
+        t.masked.resize(n + 1, false);
+        for_each_set_bit(bits, |p| t.masked[p + 1] = true);
         let mask_bin = self.n_bins as i64;
         let m = &t.masked[1..];
         t.input_bins.extend(
