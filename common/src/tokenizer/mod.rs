@@ -95,6 +95,10 @@ impl Tokenizer {
     /// when `gene_dropout > 0` and the cell has more than one gene), one [`Rng::normal`]
     /// per kept gene for the noise (when `noise_std > 0`), then [`Rng::sample_sorted`]
     /// for the sub-sample (only when there are more genes than fit) and for the mask.
+    ///
+    /// # Panics
+    ///
+    /// If `genes` and `values` differ in length.
     pub fn tokenize(
         &self,
         genes: &[u32],
