@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use scfm_common::config::{Augment, ModelConfig};
 use scfm_common::rng::Rng;
+use scfm_common::tokenizer::reference::reference_tokenize;
 use scfm_common::tokenizer::{CellTokens, Tokenizer};
 
 const GENES: usize = 20_000;
@@ -132,7 +133,8 @@ fn main() {
         let per = 1e6 / n as f64;
         ((thread_cpu_s() - c) * per, t.elapsed().as_secs_f64() * per)
     };
-    let old = |g: &[u32], v: &[f32], r: &mut Rng| old::tokenize(&tok, g, v, Some(&aug), true, r);
+    let old =
+        |g: &[u32], v: &[f32], r: &mut Rng| reference_tokenize(&tok, g, v, Some(&aug), true, r);
     let new = |g: &[u32], v: &[f32], r: &mut Rng| tok.tokenize(g, v, Some(&aug), true, r);
     // The rewrite must not change a single token: compare once before timing.
     for (i, (g, v)) in data.iter().enumerate() {
@@ -185,127 +187,4 @@ fn main() {
         "best CPU: old {bo:.1} µs/cell, new {bw:.1} µs/cell, old/new {:.2}x",
         bo / bw
     );
-}
-
-/// The implementation before the rewrite, kept to measure against.
-mod old {
-    use scfm_common::config::Augment;
-    use scfm_common::config::model::special;
-    use scfm_common::rng::Rng;
-    use scfm_common::tokenizer::{CellTokens, Tokenizer};
-
-    pub fn quantile_bins(values: &[f32], n_bins: usize) -> Vec<i64> {
-        if values.is_empty() {
-            return Vec::new();
-        }
-        if n_bins <= 2 {
-            return vec![1; values.len()];
-        }
-        let mut sorted: Vec<f32> = values.to_vec();
-        sorted.sort_by(f32::total_cmp);
-        let n_edges = n_bins - 1;
-        let last = (sorted.len() - 1) as f64;
-        let edges: Vec<f32> = (0..n_edges)
-            .map(|i| {
-                let pos = last * i as f64 / (n_edges - 1) as f64;
-                let lo = pos.floor() as usize;
-                let hi = pos.ceil() as usize;
-                let frac = (pos - lo as f64) as f32;
-                sorted[lo] + (sorted[hi] - sorted[lo]) * frac
-            })
-            .collect();
-        values
-            .iter()
-            .map(|&v| {
-                let below = edges.partition_point(|&e| e < v);
-                1 + below as i64
-            })
-            .collect()
-    }
-
-    fn sample_sorted(rng: &mut Rng, n: usize, k: usize) -> Vec<usize> {
-        let k = k.min(n);
-        let mut idx: Vec<usize> = (0..n).collect();
-        for i in 0..k {
-            let j = i + rng.below((n - i) as u64) as usize;
-            idx.swap(i, j);
-        }
-        idx.truncate(k);
-        idx.sort_unstable();
-        idx
-    }
-
-    pub fn tokenize(
-        tok: &Tokenizer,
-        genes: &[u32],
-        values: &[f32],
-        aug: Option<&Augment>,
-        mask: bool,
-        rng: &mut Rng,
-    ) -> CellTokens {
-        let (mut g, mut v): (Vec<u32>, Vec<f32>) = (genes.to_vec(), values.to_vec());
-        if let Some(a) = aug {
-            if a.gene_dropout > 0.0 && g.len() > 1 {
-                let keep: Vec<bool> = (0..g.len())
-                    .map(|_| rng.uniform() >= a.gene_dropout)
-                    .collect();
-                if keep.iter().any(|&k| k) {
-                    let mut w = 0;
-                    for r in 0..g.len() {
-                        if keep[r] {
-                            g[w] = g[r];
-                            v[w] = v[r];
-                            w += 1;
-                        }
-                    }
-                    g.truncate(w);
-                    v.truncate(w);
-                }
-            }
-            if a.noise_std > 0.0 {
-                for x in v.iter_mut() {
-                    *x = (*x + (a.noise_std * rng.normal()) as f32).max(1e-6);
-                }
-            }
-        }
-        let bins = quantile_bins(&v, tok.n_bins);
-        let keep = tok.max_seq_len - 1;
-        let chosen: Vec<usize> = if g.len() > keep {
-            sample_sorted(rng, g.len(), keep)
-        } else {
-            (0..g.len()).collect()
-        };
-        let n = chosen.len();
-        let mut t = CellTokens {
-            genes: Vec::with_capacity(n + 1),
-            input_bins: Vec::with_capacity(n + 1),
-            target_bins: Vec::with_capacity(n + 1),
-            input_values: Vec::with_capacity(n + 1),
-            target_values: Vec::with_capacity(n + 1),
-            masked: vec![false; n + 1],
-        };
-        t.genes.push(special::CLS);
-        t.target_bins.push(0);
-        t.target_values.push(0.0);
-        for &c in &chosen {
-            t.genes.push(g[c] as i64 + special::OFFSET);
-            t.target_bins.push(bins[c]);
-            t.target_values.push(v[c]);
-        }
-        if mask && n > 0 {
-            let k = ((tok.mask_ratio * n as f64).round() as usize).clamp(1, n);
-            for p in sample_sorted(rng, n, k) {
-                t.masked[p + 1] = true;
-            }
-        }
-        let mask_bin = tok.n_bins as i64;
-        for i in 0..=n {
-            let m = t.masked[i];
-            t.input_bins
-                .push(if m { mask_bin } else { t.target_bins[i] });
-            t.input_values
-                .push(if m { 0.0 } else { t.target_values[i] });
-        }
-        t
-    }
 }

@@ -6,6 +6,8 @@
 //! cell, view), so a batch is a pure function of those numbers.
 
 mod bins;
+#[doc(hidden)]
+pub mod reference;
 #[cfg(test)]
 mod tests;
 

@@ -1,13 +1,12 @@
 //! Tests of the tokenizer, chiefly that it draws and computes exactly what the plain
-//! reference implementation in [`reference`] does.
+//! reference implementation in [`super::reference`] does.
 
-mod reference;
 #[cfg(target_os = "linux")]
 mod timing;
 
 use super::bins::{RankSelect, from_order_key, order_key};
+use super::reference::{reference_bins, reference_tokenize};
 use super::*;
-use reference::{reference_bins, reference_tokenize};
 
 #[test]
 fn bins_match_numpy_quantile_digitize() {

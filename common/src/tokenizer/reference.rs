@@ -1,6 +1,7 @@
-//! The tokenizer as first written (main before the speed-up), kept verbatim but for
-//! names: the plain, obviously-correct definition the fast path must reproduce bit for
-//! bit, random draws included.
+//! The tokenizer as first written (before the speed-up), kept verbatim but for names: the
+//! plain, obviously-correct definition the fast path must reproduce bit for bit, random
+//! draws included. The tests compare against it and the `tokenize` bench measures it; not
+//! for use otherwise.
 
 use crate::config::Augment;
 use crate::config::model::special;
