@@ -94,16 +94,7 @@ fn a_killed_worker_is_replaced_by_a_new_generation_and_every_cell_is_used_once()
     }
 
     let lines = metric_steps(&ckpt);
-    let generations: Vec<(u64, u64)> = lines
-        .iter()
-        .filter(|l| l["event"] == "generation")
-        .map(|l| {
-            (
-                l["generation"].as_u64().unwrap(),
-                l["world_size"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let generations = generations(&lines);
     assert_eq!(generations, vec![(2, 2), (3, 3)], "{text}");
     let recovered: Vec<f64> = lines
         .iter()
@@ -296,16 +287,7 @@ fn scfm_local_replaces_a_killed_worker_process() {
         "{text}"
     );
     let lines = metric_steps(&ckpt);
-    let generations: Vec<(u64, u64)> = lines
-        .iter()
-        .filter(|l| l["event"] == "generation")
-        .map(|l| {
-            (
-                l["generation"].as_u64().unwrap(),
-                l["world_size"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let generations = generations(&lines);
     // Lost (1 left), then the replacement joined (2 again). The replacement may already
     // have registered when the loss was noticed, making one generation of 2 directly.
     assert!(
@@ -315,4 +297,18 @@ fn scfm_local_replaces_a_killed_worker_process() {
     eprintln!("generations: {generations:?}");
     let (steps, _, _) = accounting(&lines);
     assert_eq!(*steps.keys().last().unwrap(), 400);
+}
+
+/// `(generation, world size)` of each new generation, from the coordinator's events.
+fn generations(lines: &[serde_json::Value]) -> Vec<(u64, u64)> {
+    lines
+        .iter()
+        .filter(|l| l["event"] == "generation")
+        .map(|l| {
+            (
+                l["generation"].as_u64().unwrap(),
+                l["world_size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
 }
