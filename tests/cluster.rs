@@ -229,6 +229,69 @@ fn below_min_workers_the_survivor_checkpoints_and_the_job_fails_after_the_join_t
     assert!(latest["step"].as_u64().unwrap() >= 20, "{latest}");
 }
 
+/// Below min_workers the survivor holds (state checkpointed, waiting for workers); a
+/// SIGTERM to the coordinator then ends the job at once as preempted, exit 0 everywhere,
+/// and the checkpoint is there for the relaunch.
+#[test]
+fn preempting_a_holding_job_stops_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let training = "  batch_size: 8\n  max_steps: 100000\n  threads: 1\n  log_every: 5";
+    let m = write_manifest(
+        dir.path(),
+        &ckpt,
+        TINY,
+        training,
+        "  min_workers: 2\n  max_workers: 2\n  heartbeat_ms: 200\n  join_timeout_s: 120",
+    );
+    let (mut coord, addr, log) = launch_coordinator(&m);
+    let spawn = || {
+        Command::new(bin("scfm-worker"))
+            .args(["join", "--coordinator", &format!("http://{addr}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut w0, mut w1) = (spawn(), spawn());
+    let mut seen = Vec::new();
+    let until = |needle: &str, seen: &mut Vec<String>| loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no `{needle}`:\n{}", seen.join("\n")));
+        let hit = line.contains(needle);
+        seen.push(line);
+        if hit {
+            break;
+        }
+    };
+    until("train step=20 ", &mut seen);
+    w1.kill().unwrap();
+    let _ = w1.wait();
+    until("fewer than min_workers remain", &mut seen);
+    // The holding member checkpoints the agreed state.
+    let t = std::time::Instant::now();
+    while !ckpt.join("latest.json").is_file() {
+        assert!(t.elapsed() < Duration::from_secs(60), "no hold checkpoint");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    sigterm(&coord);
+    let status = wait_exit(&mut coord, Duration::from_secs(60), "coordinator");
+    seen.extend(log.try_iter());
+    let text = seen.join("\n");
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains("preempted while no generation trains"),
+        "{text}"
+    );
+    let s0 = wait_exit(&mut w0, Duration::from_secs(60), "survivor");
+    assert!(s0.success(), "survivor exit {s0}");
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("latest.json")).unwrap()).unwrap();
+    assert!(latest["step"].as_u64().unwrap() >= 20, "{latest}");
+}
+
 /// TLS on the coordinator's endpoint: certificates made with openssl, workers verify the
 /// coordinator against the CA and train.
 #[test]

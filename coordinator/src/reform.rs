@@ -174,6 +174,26 @@ impl JobState {
         true
     }
 
+    /// A preemption while no generation trains — a holding generation whose members all
+    /// checkpointed and wait, or no members at all — ends the job as preempted at once
+    /// (there is no step boundary to reach). Returns true if it did.
+    pub fn preempt_while_idle(&mut self) -> bool {
+        if self.phase != Phase::Running {
+            return false;
+        }
+        let idle = self.members.is_empty()
+            || (self.holding
+                && self
+                    .members
+                    .iter()
+                    .all(|m| self.workers.get(m).is_none_or(|w| w.waiting)));
+        if idle {
+            self.preempted = true;
+            self.phase = Phase::Done;
+        }
+        idle
+    }
+
     /// Why the job must fail: it has had fewer than `min_workers` for longer than
     /// `join_timeout`.
     pub fn short_expired(&self, now: Instant) -> Option<String> {
@@ -286,6 +306,10 @@ mod tests {
         let a = s.assignment_for(&ids[0]).unwrap();
         assert!(a.hold && a.world_size == 1);
         // The holding member checkpoints and asks again: no new generation by itself.
+        assert!(
+            !s.preempt_while_idle(),
+            "the holding member has not checkpointed yet"
+        );
         s.wants_next(&ids[0]);
         assert!(!s.maybe_reform(now, Duration::from_secs(3)));
         assert_eq!(s.short_expired(now), None);
@@ -301,5 +325,9 @@ mod tests {
         assert!(s.maybe_reform(now, Duration::from_secs(3)));
         let late = now + Duration::from_secs(6);
         assert!(s.short_expired(late).unwrap().contains("min_workers (2)"));
+        // Preempted while holding, every member waiting: over at once.
+        s.wants_next(&ids[0]);
+        assert!(s.preempt_while_idle());
+        assert!(s.phase == Phase::Done && s.preempted);
     }
 }

@@ -183,10 +183,12 @@ impl pb::coordinator_server::Coordinator for Service {
         }
         let order = if s.is_over() {
             pb::Order::Stop
+        } else if s.must_abort(&r.worker_id, r.generation) {
+            // Before a preemption: a generation that lost a member cannot reach a step
+            // boundary; the next one checkpoints.
+            pb::Order::Abort
         } else if s.preempt_at.is_some() {
             pb::Order::Preempt
-        } else if s.must_abort(&r.worker_id, r.generation) {
-            pb::Order::Abort
         } else if s.must_reform(&r.worker_id, r.generation) {
             pb::Order::Reform
         } else {
@@ -217,6 +219,13 @@ impl pb::coordinator_server::Coordinator for Service {
                 }
                 if let Phase::Failed(why) = &s.phase {
                     return Err(Status::aborted(format!("job failed: {why}")));
+                }
+                // Over (e.g. preempted while holding): nothing more to train.
+                if s.phase == Phase::Done
+                    && let Some(mut a) = s.base.clone()
+                {
+                    a.finished = true;
+                    return Ok(Response::new((&a).into()));
                 }
                 if s.generation > r.after_generation
                     && let Some(a) = s.assignment_for(&r.worker_id)
@@ -326,6 +335,12 @@ pub async fn watchdog(shared: Arc<Shared>) {
             if let Some(why) = s.join_expired(now) {
                 tracing::error!("{why}");
                 s.fail(why);
+                changed = true;
+            }
+            if s.preempt_at.is_some() && s.preempt_while_idle() {
+                tracing::warn!(
+                    "preempted while no generation trains (holding below min_workers, its state checkpointed): stopping"
+                );
                 changed = true;
             }
             if s.preempt_at

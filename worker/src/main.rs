@@ -176,7 +176,7 @@ fn main() -> Result<()> {
                     "worker done: {} steps, last MGEM loss {:.4}, parameter fingerprint {}",
                     s.steps, s.last_mgem, s.fingerprint
                 ),
-                None => eprintln!("nothing to do: the job is already complete"),
+                None => eprintln!("the job is over: nothing (more) to do"),
             }
         }
         Cmd::Bench {
