@@ -48,7 +48,10 @@ impl JobState {
             return;
         }
         w.waiting = true;
-        if !self.holding && self.members.iter().any(|m| m == id) {
+        let member = self.members.iter().any(|m| m == id);
+        if !member {
+            self.request_reform(format!("worker {id} joined"), false);
+        } else if !self.holding {
             self.request_reform(
                 format!("worker {id} left generation {}", self.generation),
                 true,
@@ -108,7 +111,13 @@ impl JobState {
         for id in silent {
             self.lose(&id, "silent during a membership change");
         }
-        if self.workers.values().any(|w| !w.waiting) {
+        // Members still training in the old generation hold it up; workers that joined
+        // but are not ready yet (still loading) are left for a later generation.
+        if self
+            .members
+            .iter()
+            .any(|m| self.workers.get(m).is_some_and(|w| !w.waiting))
+        {
             return false;
         }
         // Survivors keep their order (rank 0 stays rank 0 when it survives), then joiners.
@@ -118,8 +127,8 @@ impl JobState {
             .filter(|m| self.workers.contains_key(*m))
             .cloned()
             .collect();
-        for id in self.workers.keys() {
-            if !order.contains(id) {
+        for (id, w) in &self.workers {
+            if w.waiting && !order.contains(id) {
                 order.push(id.clone());
             }
         }
@@ -282,6 +291,10 @@ mod tests {
         let j = s
             .register(addr(9), "h".into(), "cpu".into(), 9)
             .expect("joining a running job");
+        // Registered but still loading: the generation goes on.
+        assert!(!s.must_reform(&ids[1], 1));
+        assert!(!s.maybe_reform(Instant::now(), Duration::from_secs(3)));
+        s.wants_next(&j);
         assert!(s.must_reform(&ids[1], 1) && !s.must_abort(&ids[1], 1));
         let now = Instant::now();
         assert!(!s.maybe_reform(now, Duration::from_secs(3)));
@@ -315,6 +328,8 @@ mod tests {
         assert_eq!(s.short_expired(now), None);
         // A worker returns: training goes on with two.
         let j = s.register(addr(5), "h".into(), "cpu".into(), 5).unwrap();
+        assert!(!s.maybe_reform(now, Duration::from_secs(3)));
+        s.wants_next(&j);
         assert!(s.maybe_reform(now, Duration::from_secs(3)));
         let a = s.assignment_for(&j).unwrap();
         assert!(!a.hold && a.world_size == 2 && a.generation == 3);

@@ -157,7 +157,8 @@ impl JobState {
     }
 
     /// Registers a worker; returns its id. While training, a worker joins at the next
-    /// generation (which its registration asks for).
+    /// generation once it is ready (it asks for an assignment after loading its data, so
+    /// the running generation is not held up meanwhile).
     pub fn register(
         &mut self,
         ring_addr: SocketAddr,
@@ -173,12 +174,8 @@ impl JobState {
         }
         let id = format!("w{:04}", self.next_id);
         self.next_id += 1;
-        let mut w = Worker::new(ring_addr, hostname, device, pid);
-        if self.phase == Phase::Running {
-            w.waiting = true;
-            self.request_reform(format!("worker {id} joined"), false);
-        }
-        self.workers.insert(id.clone(), w);
+        self.workers
+            .insert(id.clone(), Worker::new(ring_addr, hostname, device, pid));
         self.first_join.get_or_insert_with(Instant::now);
         Ok(id)
     }

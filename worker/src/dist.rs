@@ -424,7 +424,21 @@ fn run_generations(
     listener: TcpListener,
     g: Gen,
 ) -> Result<Option<RunSummary>> {
-    let mut trainer: Option<Trainer> = None;
+    // Data and model first, so that a worker joining a running job holds nobody up: it asks
+    // for an assignment (which tells the coordinator it is ready) only once loaded.
+    let placeholder = WorkerContext {
+        collective: Box::new(crate::collective::LocalCollective::new()),
+        reporter: Some(g.reporter.clone()),
+        checksum_every: g.checksum_every,
+        generation: 0,
+    };
+    let mut trainer = Some(Trainer::with_context(
+        spec.clone(),
+        &RunOptions::default(),
+        placeholder,
+    )?);
+    // Whether the trainer holds any state yet (from a checkpoint or a peer).
+    let mut loaded = false;
     // The generation whose state the trainer holds from training (0: none).
     let mut live = 0u64;
     let mut after = 0u64;
@@ -486,33 +500,29 @@ fn run_generations(
             checksum_every: g.checksum_every,
             generation: a.generation,
         };
-        let mut t = match trainer.take() {
-            Some(mut t) => {
-                t.set_context(ctx);
-                t
+        let mut t = trainer
+            .take()
+            .ok_or_else(|| WorkerError::Internal("no trainer".into()))?;
+        t.set_context(ctx);
+        if !loaded {
+            loaded = true;
+            if let Some(dir) = &a.resume_dir {
+                t.resume_from(dir)?;
+            } else if a.generation > 1 {
+                // Joining a running job: a peer's state follows; without survivors, the
+                // newest checkpoint.
+                t.resume_latest_if_any()?;
             }
-            None => {
-                let opts = RunOptions {
-                    resume_dir: a.resume_dir.clone(),
-                    ..RunOptions::default()
-                };
-                let mut t = Trainer::with_context(spec.clone(), &opts, ctx)?;
-                if a.generation > 1 && a.resume_dir.is_none() {
-                    // Joining a running job: a peer's state follows; without survivors,
-                    // the newest checkpoint.
-                    t.resume_latest_if_any()?;
-                } else if t.state.step != a.step {
-                    return Err(WorkerError::Checkpoint {
-                        url: g.checkpoint_url.clone(),
-                        message: format!(
-                            "latest checkpoint is at step {}, the coordinator resumes at {}",
-                            t.state.step, a.step
-                        ),
-                    });
-                }
-                t
+            if a.generation == 1 && t.state.step != a.step {
+                return Err(WorkerError::Checkpoint {
+                    url: g.checkpoint_url.clone(),
+                    message: format!(
+                        "latest checkpoint is at step {}, the coordinator resumes at {}",
+                        t.state.step, a.step
+                    ),
+                });
             }
-        };
+        }
         if a.generation > 1
             && let Err(e) = t.sync_state(live)
         {

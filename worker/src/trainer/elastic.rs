@@ -38,9 +38,19 @@ pub fn sync_root(members: &[(u64, u64)]) -> usize {
 
 impl Trainer {
     /// Switches to the collective of a new generation (the old one is dropped first, so
-    /// its sockets close and peers still blocked on it fail fast).
+    /// its sockets close and peers still blocked on it fail fast); the run's length is
+    /// planned for its world size.
     pub fn set_context(&mut self, ctx: WorkerContext) {
         self.ctx = ctx;
+        self.total_steps = self.plan_total_steps();
+    }
+
+    /// Restores the checkpoint in `dir` (verified first).
+    pub fn resume_from(&mut self, dir: &str) -> Result<()> {
+        self.resume(Some(dir))?;
+        self.total_steps = self.plan_total_steps();
+        self.tainted = false;
+        Ok(())
     }
 
     /// This worker's rank in the current generation.
