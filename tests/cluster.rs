@@ -150,22 +150,34 @@ fn two_workers_with_batch_b_equal_one_worker_with_batch_2b() {
     }
 }
 
+/// `scfm launch` of an endless job that needs both of its 2 workers (`min_workers` = 2),
+/// with the given join timeout: its checkpoint dir, process, address and log lines.
+fn two_of_two(
+    dir: &Path,
+    join_timeout_s: u64,
+) -> (
+    std::path::PathBuf,
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let ckpt = dir.join("ckpt");
+    let training = "  batch_size: 8\n  max_steps: 100000\n  threads: 1\n  log_every: 5";
+    let cluster = format!(
+        "  min_workers: 2\n  max_workers: 2\n  heartbeat_ms: 200\n  join_timeout_s: {join_timeout_s}"
+    );
+    let m = write_manifest(dir, &ckpt, TINY, training, &cluster);
+    let (coord, addr, log) = launch_coordinator(&m);
+    (ckpt, coord, addr, log)
+}
+
 /// A worker SIGKILLed when no other can take its place (min_workers = 2 of 2): the
 /// survivor agrees on the state, checkpoints it and waits; nobody returns within the join
 /// timeout, so the job fails, naming why, and the checkpoint stays for a relaunch.
 #[test]
 fn below_min_workers_the_survivor_checkpoints_and_the_job_fails_after_the_join_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    let training = "  batch_size: 8\n  max_steps: 100000\n  threads: 1\n  log_every: 5";
-    let m = write_manifest(
-        dir.path(),
-        &ckpt,
-        TINY,
-        training,
-        "  min_workers: 2\n  max_workers: 2\n  heartbeat_ms: 200\n  join_timeout_s: 8",
-    );
-    let (mut coord, addr, log) = launch_coordinator(&m);
+    let (ckpt, mut coord, addr, log) = two_of_two(dir.path(), 8);
     // No token configured: workers join without one.
     let spawn = || {
         Command::new(bin("scfm-worker"))
@@ -235,16 +247,7 @@ fn below_min_workers_the_survivor_checkpoints_and_the_job_fails_after_the_join_t
 #[test]
 fn preempting_a_holding_job_stops_it_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    let training = "  batch_size: 8\n  max_steps: 100000\n  threads: 1\n  log_every: 5";
-    let m = write_manifest(
-        dir.path(),
-        &ckpt,
-        TINY,
-        training,
-        "  min_workers: 2\n  max_workers: 2\n  heartbeat_ms: 200\n  join_timeout_s: 120",
-    );
-    let (mut coord, addr, log) = launch_coordinator(&m);
+    let (ckpt, mut coord, addr, log) = two_of_two(dir.path(), 120);
     let spawn = || {
         Command::new(bin("scfm-worker"))
             .args(["join", "--coordinator", &format!("http://{addr}")])
