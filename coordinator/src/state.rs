@@ -260,14 +260,6 @@ impl JobState {
             .collect()
     }
 
-    /// The workers of the current generation that are alive (not lost).
-    pub fn live_members(&self) -> usize {
-        self.members
-            .iter()
-            .filter(|m| self.workers.contains_key(*m))
-            .count()
-    }
-
     /// Fails the job (first failure wins).
     pub fn fail(&mut self, why: String) {
         if !matches!(self.phase, Phase::Done | Phase::Failed(_)) {

@@ -150,7 +150,8 @@ pub struct Encoded {
 }
 
 /// The tensors and state a checkpoint is made of, shared with training (no copy): the
-/// flat parameters and AdamW moments must not change until they are encoded.
+/// flat parameters and AdamW moments must not change until they are encoded — the
+/// trainer waits for that (`Uploader::wait_snapshot`) before it writes them again.
 pub struct Snapshot {
     /// Parameter layout in the flat buffers.
     pub slots: Vec<Slot>,
@@ -165,10 +166,6 @@ pub struct Snapshot {
     /// Training state.
     pub state: TrainState,
 }
-
-// SAFETY: the tensors are only read on the thread the snapshot moves to, and the trainer
-// does not write them until that thread signals that encoding is over (see `upload.rs`).
-unsafe impl Send for Snapshot {}
 
 impl Snapshot {
     /// Takes a snapshot of the trainer's tensors without copying them.
@@ -192,16 +189,6 @@ impl Snapshot {
             &self.state,
         )
     }
-}
-
-/// Serializes parameters, optimizer moments and state (on the calling thread).
-pub fn encode(params: &FlatParams, opt: &AdamW, state: &TrainState) -> Result<Encoded> {
-    encode_parts(
-        &params.slots,
-        [&params.flat, &opt.exp_avg, &opt.exp_avg_sq],
-        opt.step,
-        state,
-    )
 }
 
 /// Serializes `[parameters, exp_avg, exp_avg_sq]` laid out by `slots`, and the state.
@@ -281,7 +268,7 @@ pub async fn save(
     opt: &AdamW,
     state: &TrainState,
 ) -> Result<String> {
-    upload(store, &encode(params, opt, state)?).await
+    upload(store, &Snapshot::of(params, opt, state).encode()?).await
 }
 
 /// A verified checkpoint read back from storage.
