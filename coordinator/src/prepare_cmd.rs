@@ -66,6 +66,9 @@ pub struct PrepareArgs {
     /// Shard compression: `lzf` (default), `none` or `gzip`.
     #[arg(long, value_parser = ["lzf", "none", "gzip"])]
     codec: Option<String>,
+    /// Byte-shuffle values before compressing them (default true; ignored by `none`).
+    #[arg(long)]
+    shuffle: Option<bool>,
 }
 
 impl PrepareArgs {
@@ -126,6 +129,9 @@ impl PrepareArgs {
                 "gzip" => Codec::Gzip,
                 _ => Codec::Lzf,
             };
+        }
+        if let Some(v) = self.shuffle {
+            s.shuffle = v;
         }
         Ok(s)
     }

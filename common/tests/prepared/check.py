@@ -11,7 +11,8 @@ cells with fewer than `min_genes` expressed genes removed (sc.pp.filter_cells), 
 mapped to the vocabulary, cells with no vocabulary gene dropped, inputs concatenated.
 Every shard must open with anndata.read_h5ad, and the concatenated shards must equal the
 expected counts exactly, with the same cell names, gene names, gene symbols and sources;
-dataset.json must list each shard's size and sha256.
+dataset.json must list each shard's size and sha256; X is stored as byte-shuffled LZF
+(prepare's default codec).
 """
 
 import hashlib
@@ -21,6 +22,7 @@ import sys
 import warnings
 
 import anndata as ad
+import h5py
 import numpy as np
 import scanpy as sc
 import scipy.sparse as sp
@@ -78,6 +80,10 @@ def main():
         assert a.n_obs == s["n_cells"], f"{p}: {a.n_obs} cells, dataset.json {s['n_cells']}"
         assert sp.issparse(a.X) and a.X.format == "csr", f"{p}: X is {type(a.X)}"
         assert a.X.dtype == np.float32
+        with h5py.File(p, "r") as f:  # the default codec: byte-shuffled LZF
+            for name in ("X/data", "X/indices"):
+                d = f[name]
+                assert (d.compression, d.shuffle) == ("lzf", True), (p, name, d.compression)
         shards.append(a)
     got = ad.concat(shards, merge="same")
     assert list(got.var_names) == vocab, "vocabulary (var names) differs"

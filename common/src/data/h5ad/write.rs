@@ -16,7 +16,7 @@ mod write_tests;
 use std::path::{Path, PathBuf};
 
 use hdf5::types::VarLenUnicode;
-use hdf5::{Dataset, Group, H5Type, Location};
+use hdf5::{Dataset, DatasetBuilderEmpty, Group, H5Type, Location};
 
 use crate::data::CsrMatrix;
 use crate::error::{Error, Result};
@@ -63,14 +63,21 @@ pub struct WriteOptions {
     /// compress better. Clamped to 4 KiB..=4 MiB. Ignored by [`Codec::None`], which stores
     /// arrays contiguously.
     pub chunk_bytes: usize,
+    /// Apply HDF5's byte-shuffle filter before the codec (every reader of HDF5 has it, so
+    /// anndata/h5py open such files). Storing the first bytes of all values together, then
+    /// the second bytes, and so on turns the zero high bytes of small counts and gene
+    /// indices into long runs: LZF shards become ~2× smaller and faster to decompress.
+    /// Ignored by [`Codec::None`].
+    pub shuffle: bool,
 }
 
 impl Default for WriteOptions {
-    /// LZF in chunks of 128 KiB.
+    /// Byte-shuffled LZF in chunks of 128 KiB.
     fn default() -> Self {
         WriteOptions {
             codec: Codec::Lzf,
             chunk_bytes: 128 << 10,
+            shuffle: true,
         }
     }
 }
@@ -189,6 +196,7 @@ fn write_file(tmp: &Path, c: &ShardContents, opts: &WriteOptions) -> hdf5::Resul
     let w = Writer {
         codec: opts.codec,
         chunk_bytes: opts.chunk_bytes.clamp(4 << 10, 4 << 20),
+        shuffle: opts.shuffle,
     };
     w.contents(&file, c)?;
     file.close()
@@ -198,6 +206,7 @@ fn write_file(tmp: &Path, c: &ShardContents, opts: &WriteOptions) -> hdf5::Resul
 struct Writer {
     codec: Codec,
     chunk_bytes: usize,
+    shuffle: bool,
 }
 
 impl Writer {
@@ -317,11 +326,15 @@ impl Writer {
     /// dataset of zero length).
     fn dataset<T: H5Type>(&self, g: &Group, name: &str, n: usize) -> hdf5::Result<Dataset> {
         let b = g.new_dataset::<T>().obj_track_times(false);
+        let chunked = |b: DatasetBuilderEmpty| {
+            let b = b.chunk(self.chunk_len::<T>().min(n));
+            if self.shuffle { b.shuffle() } else { b }
+        };
         let b = match self.codec {
             _ if n == 0 => b.no_chunk(),
             Codec::None => b.no_chunk(),
-            Codec::Lzf => b.chunk(self.chunk_len::<T>().min(n)).lzf(),
-            Codec::Gzip => b.chunk(self.chunk_len::<T>().min(n)).deflate(4),
+            Codec::Lzf => chunked(b).lzf(),
+            Codec::Gzip => chunked(b).deflate(4),
         };
         b.shape(n).create(name)
     }

@@ -72,6 +72,9 @@ pub struct PrepareSettings {
     pub read_block: usize,
     /// Compression of the shards' datasets.
     pub codec: Codec,
+    /// Byte-shuffle values before compressing them (HDF5's shuffle filter; ~2× smaller
+    /// and faster to read LZF shards). Ignored with `codec: none`.
+    pub shuffle: bool,
 }
 
 impl Default for PrepareSettings {
@@ -93,6 +96,7 @@ impl Default for PrepareSettings {
             shard_cells: 20_000,
             read_block: 4096,
             codec: Codec::default(),
+            shuffle: true,
         }
     }
 }
@@ -543,6 +547,7 @@ impl<'a> ShardWriter<'a> {
         };
         let opts = WriteOptions {
             codec: self.settings.codec,
+            shuffle: self.settings.shuffle,
             ..WriteOptions::default()
         };
         let io = |path: &Path| {
