@@ -170,8 +170,11 @@ impl PreparedSource {
 
 fn open_shard(path: &Path, ds: &PreparedDataset, shard: u32) -> Result<H5adRows> {
     let info = &ds.manifest.shards[shard as usize];
-    let r = H5adRows::open(path, &Default::default())?
+    let mut r = H5adRows::open(path, &Default::default())?
         .ok_or_else(|| WorkerError::Data(format!("{}: X is not a CSR matrix", path.display())))?;
+    // The loader reads on threads of its own (`data.loader_threads`): decoding on the
+    // reading thread alone costs the least CPU per cell.
+    r.set_decode_threads(1);
     if r.n_rows() != info.n_cells || r.n_cols() != ds.manifest.n_genes {
         return Err(WorkerError::Data(format!(
             "{}: {} x {} cells x genes, but dataset.json says {} x {}",

@@ -51,8 +51,8 @@ unsafe extern "C" {
 /// `H5P_DEFAULT`.
 const H5P_DEFAULT: i64 = 0;
 
-/// Threads that decode the chunks of one read (the caller's and one more).
-const THREADS: usize = 2;
+/// Threads that decode the chunks of one read by default (the caller's and one more).
+pub(crate) const THREADS: usize = 2;
 
 /// Reads that decode fewer bytes than this run on the calling thread alone: starting a
 /// thread would cost more than it saves (much more on a busy machine). Small in tests so
@@ -237,12 +237,40 @@ struct Scratch {
     bufs: [Vec<u8>; 2],
 }
 
+/// Scratch space returned by finished reads, so the next ones neither allocate (and fault
+/// in) fresh buffers nor set up a decompressor again.
+static SCRATCH_POOL: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
+
+impl Scratch {
+    /// Scratch space from the pool, or new.
+    fn take() -> Scratch {
+        let pooled = SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        pooled.unwrap_or_else(|| Scratch {
+            z: Decompressor::new(),
+            bufs: [Vec::new(), Vec::new()],
+        })
+    }
+
+    /// Returns this to the pool (which keeps a few, each buffer at most 4 MiB).
+    fn give_back(self) {
+        if self.bufs.iter().any(|b| b.capacity() > 4 << 20) {
+            return;
+        }
+        let mut pool = SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 2 * THREADS {
+            pool.push(self);
+        }
+    }
+}
+
 /// Raw-chunk readers of a CSR matrix's `indices` and `data`, each `None` where libhdf5
 /// reads it instead.
 pub(crate) struct RawCsr {
     // Boxed: `H5adRows` stays small.
     indices: Option<Box<Chunked>>,
     data: Option<Box<Chunked>>,
+    /// Threads that decode the chunks of one read (the caller's included).
+    threads: usize,
 }
 
 /// Column indices and values read by [`RawCsr::read`] (`None`: not read here).
@@ -257,6 +285,7 @@ impl RawCsr {
         RawCsr {
             indices: Chunked::probe(indices, true).map(Box::new),
             data: Chunked::probe(data, false).map(Box::new),
+            threads: THREADS,
         }
     }
 
@@ -265,7 +294,13 @@ impl RawCsr {
         RawCsr {
             indices: None,
             data: None,
+            threads: THREADS,
         }
+    }
+
+    /// Sets the threads that decode the chunks of one read (at least 1: the caller's).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     /// Whether `indices` and `data` are read by chunks.
@@ -304,7 +339,7 @@ impl RawCsr {
                 let out = Out::F32(&mut v.spare_capacity_mut()[a - lo..b - lo]);
                 groups.push(slots(c, a, b, out));
             }
-            let mut complete = read_chunks(groups)?.into_iter();
+            let mut complete = read_chunks(groups, self.threads)?.into_iter();
             // One entry per group, in the order above.
             ok_i = ok_i && complete.next() == Some(true);
             ok_d = ok_d && complete.next() == Some(true);
@@ -410,18 +445,18 @@ type Kept<'a> = (&'a Chunked, usize, Arc<Vec<u8>>);
 /// helper thread decodes them; then both decode what is left, taking jobs in turn (so a
 /// helper that starts late on a busy machine delays nothing). Small reads run on the
 /// calling thread alone. Chunks that start or end the read are cached.
-fn read_chunks(groups: Vec<Vec<Slot>>) -> R<Vec<bool>> {
+fn read_chunks(groups: Vec<Vec<Slot>>, threads: usize) -> R<Vec<bool>> {
     let to_decode: usize = groups.iter().flatten().map(|s| s.c.chunk_bytes()).sum();
     let (tx, rx) = mpsc::channel();
     let queue = Mutex::new(rx);
     let failed = AtomicBool::new(false);
     let work = || run_queue(&queue, &failed);
-    let (fetched, parts) = if THREADS < 2 || to_decode < PARALLEL_BYTES {
+    let (fetched, parts) = if threads < 2 || to_decode < PARALLEL_BYTES {
         let fetched = fetch_all(groups, tx, &failed);
         (fetched, vec![work()])
     } else {
         std::thread::scope(|s| {
-            let helpers: Vec<_> = (1..THREADS).map(|_| s.spawn(work)).collect();
+            let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
             let fetched = fetch_all(groups, tx, &failed);
             let mut parts = vec![work()];
             for h in helpers {
@@ -508,10 +543,7 @@ fn run_queue<'a>(
     queue: &Queue<'a, '_>,
     failed: &AtomicBool,
 ) -> (Vec<Kept<'a>>, Option<(usize, E)>) {
-    let mut s = Scratch {
-        z: Decompressor::new(),
-        bufs: [Vec::new(), Vec::new()],
-    };
+    let mut s = Scratch::take();
     let mut kept = Vec::new();
     while !failed.load(Ordering::Relaxed) {
         let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
@@ -525,6 +557,7 @@ fn run_queue<'a>(
             }
         }
     }
+    s.give_back();
     (kept, None)
 }
 

@@ -76,6 +76,15 @@ impl H5adRows {
         r.map_err(|e| to_error(path, e))
     }
 
+    /// Sets how many threads decode the compressed chunks of one read (default 2: the
+    /// caller's and a helper, which halves the wall time of long reads). A caller that
+    /// already reads on a thread of its own, like the training loader, sets 1: a helper
+    /// per read costs CPU time (thread start, hand-offs, caches of another core) that a
+    /// busy machine does not have to spare.
+    pub fn set_decode_threads(&mut self, threads: usize) {
+        self.raw.set_threads(threads);
+    }
+
     /// Number of rows (cells).
     pub fn n_rows(&self) -> usize {
         self.indptr.len() - 1
