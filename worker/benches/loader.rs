@@ -6,12 +6,12 @@
 //!    genes source of integer counts (~2k expressed genes per cell, skewed detection and
 //!    geometric counts), written by Python anndata with `compression="gzip"`, and
 //!    prepares it with `scfm_common::data::prepared::prepare` into shards with codec
-//!    `lzf` and codec `none`.
+//!    `lzf` after HDF5's byte shuffle (the default), plain `lzf`, and `none`.
 //! 2. Runs the real [`Loader`] (one thread, `tch::set_num_threads(1)`, the `default`
 //!    preset's tokenizer, batch 64, block/window 64/64) on each, interleaved over rounds,
 //!    and reports cells/s of wall time, per CPU-second of the loader thread and per
 //!    CPU-second of the whole process (the shard reader may decode chunks on a helper
-//!    thread). The LZF shards are also read with `SCFM_H5AD_RAW_CHUNKS=0` (libhdf5 decodes
+//!    thread). The default shards are also read with `SCFM_H5AD_RAW_CHUNKS=0` (libhdf5 decodes
 //!    on the loader thread) to compare both read paths.
 //! 3. Times each stage of the loader's work single-threaded (block read + decompression,
 //!    normalise, tokenise, collate) on the same cells.
@@ -22,7 +22,8 @@
 //!
 //! Environment: `SCFM_BENCH_CELLS` (cells per loader run, default 25,600),
 //! `SCFM_BENCH_ROUNDS` (3), `SCFM_BENCH_ANNDATA_CELLS` (2,000), `SCFM_BENCH_TRAIN_STEPS`
-//! (20), `SCFM_BENCH_TRAIN_BATCH` (8), `SCFM_BENCH_TRAIN_THREADS` (1), `SCFM_PYTHON`.
+//! (20), `SCFM_BENCH_TRAIN_BATCH` (8), `SCFM_BENCH_TRAIN_THREADS` (1), `SCFM_PYTHON`;
+//! `SCFM_BENCH_ONLY=PREFIX` measures only the shard sets whose name starts with it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -148,11 +149,12 @@ fn source(dir: &Path) -> Result<PathBuf> {
 }
 
 /// The prepared dataset of `src` with `codec`, prepared when absent; prints its shards.
-fn prepared(dir: &Path, src: &Path, codec: Codec, name: &str) -> Result<PathBuf> {
+fn prepared(dir: &Path, src: &Path, codec: Codec, shuffle: bool, name: &str) -> Result<PathBuf> {
     let out = dir.join(format!("prepared-{name}"));
     if !PreparedDataset::is_prepared_dir(&out) {
         let s = PrepareSettings {
             codec,
+            shuffle,
             ..PrepareSettings::default()
         };
         let t = Instant::now();
@@ -307,7 +309,12 @@ fn stages(
         ds.manifest
             .shards
             .iter()
-            .map(|s| H5adRows::open(&dir.join(&s.path), &MatrixSource::X)?.context("not CSR"))
+            .map(|s| {
+                let mut r =
+                    H5adRows::open(&dir.join(&s.path), &MatrixSource::X)?.context("not CSR")?;
+                r.set_decode_threads(1); // as the loader's source does
+                Ok(r)
+            })
             .collect::<Result<Vec<_>>>()
     })?;
     let timed = Arc::new(Timed {
@@ -436,14 +443,19 @@ fn main() -> Result<()> {
         src_path.display(),
         std::fs::metadata(&src_path)?.len() >> 20
     );
-    let lzf = prepared(&dir, &src_path, Codec::Lzf, "lzf")?;
-    let none = prepared(&dir, &src_path, Codec::None, "none")?;
+    let shuffled = prepared(&dir, &src_path, Codec::Lzf, true, "lzf-shuffle")?;
+    let lzf = prepared(&dir, &src_path, Codec::Lzf, false, "lzf")?;
+    let none = prepared(&dir, &src_path, Codec::None, false, "none")?;
     let mut sets = Vec::new();
     for (name, p, hdf5_decode) in [
+        ("lzf + shuffle (default)", &shuffled, false),
         ("lzf", &lzf, false),
         ("none", &none, false),
-        ("lzf, libhdf5 decoding", &lzf, true),
+        ("lzf + shuffle, libhdf5 decoding", &shuffled, true),
     ] {
+        if std::env::var("SCFM_BENCH_ONLY").is_ok_and(|only| !name.starts_with(&only)) {
+            continue;
+        }
         let src = with_hdf5_decoding(hdf5_decode, || -> Result<_> {
             let src = open_source(&data_config(p)?)?;
             for s in 0..src.shard_cells().len() as u32 {
@@ -527,9 +539,9 @@ fn main() -> Result<()> {
     let batch = env_usize("SCFM_BENCH_TRAIN_BATCH", 8);
     let threads = env_usize("SCFM_BENCH_TRAIN_THREADS", 1);
     if steps > 0 {
-        println!("\ntraining `default` on CPU from prepared-lzf, fed by the loader:");
+        println!("\ntraining `default` on CPU from prepared-lzf-shuffle, fed by the loader:");
         let work = tempfile::tempdir()?;
-        let f = train(&lzf, work.path(), steps, batch, threads)?;
+        let f = train(&shuffled, work.path(), steps, batch, threads)?;
         println!("  data-wait fraction: **{:.3}%** (target < 2%)", f * 100.0);
     }
     Ok(())
