@@ -249,6 +249,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() {
+    scfm_common::alloc::tune(); // as the scfm binaries do
     // `cargo bench` passes `--bench`; `cargo test --benches` does not: skip the long run.
     if !std::env::args().any(|a| a == "--bench") {
         println!("reader: a benchmark; run it with `cargo bench -p scfm-common --bench reader`");

@@ -2,6 +2,7 @@
 //! configuration types and presets, single-cell data formats, preprocessing, the
 //! tokenizer, object storage and deterministic random numbers. No libtorch here.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

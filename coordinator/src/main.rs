@@ -109,6 +109,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> Result<()> {
+    scfm_common::alloc::tune();
     let cli = Cli::parse();
     scfm_common::telemetry::init_logging(&cli.log_format);
     scfm_common::install_crypto_provider();

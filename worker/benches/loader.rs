@@ -431,6 +431,7 @@ fn train(dir: &Path, work: &Path, steps: usize, batch: usize, threads: usize) ->
 }
 
 fn main() -> Result<()> {
+    scfm_common::alloc::tune(); // as the scfm binaries do
     println!("command: cargo bench -p scfm-worker --bench loader");
     tch::set_num_threads(1);
     let cells = env_usize("SCFM_BENCH_CELLS", 25_600).max(BATCH);

@@ -111,6 +111,7 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    scfm_common::alloc::tune();
     let cli = Cli::parse();
     scfm_common::telemetry::init_logging(&cli.log_format);
     scfm_common::install_crypto_provider();
