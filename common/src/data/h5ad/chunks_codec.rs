@@ -303,7 +303,7 @@ mod tests {
     fn random_stream(rng: &mut Rng, tokens: usize) -> (Vec<u8>, usize) {
         let (mut s, mut n) = (Vec::new(), 0usize);
         for _ in 0..tokens {
-            if n == 0 || rng.next_u64() % 3 == 0 {
+            if n == 0 || rng.below(3) == 0 {
                 let len = 1 + (rng.next_u64() % 32) as usize;
                 s.push((len - 1) as u8);
                 s.extend((0..len).map(|_| rng.next_u64() as u8));
