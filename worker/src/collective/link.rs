@@ -291,6 +291,8 @@ impl Link {
     pub(super) fn abort_handle(&self) -> io::Result<super::RingAbort> {
         Ok(super::RingAbort {
             sockets: vec![self.to_right.try_clone()?, self.from_left.try_clone()?],
+            #[cfg(feature = "nccl")]
+            nccl: None,
         })
     }
 

@@ -226,16 +226,31 @@ pub trait Collective: Send {
 /// Breaks a [`RingCollective`] from another thread: both of its sockets are shut down, so
 /// an operation in progress (here and at the neighbours) fails at once instead of waiting
 /// for its deadline.
-#[derive(Debug)]
 pub struct RingAbort {
     sockets: Vec<std::net::TcpStream>,
+    /// The generation's NCCL communicator, aborted too.
+    #[cfg(feature = "nccl")]
+    nccl: Option<std::sync::Arc<nccl::Comm>>,
+}
+
+impl std::fmt::Debug for RingAbort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingAbort")
+            .field("sockets", &self.sockets)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RingAbort {
-    /// Shuts the ring's sockets down.
+    /// Shuts the ring's sockets down (and aborts the NCCL communicator, if any, on a
+    /// thread of its own: the caller never waits for NCCL).
     pub fn abort(&self) {
         for s in &self.sockets {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        #[cfg(feature = "nccl")]
+        if let Some(c) = self.nccl.clone() {
+            std::thread::spawn(move || c.abort());
         }
     }
 }

@@ -8,10 +8,17 @@
 //! flat gradient buffer on torch's default stream; the small collectives (loss sums, the
 //! contrastive all-gather, checksums, state broadcasts) stay on the ring.
 //!
+//! A peer lost in the middle of an all-reduce would leave the NCCL kernel waiting for it
+//! forever; the ring's [`super::RingAbort`] (which the heartbeat thread fires when the
+//! coordinator declares a member lost) therefore also aborts the communicator, which ends
+//! its pending operations, and [`Nccl::all_reduce_mean`] waits for the reduction and then
+//! reports the abort (or NCCL's asynchronous error) before any gradient is used.
+//!
 //! Not verified on a GPU yet (no GPU was available where it was written): run
 //! `scripts/gpu-check.sh` on a CUDA machine.
 
 use std::mem::MaybeUninit;
+use std::sync::{Arc, Mutex};
 
 use cudarc::nccl::{result, sys};
 use tch::{Device, Kind, Tensor};
@@ -20,13 +27,42 @@ use super::{Collective, CollectiveError, Op};
 
 /// An NCCL communicator over the ranks of one generation.
 pub struct Nccl {
-    comm: sys::ncclComm_t,
+    comm: Arc<Comm>,
     world: usize,
 }
 
-// SAFETY: the communicator is used from one thread at a time (the training thread owns the
-// collective); NCCL communicators may be used from any thread.
-unsafe impl Send for Nccl {}
+/// The raw communicator, shared by [`Nccl`] and the ring's abort handle.
+pub struct Comm {
+    raw: sys::ncclComm_t,
+    /// Whether it was aborted (NCCL has freed it then: it is never used again). Held
+    /// while an operation is enqueued, so an abort never frees it under a call.
+    aborted: Mutex<bool>,
+}
+
+// SAFETY: `raw` is only passed to NCCL under the `aborted` lock, and NCCL communicators
+// may be used from any thread (one call at a time, which the lock ensures).
+unsafe impl Send for Comm {}
+// SAFETY: as above.
+unsafe impl Sync for Comm {}
+
+impl Comm {
+    /// Aborts the communicator (once): NCCL ends its pending operations and frees it.
+    pub fn abort(&self) {
+        let mut aborted = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
+        if !*aborted {
+            *aborted = true;
+            // SAFETY: created by comm_init_rank and, with the flag now set, never used again.
+            let _ = unsafe { result::comm_abort(self.raw) };
+        }
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // Abort rather than destroy: a peer may be gone, and destroy would wait for it.
+        self.abort();
+    }
+}
 
 fn nccl_err(op: Op, what: &str, e: result::NcclError) -> CollectiveError {
     CollectiveError::Device {
@@ -70,49 +106,84 @@ impl Nccl {
             .map_err(|e| nccl_err(Op::Handshake, "comm_init_rank", e))?;
         tracing::info!(rank, world, "NCCL communicator formed");
         Ok(Nccl {
-            // SAFETY: initialised by a successful comm_init_rank.
-            comm: unsafe { comm.assume_init() },
+            comm: Arc::new(Comm {
+                // SAFETY: initialised by a successful comm_init_rank.
+                raw: unsafe { comm.assume_init() },
+                aborted: Mutex::new(false),
+            }),
             world,
         })
     }
 
+    /// The communicator, for an abort handle.
+    pub fn comm(&self) -> Arc<Comm> {
+        self.comm.clone()
+    }
+
     /// Replaces the contiguous fp32 CUDA tensor `t` by its mean over all ranks (NCCL sum
     /// in place, then a division by the world size), ordered on torch's default stream.
+    /// Waits for the reduction, so that an aborted communicator (a lost peer) or an
+    /// asynchronous NCCL error is reported here, before the gradient is used.
     pub fn all_reduce_mean(&mut self, t: &Tensor) -> Result<(), CollectiveError> {
         let op = Op::AllReduceMean;
-        if !matches!(t.device(), Device::Cuda(_)) || t.kind() != Kind::Float || !t.is_contiguous() {
+        let Device::Cuda(device) = t.device() else {
             return Err(CollectiveError::InvalidArgument {
                 op,
-                reason: "NCCL all-reduce needs a contiguous fp32 CUDA tensor".into(),
+                reason: "NCCL all-reduce needs a CUDA tensor".into(),
+            });
+        };
+        if t.kind() != Kind::Float || !t.is_contiguous() {
+            return Err(CollectiveError::InvalidArgument {
+                op,
+                reason: "NCCL all-reduce needs a contiguous fp32 tensor".into(),
             });
         }
+        let broken = || CollectiveError::Broken {
+            op,
+            cause: "the NCCL communicator was aborted (a member was lost)".into(),
+        };
         let n = t.numel();
         let ptr = t.data_ptr();
-        // SAFETY: `ptr` addresses `n` fp32 values on this rank's device; in-place
-        // all-reduce is allowed; the null stream is torch's default (legacy) stream.
-        unsafe {
-            result::all_reduce(
-                ptr,
-                ptr,
-                n,
-                sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
-                self.comm,
-                std::ptr::null_mut(),
-            )
+        {
+            let aborted = self.comm.aborted.lock().unwrap_or_else(|p| p.into_inner());
+            if *aborted {
+                return Err(broken());
+            }
+            // SAFETY: `ptr` addresses `n` fp32 values on this rank's device; in-place
+            // all-reduce is allowed; the null stream is torch's default (legacy) stream;
+            // the communicator is live (not aborted, and the lock keeps it so).
+            unsafe {
+                result::all_reduce(
+                    ptr,
+                    ptr,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm.raw,
+                    std::ptr::null_mut(),
+                )
+            }
+            .map_err(|e| nccl_err(op, "all_reduce", e))?;
         }
-        .map_err(|e| nccl_err(op, "all_reduce", e))?;
+        // An abort from the heartbeat thread ends a reduction that waits for a lost peer.
+        tch::Cuda::synchronize(device as i64);
+        let aborted = self.comm.aborted.lock().unwrap_or_else(|p| p.into_inner());
+        if *aborted {
+            return Err(broken());
+        }
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is live (checked under the lock); `state` outlives the call.
+        let r = unsafe { sys::ncclCommGetAsyncError(self.comm.raw, &mut state) };
+        if r != sys::ncclResult_t::ncclSuccess || state != sys::ncclResult_t::ncclSuccess {
+            return Err(CollectiveError::Device {
+                op,
+                reason: format!("NCCL reports {state:?} (query: {r:?})"),
+            });
+        }
+        drop(aborted);
         tch::no_grad(|| {
             let _ = t.shallow_clone().g_div_scalar_(self.world as f64);
         });
         Ok(())
-    }
-}
-
-impl Drop for Nccl {
-    fn drop(&mut self) {
-        // SAFETY: the communicator was created by comm_init_rank and is not used after.
-        // Abort rather than destroy: a peer may be gone, and destroy would wait for it.
-        let _ = unsafe { result::comm_abort(self.comm) };
     }
 }

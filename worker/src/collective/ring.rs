@@ -88,10 +88,17 @@ impl RingCollective {
         Ok(())
     }
 
-    /// A handle that breaks this ring from another thread (the coordinator declared a
-    /// member lost while this one may be blocked in a collective); `None` for world size 1.
+    /// A handle that breaks this ring (and aborts its NCCL communicator) from another
+    /// thread (the coordinator declared a member lost while this one may be blocked in a
+    /// collective); `None` for world size 1.
     pub fn abort_handle(&self) -> Option<super::RingAbort> {
-        self.link.as_ref().and_then(|l| l.abort_handle().ok())
+        #[allow(unused_mut)]
+        let mut h = self.link.as_ref().and_then(|l| l.abort_handle().ok())?;
+        #[cfg(feature = "nccl")]
+        {
+            h.nccl = self.nccl.as_ref().map(|n| n.comm());
+        }
+        Some(h)
     }
 
     /// Forms the ring: connects to the right neighbour `peers[(rank + 1) % world_size]`,
