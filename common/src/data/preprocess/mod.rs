@@ -98,7 +98,9 @@ pub fn normalize_log1p(values: &mut [f32], target_sum: f64) {
     let factor = total / target_sum as f32;
     let mut table = [f32::NAN; 64];
     for v in values.iter_mut() {
-        let c = *v as usize;
+        // `as i32` is one instruction (`as usize` is several on x86-64); a value that is
+        // not a small integer (or NaN, which converts to 0) fails the equality.
+        let c = *v as i32 as usize;
         if c < table.len() && c as f32 == *v {
             if table[c].is_nan() {
                 table[c] = (*v / factor).ln_1p();
