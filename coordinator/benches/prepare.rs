@@ -218,7 +218,7 @@ fn main() -> Result<()> {
         }
     }
     println!(
-        "\n`scfm prepare IN... --out DIR` (defaults: codec lzf, {SHARD_CELLS}-cell shards); \
+        "\n`scfm prepare IN... --out DIR` (defaults: byte-shuffled lzf, {SHARD_CELLS}-cell shards); \
          median of {rounds} round(s)"
     );
     println!(
