@@ -253,3 +253,98 @@ fn sigterm_checkpoints_and_resume_matches() {
     let fb = std::fs::read(b.path().join("ckpt/ckpt-000000300/model.safetensors")).unwrap();
     assert!(fa == fb, "resumed run ended with other parameters");
 }
+
+/// The bytes of the files under `dir` (recursively).
+fn du(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => du(&e.path()),
+                    _ => e.metadata().map_or(0, |m| m.len()),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A disk that fills up while checkpointing loses nothing: the checkpoint that did not fit
+/// is removed again, `latest.json` still names the last good one, the run ends with an
+/// error naming the checkpoint and the cause, and training resumes from what survived.
+/// The disk is a real tmpfs of a checkpoint and a half, mounted in a private mount
+/// namespace (`unshare`); where namespaces or mounts are not allowed the test says so and
+/// skips.
+#[test]
+fn full_disk_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let training = "  seed: 3\n  batch_size: 8\n  max_steps: 6\n  eval_every: 1000\n  threads: 1";
+    // The size of one checkpoint of this model, on an ordinary disk.
+    let probe = dir.path().join("probe");
+    let cfg = write_config(
+        dir.path(),
+        &probe,
+        SMALL,
+        "  batch_size: 8\n  max_steps: 1\n  threads: 1",
+    );
+    train(&cfg, &[]);
+    let one = du(&probe.join("ckpt-000000001"));
+    assert!(one > 1 << 20, "a checkpoint of {one} bytes");
+
+    let (disk, saved) = (dir.path().join("disk"), dir.path().join("saved"));
+    std::fs::create_dir_all(&disk).unwrap();
+    std::fs::create_dir_all(&saved).unwrap();
+    let cfg = write_config(dir.path(), &disk, SMALL, training);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("every_steps: 1000", "every_steps: 2")).unwrap();
+    // Train on the small disk, then copy what is on it out of the namespace.
+    let script = format!(
+        "mount -t tmpfs -o size={}k scfm-full-disk {disk} || exit 97\n\
+         {worker} train --json --config {cfg}; rc=$?\n\
+         cp -a {disk}/. {saved}/ || exit 98\n\
+         exit $rc\n",
+        one * 3 / 2 / 1024,
+        disk = disk.display(),
+        saved = saved.display(),
+        worker = bin("scfm-worker").display(),
+        cfg = cfg.display(),
+    );
+    let out = run_with_timeout(
+        Command::new("unshare")
+            .args(["--map-root-user", "--mount", "sh", "-c"])
+            .arg(&script),
+        Duration::from_secs(300),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(97) || err.contains("unshare failed") {
+        eprintln!("SKIPPED: cannot mount a size-limited tmpfs here: {err}");
+        return;
+    }
+    assert_ne!(out.status.code(), Some(98), "copying the disk out: {err}");
+    // The run fails, saying which checkpoint did not fit and why.
+    assert!(!out.status.success(), "training on a full disk succeeded");
+    assert!(
+        err.contains("No space left on device") && err.contains("ckpt-00000000"),
+        "{err}"
+    );
+    // Steps went on after the failed checkpoint at step 4 (it is not fatal by itself).
+    let steps: Vec<u64> = json_lines(&out)
+        .iter()
+        .filter(|l| l["event"] == "step")
+        .filter_map(|l| l["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    // What survived: the checkpoint of step 2, named by latest.json, and nothing of the
+    // checkpoints that did not fit.
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(saved.join("latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["step"], 2, "{latest}");
+    for step in [4, 6] {
+        let d = saved.join(format!("ckpt-{step:09}"));
+        assert_eq!(du(&d), 0, "{} holds a partial checkpoint", d.display());
+    }
+    // It resumes from step 2 on an ordinary disk.
+    let cfg = write_config(dir.path(), &saved, SMALL, training);
+    let resumed = train(&cfg, &["--resume"]);
+    let first = resumed.iter().find(|l| l["event"] == "step").unwrap();
+    assert_eq!(first["step"], 3, "{first}");
+}

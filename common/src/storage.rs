@@ -51,6 +51,8 @@ pub const OP_ATTEMPTS: u32 = 3;
 fn transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
     match e {
+        // A full disk does not empty itself within a retry's back-off.
+        E::Generic { .. } if storage_full(e) => false,
         E::Generic { .. } | E::JoinError { .. } => true,
         E::NotFound { .. }
         | E::AlreadyExists { .. }
@@ -64,6 +66,20 @@ fn transient(e: &object_store::Error) -> bool {
         | E::NotSupported { .. } => false,
         _ => false,
     }
+}
+
+/// Whether an I/O error somewhere in `e`'s source chain is "no space left on device".
+fn storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::StorageFull
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The process-wide runtime all store operations run on (2 threads).

@@ -222,7 +222,43 @@ fn encode_parts(
 
 /// Uploads an encoded checkpoint: every part, read back and verified; then `state.json`;
 /// then `latest.json`. Returns the directory key.
+///
+/// If a part or `state.json` cannot be written (a full disk, a refused upload), what was
+/// written of this checkpoint is deleted again (best effort), so nothing half-written
+/// stays behind and a full disk gets its space back; `latest.json` still names the
+/// previous checkpoint.
 pub async fn upload(store: &Store, enc: &Encoded) -> Result<String> {
+    let dir = &enc.dir;
+    let state_sha = match upload_files(store, enc).await {
+        Ok(sha) => sha,
+        Err(e) => {
+            let names = enc.parts.iter().map(|p| p.0.as_str());
+            for name in names.chain(["state.json"]) {
+                let key = format!("{dir}/{name}");
+                if let Err(d) = store.delete(&key).await {
+                    tracing::warn!(url = %store.url_of(&key), error = %d, "could not remove a part of a failed checkpoint");
+                }
+            }
+            return Err(e);
+        }
+    };
+    let latest = Latest {
+        step: enc.state.step,
+        dir: dir.clone(),
+        state_sha256: state_sha,
+    };
+    store
+        .put(
+            LATEST,
+            Bytes::from(serde_json::to_vec_pretty(&latest).expect("latest serializes")),
+        )
+        .await?;
+    Ok(dir.clone())
+}
+
+/// Writes and verifies the parts of `enc`, then its `state.json`; returns the sha256 of
+/// `state.json`.
+async fn upload_files(store: &Store, enc: &Encoded) -> Result<String> {
     let dir = &enc.dir;
     let mut files = HashMap::new();
     for (name, bytes) in &enc.parts {
@@ -247,18 +283,7 @@ pub async fn upload(store: &Store, enc: &Encoded) -> Result<String> {
     store
         .put(&format!("{dir}/state.json"), Bytes::from(state_bytes))
         .await?;
-    let latest = Latest {
-        step: enc.state.step,
-        dir: dir.clone(),
-        state_sha256: state_sha,
-    };
-    store
-        .put(
-            LATEST,
-            Bytes::from(serde_json::to_vec_pretty(&latest).expect("latest serializes")),
-        )
-        .await?;
-    Ok(dir.clone())
+    Ok(state_sha)
 }
 
 /// Writes a checkpoint and then `latest.json` (encode + upload); returns the directory key.
