@@ -298,3 +298,40 @@ pub fn launch_coordinator(
     let (err, _r) = lines(coord.stderr.take().unwrap());
     (coord, addr, err)
 }
+
+/// Runs the shell command line `cmd` with a real, nearly full disk: a tmpfs of `size_kb`
+/// KiB mounted on `disk` in a private mount namespace (`unshare --map-root-user --mount`);
+/// afterwards everything on it is copied to `saved` (the tmpfs vanishes with the
+/// namespace). `None` (after saying so on stderr) where namespaces or mounts are not
+/// allowed, so the caller skips.
+pub fn run_on_small_disk(
+    disk: &Path,
+    size_kb: u64,
+    cmd: &str,
+    saved: &Path,
+    timeout: Duration,
+) -> Option<Output> {
+    std::fs::create_dir_all(disk).expect("mount point");
+    std::fs::create_dir_all(saved).expect("copy target");
+    let script = format!(
+        "mount -t tmpfs -o size={size_kb}k scfm-small-disk '{disk}' || exit 97\n\
+         {cmd}\nrc=$?\n\
+         cp -a '{disk}/.' '{saved}/' || exit 98\n\
+         exit $rc\n",
+        disk = disk.display(),
+        saved = saved.display(),
+    );
+    let out = run_with_timeout(
+        Command::new("unshare")
+            .args(["--map-root-user", "--mount", "sh", "-c"])
+            .arg(&script),
+        timeout,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(97) || err.contains("unshare failed") {
+        eprintln!("SKIPPED: cannot mount a size-limited tmpfs here: {err}");
+        return None;
+    }
+    assert_ne!(out.status.code(), Some(98), "copying the disk out: {err}");
+    Some(out)
+}

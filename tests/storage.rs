@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use scfm_tests::{S3Server, bin, json_lines, lines, prepared_dataset, run_with_timeout, wait_exit};
+use scfm_tests::{
+    S3Server, bin, dataset, json_lines, lines, prepared_dataset, repo_root, run_on_small_disk,
+    run_with_timeout, wait_exit,
+};
 
 const TINY: &str = "  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 2\n  ffn_dim: 64\n  max_seq_len: 64";
 
@@ -245,4 +248,51 @@ fn prepare_into_s3_matches_local_and_trains_from_it() {
         .filter(|(sha, _)| d.path().join(format!("cache/{sha}.h5ad")).is_file())
         .count();
     assert!(cached >= 1, "no shard in the cache under its sha256");
+}
+
+/// The files under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .flat_map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => files_under(&e.path()),
+            _ => vec![e.path()],
+        })
+        .collect()
+}
+
+/// `scfm prepare` onto a disk that fills up (a real 1 MiB tmpfs; the dataset needs ~2.4
+/// MB): it fails naming the shard it could not write and the cause, leaves no
+/// `dataset.json` (nothing points at missing shards) and no temporary shard file.
+#[test]
+fn prepare_on_a_full_disk_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, saved) = (dir.path().join("disk"), dir.path().join("saved"));
+    let cmd = format!(
+        "{} prepare {} --out {}/ds --settings {}",
+        bin("scfm").display(),
+        dataset("mouse10k.h5ad").display(),
+        disk.display(),
+        repo_root().join("configs/prepare-demo.yaml").display()
+    );
+    let Some(out) = run_on_small_disk(&disk, 1024, &cmd, &saved, Duration::from_secs(300)) else {
+        return;
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "prepare on a full disk succeeded");
+    assert!(
+        err.contains("shard-0000") && err.to_lowercase().contains("no space left"),
+        "{err}"
+    );
+    let left = files_under(&saved);
+    assert!(
+        !left.iter().any(|p| p.ends_with("dataset.json")),
+        "dataset.json left behind: {left:?}"
+    );
+    assert!(
+        !left.iter().any(|p| p.to_string_lossy().contains(".tmp-")),
+        "temporary files left behind: {left:?}"
+    );
 }

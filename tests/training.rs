@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use scfm_tests::{bin, dataset, json_lines, lines, run_with_timeout, sigterm, wait_exit};
+use scfm_tests::{
+    bin, dataset, json_lines, lines, run_on_small_disk, run_with_timeout, sigterm, wait_exit,
+};
 
 fn write_config(dir: &Path, ckpt: &Path, model: &str, training: &str) -> std::path::PathBuf {
     let cfg = format!(
@@ -291,35 +293,19 @@ fn full_disk_keeps_the_last_good_checkpoint() {
     assert!(one > 1 << 20, "a checkpoint of {one} bytes");
 
     let (disk, saved) = (dir.path().join("disk"), dir.path().join("saved"));
-    std::fs::create_dir_all(&disk).unwrap();
-    std::fs::create_dir_all(&saved).unwrap();
     let cfg = write_config(dir.path(), &disk, SMALL, training);
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("every_steps: 1000", "every_steps: 2")).unwrap();
-    // Train on the small disk, then copy what is on it out of the namespace.
-    let script = format!(
-        "mount -t tmpfs -o size={}k scfm-full-disk {disk} || exit 97\n\
-         {worker} train --json --config {cfg}; rc=$?\n\
-         cp -a {disk}/. {saved}/ || exit 98\n\
-         exit $rc\n",
-        one * 3 / 2 / 1024,
-        disk = disk.display(),
-        saved = saved.display(),
-        worker = bin("scfm-worker").display(),
-        cfg = cfg.display(),
+    let cmd = format!(
+        "{} train --json --config {}",
+        bin("scfm-worker").display(),
+        cfg.display()
     );
-    let out = run_with_timeout(
-        Command::new("unshare")
-            .args(["--map-root-user", "--mount", "sh", "-c"])
-            .arg(&script),
-        Duration::from_secs(300),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(97) || err.contains("unshare failed") {
-        eprintln!("SKIPPED: cannot mount a size-limited tmpfs here: {err}");
+    let timeout = Duration::from_secs(300);
+    let Some(out) = run_on_small_disk(&disk, one * 3 / 2 / 1024, &cmd, &saved, timeout) else {
         return;
-    }
-    assert_ne!(out.status.code(), Some(98), "copying the disk out: {err}");
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
     // The run fails, saying which checkpoint did not fit and why.
     assert!(!out.status.success(), "training on a full disk succeeded");
     assert!(
