@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use crate::error::{Error, Result};
 
 /// Version of the coordinator/worker protocol; checked on every register and heartbeat.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";
@@ -95,7 +95,6 @@ impl From<&Assignment> for pb::AssignmentResponse {
             epoch: a.epoch,
             position: a.position,
             finished: a.finished,
-            nccl_id: Vec::new(),
             resume_dir: a.resume_dir.clone().unwrap_or_default(),
             hold: a.hold,
         }

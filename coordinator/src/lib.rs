@@ -4,6 +4,7 @@
 pub mod error;
 pub mod local;
 pub mod metrics;
+pub mod nccl_id;
 pub mod persist;
 pub mod reform;
 pub mod server;

@@ -303,6 +303,40 @@ impl pb::coordinator_server::Coordinator for Service {
         self.shared.notify();
         Ok(Response::new(pb::DoneResponse {}))
     }
+
+    async fn exchange_nccl_id(
+        &self,
+        req: Request<pb::NcclIdRequest>,
+    ) -> Result<Response<pb::NcclIdResponse>, Status> {
+        let r = req.into_inner();
+        let publish = (!r.id.is_empty()).then_some(r.id);
+        let publishing = publish.is_some();
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + ASSIGNMENT_POLL;
+        let mut publish = publish;
+        loop {
+            let got = {
+                let mut s = self.shared.lock();
+                s.exchange_nccl_id(&r.worker_id, r.generation, publish.take())
+                    .map_err(|e| {
+                        tracing::warn!(worker = %r.worker_id, error = %e, "NCCL id exchange refused");
+                        Status::failed_precondition(e.to_string())
+                    })?
+            };
+            if publishing {
+                self.shared.notify();
+            }
+            if let Some(id) = got {
+                return Ok(Response::new(pb::NcclIdResponse { id }));
+            }
+            // Not published yet: wait for a change (rank 0 publishing), up to the deadline.
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Status::unavailable("coordinator shutting down")),
+                Err(_) => return Ok(Response::new(pb::NcclIdResponse { id: Vec::new() })),
+            }
+        }
+    }
 }
 
 /// Starts the job when the join timeout passes, loses workers that go silent and forms

@@ -109,6 +109,8 @@ pub struct JobState {
     /// When the last generation formed after a membership change, and why (for logs and
     /// the recovery-time figure).
     pub last_reform: Option<(Instant, Duration)>,
+    /// NCCL's unique id, by the generation whose rank 0 published it (`nccl_id.rs`).
+    pub nccl_id: Option<(u64, Vec<u8>)>,
     next_id: u64,
 }
 
@@ -142,6 +144,7 @@ impl JobState {
             holding: false,
             short_since: None,
             last_reform: None,
+            nccl_id: None,
             next_id: 0,
         }
     }

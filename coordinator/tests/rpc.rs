@@ -13,21 +13,31 @@ use tonic::metadata::MetadataValue;
 const T: Duration = Duration::from_secs(20);
 
 fn manifest(dir: &std::path::Path) -> Manifest {
+    manifest_of(dir, 1)
+}
+
+fn manifest_of(dir: &std::path::Path, workers: usize) -> Manifest {
     std::fs::write(
         dir.join("d.h5ad"),
         b"placeholder: the coordinator never reads the data",
     )
     .unwrap();
-    let text = "run_id: rpc\ndata: {path: d.h5ad}\ncluster: {max_workers: 1, coordinator: '127.0.0.1:0'}\ncheckpoint: {url: ckpt}\nauth: {token: s3cret}\n";
+    let text = format!(
+        "run_id: rpc\ndata: {{path: d.h5ad}}\ncluster: {{max_workers: {workers}, coordinator: '127.0.0.1:0'}}\ncheckpoint: {{url: ckpt}}\nauth: {{token: s3cret}}\n"
+    );
     let p = dir.join("job.yaml");
     std::fs::write(&p, text).unwrap();
     Manifest::load(&p).unwrap()
 }
 
 fn register(version: u32) -> tonic::Request<pb::RegisterRequest> {
+    register_at(version, 9)
+}
+
+fn register_at(version: u32, port: u16) -> tonic::Request<pb::RegisterRequest> {
     tonic::Request::new(pb::RegisterRequest {
         protocol_version: version,
-        ring_addr: "127.0.0.1:9".into(),
+        ring_addr: format!("127.0.0.1:{port}"),
         hostname: "test".into(),
         pid: 1,
         device: "cpu".into(),
@@ -163,4 +173,115 @@ async fn tokens_versions_and_capacity_are_enforced() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// NCCL's unique id travels through the coordinator: rank 0 of the generation publishes
+/// the id it made, rank 1 (already waiting for it) receives it; a wrong publisher, a stale
+/// generation and a malformed id are refused with the reason.
+#[tokio::test]
+async fn nccl_id_goes_from_rank_zero_to_the_other_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_of(dir.path(), 2);
+    let coord = tokio::time::timeout(T, Coordinator::start(&m))
+        .await
+        .unwrap()
+        .unwrap();
+    let url = format!("http://{}", coord.addr);
+    let mut c = tokio::time::timeout(T, pb::coordinator_client::CoordinatorClient::connect(url))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ids = Vec::new();
+    for port in [9, 10] {
+        let r = tokio::time::timeout(
+            T,
+            c.register(with_token(register_at(PROTOCOL_VERSION, port), "s3cret")),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        ids.push(r.into_inner().worker_id);
+    }
+    let mut ranks = Vec::new();
+    for id in &ids {
+        let req = pb::AssignmentRequest {
+            worker_id: id.clone(),
+            after_generation: 0,
+        };
+        let a = tokio::time::timeout(
+            T,
+            c.get_assignment(with_token(tonic::Request::new(req), "s3cret")),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
+        assert_eq!((a.generation, a.world_size), (1, 2));
+        ranks.push(a.rank);
+    }
+    let (zero, one) = if ranks[0] == 0 {
+        (ids[0].clone(), ids[1].clone())
+    } else {
+        (ids[1].clone(), ids[0].clone())
+    };
+    let ask = |worker: &str, generation: u64, id: Vec<u8>| {
+        with_token(
+            tonic::Request::new(pb::NcclIdRequest {
+                worker_id: worker.to_string(),
+                generation,
+                id,
+            }),
+            "s3cret",
+        )
+    };
+    // Rank 1 asks first and waits; rank 0 publishes; rank 1 gets it.
+    let mut c1 = c.clone();
+    let waiting = tokio::spawn({
+        let req = ask(&one, 1, Vec::new());
+        async move { c1.exchange_nccl_id(req).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id: Vec<u8> = (0..128u8).collect();
+    let published = tokio::time::timeout(T, c.exchange_nccl_id(ask(&zero, 1, id.clone())))
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert_eq!(published.id, id);
+    let got = tokio::time::timeout(T, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.id, id);
+    // Refusals name the problem.
+    for (req, why) in [
+        (
+            ask(&one, 1, id.clone()),
+            "only rank 0 publishes the NCCL id, not rank 1",
+        ),
+        (
+            ask(&zero, 7, Vec::new()),
+            "generation 7 is not the current one (1)",
+        ),
+        (ask(&zero, 1, vec![1; 5]), "an NCCL id has 128 bytes, not 5"),
+    ] {
+        let e = tokio::time::timeout(T, c.exchange_nccl_id(req))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!((e.code(), e.message()), (Code::FailedPrecondition, why));
+    }
+    // Without the token nothing is exchanged.
+    let req = tonic::Request::new(pb::NcclIdRequest {
+        worker_id: zero.clone(),
+        generation: 1,
+        id: Vec::new(),
+    });
+    let e = tokio::time::timeout(T, c.exchange_nccl_id(req))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
 }

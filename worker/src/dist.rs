@@ -162,6 +162,44 @@ async fn connect(args: &JoinArgs, deadline: Instant) -> Result<Client> {
     }
 }
 
+/// Publishes (rank 0: `mine`) or fetches the NCCL unique id of `generation` through the
+/// coordinator, asking again until `deadline` while rank 0 has not published it.
+#[cfg(feature = "nccl")]
+fn exchange_nccl_id(
+    rt: &tokio::runtime::Runtime,
+    client: &mut Client,
+    worker_id: &str,
+    generation: u64,
+    mine: Option<Vec<u8>>,
+    deadline: Instant,
+) -> std::result::Result<Vec<u8>, crate::collective::CollectiveError> {
+    let fail = |reason: String| crate::collective::CollectiveError::Device {
+        op: crate::collective::Op::Handshake,
+        reason,
+    };
+    rt.block_on(async {
+        loop {
+            let req = pb::NcclIdRequest {
+                worker_id: worker_id.to_string(),
+                generation,
+                id: mine.clone().unwrap_or_default(),
+            };
+            // The coordinator answers within ~10 s (the id, or "not yet": empty).
+            match tokio::time::timeout(Duration::from_secs(30), client.exchange_nccl_id(req)).await
+            {
+                Ok(Ok(r)) if !r.get_ref().id.is_empty() => return Ok(r.into_inner().id),
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(s)) => return Err(fail(format!("NCCL id exchange: {}", s.message()))),
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!(
+                    "no NCCL id for generation {generation} from rank 0 within the collective timeout"
+                )));
+            }
+        }
+    })
+}
+
 async fn await_assignment(
     client: &mut Client,
     worker_id: &str,
@@ -479,7 +517,10 @@ fn run_generations(
                 && tch::Cuda::is_available()
                 && crate::collective::nccl::Nccl::available()
             {
-                r.attach_nccl()?;
+                let deadline = Instant::now() + g.timeout;
+                r.attach_nccl(&mut |mine| {
+                    exchange_nccl_id(rt, client, id, a.generation, mine, deadline)
+                })?;
             }
             Ok(r)
         });

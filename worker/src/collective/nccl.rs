@@ -2,8 +2,10 @@
 //! bindings. libcuda and libnccl are loaded at run time, so the feature builds anywhere;
 //! [`Nccl::available`] says whether they load here.
 //!
-//! The communicator is formed per generation over the ranks of the CPU ring, which also
-//! carries NCCL's unique id from rank 0 to the others (so the coordinator needs no CUDA).
+//! The communicator is formed per generation over the ranks of the CPU ring. NCCL's unique
+//! id embeds the address of a bootstrap socket opened by the process that makes it, so
+//! rank 0 makes it and the coordinator hands it to the other ranks (`ExchangeNcclId`;
+//! the coordinator needs no CUDA).
 //! Only the gradient all-reduce — the bulk of the traffic — runs on NCCL, in place on the
 //! flat gradient buffer on torch's default stream; the small collectives (loss sums, the
 //! contrastive all-gather, checksums, state broadcasts) stay on the ring.
@@ -23,7 +25,12 @@ use std::sync::{Arc, Mutex};
 use cudarc::nccl::{result, sys};
 use tch::{Device, Kind, Tensor};
 
-use super::{Collective, CollectiveError, Op};
+use super::{CollectiveError, Op};
+
+/// How rank 0's NCCL unique id reaches the other ranks of a generation: called with
+/// `Some(id)` on rank 0 (publish it) and with `None` on the others (fetch it); returns the
+/// generation's id.
+pub type IdExchange<'a> = dyn FnMut(Option<Vec<u8>>) -> Result<Vec<u8>, CollectiveError> + 'a;
 
 /// An NCCL communicator over the ranks of one generation.
 pub struct Nccl {
@@ -78,23 +85,26 @@ impl Nccl {
         unsafe { cudarc::driver::sys::is_culib_present() && sys::is_culib_present() }
     }
 
-    /// Forms the communicator of `ring`'s ranks on the current CUDA device: rank 0 makes
-    /// the unique id and broadcasts it over the ring; every rank then joins.
-    pub fn new(ring: &mut dyn Collective) -> Result<Self, CollectiveError> {
-        let (rank, world) = (ring.rank(), ring.world_size());
-        let mut id = if rank == 0 {
+    /// Forms the communicator of rank `rank` of `world` on the current CUDA device: rank 0
+    /// makes the unique id and publishes it through `exchange` (called with `Some(id)`),
+    /// the other ranks fetch it (called with `None`); every rank then joins.
+    pub fn new(
+        rank: usize,
+        world: usize,
+        exchange: &mut IdExchange,
+    ) -> Result<Self, CollectiveError> {
+        let id = if rank == 0 {
             let u =
                 result::get_uniqueid().map_err(|e| nccl_err(Op::Handshake, "get_uniqueid", e))?;
-            u.internal.iter().map(|&c| c as u8).collect()
+            exchange(Some(u.internal.iter().map(|&c| c as u8).collect()))?
         } else {
-            Vec::new()
+            exchange(None)?
         };
-        ring.broadcast_bytes(&mut id, 0)?;
         let mut uid = sys::ncclUniqueId { internal: [0; 128] };
         if id.len() != uid.internal.len() {
             return Err(CollectiveError::Device {
                 op: Op::Handshake,
-                reason: format!("NCCL unique id of {} bytes from rank 0", id.len()),
+                reason: format!("NCCL unique id of {} bytes from the coordinator", id.len()),
             });
         }
         for (d, s) in uid.internal.iter_mut().zip(&id) {

@@ -79,11 +79,15 @@ impl std::fmt::Debug for RingCollective {
 }
 
 impl RingCollective {
-    /// Forms an NCCL communicator over this ring's ranks (the unique id travels over the
-    /// ring); CUDA gradients are then all-reduced by NCCL.
+    /// Forms an NCCL communicator over this ring's ranks (rank 0's unique id reaches the
+    /// others through `exchange`: the coordinator); CUDA gradients are then all-reduced by
+    /// NCCL.
     #[cfg(feature = "nccl")]
-    pub fn attach_nccl(&mut self) -> Result<(), CollectiveError> {
-        let n = super::nccl::Nccl::new(self)?;
+    pub fn attach_nccl(
+        &mut self,
+        exchange: &mut super::nccl::IdExchange,
+    ) -> Result<(), CollectiveError> {
+        let n = super::nccl::Nccl::new(self.rank, self.world, exchange)?;
         self.nccl = Some(n);
         Ok(())
     }
