@@ -50,19 +50,30 @@ fn with_token<R>(mut r: tonic::Request<R>, token: &str) -> tonic::Request<R> {
     r
 }
 
-#[tokio::test]
-async fn tokens_versions_and_capacity_are_enforced() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = manifest(dir.path());
-    let coord = tokio::time::timeout(T, Coordinator::start(&m))
+/// A coordinator for `m` on 127.0.0.1, and a client connected to it.
+async fn start(
+    m: &Manifest,
+) -> (
+    Coordinator,
+    pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+) {
+    let coord = tokio::time::timeout(T, Coordinator::start(m))
         .await
         .unwrap()
         .unwrap();
     let url = format!("http://{}", coord.addr);
-    let mut c = tokio::time::timeout(T, pb::coordinator_client::CoordinatorClient::connect(url))
+    let c = tokio::time::timeout(T, pb::coordinator_client::CoordinatorClient::connect(url))
         .await
         .unwrap()
         .unwrap();
+    (coord, c)
+}
+
+#[tokio::test]
+async fn tokens_versions_and_capacity_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path());
+    let (coord, mut c) = start(&m).await;
 
     let e = tokio::time::timeout(T, c.register(register(PROTOCOL_VERSION)))
         .await
@@ -182,15 +193,8 @@ async fn tokens_versions_and_capacity_are_enforced() {
 async fn nccl_id_goes_from_rank_zero_to_the_other_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let m = manifest_of(dir.path(), 2);
-    let coord = tokio::time::timeout(T, Coordinator::start(&m))
-        .await
-        .unwrap()
-        .unwrap();
-    let url = format!("http://{}", coord.addr);
-    let mut c = tokio::time::timeout(T, pb::coordinator_client::CoordinatorClient::connect(url))
-        .await
-        .unwrap()
-        .unwrap();
+    // Kept alive (not `_`) until the end of the test.
+    let (_coord, mut c) = start(&m).await;
     let mut ids = Vec::new();
     for port in [9, 10] {
         let r = tokio::time::timeout(
