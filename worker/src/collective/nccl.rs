@@ -38,6 +38,13 @@ pub struct Nccl {
     world: usize,
 }
 
+/// A communicator handed over from the init thread.
+struct RawComm(sys::ncclComm_t);
+
+// SAFETY: the handle is only moved to the thread that then owns it; NCCL communicators
+// may be used from any thread.
+unsafe impl Send for RawComm {}
+
 /// The raw communicator, shared by [`Nccl`] and the ring's abort handle.
 pub struct Comm {
     raw: sys::ncclComm_t,
@@ -87,10 +94,12 @@ impl Nccl {
 
     /// Forms the communicator of rank `rank` of `world` on the current CUDA device: rank 0
     /// makes the unique id and publishes it through `exchange` (called with `Some(id)`),
-    /// the other ranks fetch it (called with `None`); every rank then joins.
+    /// the other ranks fetch it (called with `None`); every rank then joins, within
+    /// `timeout`.
     pub fn new(
         rank: usize,
         world: usize,
+        timeout: std::time::Duration,
         exchange: &mut IdExchange,
     ) -> Result<Self, CollectiveError> {
         let id = if rank == 0 {
@@ -110,15 +119,43 @@ impl Nccl {
         for (d, s) in uid.internal.iter_mut().zip(&id) {
             *d = *s as ::core::ffi::c_char;
         }
-        let mut comm = MaybeUninit::<sys::ncclComm_t>::uninit();
-        // SAFETY: `comm` is a valid out-pointer; every rank calls this with the same id.
-        unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32) }
-            .map_err(|e| nccl_err(Op::Handshake, "comm_init_rank", e))?;
+        // comm_init_rank blocks until every rank joined; a rank that died meanwhile would
+        // block it forever, so it runs on a thread of its own and is waited for with a
+        // deadline (past it the thread is left behind, and the next generation tries anew).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("scfm-nccl-init".into())
+            .spawn(move || {
+                let mut comm = MaybeUninit::<sys::ncclComm_t>::uninit();
+                // SAFETY: `comm` is a valid out-pointer; every rank calls this with the
+                // same id.
+                let r = unsafe {
+                    result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32)
+                };
+                // SAFETY: initialised by a successful comm_init_rank.
+                let _ = tx.send(r.map(|_| RawComm(unsafe { comm.assume_init() })));
+            })
+            .map_err(|e| CollectiveError::Device {
+                op: Op::Handshake,
+                reason: format!("cannot start the NCCL init thread: {e}"),
+            })?;
+        let raw = match rx.recv_timeout(timeout) {
+            Ok(Ok(RawComm(raw))) => raw,
+            Ok(Err(e)) => return Err(nccl_err(Op::Handshake, "comm_init_rank", e)),
+            Err(_) => {
+                return Err(CollectiveError::Device {
+                    op: Op::Handshake,
+                    reason: format!(
+                        "the NCCL communicator of {world} ranks did not form within {timeout:?} \
+                         (a rank is missing)"
+                    ),
+                });
+            }
+        };
         tracing::info!(rank, world, "NCCL communicator formed");
         Ok(Nccl {
             comm: Arc::new(Comm {
-                // SAFETY: initialised by a successful comm_init_rank.
-                raw: unsafe { comm.assume_init() },
+                raw,
                 aborted: Mutex::new(false),
             }),
             world,

@@ -87,7 +87,7 @@ impl RingCollective {
         &mut self,
         exchange: &mut super::nccl::IdExchange,
     ) -> Result<(), CollectiveError> {
-        let n = super::nccl::Nccl::new(self.rank, self.world, exchange)?;
+        let n = super::nccl::Nccl::new(self.rank, self.world, self.config.timeout, exchange)?;
         self.nccl = Some(n);
         Ok(())
     }
