@@ -248,6 +248,41 @@ fn prepare_into_s3_matches_local_and_trains_from_it() {
         .filter(|(sha, _)| d.path().join(format!("cache/{sha}.h5ad")).is_file())
         .count();
     assert!(cached >= 1, "no shard in the cache under its sha256");
+
+    // A shard cache on a full disk (a real 256 KiB tmpfs; a shard is ~600 KB): training
+    // fails naming the shard and the cause, and leaves nothing partial in the cache.
+    let (disk, saved) = (d.path().join("small-cache"), d.path().join("small-saved"));
+    let cfg = format!(
+        "data:\n  path: s3://scfm/prep\n  cache_dir: {}\nmodel:\n{TINY}\ntraining:\n  batch_size: 16\n  max_steps: 3\n  eval_every: 1000\n  threads: 1\ncheckpoint:\n  url: {}\n",
+        disk.display(),
+        d.path().join("ckpt-small").display()
+    );
+    let p = d.path().join("small-cache.yaml");
+    std::fs::write(&p, cfg).unwrap();
+    let env: String = s3
+        .env()
+        .iter()
+        .map(|(k, v)| format!("{k}='{v}' "))
+        .collect();
+    let cmd = format!(
+        "{env}{} train --json --config {}",
+        bin("scfm-worker").display(),
+        p.display()
+    );
+    if let Some(out) = run_on_small_disk(&disk, 256, &cmd, &saved, Duration::from_secs(300)) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "training with a full cache succeeded"
+        );
+        assert!(
+            err.contains("caching shard s3://scfm/prep/shards/shard-")
+                && err.contains("No space left on device"),
+            "{err}"
+        );
+        let left = files_under(&saved);
+        assert!(left.is_empty(), "left in the cache: {left:?}");
+    }
 }
 
 /// The files under `dir`, recursively.

@@ -96,8 +96,16 @@ impl ShardCache {
             let sha = sha256_hex(&bytes);
             if sha == info.sha256 {
                 let tmp = dst.with_extension(format!("tmp-{}", std::process::id()));
-                std::fs::write(&tmp, &bytes).map_err(io)?;
-                std::fs::rename(&tmp, &dst).map_err(io)?;
+                let written =
+                    std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &dst));
+                if let Err(e) = written {
+                    // Nothing partial stays in the cache (a full disk gets its space back).
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(WorkerError::Data(format!(
+                        "caching shard {url} as {}: {e}",
+                        dst.display()
+                    )));
+                }
                 return Ok(dst);
             }
             last = format!("sha256 {sha} ({} bytes)", bytes.len());
