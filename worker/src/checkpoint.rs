@@ -229,12 +229,12 @@ fn encode_parts(
 /// previous checkpoint.
 pub async fn upload(store: &Store, enc: &Encoded) -> Result<String> {
     let dir = &enc.dir;
-    let state_sha = match upload_files(store, enc).await {
+    let mut written = Vec::new();
+    let state_sha = match upload_files(store, enc, &mut written).await {
         Ok(sha) => sha,
         Err(e) => {
-            let names = enc.parts.iter().map(|p| p.0.as_str());
-            for name in names.chain(["state.json"]) {
-                let key = format!("{dir}/{name}");
+            // Only what was written (a dead store is not asked again for the rest).
+            for key in written {
                 if let Err(d) = store.delete(&key).await {
                     tracing::warn!(url = %store.url_of(&key), error = %d, "could not remove a part of a failed checkpoint");
                 }
@@ -256,15 +256,16 @@ pub async fn upload(store: &Store, enc: &Encoded) -> Result<String> {
     Ok(dir.clone())
 }
 
-/// Writes and verifies the parts of `enc`, then its `state.json`; returns the sha256 of
-/// `state.json`.
-async fn upload_files(store: &Store, enc: &Encoded) -> Result<String> {
+/// Writes and verifies the parts of `enc`, then its `state.json`, adding each key to
+/// `written` once it is stored; returns the sha256 of `state.json`.
+async fn upload_files(store: &Store, enc: &Encoded, written: &mut Vec<String>) -> Result<String> {
     let dir = &enc.dir;
     let mut files = HashMap::new();
     for (name, bytes) in &enc.parts {
         let key = format!("{dir}/{name}");
         let sha = sha256_hex(bytes);
         store.put(&key, bytes.clone()).await?;
+        written.push(key.clone());
         let back = store.get(&key).await?;
         if sha256_hex(&back) != sha {
             return Err(WorkerError::Checkpoint {
@@ -280,9 +281,9 @@ async fn upload_files(store: &Store, enc: &Encoded) -> Result<String> {
     })
     .expect("state serializes");
     let state_sha = sha256_hex(&state_bytes);
-    store
-        .put(&format!("{dir}/state.json"), Bytes::from(state_bytes))
-        .await?;
+    let key = format!("{dir}/state.json");
+    store.put(&key, Bytes::from(state_bytes)).await?;
+    written.push(key);
     Ok(state_sha)
 }
 
