@@ -257,13 +257,17 @@ fn dropout(
     }
     let (kg, kv) = (&mut kept_genes[..n], &mut kept_values[..n]);
     let mut w = 0;
+    // A local copy of the generator stays in registers (through `rng` its state would be
+    // stored back to memory on every draw).
+    let mut r = rng.clone();
     for (&g, &v) in genes[..n].iter().zip(&values[..n]) {
-        let keep = rng.next_u64() >= lim;
+        let keep = r.next_u64() >= lim;
         // Branch-free compaction: always write, advance when kept (w <= i < n).
         kg[w] = g;
         kv[w] = v;
         w += usize::from(keep);
     }
+    *rng = r;
     w
 }
 
