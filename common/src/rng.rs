@@ -124,10 +124,13 @@ impl Rng {
         let n32 = u32::try_from(n).expect("sample_sorted_bits: n must fit in a u32");
         perm.clear();
         perm.extend(0..n32);
+        // A local copy of the state stays in registers (see the tokenizer's dropout).
+        let mut r = self.clone();
         for i in 0..k {
-            let j = i + self.below((n - i) as u64) as usize;
+            let j = i + r.below((n - i) as u64) as usize;
             perm.swap(i, j);
         }
+        *self = r;
         for &x in &perm[..k] {
             bits[x as usize / 64] |= 1 << (x % 64);
         }
