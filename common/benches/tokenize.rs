@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use scfm_common::config::{Augment, ModelConfig};
 use scfm_common::rng::Rng;
+use scfm_common::telemetry::thread_cpu_s;
 use scfm_common::tokenizer::reference::reference_tokenize;
 use scfm_common::tokenizer::{CellTokens, Tokenizer};
 
@@ -60,37 +61,6 @@ fn cells(n: usize, tail: f64) -> Vec<(Vec<u32>, Vec<f32>)> {
             (genes, values)
         })
         .collect()
-}
-
-/// CPU time of the calling thread in seconds (wall time where that clock is not known):
-/// per-core cost, which a busy machine disturbs less than wall time.
-#[cfg(target_os = "linux")]
-fn thread_cpu_s() -> f64 {
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: i64,
-        tv_nsec: i64,
-    }
-    unsafe extern "C" {
-        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-    }
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut t = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid, writable timespec (64-bit `time_t` and `long` on the 64-bit
-    // Linux targets scfm builds for).
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    assert_eq!(rc, 0, "clock_gettime");
-    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
-}
-
-#[cfg(not(target_os = "linux"))]
-fn thread_cpu_s() -> f64 {
-    use std::sync::OnceLock;
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
 /// One view: (genes, values, stream) -> tokens.

@@ -4,27 +4,9 @@
 use super::random_values;
 use crate::config::{Augment, ModelConfig};
 use crate::rng::Rng;
+use crate::telemetry::thread_cpu_s;
 use crate::tokenizer::bins::{RankSelect, order_key};
 use crate::tokenizer::{CellTokens, Scratch, Tokenizer, dropout};
-
-/// CPU time of the calling thread in seconds.
-fn thread_cpu_s() -> f64 {
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: i64,
-        tv_nsec: i64,
-    }
-    unsafe extern "C" {
-        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-    }
-    let mut t = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid, writable timespec; 3 is CLOCK_THREAD_CPUTIME_ID.
-    assert_eq!(unsafe { clock_gettime(3, &mut t) }, 0);
-    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
-}
 
 /// Per-step CPU cost of the fast path on bench-like cells (2,000 skewed counts, the
 /// `default` preset, default augmentations): `cargo test --release -p scfm-common
@@ -46,48 +28,26 @@ fn substep_timings() {
             (g, v)
         })
         .collect();
+    let n = cells.len();
     let mut s = Scratch::default();
-    let mut time = |what: &str, f: &mut dyn FnMut(usize, &mut Scratch)| {
-        let mut best = f64::INFINITY;
-        for _ in 0..15 {
-            let t = thread_cpu_s();
-            for i in 0..cells.len() {
-                f(i, &mut s);
-            }
-            best = best.min((thread_cpu_s() - t) * 1e6 / cells.len() as f64);
-        }
-        println!("{what:<28} {best:6.2} µs per view");
-    };
-    let mut s2 = Scratch::default();
-    let mut time2 = |what: &str, f: &mut dyn FnMut(usize, &mut Scratch)| {
-        let mut best = f64::INFINITY;
-        for _ in 0..15 {
-            let t = thread_cpu_s();
-            for i in 0..cells.len() {
-                f(i, &mut s2);
-            }
-            best = best.min((thread_cpu_s() - t) * 1e6 / cells.len() as f64);
-        }
-        println!("{what:<28} {best:6.2} µs per view");
-    };
     let aug = Augment::default();
-    time("tokenize", &mut |i, s| {
+    time(n, &mut s, "tokenize", &mut |i, s| {
         let (g, v) = &cells[i];
         black_box(tok.tokenize_with(g, v, Some(&aug), true, &mut Rng::new(0, &[i as u64]), s));
     });
-    time("dropout", &mut |i, s| {
+    time(n, &mut s, "dropout", &mut |i, s| {
         let (g, v) = &cells[i];
         let mut rng = Rng::new(0, &[i as u64]);
         black_box(dropout(g, v, 0.1, &mut rng, &mut s.genes, &mut s.values));
     });
-    time("binner.fit (1800 values)", &mut |i, s| {
+    time(n, &mut s, "binner.fit (1800 values)", &mut |i, s| {
         s.binner.fit(black_box(&cells[i].1[..1800]), 51);
     });
     let mut ranks = RankSelect::default();
-    time("ranks.load (1800 values)", &mut |i, _| {
+    time(n, &mut s, "ranks.load (1800 values)", &mut |i, _| {
         ranks.load(black_box(&cells[i].1[..1800]));
     });
-    time("order keys + min/max", &mut |i, s| {
+    time(n, &mut s, "order keys + min/max", &mut |i, s| {
         s.perm.clear();
         s.perm
             .extend(cells[i].1[..1800].iter().map(|&v| order_key(v)));
@@ -97,18 +57,18 @@ fn substep_timings() {
                 .fold((u32::MAX, 0), |(a, b), &k| (a.min(k), b.max(k))),
         );
     });
-    time("sample 511 of 1800", &mut |i, s| {
+    time(n, &mut s, "sample 511 of 1800", &mut |i, s| {
         let mut rng = Rng::new(0, &[i as u64]);
         rng.sample_sorted_bits(1800, 511, &mut s.perm, &mut s.bits);
         black_box(&s.bits);
     });
-    time("sample 77 of 511", &mut |i, s| {
+    time(n, &mut s, "sample 77 of 511", &mut |i, s| {
         let mut rng = Rng::new(0, &[i as u64]);
         rng.sample_sorted_bits(511, 77, &mut s.perm, &mut s.bits);
         black_box(&s.bits);
     });
     let mut out = Vec::new();
-    time2("binner.fit + bin_all(511)", &mut |i, s| {
+    time(n, &mut s, "binner.fit + bin_all(511)", &mut |i, s| {
         s.binner.fit(&cells[i].1[..1800], 51);
         out.clear();
         s.binner.bin_all(black_box(&cells[i].1[..511]), &mut out);
@@ -116,14 +76,14 @@ fn substep_timings() {
     });
     let mut fitted = Scratch::default();
     fitted.binner.fit(&cells[0].1[..1800], 51);
-    time2("bin_all(511) only", &mut |i, _| {
+    time(n, &mut s, "bin_all(511) only", &mut |i, _| {
         out.clear();
         fitted
             .binner
             .bin_all(black_box(&cells[i].1[..511]), &mut out);
         black_box(&out);
     });
-    time2("6 columns of 512", &mut |_, _| {
+    time(n, &mut s, "6 columns of 512", &mut |_, _| {
         black_box(CellTokens {
             genes: Vec::with_capacity(512),
             input_bins: Vec::with_capacity(512),
@@ -133,4 +93,17 @@ fn substep_timings() {
             masked: Vec::with_capacity(512),
         });
     });
+}
+
+/// Prints the best of 15 rounds of `f` over cells `0..n`, in CPU µs per call.
+fn time(n: usize, s: &mut Scratch, what: &str, f: &mut dyn FnMut(usize, &mut Scratch)) {
+    let mut best = f64::INFINITY;
+    for _ in 0..15 {
+        let t = thread_cpu_s();
+        for i in 0..n {
+            f(i, s);
+        }
+        best = best.min((thread_cpu_s() - t) * 1e6 / n as f64);
+    }
+    println!("{what:<28} {best:6.2} µs per view");
 }
