@@ -15,8 +15,9 @@ use tonic::{Request, Response, Status};
 use crate::metrics::MetricsSink;
 use crate::state::{JobState, Phase, Refusal};
 
-/// How long one GetAssignment call waits before answering "not yet".
-const ASSIGNMENT_POLL: Duration = Duration::from_secs(10);
+/// How long one long-polling call (GetAssignment, ExchangeNcclId) waits before answering
+/// "not yet".
+const LONG_POLL: Duration = Duration::from_secs(10);
 
 /// State shared by the service and the watchdog.
 pub struct Shared {
@@ -206,7 +207,7 @@ impl pb::coordinator_server::Coordinator for Service {
     ) -> Result<Response<pb::AssignmentResponse>, Status> {
         let r = req.into_inner();
         let mut rx = self.shared.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + ASSIGNMENT_POLL;
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut noted = false;
         loop {
             {
@@ -312,7 +313,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let publish = (!r.id.is_empty()).then_some(r.id);
         let publishing = publish.is_some();
         let mut rx = self.shared.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + ASSIGNMENT_POLL;
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut publish = publish;
         loop {
             let got = {
