@@ -58,6 +58,13 @@ pub enum Error {
         /// What did not match.
         message: String,
     },
+    /// Evaluation inputs are inconsistent (lengths, sizes, non-finite values) or too small
+    /// for a metric (e.g. fewer than two labels for a silhouette).
+    #[error("cannot evaluate: {message}")]
+    Eval {
+        /// What is wrong with the inputs.
+        message: String,
+    },
     /// A local I/O error.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -77,6 +84,13 @@ impl Error {
     pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Config {
             field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Eval`].
+    pub fn eval(message: impl Into<String>) -> Self {
+        Error::Eval {
             message: message.into(),
         }
     }

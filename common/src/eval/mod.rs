@@ -1,0 +1,251 @@
+//! Evaluation of cell embeddings (`scfm evaluate`), in pure Rust.
+//!
+//! The metrics are those of the scIB benchmark (Luecken et al. 2022) and of the usual
+//! foundation-model evaluations, each implemented as its reference does (scikit-learn 1.9,
+//! scanpy 1.11, scib / scib-metrics 0.5) and cross-checked against it by the tests in
+//! `tests/` (which run the references live):
+//!
+//! - [`classify`]: kNN label transfer (k = 15, cosine, majority vote) scored by 5-fold
+//!   stratified cross-validation: accuracy and macro-F1;
+//! - [`kmeans`]: k-means with k = the number of labels → ARI / NMI against the labels;
+//! - [`graph`] + [`leiden`]: scanpy's kNN graph (15 neighbours, UMAP connectivities) and
+//!   Leiden clustering over scIB's resolution grid, keeping the best NMI → ARI / NMI;
+//! - [`silhouette`]: cell-type ASW and, with batches, batch ASW; [`graph::graph_connectivity`];
+//! - [`scores`]: ARI, NMI, accuracy, macro-F1; [`knn`]: exact nearest neighbours;
+//!   [`distance`]: the blocked pairwise kernel under all of them.
+//!
+//! Everything is deterministic for a seed (and independent of the number of threads).
+//! [`evaluate_embedding`] runs them all.
+
+pub mod classify;
+pub mod distance;
+pub mod graph;
+pub mod kmeans;
+pub mod knn;
+pub mod leiden;
+pub mod scores;
+pub mod silhouette;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+pub use classify::{KnnCv, knn_cross_validate, stratified_kfold};
+pub use distance::{Embedding, Metric};
+pub use graph::{Graph, graph_connectivity, modularity, umap_connectivities};
+pub use kmeans::{KMeans, KMeansOptions, kmeans};
+pub use knn::{Knn, knn, knn_with};
+pub use leiden::{LeidenChoice, LeidenRun, default_resolutions, leiden, leiden_best_nmi};
+pub use scores::{accuracy, adjusted_rand_score, macro_f1, normalized_mutual_info_score};
+pub use silhouette::{asw_batch, asw_celltype, silhouette_samples, silhouette_score};
+
+use crate::error::{Error, Result};
+
+/// Settings of [`evaluate_embedding_with`]; the defaults are those of the references.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalOptions {
+    /// Neighbours of the kNN classifier.
+    pub knn_k: usize,
+    /// Distance of the kNN classifier.
+    pub knn_metric: Metric,
+    /// Cross-validation folds.
+    pub n_folds: usize,
+    /// Shuffle each class's folds with the seed (scikit-learn's `shuffle=True`); `false`
+    /// gives scikit-learn's unshuffled `StratifiedKFold` exactly.
+    pub shuffle_folds: bool,
+    /// `n_neighbors` of the graph, counting the cell itself (scanpy's default 15).
+    pub graph_n_neighbors: usize,
+    /// Distance of the graph and of the silhouettes (scanpy's and scIB's default: euclidean).
+    pub graph_metric: Metric,
+    /// Leiden resolutions tried (scIB: 0.1, 0.2, …, 2.0).
+    pub resolutions: Vec<f64>,
+    /// Leiden iterations (negative: until stable, scanpy's default).
+    pub leiden_iterations: i32,
+    /// k-means settings (`threads` is overridden by [`EvalOptions::threads`]).
+    pub kmeans: KMeansOptions,
+    /// Threads (0: all cores); no result depends on it.
+    pub threads: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            knn_k: 15,
+            knn_metric: Metric::Cosine,
+            n_folds: 5,
+            shuffle_folds: true,
+            graph_n_neighbors: 15,
+            graph_metric: Metric::Euclidean,
+            resolutions: default_resolutions(),
+            leiden_iterations: -1,
+            kmeans: KMeansOptions::default(),
+            threads: 0,
+        }
+    }
+}
+
+/// The metrics of one embedding (all in `[0, 1]` except ARI, which can be slightly negative;
+/// higher is better).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Cells evaluated.
+    pub n_cells: usize,
+    /// Embedding dimensions.
+    pub n_dims: usize,
+    /// Distinct labels.
+    pub n_labels: usize,
+    /// Distinct batches, when batches were given.
+    pub n_batches: Option<usize>,
+    /// kNN classifier: mean over folds of the accuracy.
+    pub knn_accuracy: f64,
+    /// kNN classifier: mean over folds of the macro-F1.
+    pub knn_macro_f1: f64,
+    /// Leiden at the resolution of best NMI: ARI against the labels.
+    pub leiden_ari: f64,
+    /// Leiden at the resolution of best NMI: NMI against the labels.
+    pub leiden_nmi: f64,
+    /// That resolution.
+    pub leiden_resolution: f64,
+    /// Number of Leiden clusters at that resolution.
+    pub leiden_n_clusters: usize,
+    /// k-means (k = number of labels): ARI against the labels.
+    pub kmeans_ari: f64,
+    /// k-means: NMI against the labels.
+    pub kmeans_nmi: f64,
+    /// Cell-type ASW, `(silhouette + 1) / 2`.
+    pub asw_celltype: f64,
+    /// Batch ASW (with batches; `None` also when no label has two or more batches).
+    pub asw_batch: Option<f64>,
+    /// Graph connectivity (with batches).
+    pub graph_connectivity: Option<f64>,
+}
+
+/// [`evaluate_embedding_with`] with the default options: `emb` is `n × d` row-major,
+/// `labels` one per cell (e.g. cell-type codes), `batches` optional batch codes.
+pub fn evaluate_embedding(
+    emb: &[f32],
+    n: usize,
+    d: usize,
+    labels: &[u32],
+    batches: Option<&[u32]>,
+    seed: u64,
+) -> Result<Metrics> {
+    let emb = Embedding::new(emb, n, d)?;
+    evaluate_embedding_with(&emb, labels, batches, seed, &EvalOptions::default())
+}
+
+/// Computes every metric of [`Metrics`] for `emb` (see the module documentation). Needs at
+/// least two labels, fewer labels than cells, and a class with `n_folds` cells or more.
+pub fn evaluate_embedding_with(
+    emb: &Embedding,
+    labels: &[u32],
+    batches: Option<&[u32]>,
+    seed: u64,
+    opts: &EvalOptions,
+) -> Result<Metrics> {
+    let n = emb.n();
+    if labels.len() != n {
+        return Err(Error::eval(format!(
+            "{} labels for {n} cells",
+            labels.len()
+        )));
+    }
+    if let Some(b) = batches
+        && b.len() != n
+    {
+        return Err(Error::eval(format!(
+            "{} batch labels for {n} cells",
+            b.len()
+        )));
+    }
+    let (_, n_labels) = silhouette::dense_codes(labels);
+    let n_batches = batches.map(|b| silhouette::dense_codes(b).1);
+    let t = Instant::now();
+
+    let folds = stratified_kfold(labels, opts.n_folds, opts.shuffle_folds.then_some(seed))?;
+    let cv = knn_cross_validate(
+        emb,
+        labels,
+        &folds,
+        opts.knn_k,
+        opts.knn_metric,
+        opts.threads,
+    )?;
+    tracing::debug!(
+        seconds = t.elapsed().as_secs_f64(),
+        "evaluate: kNN classifier"
+    );
+
+    // One pass for the graph's neighbours and the silhouette sums.
+    let k_graph = opts.graph_n_neighbors.saturating_sub(1);
+    if k_graph == 0 || k_graph >= n {
+        return Err(Error::eval(format!(
+            "graph_n_neighbors = {} for {n} cells: need 2..={n}",
+            opts.graph_n_neighbors
+        )));
+    }
+    let pass = silhouette::silhouette_pass(
+        emb,
+        opts.graph_metric,
+        labels,
+        batches,
+        k_graph,
+        opts.threads,
+    )?;
+    let asw_celltype = {
+        let s = silhouette::label_silhouettes(&pass)?;
+        (s.iter().sum::<f64>() / s.len() as f64 + 1.0) / 2.0
+    };
+    let asw_batch = silhouette::batch_asw(&pass);
+    tracing::debug!(
+        seconds = t.elapsed().as_secs_f64(),
+        "evaluate: neighbours and silhouettes"
+    );
+
+    let graph = umap_connectivities(
+        pass.knn.as_ref().expect("k_graph > 0"),
+        opts.graph_n_neighbors,
+    )?;
+    let connectivity = match batches {
+        Some(_) => Some(graph_connectivity(&graph, labels)?),
+        None => None,
+    };
+    let leiden = leiden_best_nmi(
+        &graph,
+        labels,
+        &opts.resolutions,
+        seed,
+        opts.leiden_iterations,
+        opts.threads,
+    )?;
+    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "evaluate: Leiden");
+
+    let km_opts = KMeansOptions {
+        threads: opts.threads,
+        ..opts.kmeans.clone()
+    };
+    let km = kmeans(emb, n_labels, seed, &km_opts)?;
+    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "evaluate: k-means");
+
+    Ok(Metrics {
+        n_cells: n,
+        n_dims: emb.d(),
+        n_labels,
+        n_batches,
+        knn_accuracy: cv.accuracy,
+        knn_macro_f1: cv.macro_f1,
+        leiden_ari: leiden.best.ari,
+        leiden_nmi: leiden.best.nmi,
+        leiden_resolution: leiden.best.resolution,
+        leiden_n_clusters: leiden.best.n_clusters,
+        kmeans_ari: adjusted_rand_score(labels, &km.labels),
+        kmeans_nmi: normalized_mutual_info_score(labels, &km.labels),
+        asw_celltype,
+        asw_batch,
+        graph_connectivity: connectivity,
+    })
+}
