@@ -1,405 +1,53 @@
-"""Independent PyTorch re-implementation of the scfm model (reference and eager baseline).
+"""The PyTorch reference of the scfm model, as the cross-checks and benchmarks import it.
 
-This module mirrors the semantics of the Rust model in ``worker/src/model/`` without
-sharing any code with it:
-
-* ``embed``       gene-token embedding + expression embedding (+ optional positional
-                  encoding), LayerNorm, dropout (``embedding.rs``);
-* ``encoder``     pre-LayerNorm transformer blocks with fused scaled-dot-product
-                  attention and a key-padding mask, then a final LayerNorm (``encoder.rs``);
-* ``mgem``        masked gene-expression head ``out(LN(gelu(dense(h))))`` (``heads.rs``);
-* ``contrastive`` projection head ``normalize(fc2(relu(fc1(cell))))`` (``heads.rs``);
-* losses          masked cross-entropy with label smoothing (binned) or masked MSE
-                  (continuous), and NT-Xent over two views per cell (``loss.rs``).
-
-Module and parameter names equal the Rust ``VarStore`` names (``encoder.layers.0.attn.qkv.weight``,
-``[out, in]`` linear weights), so a ``model.safetensors`` written by the worker loads with
-``model.load_state_dict(safetensors.torch.load_file(path), strict=True)``. The fixed
-sinusoidal table is a non-persistent buffer, as it is not a Rust variable either.
-
-The model is usable on any batch: ``forward`` accepts any ``[N, L]`` with ``L <= max_seq_len``
-(for the positional variants), and ``model.train()`` enables dropout at the same three
-places as the Rust model (after the embedding LayerNorm, after the attention output
-projection, after the feed-forward output). Attention probabilities are not dropped.
-
-Conventions shared with the Rust side (``common/src/config/model.rs``):
-
-* token id 0 is PAD (never attended to as a key), 1 is ``[CLS]`` (always at position 0),
-  gene ``g`` has id ``g + 2``; the gene table has ``n_genes + 2`` rows;
-* the binned expression table has ``n_bins + 1`` rows, the last being the MASK bin;
-* batches hold two views per cell: rows ``i`` and ``i + B`` form a positive pair.
+The network, its heads and losses live in the installable package ``python/scfm_torch``
+(``scfm_torch.model``), an independent PyTorch implementation that shares no code with the
+Rust model in ``worker/src/model/``; this module puts ``python/`` on ``sys.path`` (so the
+tests and ``benches/*.py`` work without installing the package) and re-exports the names
+they use. ``ScfmRef`` is the package's ``ScfmModel``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Mapping
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-#: Padding token id.
-PAD = 0
-#: ``[CLS]`` token id.
-CLS = 1
-#: Number of reserved token ids before the genes.
-OFFSET = 2
-#: LayerNorm epsilon (tch / PyTorch default).
-LN_EPS = 1e-5
-#: Standard deviation of the BERT-style normal initialisation (``init.rs``).
-INIT_STD = 0.02
-
-
-@dataclass
-class ScfmConfig:
-    """The subset of ``ModelConfig`` the network needs (field names as in the Rust struct)."""
-
-    hidden: int
-    n_layers: int
-    n_heads: int
-    ffn_dim: int
-    max_seq_len: int
-    dropout: float
-    expression: str  # "binned" | "continuous"
-    n_bins: int
-    positional: str  # "none" | "sinusoidal" | "learned"
-    label_smoothing: float
-    projection_dim: int
-    temperature: float
-    w_mgem: float
-    w_contrastive: float
-    pooling: str  # "cls" | "mean"
-    mask_ratio: float = 0.15  # used by the tokenizer only; kept for completeness
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "ScfmConfig":
-        fields = cls.__dataclass_fields__
-        unknown = set(d) - set(fields)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**{k: d[k] for k in fields if k in d})
-
-    def validate(self) -> None:
-        if self.hidden <= 0 or self.n_layers <= 0 or self.ffn_dim <= 0:
-            raise ValueError("hidden, n_layers and ffn_dim must be > 0")
-        if self.n_heads <= 0 or self.hidden % self.n_heads:
-            raise ValueError(f"{self.n_heads} heads do not divide hidden size {self.hidden}")
-        if self.expression not in ("binned", "continuous"):
-            raise ValueError(f"unknown expression encoding {self.expression!r}")
-        if self.positional not in ("none", "sinusoidal", "learned"):
-            raise ValueError(f"unknown positional encoding {self.positional!r}")
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"unknown pooling {self.pooling!r}")
-        if self.expression == "binned" and self.n_bins < 2:
-            raise ValueError("binned expression needs n_bins >= 2")
-
-    @property
-    def n_out(self) -> int:
-        """Size of the MGEM head output: ``n_bins`` logits or one value."""
-        return self.n_bins if self.expression == "binned" else 1
-
-
-def sinusoidal_table(length: int, hidden: int) -> Tensor:
-    """Fixed sinusoidal table ``[length, hidden]``: sin on even, cos on odd features.
-
-    Computed in float32 step by step exactly as ``embedding.rs::sinusoidal_table``:
-    ``div = exp(i * (-ln(10000) / hidden))`` for ``i = 0, 2, 4, ...``; ``angles = pos * div``;
-    ``table[:, 0::2] = sin(angles)``; ``table[:, 1::2] = cos(angles)[:, :hidden // 2]``.
-    """
-    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-    i = torch.arange(0, hidden, 2, dtype=torch.float32)
-    div = (i * (-math.log(10000.0) / hidden)).exp()
-    angles = pos * div.unsqueeze(0)  # [length, ceil(hidden / 2)]
-    table = torch.zeros(length, hidden, dtype=torch.float32)
-    table[:, 0::2] = angles.sin()
-    table[:, 1::2] = angles.cos()[:, : hidden // 2]
-    return table
-
-
-# --------------------------------------------------------------------------------------
-# Embedding
-# --------------------------------------------------------------------------------------
-
-
-class ContinuousExpr(nn.Module):
-    """``fc2(gelu(fc1(value)))``; masked positions take the learned ``mask`` vector."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(1, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.mask = nn.Parameter(torch.zeros(hidden))
-
-    def forward(self, values: Tensor, masked: Tensor) -> Tensor:
-        e = self.fc2(F.gelu(self.fc1(values.unsqueeze(-1))))
-        return torch.where(masked.unsqueeze(-1), self.mask, e)
-
-
-class TokenEmbedding(nn.Module):
-    """Gene + expression (+ position) embedding, LayerNorm, dropout.
-
-    Parameters: ``gene.weight``, ``expr.weight`` (binned) or ``expr.{fc1,fc2}.*`` and
-    ``expr.mask`` (continuous), ``pos.weight`` (learned positions), ``norm.*``.
-    """
-
-    def __init__(self, cfg: ScfmConfig, n_tokens: int):
-        super().__init__()
-        h = cfg.hidden
-        self.expression = cfg.expression
-        self.positional = cfg.positional
-        self.dropout = cfg.dropout
-        # No padding_idx: the PAD row is an ordinary trainable row, as in the Rust model.
-        self.gene = nn.Embedding(n_tokens, h)
-        if cfg.expression == "binned":
-            self.expr: nn.Module = nn.Embedding(cfg.n_bins + 1, h)  # last row = MASK bin
-        else:
-            self.expr = ContinuousExpr(h)
-        if cfg.positional == "learned":
-            self.pos = nn.Embedding(cfg.max_seq_len, h)
-        elif cfg.positional == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, h), persistent=False)
-        self.norm = nn.LayerNorm(h, eps=LN_EPS)
-
-    def forward(self, genes: Tensor, bins: Tensor, values: Tensor, masked: Tensor) -> Tensor:
-        x = self.gene(genes)
-        if self.expression == "binned":
-            x = x + self.expr(bins)
-        else:
-            x = x + self.expr(values, masked)
-        length = genes.shape[1]
-        if self.positional == "learned":
-            x = x + self.pos.weight[:length].unsqueeze(0)
-        elif self.positional == "sinusoidal":
-            x = x + self.pos_table[:length].unsqueeze(0)
-        return F.dropout(self.norm(x), self.dropout, self.training)
-
-
-# --------------------------------------------------------------------------------------
-# Encoder
-# --------------------------------------------------------------------------------------
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: fused ``qkv`` projection, SDPA, ``out`` projection."""
-
-    def __init__(self, hidden: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.out = nn.Linear(hidden, hidden)
-
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        """``x`` ``[N, L, H]``; ``attend`` ``[N, 1, 1, L]`` bool, true where a key is valid."""
-        n, length, h = x.shape
-        hd = h // self.n_heads
-        # [N, L, 3H] -> [N, L, 3, heads, hd] -> [3, N, heads, L, hd]
-        qkv = self.qkv(x).view(n, length, 3, self.n_heads, hd).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=0.0, is_causal=False)
-        return self.out(a.transpose(1, 2).reshape(n, length, h))
-
-
-class FeedForward(nn.Module):
-    """``fc2(gelu(fc1(x)))`` with exact (erf) GELU."""
-
-    def __init__(self, hidden: int, ffn_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-LN block: ``x + drop(attn(norm1(x)))``, then ``x + drop(ffn(norm2(x)))``."""
-
-    def __init__(self, hidden: int, n_heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, eps=LN_EPS)
-        self.attn = Attention(hidden, n_heads)
-        self.norm2 = nn.LayerNorm(hidden, eps=LN_EPS)
-        self.ffn = FeedForward(hidden, ffn_dim)
-        self.dropout = dropout
-
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        x = x + F.dropout(self.attn(self.norm1(x), attend), self.dropout, self.training)
-        return x + F.dropout(self.ffn(self.norm2(x)), self.dropout, self.training)
-
-
-class Encoder(nn.Module):
-    """``layers`` followed by the final LayerNorm ``norm``."""
-
-    def __init__(self, cfg: ScfmConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            Block(cfg.hidden, cfg.n_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.n_layers)
-        )
-        self.norm = nn.LayerNorm(cfg.hidden, eps=LN_EPS)
-
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, attend)
-        return self.norm(x)
-
-
-# --------------------------------------------------------------------------------------
-# Heads
-# --------------------------------------------------------------------------------------
-
-
-class MgemHead(nn.Module):
-    """``out(norm(gelu(dense(h))))``: ``n_bins`` logits (binned) or one value (continuous)."""
-
-    def __init__(self, hidden: int, n_out: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=LN_EPS)
-        self.out = nn.Linear(hidden, n_out)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.out(self.norm(F.gelu(self.dense(h))))
-
-
-class ProjectionHead(nn.Module):
-    """``normalize(fc2(relu(fc1(cell))))`` with unit L2 rows (eps 1e-12)."""
-
-    def __init__(self, hidden: int, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, cell: Tensor) -> Tensor:
-        return F.normalize(self.fc2(F.relu(self.fc1(cell))), p=2.0, dim=-1, eps=1e-12)
-
-
-# --------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------
-
-
-def mgem_cross_entropy(logits: Tensor, targets: Tensor, masked: Tensor, label_smoothing: float) -> Tensor:
-    """Cross-entropy of ``logits`` ``[N, L, C]`` vs ``targets`` ``[N, L]``, mean over ``masked``."""
-    return F.cross_entropy(logits[masked], targets[masked], label_smoothing=label_smoothing)
-
-
-def mgem_mse(pred: Tensor, targets: Tensor, masked: Tensor) -> Tensor:
-    """Mean squared error of ``pred`` ``[N, L, 1]`` vs ``targets`` ``[N, L]`` over ``masked``."""
-    return F.mse_loss(pred.squeeze(-1)[masked], targets[masked])
-
-
-def nt_xent(z: Tensor, temperature: float) -> Tensor:
-    """NT-Xent (SimCLR) over ``z`` ``[2B, D]`` (unit rows; rows ``i`` and ``i + B`` are a pair).
-
-    Mean over all ``2B`` anchors of ``-log softmax(z zᵀ / τ)[i, (i + B) mod 2B]`` with the
-    self-similarity on the diagonal excluded (set to ``-inf``).
-    """
-    n2 = z.shape[0]
-    if n2 < 2 or n2 % 2:
-        raise ValueError("nt_xent needs an even number of rows")
-    b = n2 // 2
-    sim = (z @ z.T) / temperature
-    sim = sim.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = (torch.arange(n2, device=z.device) + b) % n2
-    return F.cross_entropy(sim, targets)
-
-
-# --------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Outputs:
-    """What a forward pass produces (same meaning as the Rust ``Outputs``)."""
-
-    hidden: Tensor  # [N, L, H] after the final LayerNorm
-    mgem: Tensor  # [N, L, n_bins] logits or [N, L, 1] predictions
-    cell: Tensor  # [N, H] pooled cell embedding (not normalised)
-    proj: Tensor  # [N, projection_dim] unit rows
-
-
-class ScfmRef(nn.Module):
-    """The scfm transformer (see the module docstring)."""
-
-    def __init__(self, cfg: ScfmConfig, n_genes: int):
-        super().__init__()
-        cfg.validate()
-        if n_genes <= 0:
-            raise ValueError("the gene vocabulary is empty")
-        self.cfg = cfg
-        self.n_genes = n_genes
-        self.embed = TokenEmbedding(cfg, n_genes + OFFSET)
-        self.encoder = Encoder(cfg)
-        self.mgem = MgemHead(cfg.hidden, cfg.n_out)
-        self.contrastive = ProjectionHead(cfg.hidden, cfg.projection_dim)
-        self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, cfg: Mapping, n_genes: int) -> "ScfmRef":
-        """Builds the model from a ``ModelConfig`` dict (the ``model`` entry of ``config.json``)."""
-        return cls(ScfmConfig.from_dict(cfg), n_genes)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialisation of ``init.rs``: weights and embeddings N(0, 0.02), biases 0,
-        LayerNorm weight 1 / bias 0, continuous ``mask`` vector N(0, 0.02)."""
-        for name, p in self.named_parameters():
-            if "norm" in name:  # every LayerNorm (embed.norm, norm1/norm2, encoder.norm, mgem.norm)
-                p.fill_(1.0 if name.endswith(".weight") else 0.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, INIT_STD)
-
-    def forward(self, genes: Tensor, bins: Tensor, values: Tensor, masked: Tensor) -> Outputs:
-        """``genes``, ``bins`` ``[N, L]`` int64; ``values`` ``[N, L]`` float; ``masked`` ``[N, L]`` bool."""
-        valid = genes != PAD
-        attend = valid[:, None, None, :]  # [N, 1, 1, L]: which keys may be attended
-        hidden = self.encoder(self.embed(genes, bins, values, masked), attend)
-        mgem = self.mgem(hidden)
-        if self.cfg.pooling == "cls":
-            cell = hidden[:, 0]
-        else:  # mean over expressed-gene tokens: [CLS] and padding excluded
-            genes_only = valid[:, 1:].unsqueeze(-1).to(hidden.dtype)
-            cell = (hidden[:, 1:] * genes_only).sum(1) / genes_only.sum(1).clamp_min(1.0)
-        proj = self.contrastive(cell)
-        return Outputs(hidden=hidden, mgem=mgem, cell=cell, proj=proj)
-
-    def mgem_loss(self, out: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
-        """The MGEM loss on the batch's masked tokens."""
-        if self.cfg.expression == "binned":
-            return mgem_cross_entropy(out.mgem, batch["target_bins"], batch["masked"], self.cfg.label_smoothing)
-        return mgem_mse(out.mgem, batch["target_values"], batch["masked"])
-
-    def losses(self, batch: Mapping[str, Tensor]) -> dict:
-        """Forward plus losses for a two-view batch.
-
-        ``batch`` holds ``genes``, ``bins`` (int64), ``values`` (float), ``masked`` (bool),
-        ``target_bins`` (int64) and ``target_values`` (float), all ``[N, L]``; rows ``i`` and
-        ``i + N/2`` are the two views of one cell. Returns tensors ``total`` (differentiable,
-        ``w_mgem * mgem + w_contrastive * contrastive``), ``mgem``, ``contrastive`` and the
-        forward ``out``. Dropout follows ``self.training``.
-        """
-        out = self(batch["genes"], batch["bins"], batch["values"], batch["masked"])
-        mgem = self.mgem_loss(out, batch)
-        con = nt_xent(out.proj, self.cfg.temperature)
-        total = mgem * self.cfg.w_mgem + con * self.cfg.w_contrastive
-        return {"total": total, "mgem": mgem, "contrastive": con, "out": out}
-
-
-def decays(name: str) -> bool:
-    """Whether AdamW weight decay applies to a parameter (``worker/src/params.rs::decays``):
-    not to biases, LayerNorms, embeddings (``embed.*``) or the continuous ``mask`` vector."""
-    return not (name.endswith(".bias") or "norm" in name or name.startswith("embed.") or name.endswith(".mask"))
-
-
-def adamw_param_groups(model: nn.Module, weight_decay: float) -> list:
-    """PyTorch param groups matching the Rust optimizer's decay / no-decay split."""
-    named = list(model.named_parameters())
-    return [
-        {"params": [p for n, p in named if decays(n)], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0},
-    ]
+import sys
+from pathlib import Path
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "python"
+if str(_PACKAGE_ROOT) not in sys.path:
+    sys.path.insert(0, str(_PACKAGE_ROOT))
+
+from scfm_torch.model import (  # noqa: E402
+    CLS,
+    INIT_STD,
+    LN_EPS,
+    OFFSET,
+    PAD,
+    Outputs,
+    ScfmConfig,
+    adamw_param_groups,
+    decays,
+    gepc_mse,
+    mgem_cross_entropy,
+    mgem_mse,
+    nt_xent,
+    sinusoidal_table,
+)
+from scfm_torch.model import ScfmModel as ScfmRef  # noqa: E402
+
+__all__ = [
+    "CLS",
+    "INIT_STD",
+    "LN_EPS",
+    "OFFSET",
+    "PAD",
+    "Outputs",
+    "ScfmConfig",
+    "ScfmRef",
+    "adamw_param_groups",
+    "decays",
+    "gepc_mse",
+    "mgem_cross_entropy",
+    "mgem_mse",
+    "nt_xent",
+    "sinusoidal_table",
+]

@@ -1,9 +1,12 @@
-"""Cross-check of the Rust scfm model against the independent PyTorch module in ``scfm_ref.py``.
+"""Cross-check of the Rust scfm model against the independent PyTorch module in ``scfm_ref.py``
+(the network of the ``scfm_torch`` package in ``python/``).
 
 ``scfm-worker reference --out DIR`` writes, for a few small configurations, the initial
 weights, a padded two-view batch with every forward output, the losses and all parameter
-gradients, and the weights after three clipped AdamW steps. This test rebuilds the model in
-PyTorch from the weights alone and compares everything (absolute tolerance 1e-5, rtol 0).
+gradients, and the weights after three clipped AdamW steps; the case with the GEPC decoder
+also writes the batch's dense cell profiles, the decoder's predictions and its loss. This
+test rebuilds the model in PyTorch from the weights alone and compares everything (absolute
+tolerance 1e-5, rtol 0).
 
 The worker binary is taken from ``$SCFM_WORKER_BIN`` or ``<repo>/target/release/scfm-worker``.
 """
@@ -32,7 +35,7 @@ from scfm_ref import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[2]
-CASES = ["binned_cls", "continuous_sin_mean", "binned_learned"]
+CASES = ["binned_cls", "continuous_sin_mean", "binned_learned", "binned_gepc"]
 ATOL = 1e-5
 #: Relative part of the tolerance for the float32 global gradient norms (see below).
 NORM_RTOL = 2e-6
@@ -89,6 +92,13 @@ class Case:
             "target_bins": io["target_bins"].long(),
             "target_values": io["target_values"],
         }
+        if "profile" in io:  # the GEPC targets, exported for models with the decoder
+            self.batch["profile"] = io["profile"]
+
+    @property
+    def has_gepc(self) -> bool:
+        """Whether the case's model has the GEPC decoder."""
+        return self.model_cfg.get("w_gepc", 0.0) > 0
 
     def model(self) -> ScfmRef:
         """A fresh PyTorch model holding the exported initial weights (strict load)."""
@@ -134,6 +144,24 @@ def test_export_is_consistent(case: Case):
     assert {k[len("grad."):] for k in case.io if k.startswith("grad.")} == names
     assert set(case.trained) == names
     assert sum(t.numel() for t in case.weights.values()) == case.meta["n_params"]
+    gepc_keys = {"profile", "out.gepc", "loss.gepc"}
+    assert gepc_keys <= set(case.io) if case.has_gepc else not gepc_keys & set(case.io)
+
+
+def test_gepc_profiles_are_the_clean_cells(case: Case):
+    """The GEPC targets are each view's whole cell: both views of a cell share one dense
+    profile, and every gene token's true value is that gene's entry of its row."""
+    if not case.has_gepc:
+        pytest.skip("no GEPC decoder in this case")
+    b = case.batch
+    profile = b["profile"]
+    n = b["genes"].shape[0]
+    assert profile.shape == (n, case.n_genes)
+    assert torch.equal(profile[: n // 2], profile[n // 2 :])
+    gene_tokens = b["genes"] > 1
+    rows = torch.arange(n).unsqueeze(1).expand_as(b["genes"])[gene_tokens]
+    cols = b["genes"][gene_tokens] - 2
+    assert torch.equal(profile[rows, cols], b["target_values"][gene_tokens])
 
 
 def test_forward_and_losses_match_rust(case: Case):
@@ -142,9 +170,12 @@ def test_forward_and_losses_match_rust(case: Case):
         res = m.losses(case.batch)
     out = res["out"]
     diffs = {}
-    for k in ("hidden", "mgem", "cell", "proj"):
+    outs = ("hidden", "mgem", "cell", "proj") + (("gepc",) if case.has_gepc else ())
+    losses = ("mgem", "contrastive", "total") + (("gepc",) if case.has_gepc else ())
+    assert (out.gepc is not None) == case.has_gepc
+    for k in outs:
         diffs[f"out.{k}"] = assert_close(getattr(out, k), case.io[f"out.{k}"], f"{case.name} out.{k}")
-    for k in ("mgem", "contrastive", "total"):
+    for k in losses:
         diffs[f"loss.{k}"] = assert_close(res[k].reshape(1), case.io[f"loss.{k}"], f"{case.name} loss.{k}")
     print(f"\n[{case.name}] forward max abs diffs: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
 
@@ -214,9 +245,10 @@ def test_adamw_steps_match_rust(case: Case):
 def test_decay_split_matches_rust_rule():
     assert decays("encoder.layers.0.attn.qkv.weight")
     assert decays("mgem.out.weight") and decays("contrastive.fc2.weight")
+    assert decays("gepc.cell.weight") and decays("gepc.gene.weight")
     for name in ("encoder.layers.0.attn.qkv.bias", "encoder.layers.1.norm1.weight", "encoder.norm.bias",
                  "mgem.norm.weight", "embed.gene.weight", "embed.expr.fc1.weight", "embed.expr.mask",
-                 "embed.pos.weight"):
+                 "embed.pos.weight", "gepc.bias", "gepc.cell.bias"):
         assert not decays(name), name
 
 
@@ -283,6 +315,8 @@ def test_padding_does_not_change_real_tokens(case: Case):
         "target_bins": pad(b["target_bins"], 1),
         "target_values": pad(b["target_values"], 1.0),
     }
+    if "profile" in b:  # per cell, not per token: unchanged by padding
+        long["profile"] = b["profile"]
     with torch.no_grad():
         short_res, long_res = m.losses(b), m.losses(long)
     s, lo = short_res["out"], long_res["out"]
@@ -291,7 +325,9 @@ def test_padding_does_not_change_real_tokens(case: Case):
     assert_close(lo.mgem[:, :length][real], s.mgem[real], "mgem of real tokens")
     assert_close(lo.cell, s.cell, "cell embedding")
     assert_close(lo.proj, s.proj, "projection")
-    for k in ("mgem", "contrastive", "total"):
+    if case.has_gepc:
+        assert_close(lo.gepc, s.gepc, "GEPC predictions")
+    for k in short_res.keys() - {"out"}:
         assert_close(long_res[k], short_res[k], f"loss.{k}")
 
 

@@ -274,6 +274,14 @@ impl CellSource for Timed {
     fn n_genes(&self) -> usize {
         self.n_genes
     }
+    fn vocab(&self) -> Vec<scfm_common::data::prepared::VocabEntry> {
+        (0..self.n_genes)
+            .map(|c| scfm_common::data::prepared::VocabEntry {
+                gene_id: format!("gene{c}"),
+                symbol: format!("gene{c}"),
+            })
+            .collect()
+    }
     fn identity(&self) -> String {
         "timed".into()
     }

@@ -138,6 +138,9 @@ fn slot_tensors(slots: &[Slot], flat: &Tensor, prefix: &str) -> Vec<(String, Ten
         .collect()
 }
 
+/// The checkpoint part holding the gene vocabulary (`token_id  gene_id  gene_symbol`).
+pub const VOCAB_PART: &str = "vocab.tsv";
+
 /// A checkpoint serialized in memory, ready to upload.
 #[derive(Debug, Clone)]
 pub struct Encoded {
@@ -165,6 +168,9 @@ pub struct Snapshot {
     pub opt_step: u64,
     /// Training state.
     pub state: TrainState,
+    /// The gene vocabulary as `vocab.tsv` text, stored as a part so that the model can be
+    /// used (`scfm embed`, `scfm export`) without the training data.
+    pub vocab: Option<Bytes>,
 }
 
 impl Snapshot {
@@ -177,17 +183,28 @@ impl Snapshot {
             exp_avg_sq: opt.exp_avg_sq.shallow_clone(),
             opt_step: opt.step,
             state: state.clone(),
+            vocab: None,
         }
+    }
+
+    /// Adds the vocabulary part.
+    pub fn with_vocab(mut self, vocab: Option<Bytes>) -> Self {
+        self.vocab = vocab;
+        self
     }
 
     /// Serializes it (copies the tensors out).
     pub fn encode(&self) -> Result<Encoded> {
-        encode_parts(
+        let mut enc = encode_parts(
             &self.slots,
             [&self.flat, &self.exp_avg, &self.exp_avg_sq],
             self.opt_step,
             &self.state,
-        )
+        )?;
+        if let Some(v) = &self.vocab {
+            enc.parts.push((VOCAB_PART.into(), v.clone()));
+        }
+        Ok(enc)
     }
 }
 

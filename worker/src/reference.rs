@@ -3,7 +3,8 @@
 //! For a few small fixed configurations this writes, per case directory:
 //! `config.json` (model config, number of genes, optimizer settings), `model.safetensors`
 //! (the initial weights), `io.safetensors` (a padded two-view batch and every output of
-//! the forward pass, the losses and selected gradients), and `trained.safetensors` (the
+//! the forward pass, the losses and selected gradients; with the GEPC decoder also the
+//! dense cell profiles, its predictions and loss), and `trained.safetensors` (the
 //! weights after three AdamW steps with clipping). The Python side rebuilds the same
 //! model in PyTorch from the weights and compares everything.
 
@@ -17,7 +18,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::checkpoint::tensors_to_safetensors;
 use crate::data::{CellRef, Row, build_batch, stream};
 use crate::error::{Result, WorkerError};
-use crate::model::{Inputs, ScfmModel};
+use crate::model::{Inputs, Outputs, ScfmModel};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::params::FlatParams;
 
@@ -46,6 +47,10 @@ fn cases() -> Vec<(&'static str, &'static str)> {
         (
             "binned_learned",
             "hidden: 16\nn_layers: 3\nn_heads: 4\nffn_dim: 32\nmax_seq_len: 10\nn_bins: 5\npositional: learned\nprojection_dim: 8\ndropout: 0.0",
+        ),
+        (
+            "binned_gepc",
+            "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nn_bins: 7\npooling: mean\nw_gepc: 0.7\ndropout: 0.0",
         ),
     ]
 }
@@ -109,12 +114,15 @@ pub fn export(out: &Path) -> Result<()> {
             })
             .collect();
         let batch = build_batch(&rows, &tok, &aug, 7, stream::VIEW);
-        let inputs = Inputs::from_batch(&batch, Device::Cpu);
+        // The dense profiles (the GEPC targets) only for a model with the decoder.
+        let inputs = Inputs::from_batch_with_profiles(
+            &batch,
+            Device::Cpu,
+            cfg.has_gepc().then_some(n_genes),
+        );
         params.zero_grad();
         let out = model.forward(&inputs, false);
-        let mgem = model.mgem_loss(&out, &inputs);
-        let con = crate::model::loss::nt_xent(&out.proj, cfg.temperature);
-        let total = &mgem * cfg.w_mgem + &con * cfg.w_contrastive;
+        let (mgem, con, gepc, total) = losses(&model, &out, &inputs);
         total.backward();
         let mut io: Vec<(String, Tensor)> = vec![
             ("genes".into(), inputs.genes.to_kind(Kind::Float)),
@@ -134,6 +142,11 @@ pub fn export(out: &Path) -> Result<()> {
             ("loss.contrastive".into(), con.detach().reshape([1])),
             ("loss.total".into(), total.detach().reshape([1])),
         ];
+        if let (Some(profile), Some(pred), Some(g)) = (&inputs.profile, &out.gepc, &gepc) {
+            io.push(("profile".into(), profile.shallow_clone()));
+            io.push(("out.gepc".into(), pred.detach()));
+            io.push(("loss.gepc".into(), g.detach().reshape([1])));
+        }
         for s in &params.slots {
             io.push((
                 format!("grad.{}", s.name),
@@ -151,9 +164,7 @@ pub fn export(out: &Path) -> Result<()> {
         for _ in 0..3 {
             params.zero_grad();
             let out = model.forward(&inputs, false);
-            let l = &model.mgem_loss(&out, &inputs) * cfg.w_mgem
-                + crate::model::loss::nt_xent(&out.proj, cfg.temperature) * cfg.w_contrastive;
-            l.backward();
+            losses(&model, &out, &inputs).3.backward();
             norms.push(clip_grad_norm(&params, Some(CLIP)));
             opt.update(&params, LR);
         }
@@ -176,6 +187,25 @@ pub fn export(out: &Path) -> Result<()> {
         eprintln!("wrote reference case {}", dir.display());
     }
     Ok(())
+}
+
+/// The MGEM, NT-Xent and (with the decoder) GEPC losses of `out`, and their weighted sum
+/// `w_mgem * mgem + w_contrastive * contrastive (+ w_gepc * gepc)`, composed in the order
+/// of [`ScfmModel::losses`].
+fn losses(
+    model: &ScfmModel,
+    out: &Outputs,
+    inputs: &Inputs,
+) -> (Tensor, Tensor, Option<Tensor>, Tensor) {
+    let cfg = &model.cfg;
+    let mgem = model.mgem_loss(out, inputs);
+    let con = crate::model::loss::nt_xent(&out.proj, cfg.temperature);
+    let mut total = &mgem * cfg.w_mgem + &con * cfg.w_contrastive;
+    let gepc = model.gepc_loss(out.gepc.as_ref(), inputs);
+    if let Some(g) = &gepc {
+        total += g * cfg.w_gepc;
+    }
+    (mgem, con, gepc, total)
 }
 
 fn write(path: &Path, named: &[(String, Tensor)]) -> Result<()> {

@@ -31,6 +31,8 @@ pub struct StepLosses {
     pub mgem: f64,
     /// NT-Xent over the global batch.
     pub contrastive: f64,
+    /// GEPC mean squared error over every worker's cells (0 without the decoder).
+    pub gepc: f64,
     /// Some worker was asked to stop (preemption): every worker stops after this step.
     pub stop: bool,
     /// Some worker was asked to leave for the next generation (a worker joins): every
@@ -68,8 +70,9 @@ pub fn forward_backward(
     coll.all_reduce_sum_f64(&mut counts)?;
     let reform = counts.pop().is_some_and(|s| s > 0.0);
     let stop = counts.pop().is_some_and(|s| s > 0.0);
-    let mut mgem_sums = Vec::with_capacity(micro.len());
+    let mut mgem_sums = Vec::with_capacity(micro.len() + 1);
     let mut con_total = 0.0;
+    let mut gepc_total = 0.0;
     for (i, x) in micro.iter().enumerate() {
         tch::manual_seed(derive_seed(seed, &[stream::TORCH, step, i as u64, rank as u64]) as i64);
         let out = model.forward_train(x, true);
@@ -98,17 +101,26 @@ pub fn forward_backward(
             z.shallow_clone()
         };
         let con = loss::nt_xent_blocks(&z_full, cfg.temperature, coll.world_size() as i64);
-        let total = &mgem_sum * (cfg.w_mgem * w / m_global) + &con * (cfg.w_contrastive * w);
+        let mut total = &mgem_sum * (cfg.w_mgem * w / m_global) + &con * (cfg.w_contrastive * w);
+        // Equal local batches: the mean of the workers' means is the global mean, so the
+        // averaged gradient of the local mean is the gradient of the global one.
+        if let Some(g) = model.gepc_loss(out.gepc.as_ref(), x) {
+            gepc_total += g.double_value(&[]) / (k * w);
+            total += g * cfg.w_gepc;
+        }
         (total / k).backward();
         mgem_sums.push(mgem_sum.double_value(&[]) / m_global);
         con_total += con.double_value(&[]) / k;
     }
+    mgem_sums.push(gepc_total);
     coll.all_reduce_sum_f64(&mut mgem_sums)?;
+    let gepc = mgem_sums.pop().unwrap_or(0.0);
     let mgem = mgem_sums.iter().sum::<f64>() / k;
     Ok(StepLosses {
-        total: cfg.w_mgem * mgem + cfg.w_contrastive * con_total,
+        total: cfg.w_mgem * mgem + cfg.w_contrastive * con_total + cfg.w_gepc * gepc,
         mgem,
         contrastive: con_total,
+        gepc,
         stop,
         reform,
     })

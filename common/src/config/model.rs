@@ -73,6 +73,12 @@ pub struct ModelConfig {
     pub w_mgem: f64,
     /// Weight of the contrastive loss.
     pub w_contrastive: f64,
+    /// Weight of the cell-embedding expression decoder (GEPC, as scGPT's MVC): every
+    /// vocabulary gene's log1p-normalised expression is predicted from the cell embedding
+    /// and the gene's embedding alone, so the cell embedding must carry the cell's profile.
+    /// 0 leaves the decoder out of the model.
+    #[serde(default)]
+    pub w_gepc: f64,
     /// Cell-embedding pooling.
     pub pooling: Pooling,
 }
@@ -223,15 +229,16 @@ impl ModelConfig {
         for (f, w) in [
             ("w_mgem", self.w_mgem),
             ("w_contrastive", self.w_contrastive),
+            ("w_gepc", self.w_gepc),
         ] {
             if !(w >= 0.0 && w.is_finite()) {
                 return err(f, format!("{w} must be a finite number >= 0"));
             }
         }
-        if self.w_mgem == 0.0 && self.w_contrastive == 0.0 {
+        if self.w_mgem == 0.0 && self.w_contrastive == 0.0 && self.w_gepc == 0.0 {
             return err(
                 "w_mgem",
-                "both loss weights are 0; nothing would be trained".into(),
+                "every loss weight is 0; nothing would be trained".into(),
             );
         }
         Ok(())
@@ -279,7 +286,15 @@ impl ModelConfig {
         };
         n += (h * h + h) + 2 * h + (out * h + out); // MGEM head
         n += (h * h + h) + (self.projection_dim * h + self.projection_dim); // projection head
+        if self.has_gepc() {
+            n += 2 * (h * h + h) + n_genes; // GEPC decoder: cell and gene maps, gene biases
+        }
         n
+    }
+
+    /// Whether the model has the GEPC expression decoder (`w_gepc > 0`).
+    pub fn has_gepc(&self) -> bool {
+        self.w_gepc > 0.0
     }
 }
 
@@ -394,8 +409,8 @@ mod tests {
                 "invalid config `model.w_mgem`: -1 must be a finite number >= 0",
             ),
             (
-                "w_mgem: 0.0\nw_contrastive: 0.0",
-                "invalid config `model.w_mgem`: both loss weights are 0; nothing would be trained",
+                "w_mgem: 0.0\nw_contrastive: 0.0\nw_gepc: 0.0",
+                "invalid config `model.w_mgem`: every loss weight is 0; nothing would be trained",
             ),
         ];
         for (y, msg) in cases {

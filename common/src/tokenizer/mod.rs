@@ -120,6 +120,60 @@ impl Tokenizer {
         })
     }
 
+    /// Tokenizes one cell for inference (`scfm embed`, evaluation): no augmentation and
+    /// no masking. The bins are those of [`quantile_bins`] over all the cell's expressed
+    /// genes (as a training view before sub-sampling); when more genes are expressed than
+    /// `max_seq_len - 1`, the top-expressed ones are kept, ties broken by the lower gene
+    /// index, so the result is a pure function of the cell. Kept genes stay in gene order,
+    /// as in training.
+    ///
+    /// # Panics
+    ///
+    /// If `genes` and `values` differ in length.
+    pub fn tokenize_inference(&self, genes: &[u32], values: &[f32]) -> CellTokens {
+        assert_eq!(
+            genes.len(),
+            values.len(),
+            "genes and values differ in length"
+        );
+        let n = genes.len().min(self.max_seq_len - 1);
+        let all_bins = quantile_bins(values, self.n_bins);
+        let keep: Vec<usize> = if genes.len() > n {
+            let mut idx: Vec<usize> = (0..genes.len()).collect();
+            // Highest value first; equal values by the lower gene index.
+            let by_level = |&a: &usize, &b: &usize| {
+                values[b]
+                    .total_cmp(&values[a])
+                    .then(genes[a].cmp(&genes[b]))
+            };
+            idx.select_nth_unstable_by(n - 1, by_level);
+            idx.truncate(n);
+            idx.sort_unstable_by_key(|&i| genes[i]);
+            idx
+        } else {
+            (0..genes.len()).collect()
+        };
+        let mut t = CellTokens {
+            genes: Vec::with_capacity(n + 1),
+            input_bins: Vec::with_capacity(n + 1),
+            target_bins: Vec::with_capacity(n + 1),
+            input_values: Vec::with_capacity(n + 1),
+            target_values: Vec::with_capacity(n + 1),
+            masked: vec![false; n + 1],
+        };
+        t.genes.push(special::CLS);
+        t.input_bins.push(0);
+        t.input_values.push(0.0);
+        for &i in &keep {
+            t.genes.push(i64::from(genes[i]) + special::OFFSET);
+            t.input_bins.push(all_bins[i]);
+            t.input_values.push(values[i]);
+        }
+        t.target_bins = t.input_bins.clone();
+        t.target_values = t.input_values.clone();
+        t
+    }
+
     /// [`Tokenizer::tokenize`] with explicit buffers.
     fn tokenize_with(
         &self,
@@ -304,9 +358,68 @@ pub struct Batch {
     pub target_values: Vec<f32>,
     /// Masked positions.
     pub masked: Vec<bool>,
+    /// The whole expression profile of each sequence's cell (log1p-normalised, every
+    /// expressed gene, before augmentation) as CSR rows, for the GEPC decoder's targets;
+    /// empty when not set (see [`Batch::set_profiles`]).
+    pub profiles: Profiles,
+}
+
+/// Sparse rows of cell profiles: row `i` holds `genes[indptr[i]..indptr[i + 1]]` (gene
+/// column indices, increasing) with their `values`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Profiles {
+    /// Row offsets (`n + 1` entries; empty when there are no profiles).
+    pub indptr: Vec<usize>,
+    /// Gene column indices.
+    pub genes: Vec<u32>,
+    /// Values.
+    pub values: Vec<f32>,
+}
+
+impl Profiles {
+    /// Profiles from `(genes, values)` rows.
+    pub fn from_rows<'a>(rows: impl IntoIterator<Item = (&'a [u32], &'a [f32])>) -> Self {
+        let mut p = Profiles {
+            indptr: vec![0],
+            ..Profiles::default()
+        };
+        for (g, v) in rows {
+            p.genes.extend_from_slice(g);
+            p.values.extend_from_slice(v);
+            p.indptr.push(p.genes.len());
+        }
+        p
+    }
+
+    /// Number of rows.
+    pub fn n_rows(&self) -> usize {
+        self.indptr.len().saturating_sub(1)
+    }
+
+    /// The rows as a dense row-major `[n_rows, n_genes]` matrix.
+    pub fn dense(&self, n_genes: usize) -> Vec<f32> {
+        let mut out = vec![0.0; self.n_rows() * n_genes];
+        for r in 0..self.n_rows() {
+            let (a, b) = (self.indptr[r], self.indptr[r + 1]);
+            for (&g, &v) in self.genes[a..b].iter().zip(&self.values[a..b]) {
+                out[r * n_genes + g as usize] = v;
+            }
+        }
+        out
+    }
 }
 
 impl Batch {
+    /// Sets the cells' profiles, one row per sequence (`rows.len()` must equal `n`).
+    ///
+    /// # Panics
+    ///
+    /// If the number of rows differs from the number of sequences.
+    pub fn set_profiles(&mut self, profiles: Profiles) {
+        assert_eq!(profiles.n_rows(), self.n, "one profile per sequence");
+        self.profiles = profiles;
+    }
+
     /// Pads `seqs` to the longest one.
     pub fn collate(seqs: &[CellTokens]) -> Batch {
         let n = seqs.len();
@@ -320,6 +433,7 @@ impl Batch {
             input_values: vec![0.0; n * len],
             target_values: vec![0.0; n * len],
             masked: vec![false; n * len],
+            profiles: Profiles::default(),
         };
         for (i, s) in seqs.iter().enumerate() {
             let o = i * len;

@@ -507,3 +507,28 @@ fn dropout_keeps_as_uniform_at_least_p() {
         assert_eq!(a, b, "p {p}");
     }
 }
+
+#[test]
+fn inference_keeps_top_expressed_genes_ties_by_gene_id() {
+    let t = tok(4); // room for 3 genes
+    let genes = [2u32, 5, 7, 9, 11];
+    let values = [1.0f32, 3.0, 2.0, 3.0, 2.0];
+    let c = t.tokenize_inference(&genes, &values);
+    // Top 3: the two 3.0s (genes 5, 9), then the 2.0 of the lower gene id (7 over 11).
+    let off = special::OFFSET;
+    assert_eq!(
+        c.genes,
+        vec![special::CLS, 5 + off, 7 + off, 9 + off],
+        "kept genes in gene order"
+    );
+    assert_eq!(c.input_values, vec![0.0, 3.0, 2.0, 3.0]);
+    assert!(c.masked.iter().all(|&m| !m));
+    // Bins are over all five expressed values, not only the kept ones.
+    let all = quantile_bins(&values, t.n_bins);
+    assert_eq!(c.input_bins, vec![0, all[1], all[2], all[3]]);
+    assert_eq!(c.input_bins, c.target_bins);
+    // A cell that fits keeps everything; the result is a pure function of the cell.
+    let small = t.tokenize_inference(&genes[..2], &values[..2]);
+    assert_eq!(small.genes.len(), 3);
+    assert_eq!(t.tokenize_inference(&genes, &values), c);
+}

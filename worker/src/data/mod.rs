@@ -3,7 +3,7 @@
 //! workers), two augmented views per cell, and a background thread that reads blocks and
 //! builds this worker's batches ahead of the trainer.
 
-mod cache;
+pub mod cache;
 pub mod source;
 
 use std::collections::{HashMap, VecDeque};
@@ -15,7 +15,7 @@ use scfm_common::config::{Augment, ModelConfig};
 use scfm_common::data::CsrMatrix;
 pub use scfm_common::data::order::{CellRef, OrderConfig, SampleOrder, advance};
 use scfm_common::rng::Rng;
-use scfm_common::tokenizer::{Batch, CellTokens, Tokenizer, cellmix};
+use scfm_common::tokenizer::{Batch, CellTokens, Profiles, Tokenizer, cellmix};
 
 pub use self::source::{CellSource, MemorySource, PreparedSource, open_source};
 use crate::error::{Result, WorkerError};
@@ -87,7 +87,12 @@ pub fn build_batch_threads(
                 .collect()
         })
     };
-    Batch::collate(&seqs)
+    let mut b = Batch::collate(&seqs);
+    // The GEPC decoder's targets: each view's cell, whole and clean.
+    b.set_profiles(Profiles::from_rows(
+        (0..2).flat_map(|_| rows.iter().map(|r| (r.genes, r.values))),
+    ));
+    b
 }
 
 /// View `view` of row `i` of a batch.

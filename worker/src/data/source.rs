@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use scfm_common::config::DataConfig;
 use scfm_common::data::CsrMatrix;
 use scfm_common::data::h5ad::rows::H5adRows;
-use scfm_common::data::prepared::PreparedDataset;
+use scfm_common::data::prepared::{PreparedDataset, VocabEntry};
 use scfm_common::data::preprocess::{check_counts, normalize_log1p_matrix};
 use scfm_common::data::read::{ReadOptions, read_any};
 use scfm_common::storage::sha256_hex;
@@ -22,6 +22,8 @@ pub trait CellSource: Send + Sync {
     fn shard_cells(&self) -> Vec<usize>;
     /// Genes (columns; the model's vocabulary).
     fn n_genes(&self) -> usize;
+    /// The genes of the columns, in column order (the model's vocabulary).
+    fn vocab(&self) -> Vec<VocabEntry>;
     /// A digest of what the data is (vocabulary and content), for checkpoint compatibility.
     fn identity(&self) -> String;
     /// Rows `a..b` of shard `shard`, normalised (normalize_total + log1p).
@@ -47,6 +49,7 @@ pub struct MemorySource {
     x: CsrMatrix,
     identity: String,
     path: PathBuf,
+    var_names: Vec<String>,
 }
 
 impl MemorySource {
@@ -77,6 +80,7 @@ impl MemorySource {
             x,
             identity: sha256_hex(ds.var_names.join("\n").as_bytes()),
             path: path.clone(),
+            var_names: ds.var_names,
         })
     }
 
@@ -84,6 +88,7 @@ impl MemorySource {
     pub fn from_matrix(x: CsrMatrix) -> MemorySource {
         MemorySource {
             identity: format!("matrix {}x{}", x.n_rows, x.n_cols),
+            var_names: (0..x.n_cols).map(|c| format!("gene{c}")).collect(),
             x,
             path: PathBuf::from("<memory>"),
         }
@@ -96,6 +101,15 @@ impl CellSource for MemorySource {
     }
     fn n_genes(&self) -> usize {
         self.x.n_cols
+    }
+    fn vocab(&self) -> Vec<VocabEntry> {
+        self.var_names
+            .iter()
+            .map(|g| VocabEntry {
+                gene_id: g.clone(),
+                symbol: g.clone(),
+            })
+            .collect()
     }
     fn identity(&self) -> String {
         self.identity.clone()
@@ -199,6 +213,9 @@ impl CellSource for PreparedSource {
     }
     fn n_genes(&self) -> usize {
         self.dataset.manifest.n_genes
+    }
+    fn vocab(&self) -> Vec<VocabEntry> {
+        self.dataset.vocab.clone()
     }
     fn identity(&self) -> String {
         let m = &self.dataset.manifest;

@@ -82,6 +82,11 @@ impl TokenEmbedding {
         }
     }
 
+    /// The gene-token table `[n_tokens, H]` (rows below `OFFSET` are PAD and `[CLS]`).
+    pub fn gene_table(&self) -> &Tensor {
+        &self.gene
+    }
+
     /// `genes`, `bins` `[N, L]` int64; `values` `[N, L]` float; `masked` `[N, L]` bool.
     // Out-of-place additions on purpose: `+=` would run in place on autograd values.
     #[allow(clippy::assign_op_pattern)]

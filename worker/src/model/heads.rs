@@ -60,3 +60,30 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
         .clamp_min(1e-12);
     x / norm
 }
+
+/// GEPC expression decoder (scGPT's MVC): the log1p-normalised expression of gene `g` in
+/// a cell is predicted as `⟨cell(c), σ(gene(e_g))⟩ + bias_g` from the cell embedding `c`
+/// and the gene's token embedding `e_g` (shared with the input), for every vocabulary gene.
+#[derive(Debug)]
+pub struct GepcHead {
+    cell: nn::Linear,
+    gene: nn::Linear,
+    bias: Tensor,
+}
+
+impl GepcHead {
+    /// Parameters: `cell.*`, `gene.*`, `bias` (one per vocabulary gene).
+    pub fn new(p: &nn::Path, hidden: i64, n_genes: i64) -> Self {
+        GepcHead {
+            cell: init::linear(&(p / "cell"), hidden, hidden),
+            gene: init::linear(&(p / "gene"), hidden, hidden),
+            bias: p.var("bias", &[n_genes], nn::Init::Const(0.0)),
+        }
+    }
+
+    /// `cell` `[N, H]`, `genes` the gene rows of the token table `[G, H]` → `[N, G]`.
+    pub fn forward(&self, cell: &Tensor, genes: &Tensor) -> Tensor {
+        let query = genes.apply(&self.gene).sigmoid();
+        cell.apply(&self.cell).matmul(&query.transpose(0, 1)) + &self.bias
+    }
+}

@@ -32,10 +32,31 @@ pub struct Inputs {
     pub target_bins: Tensor,
     /// MGEM target values `[N, L]`.
     pub target_values: Tensor,
+    /// Each sequence's whole cell profile `[N, G]` (dense over the vocabulary), the GEPC
+    /// decoder's targets; `None` when the batch carries no profiles or the model has no
+    /// decoder.
+    pub profile: Option<Tensor>,
 }
 
 impl Inputs {
-    /// Moves a collated [`Batch`] to `device`.
+    /// Moves a collated [`Batch`] to `device`, with the dense profiles of `n_genes` genes
+    /// when `n_genes` is given and the batch has them.
+    pub fn from_batch_with_profiles(b: &Batch, device: Device, n_genes: Option<usize>) -> Self {
+        let mut x = Self::from_batch(b, device);
+        if let Some(g) = n_genes
+            && b.profiles.n_rows() == b.n
+            && b.n > 0
+        {
+            x.profile = Some(
+                Tensor::from_slice(&b.profiles.dense(g))
+                    .view([b.n as i64, g as i64])
+                    .to(device),
+            );
+        }
+        x
+    }
+
+    /// Moves a collated [`Batch`] to `device` (without profiles).
     pub fn from_batch(b: &Batch, device: Device) -> Self {
         let shape = [b.n as i64, b.len as i64];
         let masked: Vec<u8> = b.masked.iter().map(|&m| m as u8).collect();
@@ -49,6 +70,7 @@ impl Inputs {
                 .to(device),
             target_bins: Tensor::from_slice(&b.target_bins).view(shape).to(device),
             target_values: Tensor::from_slice(&b.target_values).view(shape).to(device),
+            profile: None,
         }
     }
 }
@@ -64,6 +86,8 @@ pub struct Outputs {
     pub cell: Tensor,
     /// Contrastive projections `[N, projection_dim]`, unit rows.
     pub proj: Tensor,
+    /// GEPC predictions `[N, G]` of every gene's expression from the cell embedding.
+    pub gepc: Option<Tensor>,
 }
 
 /// What a training forward produces: only what the losses need.
@@ -76,6 +100,8 @@ pub struct TrainOutputs {
     pub cell: Tensor,
     /// Contrastive projections `[N, projection_dim]`, unit rows.
     pub proj: Tensor,
+    /// GEPC predictions `[N, G]`.
+    pub gepc: Option<Tensor>,
 }
 
 /// Query positions for the last block: `[CLS]` then each row's masked positions, padded
@@ -129,6 +155,7 @@ pub struct ScfmModel {
     norm: nn::LayerNorm,
     mgem: heads::MgemHead,
     proj: heads::ProjectionHead,
+    gepc: Option<heads::GepcHead>,
     compute: Option<Kind>,
 }
 
@@ -159,6 +186,9 @@ impl ScfmModel {
         };
         let mgem = heads::MgemHead::new(&(&p / "mgem"), h, n_out);
         let proj = heads::ProjectionHead::new(&(&p / "contrastive"), h, cfg.projection_dim as i64);
+        let gepc = cfg
+            .has_gepc()
+            .then(|| heads::GepcHead::new(&(&p / "gepc"), h, n_genes as i64));
         let model = ScfmModel {
             cfg: cfg.clone(),
             n_genes,
@@ -167,6 +197,7 @@ impl ScfmModel {
             norm,
             mgem,
             proj,
+            gepc,
             compute: None,
         };
         let counted: i64 = vs
@@ -190,8 +221,9 @@ impl ScfmModel {
         self.compute = kind;
     }
 
-    /// Forward pass; `train` enables dropout.
-    pub fn forward(&self, x: &Inputs, train: bool) -> Outputs {
+    /// The encoder's output after the final LayerNorm `[N, L, H]` and the pooled cell
+    /// embeddings `[N, H]` (not normalised); `train` enables dropout.
+    pub fn encode(&self, x: &Inputs, train: bool) -> (Tensor, Tensor) {
         let valid = x.genes.ne(special::PAD);
         let attend = valid.unsqueeze(1).unsqueeze(1);
         let mut h = self
@@ -201,7 +233,6 @@ impl ScfmModel {
             h = layer.forward(&h, &attend, train, self.compute);
         }
         let hidden = h.apply(&self.norm);
-        let mgem = self.mgem.forward(&hidden);
         let cell = match self.cfg.pooling {
             Pooling::Cls => hidden.select(1, 0),
             Pooling::Mean => {
@@ -220,12 +251,38 @@ impl ScfmModel {
                     .clamp_min(1.0)
             }
         };
+        (hidden, cell)
+    }
+
+    /// Forward pass; `train` enables dropout.
+    pub fn forward(&self, x: &Inputs, train: bool) -> Outputs {
+        let (hidden, cell) = self.encode(x, train);
+        let mgem = self.mgem.forward(&hidden);
         let proj = self.proj.forward(&cell);
+        let gepc = self.gepc_forward(&cell);
         Outputs {
             hidden,
             mgem,
             cell,
             proj,
+            gepc,
+        }
+    }
+
+    /// The GEPC decoder's predictions for cell embeddings `[N, H]`, if the model has it.
+    pub fn gepc_forward(&self, cell: &Tensor) -> Option<Tensor> {
+        let g = self.n_genes as i64;
+        self.gepc
+            .as_ref()
+            .map(|d| d.forward(cell, &self.embed.gene_table().narrow(0, special::OFFSET, g)))
+    }
+
+    /// The mean squared error of the GEPC predictions against the cell profiles, when the
+    /// model has the decoder and the batch its targets.
+    pub fn gepc_loss(&self, pred: Option<&Tensor>, x: &Inputs) -> Option<Tensor> {
+        match (pred, &x.profile) {
+            (Some(p), Some(t)) => Some(p.mse_loss(t, Reduction::Mean)),
+            _ => None,
         }
     }
 
@@ -248,6 +305,7 @@ impl ScfmModel {
                 mgem,
                 cell: out.cell,
                 proj: out.proj,
+                gepc: out.gepc,
             };
         };
         let attend = x.genes.ne(special::PAD).unsqueeze(1).unsqueeze(1);
@@ -267,7 +325,13 @@ impl ScfmModel {
             .mgem
             .forward(&hs.masked_select(&sel.unsqueeze(-1)).view([-1, hidden]));
         let proj = self.proj.forward(&cell);
-        TrainOutputs { mgem, cell, proj }
+        let gepc = self.gepc_forward(&cell);
+        TrainOutputs {
+            mgem,
+            cell,
+            proj,
+            gepc,
+        }
     }
 
     /// The MGEM loss of a training forward, summed (`Reduction::Sum`) or averaged over the
@@ -313,6 +377,8 @@ pub struct Losses {
     pub mgem: f64,
     /// NT-Xent value.
     pub contrastive: f64,
+    /// GEPC mean squared error (0 without the decoder or profiles).
+    pub gepc: f64,
 }
 
 impl ScfmModel {
@@ -321,10 +387,16 @@ impl ScfmModel {
         let out = self.forward_train(x, train);
         let mgem = self.mgem_loss_train(&out, x, Reduction::Mean);
         let con = loss::nt_xent(&out.proj, self.cfg.temperature);
-        let total = &mgem * self.cfg.w_mgem + &con * self.cfg.w_contrastive;
+        let mut total = &mgem * self.cfg.w_mgem + &con * self.cfg.w_contrastive;
+        let mut gepc = 0.0;
+        if let Some(g) = self.gepc_loss(out.gepc.as_ref(), x) {
+            gepc = g.double_value(&[]);
+            total += g * self.cfg.w_gepc;
+        }
         Losses {
             mgem: mgem.double_value(&[]),
             contrastive: con.double_value(&[]),
+            gepc,
             total,
         }
     }

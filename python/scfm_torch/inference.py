@@ -1,0 +1,53 @@
+"""Cell embeddings as ``scfm embed`` computes them (``worker/src/infer/embed.rs``, ``run.rs``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import anndata
+import numpy as np
+import torch
+
+from .model import ScfmModel, l2_normalize
+from .tokenizer import collate, tokenize
+
+#: Cells ``scfm embed`` reads at a time; batches never straddle two such blocks.
+BLOCK_ROWS = 4096
+
+
+def embed(
+    model: ScfmModel,
+    adata: anndata.AnnData,
+    batch_size: int = 64,
+    layer: Optional[str] = None,
+    use_raw: bool = False,
+) -> np.ndarray:
+    """Unit-length cell embeddings ``[n_cells, hidden]`` (float32) of the raw counts of
+    ``adata`` (``X``, ``layers[layer]`` or ``raw.X``) under ``model`` (from
+    :func:`scfm_torch.load`), equal to ``obsm['X_scfm']`` of ``scfm embed``.
+
+    The cells are tokenised as for inference (:func:`scfm_torch.tokenize`), encoded in
+    batches of ``batch_size`` without gradients or dropout on the model's device, pooled
+    (``cls`` or ``mean``, as configured) and divided by ``max(‖x‖₂, 1e-12)``. The batches
+    are those of ``scfm embed``, so the padding is the same too. The model's
+    training/evaluation mode is left as it was.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    tokens, _ = tokenize(model, adata, layer=layer, use_raw=use_raw)
+    device = next(model.parameters()).device
+    out = np.empty((len(tokens), model.cfg.hidden), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for block in range(0, len(tokens), BLOCK_ROWS):
+                end = min(block + BLOCK_ROWS, len(tokens))
+                for a in range(block, end, batch_size):
+                    b = min(a + batch_size, end)
+                    batch = collate(tokens[a:b], device)
+                    _, cell = model.encode(batch["genes"], batch["bins"], batch["values"], batch["masked"])
+                    out[a:b] = l2_normalize(cell.float()).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
