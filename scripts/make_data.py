@@ -8,6 +8,13 @@ All come from packages on PyPI (nothing is fetched from a data hub):
 Outputs under --out (idempotent: existing files are kept):
   mouse10k.h5ad         10,000 cells x 1,000 genes, raw counts, CSR, var index = Ensembl id
   pbmc68k_reduced.h5ad  as shipped by scanpy
+  pbmc68k_counts.h5ad   the same 700 cells with raw counts (765 genes) recovered from
+                        `.raw` and `obs['n_counts']`, labels in obs (`bulk_labels`)
+  pbmc3k_counts.h5ad    2,700 human PBMCs (10x, raw counts, no labels) shipped in the
+                        source distribution of `desc` 0.1.4.1: more blood cells to pretrain on
+  baron_human.h5ad      2,142 human pancreas cells (Baron et al. 2016, raw counts, 14 cell
+                        types in obs['cell_type1'], 4 donors in obs['donor']) shipped in the
+                        wheel of `came` 0.1.13
   10x_v3.h5, 10x_v2.h5  CellRanger files as shipped
 """
 
@@ -86,7 +93,102 @@ def main() -> None:
         src = os.path.join(os.path.dirname(scanpy.__file__), "datasets", "10x_pbmc68k_reduced.h5ad")
         shutil.copyfile(src, pbmc)
         log(f"copied {pbmc}")
+    counts = os.path.join(args.out, "pbmc68k_counts.h5ad")
+    if not os.path.exists(counts):
+        write_pbmc_counts(pbmc, counts)
+    pbmc3k = os.path.join(args.out, "pbmc3k_counts.h5ad")
+    if not os.path.exists(pbmc3k):
+        write_pbmc3k(args.cache, pbmc3k)
+    baron = os.path.join(args.out, "baron_human.h5ad")
+    if not os.path.exists(baron):
+        write_baron(args.cache, baron)
     log(f"datasets ready in {args.out}/")
+
+
+def pip_download(spec: str, dest: str, sdist: bool) -> str:
+    """Downloads one distribution of `spec` into `dest` (once) and returns its path."""
+    os.makedirs(dest, exist_ok=True)
+    name, version = spec.split("==")
+    found = [f for f in os.listdir(dest) if f.lower().startswith(f"{name}-{version}".lower())]
+    if not found:
+        log(f"downloading {spec} ({'source distribution' if sdist else 'wheel'}) for its data")
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", dest]
+        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        subprocess.run(cmd, check=True)
+        found = [f for f in os.listdir(dest) if f.lower().startswith(f"{name}-{version}".lower())]
+    return os.path.join(dest, found[0])
+
+
+def counts_only(a, obs_cols):
+    """An AnnData with integer counts in a CSR X (checked), the given obs columns, unique
+    var names."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(a.X, dtype=np.float32)
+    x.eliminate_zeros()
+    assert x.data.min() >= 0 and np.array_equal(x.data, np.round(x.data)), "expected raw counts"
+    out = ad.AnnData(X=x, obs=a.obs[obs_cols].copy(), var=a.var[[]].copy())
+    out.var_names_make_unique()
+    return out
+
+
+def write_pbmc3k(cache: str, dst: str) -> None:
+    import anndata as ad
+
+    tgz = pip_download("desc==0.1.4.1", os.path.join(cache, "desc"), sdist=True)
+    member = "desc-0.1.4.1/desc/datasets/pbmc.h5ad"
+    with tarfile.open(tgz) as tar:
+        tar.extract(member, cache, filter="data")
+    a = counts_only(ad.read_h5ad(os.path.join(cache, member)), [])
+    tmp = dst + ".tmp"
+    a.write_h5ad(tmp)
+    os.replace(tmp, dst)
+    log(f"wrote {dst}: {a.n_obs} cells x {a.n_vars} genes, raw counts")
+
+
+def write_baron(cache: str, dst: str) -> None:
+    import io
+    import zipfile
+
+    import anndata as ad
+
+    whl = pip_download("came==0.1.13", os.path.join(cache, "came"), sdist=False)
+    inner = zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(whl).read("came/sample_data.zip")))
+    path = inner.extract("raw-Baron_human.h5ad", os.path.join(cache, "came"))
+    a = counts_only(ad.read_h5ad(path), ["cell_type1", "cell_ontology_class", "donor"])
+    tmp = dst + ".tmp"
+    a.write_h5ad(tmp)
+    os.replace(tmp, dst)
+    log(f"wrote {dst}: {a.n_obs} cells x {a.n_vars} genes, raw counts, "
+          f"{a.obs['cell_type1'].nunique()} cell types")
+
+
+def write_pbmc_counts(src: str, dst: str) -> None:
+    """Raw counts of pbmc68k_reduced: `.raw.X` holds log1p(counts / n_counts * 1e4) of
+    765 genes rounded to 3 decimals, where `n_counts` is the cell's total over all genes,
+    so `expm1(raw) * n_counts / 1e4` is within rounding of an integer."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    a = ad.read_h5ad(src)
+    r = a.raw.X.toarray() if sp.issparse(a.raw.X) else np.asarray(a.raw.X)
+    c = np.expm1(r.astype(np.float64)) * a.obs["n_counts"].values[:, None] / 1e4
+    dev = np.abs(c - np.round(c)).max()
+    assert dev < 0.25, f"counts not recoverable: max distance to an integer {dev}"
+    c = np.round(c).astype(np.float32)
+    assert (c >= 0).all() and (c.sum(1) > 0).all()
+    out = ad.AnnData(
+        X=sp.csr_matrix(c),
+        obs=a.obs[["bulk_labels", "louvain", "phase", "n_counts", "n_genes", "percent_mito"]].copy(),
+        var=a.raw.var[[]].copy(),
+    )
+    tmp = dst + ".tmp"
+    out.write_h5ad(tmp)
+    os.replace(tmp, dst)
+    log(f"wrote {dst}: {out.n_obs} cells x {out.n_vars} genes, raw counts (max rounding {dev:.3f})")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ pub mod collective;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod params;

@@ -102,12 +102,199 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
         mb: Vec<usize>,
     },
+    /// Cell embeddings of a trained model, written into a new .h5ad (obsm['X_scfm']).
+    Embed(Box<EmbedCli>),
+    /// One worker's share of a distributed embedding of a prepared dataset: shard s goes to
+    /// rank s % WORLD, one part per shard in OUT/parts/ (verified parts are kept, so a rerun
+    /// resumes); the worker that finds every part done writes OUT/index.json. SIGTERM stops
+    /// it after the current part (exit 0). `scfm local embed.yaml` runs one per worker.
+    EmbedShards(Box<EmbedShardsCli>),
+    /// Score a model's cell embedding beside the PCA baseline and the random-init model.
+    Evaluate(Box<EvaluateCli>),
+    /// Write a model folder PyTorch loads (config.json, model.safetensors, vocab.tsv, README.md).
+    Export {
+        /// A run's checkpoint URL or directory, or one `ckpt-*` directory.
+        model: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// An evaluation.md (from `evaluate --out`) for the model card.
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// The model's vocabulary (vocab.tsv) for checkpoints written without one.
+        #[arg(long)]
+        vocab: Option<PathBuf>,
+    },
+    /// Write the padded inference tokens `embed` feeds the model (genes, bins, values) as
+    /// safetensors, for the PyTorch package's equality test.
+    #[command(hide = true)]
+    Tokens {
+        /// A run's checkpoint URL or directory, one `ckpt-*` directory, or an export folder.
+        model: String,
+        /// Cells, as for `embed`.
+        input: String,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Counts of an .h5ad input from this layer instead of X.
+        #[arg(long, conflicts_with = "raw")]
+        layer: Option<String>,
+        /// Counts of an .h5ad input from raw/X.
+        #[arg(long)]
+        raw: bool,
+    },
     /// Write a fixed small model, inputs and outputs as safetensors for the PyTorch cross-check.
     Reference {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// Arguments of `embed`.
+#[derive(clap::Args)]
+struct EmbedCli {
+    /// A run's checkpoint URL or directory (the newest verified checkpoint), one
+    /// `ckpt-*` directory, or an export folder (`scfm export`).
+    model: String,
+    /// Cells to embed: .h5ad, 10x .h5 or mtx folder, .loom, CSV/TSV, or a prepared dataset.
+    input: String,
+    /// Output .h5ad (the input's obs and var, obsm[KEY], uns['scfm']).
+    #[arg(long)]
+    out: PathBuf,
+    /// Cells per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    device: String,
+    /// Counts of an .h5ad input from this layer instead of X.
+    #[arg(long, conflicts_with = "raw")]
+    layer: Option<String>,
+    /// Counts of an .h5ad input from raw/X.
+    #[arg(long)]
+    raw: bool,
+    /// The model's vocabulary (vocab.tsv) for checkpoints written without one.
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+    /// obsm key of the embedding.
+    #[arg(long, default_value = "X_scfm")]
+    key: String,
+    /// Intra-op CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `embed-shards`.
+#[derive(clap::Args)]
+struct EmbedShardsCli {
+    /// A run's checkpoint URL or directory, one `ckpt-*` directory, or an export folder.
+    model: String,
+    /// The prepared dataset (`scfm prepare`): a directory or an object-store URL.
+    dataset: String,
+    /// Output directory or URL (parts/part-NNNNNN.h5ad, parts/part-NNNNNN.json, index.json).
+    #[arg(long)]
+    out: String,
+    /// This worker's rank (0..WORLD).
+    #[arg(long)]
+    rank: usize,
+    /// Number of workers.
+    #[arg(long)]
+    world: usize,
+    /// Cells per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    device: String,
+    /// obsm key of the embedding.
+    #[arg(long, default_value = "X_scfm")]
+    key: String,
+    /// The model's vocabulary (vocab.tsv) for checkpoints written without one.
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+    /// Where shards of a remote dataset are cached (default: $TMPDIR/scfm-cache).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Intra-op CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `evaluate`.
+#[derive(clap::Args)]
+struct EvaluateCli {
+    /// A run's checkpoint URL or directory, one `ckpt-*` directory, or an export folder.
+    model: String,
+    /// Labelled cells with raw counts (.h5ad).
+    data: String,
+    /// obs column of the cell-type labels.
+    #[arg(long)]
+    label_key: String,
+    /// obs column of the batches (adds batch ASW and graph connectivity).
+    #[arg(long)]
+    batch_key: Option<String>,
+    /// Directory for evaluation.json and evaluation.md.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Cells per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    device: String,
+    /// Counts from this layer instead of X.
+    #[arg(long, conflicts_with = "raw")]
+    layer: Option<String>,
+    /// Counts from raw/X.
+    #[arg(long)]
+    raw: bool,
+    /// The model's vocabulary (vocab.tsv) for checkpoints written without one.
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+    /// Seed of the folds, clusterings, masks and the random model.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Highly variable genes of the PCA baseline.
+    #[arg(long, default_value_t = 2000)]
+    n_hvg: usize,
+    /// HVG flavor of the PCA baseline: seurat_v3 (counts) or seurat (log data).
+    #[arg(long, default_value = "seurat_v3", value_parser = ["seurat_v3", "seurat"])]
+    hvg_flavor: String,
+    /// Principal components of the PCA baseline.
+    #[arg(long, default_value_t = 50)]
+    n_pcs: usize,
+    /// Intra-op CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the evaluation as JSON on stdout instead of markdown.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The device choice of a `--device` flag.
+fn device_choice(s: &str) -> scfm_common::config::Device {
+    match s {
+        "cpu" => scfm_common::config::Device::Cpu,
+        "cuda" => scfm_common::config::Device::Cuda,
+        _ => scfm_common::config::Device::Auto,
+    }
+}
+
+/// The matrix chosen by `--layer` / `--raw`.
+fn matrix_source(layer: Option<String>, raw: bool) -> scfm_common::data::h5ad::MatrixSource {
+    use scfm_common::data::h5ad::MatrixSource;
+    match (layer, raw) {
+        (Some(l), _) => MatrixSource::Layer(l),
+        (None, true) => MatrixSource::Raw,
+        (None, false) => MatrixSource::X,
+    }
 }
 
 fn main() -> Result<()> {
@@ -155,6 +342,123 @@ fn main() -> Result<()> {
                 summary.best_val.map_or("-".into(), |v| format!("{v:.4}")),
                 100.0 * summary.data_wait_fraction,
                 summary.checkpoint
+            );
+        }
+        Cmd::Embed(e) => {
+            if let Some(t) = e.threads {
+                tch::set_num_threads(t as i32);
+            }
+            let args = scfm_worker::infer::run::EmbedArgs {
+                model: e.model,
+                input: e.input,
+                out: e.out,
+                batch_size: e.batch_size,
+                device: device_choice(&e.device),
+                source: matrix_source(e.layer, e.raw),
+                vocab: e.vocab,
+                key: e.key,
+                cache_dir: None,
+                progress: true,
+            };
+            let s = scfm_worker::infer::run::run_embed(&args)?;
+            if e.json {
+                println!("{}", serde_json::to_string(&s)?);
+            }
+            eprintln!(
+                "embedded {} cells ({} dims) in {:.1} s ({:.0} cells/s) -> {}",
+                s.cells, s.dim, s.seconds, s.cells_per_s, s.out
+            );
+        }
+        Cmd::EmbedShards(e) => {
+            if let Some(t) = e.threads {
+                tch::set_num_threads(t as i32);
+            }
+            scfm_worker::preempt::install_signal_handlers()?;
+            let args = scfm_worker::infer::shards::ShardsArgs {
+                model: e.model,
+                dataset: e.dataset,
+                out: e.out,
+                rank: e.rank,
+                world: e.world,
+                batch_size: e.batch_size,
+                device: device_choice(&e.device),
+                key: e.key,
+                vocab: e.vocab,
+                cache_dir: e.cache_dir,
+            };
+            let s = scfm_worker::infer::shards::run_embed_shards(&args)?;
+            if e.json {
+                println!("{}", serde_json::to_string(&s)?);
+            }
+            let what = format!(
+                "rank {}: {} parts embedded ({} cells), {} verified parts kept in {:.1} s",
+                s.rank,
+                s.embedded.len(),
+                s.cells,
+                s.skipped.len(),
+                s.seconds
+            );
+            match (&s.index, s.preempted) {
+                (_, true) => eprintln!("{what}; preempted: run again to resume"),
+                (Some(i), _) => eprintln!("{what}; all {} parts done: {i}", s.n_shards),
+                (None, _) => eprintln!(
+                    "{what}; {} parts of other workers not done yet (the last worker writes index.json)",
+                    s.missing.len()
+                ),
+            }
+        }
+        Cmd::Evaluate(e) => {
+            use scfm_worker::infer::evaluate::{EvaluateArgs, markdown, run_evaluate};
+            use scfm_worker::infer::pca::{HvgFlavor, PcaSettings};
+            if let Some(t) = e.threads {
+                tch::set_num_threads(t as i32);
+            }
+            let args = EvaluateArgs {
+                model: e.model,
+                data: e.data,
+                label_key: e.label_key,
+                batch_key: e.batch_key,
+                out: e.out,
+                batch_size: e.batch_size,
+                device: device_choice(&e.device),
+                source: matrix_source(e.layer, e.raw),
+                vocab: e.vocab,
+                seed: e.seed,
+                pca: PcaSettings {
+                    n_hvg: e.n_hvg,
+                    flavor: if e.hvg_flavor == "seurat" {
+                        HvgFlavor::Seurat
+                    } else {
+                        HvgFlavor::SeuratV3
+                    },
+                    n_pcs: e.n_pcs,
+                },
+            };
+            let ev = run_evaluate(&args)?;
+            if e.json {
+                println!("{}", serde_json::to_string_pretty(&ev)?);
+            } else {
+                print!("{}", markdown(&ev));
+            }
+        }
+        Cmd::Export {
+            model,
+            out,
+            eval,
+            vocab,
+        } => {
+            let c = scfm_worker::infer::export::run_export(
+                &model,
+                &out,
+                eval.as_deref(),
+                vocab.as_deref(),
+            )?;
+            eprintln!(
+                "exported {} (step {}, {} genes) to {}",
+                c.source,
+                c.step,
+                c.n_genes,
+                out.display()
             );
         }
         Cmd::Join {
@@ -248,6 +552,21 @@ fn main() -> Result<()> {
                     100.0 * r.busbw / r.tcp_concurrent
                 );
             }
+        }
+        Cmd::Tokens {
+            model,
+            input,
+            out,
+            layer,
+            raw,
+        } => {
+            let n = scfm_worker::infer::dump::run_tokens(
+                &model,
+                &input,
+                matrix_source(layer, raw),
+                &out,
+            )?;
+            eprintln!("wrote the tokens of {n} cells to {}", out.display());
         }
         Cmd::Reference { out } => scfm_worker::reference::export(&out)?,
     }

@@ -65,6 +65,8 @@ pub struct StepStats {
     pub mgem: f64,
     /// NT-Xent loss.
     pub contrastive: f64,
+    /// GEPC decoder loss (mean squared error; 0 without the decoder).
+    pub gepc: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
     /// Learning rate used.
@@ -104,6 +106,8 @@ pub struct Trainer {
     uploader: Uploader,
     /// A state synchronisation failed half-way: the parameters may be a mix.
     tainted: bool,
+    /// The vocabulary as `vocab.tsv` (a checkpoint part).
+    vocab_tsv: bytes::Bytes,
 }
 
 /// How this trainer fits in a cluster.
@@ -150,6 +154,8 @@ pub struct StepReport {
     pub rank: usize,
     /// World size of the step.
     pub world: usize,
+    /// Steps of the whole run as planned now (it changes with the world size).
+    pub total_steps: u64,
 }
 
 fn model_json(spec: &TrainSpec) -> serde_json::Value {
@@ -173,6 +179,7 @@ impl Trainer {
         let device = select_device(t.device)?;
         let source = open_source(&spec.data)?;
         let n_genes = source.n_genes();
+        let source_vocab = source.vocab();
         let order = SampleOrder::new(
             &source.shard_cells(),
             OrderConfig {
@@ -266,6 +273,7 @@ impl Trainer {
             ctx,
             uploader: Uploader::new(),
             tainted: false,
+            vocab_tsv: bytes::Bytes::from(scfm_common::data::prepared::vocab_tsv(&source_vocab)),
         };
         if opts.resume || opts.resume_dir.is_some() {
             tr.resume(opts.resume_dir.as_deref())?;
@@ -328,6 +336,12 @@ impl Trainer {
         Ok(())
     }
 
+    /// The vocabulary size when the model has the GEPC decoder (its targets are dense over
+    /// the vocabulary), else `None` (no targets built).
+    fn gepc_genes(&self) -> Option<usize> {
+        self.model.cfg.has_gepc().then_some(self.model.n_genes)
+    }
+
     /// Runs one optimizer step on `data`.
     pub fn train_step(&mut self, data: &StepData) -> Result<StepStats> {
         let t = &self.spec.training;
@@ -337,7 +351,7 @@ impl Trainer {
         let inputs: Vec<Inputs> = data
             .micro
             .iter()
-            .map(|b| Inputs::from_batch(b, self.device))
+            .map(|b| Inputs::from_batch_with_profiles(b, self.device, self.gepc_genes()))
             .collect();
         let l = forward_backward(
             &self.model,
@@ -367,6 +381,7 @@ impl Trainer {
             loss,
             mgem,
             contrastive: con,
+            gepc: l.gepc,
             grad_norm,
             lr,
             data_wait_s: 0.0,
@@ -409,9 +424,10 @@ impl Trainer {
                     stream::EVAL,
                     1,
                 )?;
-                let l = self
-                    .model
-                    .losses(&Inputs::from_batch(&b, self.device), false);
+                let l = self.model.losses(
+                    &Inputs::from_batch_with_profiles(&b, self.device, self.gepc_genes()),
+                    false,
+                );
                 let c = chunk.len() as f64;
                 tot += l.total.double_value(&[]) * c;
                 mg += l.mgem * c;
@@ -437,7 +453,8 @@ impl Trainer {
             return Ok(dir);
         }
         let t = Instant::now();
-        let snap = checkpoint::Snapshot::of(&self.params, &self.opt, &self.state);
+        let snap = checkpoint::Snapshot::of(&self.params, &self.opt, &self.state)
+            .with_vocab(Some(self.vocab_tsv.clone()));
         // A single process writes its own metrics; in a cluster the coordinator does.
         let metrics = self.ctx.reporter.is_none().then(|| {
             let mut text = self.metrics.join("\n");
@@ -568,6 +585,7 @@ impl Trainer {
             let mut line = serde_json::to_value(&s).expect("stats serialize");
             line["event"] = "step".into();
             line["epoch"] = data.epoch.into();
+            line["total_steps"] = self.total_steps.into();
             if opts.json {
                 println!("{line}");
             }
@@ -647,6 +665,7 @@ impl Trainer {
                     step_cells: per_step as u64,
                     rank: self.ctx.collective.rank(),
                     world: self.ctx.collective.world_size(),
+                    total_steps: self.total_steps,
                 });
             }
             if stopped_early {
@@ -803,6 +822,7 @@ mod tests {
                     masked: x.masked.shallow_clone(),
                     target_bins: x.target_bins.shallow_clone(),
                     target_values: x.target_values.shallow_clone(),
+                    profile: x.profile.as_ref().map(|t| t.shallow_clone()),
                 })
                 .collect();
             let l =

@@ -8,6 +8,7 @@
 //! per-cell labels.
 
 mod chunks;
+pub mod embedding;
 mod frame;
 pub mod rows;
 pub(crate) mod typed;
@@ -104,6 +105,21 @@ fn read_contents(file: &Group, opts: &H5adOptions) -> R<Contents> {
         var_names,
         labels,
     })
+}
+
+/// The `obs` column `opts.label_column` as one string per cell (categoricals decoded;
+/// missing values `"nan"`), without reading the matrix; `None` when no column is asked for.
+/// A missing column is an error naming it.
+pub fn read_h5ad_labels(path: &Path, opts: &H5adOptions) -> Result<Option<Vec<String>>> {
+    let Some(col) = &opts.label_column else {
+        return Ok(None);
+    };
+    let file = open(path)?;
+    (|| {
+        let m = locate(&file, &opts.source)?;
+        Ok(Some(frame::labels(&file, "obs", col, m.n_rows)?))
+    })()
+    .map_err(|e| to_error(path, e))
 }
 
 /// Just the number of cells and the gene names of the matrix chosen by `opts.source`,

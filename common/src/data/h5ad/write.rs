@@ -109,7 +109,7 @@ pub fn write_h5ad(path: &Path, c: &ShardContents, opts: &WriteOptions) -> Result
 
 /// Fsyncs `tmp`, renames it onto `path` and fsyncs the directory (so the rename survives a
 /// crash).
-fn commit(tmp: &Path, path: &Path) -> Result<()> {
+pub(super) fn commit(tmp: &Path, path: &Path) -> Result<()> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| Error::Io { path: p, source }
@@ -343,7 +343,7 @@ impl Writer {
 }
 
 /// A new untimed group `name` of `parent`.
-fn group(parent: &Group, name: &str) -> hdf5::Result<Group> {
+pub(super) fn group(parent: &Group, name: &str) -> hdf5::Result<Group> {
     parent
         .create_group_builder()
         .obj_track_times(false)
@@ -351,13 +351,13 @@ fn group(parent: &Group, name: &str) -> hdf5::Result<Group> {
 }
 
 /// The `encoding-type` and `encoding-version` attributes of an anndata element.
-fn encoding(loc: &Location, ty: &str, version: &str) -> hdf5::Result<()> {
+pub(super) fn encoding(loc: &Location, ty: &str, version: &str) -> hdf5::Result<()> {
     str_attr(loc, "encoding-type", ty)?;
     str_attr(loc, "encoding-version", version)
 }
 
 /// A scalar variable-length UTF-8 string attribute.
-fn str_attr(loc: &Location, name: &str, value: &str) -> hdf5::Result<()> {
+pub(super) fn str_attr(loc: &Location, name: &str, value: &str) -> hdf5::Result<()> {
     let v = strings([value])?;
     loc.new_attr::<VarLenUnicode>()
         .create(name)?
@@ -365,7 +365,9 @@ fn str_attr(loc: &Location, name: &str, value: &str) -> hdf5::Result<()> {
 }
 
 /// Strings as HDF5 variable-length UTF-8 (checked for NULs by [`check`]).
-fn strings<'s>(values: impl IntoIterator<Item = &'s str>) -> hdf5::Result<Vec<VarLenUnicode>> {
+pub(super) fn strings<'s>(
+    values: impl IntoIterator<Item = &'s str>,
+) -> hdf5::Result<Vec<VarLenUnicode>> {
     values
         .into_iter()
         .map(|s| {

@@ -1,0 +1,217 @@
+//! `scfm embed`, `scfm evaluate` and `scfm export` on a model trained for a few steps on
+//! real cells (pbmc68k with its counts recovered, scripts/make_data.py): the embedding
+//! file opens in anndata with the input's cells and no NaN, is byte-identical when made
+//! twice, equals the embedding through an export; evaluation writes the table with the
+//! PCA and random-init baselines; inputs without the model's genes are refused by name.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use scfm_tests::{bin, dataset, run_with_timeout};
+
+const LIMIT: Duration = Duration::from_secs(600);
+
+fn worker(args: &[&str]) -> std::process::Output {
+    run_with_timeout(Command::new(bin("scfm-worker")).args(args), LIMIT)
+}
+
+fn ok(o: &std::process::Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Trains a small model (with the GEPC decoder) for 4 steps; returns the run directory.
+fn train_small(dir: &Path) -> PathBuf {
+    let run = dir.join("run");
+    let cfg = dir.join("train.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data:\n  path: {}\nmodel:\n  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 2\n  ffn_dim: 64\n  max_seq_len: 128\n  w_gepc: 1.0\ntraining:\n  batch_size: 16\n  max_steps: 4\n  warmup_steps: 1\n  eval_every: 1000\n  threads: 1\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
+            dataset("pbmc68k_counts.h5ad").display(),
+            run.display()
+        ),
+    )
+    .unwrap();
+    ok(
+        &worker(&["train", "--config", cfg.to_str().unwrap()]),
+        "train",
+    );
+    run
+}
+
+fn python() -> String {
+    std::env::var("SCFM_PYTHON").unwrap_or_else(|_| {
+        scfm_tests::repo_root()
+            .join(".venv/bin/python")
+            .display()
+            .to_string()
+    })
+}
+
+fn embed(model: &Path, input: &Path, out: &Path) {
+    ok(
+        &worker(&[
+            "embed",
+            model.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--batch-size",
+            "50",
+        ]),
+        "embed",
+    );
+}
+
+#[test]
+fn embed_export_and_evaluate_on_real_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = train_small(dir.path());
+    let input = dataset("pbmc68k_counts.h5ad");
+
+    // Twice: identical bytes.
+    let (a, b) = (dir.path().join("a.h5ad"), dir.path().join("b.h5ad"));
+    embed(&run, &input, &a);
+    embed(&run, &input, &b);
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "the same embedding run twice gave different files"
+    );
+
+    // Through an export folder: the same embedding.
+    let export = dir.path().join("export");
+    ok(
+        &worker(&[
+            "export",
+            run.to_str().unwrap(),
+            "--out",
+            export.to_str().unwrap(),
+        ]),
+        "export",
+    );
+    for f in ["config.json", "model.safetensors", "vocab.tsv", "README.md"] {
+        assert!(export.join(f).is_file(), "export lacks {f}");
+    }
+    let c = dir.path().join("c.h5ad");
+    embed(&export, &input, &c);
+
+    // anndata opens them: the input's cells and obs columns, unit rows, no NaN.
+    let check = format!(
+        r#"
+import anndata as ad, numpy as np, sys
+src = ad.read_h5ad({input:?})
+a = ad.read_h5ad({a:?}); c = ad.read_h5ad({c:?})
+e = a.obsm["X_scfm"]
+assert e.shape == (src.n_obs, 32), e.shape
+assert list(a.obs_names) == list(src.obs_names)
+assert list(a.var_names) == list(src.var_names)
+assert (a.obs["bulk_labels"] == src.obs["bulk_labels"]).all()
+assert not np.isnan(e).any()
+assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+assert e.std(0).max() > 1e-4, "all cells embedded alike"
+u = a.uns["scfm"]
+assert int(u["genes_matched"]) == 765 and u["embedding"] == "cls", dict(u)
+assert np.array_equal(e, c.obsm["X_scfm"]), "export and checkpoint embeddings differ"
+print("ok")
+"#,
+        input = input.display().to_string(),
+        a = a.display().to_string(),
+        c = c.display().to_string(),
+    );
+    let o = run_with_timeout(Command::new(python()).arg("-c").arg(&check), LIMIT);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ok"),
+        "anndata check failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Evaluation: the table with both baselines, every metric a number.
+    let ev = dir.path().join("eval");
+    ok(
+        &worker(&[
+            "evaluate",
+            run.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "--label-key",
+            "bulk_labels",
+            "--out",
+            ev.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]),
+        "evaluate",
+    );
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ev.join("evaluation.json")).unwrap()).unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["embedding"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["scfm", "random-init", "pca"]);
+    for r in rows {
+        for k in [
+            "knn_accuracy",
+            "knn_macro_f1",
+            "leiden_ari",
+            "kmeans_ari",
+            "asw_celltype",
+        ] {
+            let v = r["metrics"][k].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && (-1.0..=1.0).contains(&v), "{k} = {v}");
+        }
+    }
+    // On these cells PCA separates the cell types well above chance.
+    assert!(rows[2]["metrics"]["knn_accuracy"].as_f64().unwrap() > 0.7);
+    assert_eq!(j["n_cells"].as_u64(), Some(700));
+    assert!(
+        j["reconstruction"]["scfm"]["gepc_pearson"]
+            .as_f64()
+            .is_some()
+    );
+    let md = std::fs::read_to_string(ev.join("evaluation.md")).unwrap();
+    assert!(
+        md.contains("| pca |") && md.contains("| random-init |"),
+        "{md}"
+    );
+}
+
+#[test]
+fn embed_refuses_an_input_without_the_models_genes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = train_small(dir.path());
+    let csv = dir.path().join("other.csv");
+    std::fs::write(&csv, "cell,FOO1,FOO2\nc1,1,2\nc2,0,3\n").unwrap();
+    let o = worker(&[
+        "embed",
+        run.to_str().unwrap(),
+        csv.to_str().unwrap(),
+        "--out",
+        dir.path().join("x.h5ad").to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "embedding an unrelated input succeeded"
+    );
+    assert!(
+        err.contains("other.csv") && err.contains("none of its 2 genes"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("x.h5ad").exists(),
+        "a partial output was left"
+    );
+}

@@ -1,0 +1,374 @@
+//! `scfm evaluate MODEL DATA --label-key KEY [--batch-key KEY]`: the trained model's cell
+//! embedding next to, on the same cells in the same run, the PCA baseline (scanpy's
+//! recipe) and the randomly initialised model of the same architecture, scored by the
+//! same metrics (kNN label transfer, Leiden and k-means clustering agreement, silhouette,
+//! and with batches batch mixing); plus the model's own reconstruction scores.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use scfm_common::config::Device as DeviceChoice;
+use scfm_common::data::CsrMatrix;
+use scfm_common::data::h5ad::MatrixSource;
+use scfm_common::eval::{Metrics as EvalMetrics, evaluate_embedding};
+use serde::Serialize;
+
+use super::embed::Embedder;
+use super::input::{BLOCK_ROWS, CellInput, InputOptions};
+use super::load::ModelBundle;
+use super::pca::{PcaSettings, pca_baseline};
+use super::recon::{Reconstruction, reconstruction};
+use super::run::{check_alignment, pooling_name};
+use crate::error::{Result, WorkerError};
+use crate::step::select_device;
+
+/// What `scfm evaluate` was asked to do.
+#[derive(Debug, Clone)]
+pub struct EvaluateArgs {
+    /// Checkpoint URL / directory or export folder.
+    pub model: String,
+    /// Labelled cells (`.h5ad`).
+    pub data: String,
+    /// `obs` column of the cell-type labels.
+    pub label_key: String,
+    /// `obs` column of the batches, if any.
+    pub batch_key: Option<String>,
+    /// Where `evaluation.json` and `evaluation.md` go.
+    pub out: Option<PathBuf>,
+    /// Cells per forward pass.
+    pub batch_size: usize,
+    /// Device.
+    pub device: DeviceChoice,
+    /// Matrix of the input holding the counts.
+    pub source: MatrixSource,
+    /// Vocabulary file for checkpoints without one.
+    pub vocab: Option<PathBuf>,
+    /// Seed of the folds, clusterings, masks and the random model.
+    pub seed: u64,
+    /// The PCA baseline's settings.
+    pub pca: PcaSettings,
+}
+
+/// One embedding's row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `scfm`, `random-init` or `pca`.
+    pub embedding: String,
+    /// What it is.
+    pub description: String,
+    /// Its width.
+    pub dim: usize,
+    /// The scores.
+    pub metrics: EvalMetrics,
+}
+
+/// The whole evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// The data evaluated on.
+    pub data: String,
+    /// Label column.
+    pub label_key: String,
+    /// Batch column.
+    pub batch_key: Option<String>,
+    /// Cells scored (cells with a missing label are left out).
+    pub n_cells: usize,
+    /// Distinct labels, with their cell counts.
+    pub labels: BTreeMap<String, usize>,
+    /// The model.
+    pub model: String,
+    /// Its weights' SHA-256.
+    pub model_sha256: String,
+    /// Its training steps.
+    pub step: u64,
+    /// Its pooling.
+    pub pooling: String,
+    /// Model genes found in the data.
+    pub genes_matched: usize,
+    /// Genes of the model.
+    pub model_genes: usize,
+    /// The embeddings' scores: scfm, random-init, pca.
+    pub rows: Vec<Row>,
+    /// Reconstruction scores of the trained and the random model.
+    pub reconstruction: BTreeMap<String, Reconstruction>,
+    /// Seed.
+    pub seed: u64,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// Runs `scfm evaluate`.
+pub fn run_evaluate(args: &EvaluateArgs) -> Result<Evaluation> {
+    let t0 = Instant::now();
+    let device = select_device(args.device)?;
+    let bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref())?;
+    let input = CellInput::open(
+        &args.data,
+        &InputOptions {
+            source: args.source.clone(),
+            label_key: Some(args.label_key.clone()),
+            batch_key: args.batch_key.clone(),
+            cache_dir: None,
+        },
+    )?;
+    let a = check_alignment(&input, &bundle)?;
+    let labels = input.labels.clone().expect("asked for labels");
+    // Cells with a label (anndata writes a missing categorical as NaN).
+    let keep: Vec<usize> = (0..labels.len())
+        .filter(|&i| !matches!(labels[i].as_str(), "" | "nan" | "NaN"))
+        .collect();
+    if keep.len() < 10 {
+        return Err(WorkerError::Data(format!(
+            "{}: only {} cells have a label in obs column `{}`; at least 10 are needed",
+            input.describe,
+            keep.len(),
+            args.label_key
+        )));
+    }
+    let (codes, names) = encode(&keep, &labels);
+    let batch_codes = input.batches.as_ref().map(|b| encode(&keep, b).0);
+    // Read the counts once.
+    let mut parts: Vec<CsrMatrix> = Vec::new();
+    input.for_each_block(BLOCK_ROWS, |_, m| {
+        parts.push(m);
+        Ok(())
+    })?;
+    let counts = concat(&parts).select_rows(&keep);
+    drop(parts);
+    eprintln!(
+        "evaluating on {} labelled cells ({} labels) of {}",
+        keep.len(),
+        names.len(),
+        input.describe
+    );
+
+    let random = ModelBundle::random_init(
+        bundle.cfg(),
+        bundle.vocab.clone(),
+        bundle.target_sum,
+        device,
+        args.seed,
+    )?;
+    let mut rows = Vec::new();
+    let mut recon = BTreeMap::new();
+    for (name, b, description) in [
+        (
+            "scfm",
+            &bundle,
+            format!(
+                "scfm {} embedding, step {}",
+                pooling_name(&bundle),
+                bundle.step
+            ),
+        ),
+        (
+            "random-init",
+            &random,
+            "the same architecture, randomly initialised".to_string(),
+        ),
+    ] {
+        let e = Embedder::new(b, args.batch_size);
+        let x = e.model_rows(&counts, &a);
+        let emb = e.embed(&x)?;
+        let metrics = score(&emb, e.dim(), &codes, batch_codes.as_deref(), args.seed)?;
+        eprintln!("{name}: {}", summary(&metrics));
+        rows.push(Row {
+            embedding: name.into(),
+            description,
+            dim: e.dim(),
+            metrics,
+        });
+        recon.insert(
+            name.to_string(),
+            reconstruction(b, &x, args.seed, args.batch_size)?,
+        );
+    }
+    let (pcs, k, used) = pca_baseline(&counts, &args.pca)?;
+    let metrics = score(&pcs, k, &codes, batch_codes.as_deref(), args.seed)?;
+    eprintln!("pca: {}", summary(&metrics));
+    rows.push(Row {
+        embedding: "pca".into(),
+        description: format!(
+            "PCA: normalize_total 1e4, log1p, {used} HVG ({:?}), scale, {k} PCs",
+            args.pca.flavor
+        ),
+        dim: k,
+        metrics,
+    });
+    let mut label_counts = BTreeMap::new();
+    for &c in &codes {
+        *label_counts.entry(names[c as usize].clone()).or_insert(0) += 1;
+    }
+    let ev = Evaluation {
+        data: input.describe.clone(),
+        label_key: args.label_key.clone(),
+        batch_key: args.batch_key.clone(),
+        n_cells: keep.len(),
+        labels: label_counts,
+        model: bundle.origin.clone(),
+        model_sha256: bundle.digest.clone(),
+        step: bundle.step,
+        pooling: pooling_name(&bundle).into(),
+        genes_matched: a.matched,
+        model_genes: a.n_model,
+        rows,
+        reconstruction: recon,
+        seed: args.seed,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| WorkerError::Data(format!("{}: {e}", dir.display())))?;
+        let write = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).map_err(|e| WorkerError::Data(format!("{}: {e}", p.display())))
+        };
+        write(
+            "evaluation.json",
+            serde_json::to_string_pretty(&ev).expect("serializes") + "\n",
+        )?;
+        write("evaluation.md", markdown(&ev))?;
+    }
+    Ok(ev)
+}
+
+/// Codes (in order of first appearance, sorted by name) for the kept cells.
+fn encode(keep: &[usize], values: &[String]) -> (Vec<u32>, Vec<String>) {
+    let mut names: Vec<String> = keep.iter().map(|&i| values[i].clone()).collect();
+    names.sort();
+    names.dedup();
+    let codes = keep
+        .iter()
+        .map(|&i| names.binary_search(&values[i]).expect("a name") as u32)
+        .collect();
+    (codes, names)
+}
+
+/// Stacks row blocks.
+fn concat(parts: &[CsrMatrix]) -> CsrMatrix {
+    let n_cols = parts.first().map_or(0, |p| p.n_cols);
+    let mut x = CsrMatrix {
+        n_rows: 0,
+        n_cols,
+        indptr: vec![0],
+        indices: Vec::new(),
+        data: Vec::new(),
+    };
+    for p in parts {
+        let base = x.indices.len() as u64;
+        x.indptr.extend(p.indptr[1..].iter().map(|&o| o + base));
+        x.indices.extend_from_slice(&p.indices);
+        x.data.extend_from_slice(&p.data);
+        x.n_rows += p.n_rows;
+    }
+    x
+}
+
+fn score(
+    emb: &[f32],
+    d: usize,
+    labels: &[u32],
+    batches: Option<&[u32]>,
+    seed: u64,
+) -> Result<EvalMetrics> {
+    Ok(evaluate_embedding(
+        emb,
+        labels.len(),
+        d,
+        labels,
+        batches,
+        seed,
+    )?)
+}
+
+/// A metric column of the table: its header and how to read it.
+type Column = (&'static str, fn(&EvalMetrics) -> Option<f64>);
+
+/// The table's metric columns (batch columns only with batches).
+pub fn columns(with_batches: bool) -> Vec<Column> {
+    let mut c: Vec<Column> = vec![
+        ("kNN acc", |m| Some(m.knn_accuracy)),
+        ("kNN macro-F1", |m| Some(m.knn_macro_f1)),
+        ("Leiden ARI", |m| Some(m.leiden_ari)),
+        ("Leiden NMI", |m| Some(m.leiden_nmi)),
+        ("k-means ARI", |m| Some(m.kmeans_ari)),
+        ("k-means NMI", |m| Some(m.kmeans_nmi)),
+        ("ASW cell type", |m| Some(m.asw_celltype)),
+    ];
+    if with_batches {
+        c.push(("batch ASW", |m| m.asw_batch));
+        c.push(("graph connectivity", |m| m.graph_connectivity));
+    }
+    c
+}
+
+/// One line of the main scores.
+fn summary(m: &EvalMetrics) -> String {
+    format!(
+        "kNN acc {:.3}, macro-F1 {:.3}, Leiden ARI {:.3} (resolution {}), k-means ARI {:.3}, ASW {:.3}",
+        m.knn_accuracy,
+        m.knn_macro_f1,
+        m.leiden_ari,
+        m.leiden_resolution,
+        m.kmeans_ari,
+        m.asw_celltype
+    )
+}
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{x:.3}"))
+}
+
+/// The evaluation as markdown: the embedding table, then the reconstruction table.
+pub fn markdown(ev: &Evaluation) -> String {
+    let mut s = format!(
+        "# scfm evaluation\n\nData: {} — {} labelled cells, {} labels (`{}`){}; model genes found: {} of {}.\n\nModel: {} (step {}, {} pooling, sha256 {}).\n\n",
+        ev.data,
+        ev.n_cells,
+        ev.labels.len(),
+        ev.label_key,
+        ev.batch_key
+            .as_ref()
+            .map_or(String::new(), |b| format!(", batches `{b}`")),
+        ev.genes_matched,
+        ev.model_genes,
+        ev.model,
+        ev.step,
+        ev.pooling,
+        &ev.model_sha256.get(..12).unwrap_or(&ev.model_sha256),
+    );
+    let cols = columns(ev.batch_key.is_some());
+    s.push_str("| embedding | dim |");
+    for (h, _) in &cols {
+        s.push_str(&format!(" {h} |"));
+    }
+    s.push_str("\n|---|---:|");
+    for _ in &cols {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for r in &ev.rows {
+        s.push_str(&format!("| {} | {} |", r.embedding, r.dim));
+        for (_, f) in &cols {
+            s.push_str(&format!(" {} |", cell(f(&r.metrics))));
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    for r in &ev.rows {
+        s.push_str(&format!("- **{}**: {}\n", r.embedding, r.description));
+    }
+    s.push_str("\n## Reconstruction (masked expression, the model's own objective)\n\n| model | masked tokens | MGEM loss | masked-bin accuracy | masked Pearson | GEPC Pearson |\n|---|---:|---:|---:|---:|---:|\n");
+    for (name, r) in &ev.reconstruction {
+        s.push_str(&format!(
+            "| {name} | {} | {:.4} | {} | {} | {} |\n",
+            r.n_masked,
+            r.mgem_loss,
+            cell(r.masked_bin_accuracy),
+            cell(r.masked_pearson),
+            cell(r.gepc_pearson)
+        ));
+    }
+    s
+}
