@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 
 use crate::error::{Error, Result};
 
-/// Version of the coordinator/worker protocol; checked on every register and heartbeat.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// Version of the coordinator protocol; checked on every register, heartbeat and status
+/// request.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -40,6 +40,17 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("url", &self.url).finish()
     }
+}
+
+/// The end of an object ([`Store::get_tail_opt`]).
+#[derive(Debug, Clone)]
+pub struct Tail {
+    /// The last bytes of the object (all of them when `bytes.len() == size`).
+    pub bytes: Bytes,
+    /// The object's size in bytes.
+    pub size: u64,
+    /// When the object was last written.
+    pub modified: std::time::SystemTime,
 }
 
 /// Attempts of one store operation when it fails transiently (on top of the cloud
@@ -373,6 +384,32 @@ impl Store {
         }
     }
 
+    /// Reads at most the last `max_bytes` of `key` (one ranged request), with the
+    /// object's size and modification time; `None` when it does not exist. The bytes are
+    /// the whole object when `tail.bytes.len() == tail.size`.
+    pub async fn get_tail_opt(&self, key: &str, max_bytes: u64) -> Result<Option<Tail>> {
+        let got = self
+            .retry(key, "get", move |s, p| async move {
+                let opts = GetOptions::new().with_range(Some(GetRange::Suffix(max_bytes)));
+                let r = s.get_opts(&p, opts).await?;
+                let (size, modified) = (r.meta.size, r.meta.last_modified);
+                Ok((r.bytes().await?, size, modified))
+            })
+            .await;
+        match got {
+            Ok((bytes, size, modified)) => Ok(Some(Tail {
+                bytes,
+                size,
+                modified: modified.into(),
+            })),
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Keys (relative to the store) below `prefix`, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let metas: Vec<object_store::ObjectMeta> = self
@@ -432,6 +469,12 @@ mod tests {
             vec!["ckpt/a.json", "ckpt/b.bin"]
         );
         assert!(s.get_opt("nope").await.unwrap().is_none());
+        let t = s.get_tail_opt("ckpt/b.bin", 1).await.unwrap().unwrap();
+        assert_eq!((&t.bytes[..], t.size), (&b"y"[..], 2));
+        assert!(t.modified.elapsed().unwrap() < Duration::from_secs(600));
+        let t = s.get_tail_opt("ckpt/b.bin", 100).await.unwrap().unwrap();
+        assert_eq!(&t.bytes[..], b"xy");
+        assert!(s.get_tail_opt("nope", 10).await.unwrap().is_none());
         s.delete("ckpt/a.json").await.unwrap();
         s.delete("ckpt/a.json").await.unwrap();
         assert_eq!(s.list("").await.unwrap(), vec!["ckpt/b.bin"]);

@@ -15,6 +15,14 @@ pub enum CoordinatorError {
     /// The job failed.
     #[error("job failed: {0}")]
     JobFailed(String),
+    /// A coordinator could not be asked (unreachable, refused the token, …).
+    #[error("coordinator {addr}: {message}")]
+    Rpc {
+        /// The coordinator's address.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A worker process could not be started or supervised.
     #[error("worker process: {0}")]
     Process(String),

@@ -7,8 +7,10 @@ pub mod metrics;
 pub mod nccl_id;
 pub mod persist;
 pub mod reform;
+pub mod report;
 pub mod server;
 pub mod state;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -167,7 +169,7 @@ impl Coordinator {
             };
             sink.preload(&String::from_utf8_lossy(&b), upto);
         }
-        let shared = Shared::new(manifest, resume, sink);
+        let shared = Shared::new(manifest, resume, sink, store.clone());
         if let Some(p) = &recovered {
             p.restore(&mut shared.lock());
         }

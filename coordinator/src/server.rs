@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use scfm_common::checkpoint::ResumePoint;
 use scfm_common::manifest::Manifest;
 use scfm_common::rpc::{PROTOCOL_VERSION, TOKEN_HEADER, pb};
+use scfm_common::storage::Store;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -37,11 +38,13 @@ pub struct Shared {
     pub metrics: MetricsSink,
     /// How long workers get to checkpoint and stop after a preemption.
     pub preempt_grace: Duration,
+    /// The run's checkpoint store (`latest.json` for status requests).
+    pub store: Store,
 }
 
 impl Shared {
-    /// Builds the shared state for a manifest and resume cursor.
-    pub fn new(m: &Manifest, resume: ResumePoint, metrics: MetricsSink) -> Arc<Self> {
+    /// Builds the shared state for a manifest, resume cursor and checkpoint store.
+    pub fn new(m: &Manifest, resume: ResumePoint, metrics: MetricsSink, store: Store) -> Arc<Self> {
         let c = &m.cluster;
         let state = JobState::new(
             c.min_workers,
@@ -58,6 +61,7 @@ impl Shared {
             resume,
             metrics,
             preempt_grace: Duration::from_secs(c.preempt_grace_s),
+            store,
         })
     }
 
@@ -122,7 +126,7 @@ pub fn token_check(
 
 fn check_version(v: u32, peer: Option<SocketAddr>) -> Result<(), Status> {
     if v != PROTOCOL_VERSION {
-        tracing::warn!(peer = ?peer, version = v, "refused a worker with another protocol version");
+        tracing::warn!(peer = ?peer, version = v, "refused a client with another protocol version");
         return Err(Status::failed_precondition(format!(
             "protocol version {v} does not match the coordinator's {PROTOCOL_VERSION}"
         )));
@@ -303,6 +307,15 @@ impl pb::coordinator_server::Coordinator for Service {
         }
         self.shared.notify();
         Ok(Response::new(pb::DoneResponse {}))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        check_version(req.get_ref().protocol_version, req.remote_addr())?;
+        let s = crate::status::live::snapshot(&self.shared).await;
+        Ok(Response::new((&s).into()))
     }
 
     async fn exchange_nccl_id(

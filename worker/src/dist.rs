@@ -251,6 +251,7 @@ fn to_pb(worker_id: &str, r: StepReport) -> pb::StepMetrics {
         step_cells: r.step_cells,
         rank: r.rank as u32,
         world_size: r.world as u32,
+        total_steps: r.total_steps,
     }
 }
 
