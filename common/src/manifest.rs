@@ -1,5 +1,8 @@
 //! The job manifest: one YAML file that describes a training run on a cluster
 //! (`scfm launch job.yaml`, `scfm local job.yaml --workers N`). See `configs/job-*.yaml`.
+//! A manifest with an `embed:` section is an embed job instead ([`EmbedManifest`]).
+
+mod embed;
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CheckpointConfig, DataConfig, Device, TrainFile, TrainSpec, TrainingConfig};
 use crate::error::{Error, Result};
+
+pub use self::embed::{EmbedCluster, EmbedData, EmbedManifest, EmbedSection, is_embed_yaml};
 
 /// Cluster shape and timeouts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,6 +155,16 @@ impl Manifest {
             path: path.into(),
             source,
         })?;
+        if is_embed_yaml(&text) {
+            return Err(Error::config(
+                "embed",
+                format!(
+                    "{} is an embed job: run it with `scfm local {} --workers N` (or `scfm-worker embed-shards` on each machine)",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
         let mut m = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let base = std::path::absolute(base).map_err(|source| Error::Io {
@@ -189,20 +204,7 @@ impl Manifest {
 
     /// Checks every section; the error names the first bad field.
     pub fn validate(&self) -> Result<()> {
-        if self.run_id.is_empty()
-            || !self
-                .run_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
-            return Err(Error::config(
-                "run_id",
-                format!(
-                    "`{}` must be non-empty letters, digits, `.`, `_` or `-`",
-                    self.run_id
-                ),
-            ));
-        }
+        check_run_id(&self.run_id)?;
         let c = &self.cluster;
         if c.max_workers == 0 {
             return Err(Error::config("cluster.max_workers", "must be >= 1"));
@@ -283,6 +285,45 @@ impl Manifest {
     /// Serializes back to YAML (what the coordinator hands to workers).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("manifest serializes")
+    }
+}
+
+/// Checks a `run_id`: non-empty letters, digits, `.`, `_` or `-`.
+fn check_run_id(run_id: &str) -> Result<()> {
+    if run_id.is_empty()
+        || !run_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(Error::config(
+            "run_id",
+            format!("`{run_id}` must be non-empty letters, digits, `.`, `_` or `-`"),
+        ));
+    }
+    Ok(())
+}
+
+/// A job manifest of either kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Job {
+    /// A training run (no `embed:` section).
+    Train(Box<Manifest>),
+    /// Embedding a prepared dataset (an `embed:` section).
+    Embed(Box<EmbedManifest>),
+}
+
+impl Job {
+    /// Reads and validates the manifest at `path`, of the kind its sections say.
+    pub fn load(path: &Path) -> Result<Job> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        if is_embed_yaml(&text) {
+            Ok(Job::Embed(Box::new(EmbedManifest::load(path)?)))
+        } else {
+            Ok(Job::Train(Box::new(Manifest::load(path)?)))
+        }
     }
 }
 

@@ -11,7 +11,9 @@ use scfm_common::config::model::PRESETS;
 use scfm_common::manifest::Manifest;
 use scfm_coordinator::{Coordinator, StartOptions};
 
+mod embed_job;
 mod prepare_cmd;
+mod status_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +37,29 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Cell embeddings of a trained model, written into a new .h5ad with the input's obs
+    /// and var (runs `scfm-worker embed`; see `scfm embed --help`).
+    #[command(disable_help_flag = true)]
+    Embed {
+        /// Arguments for `scfm-worker embed` (MODEL INPUT --out OUT.h5ad ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Score a model's embedding beside the PCA baseline and the random-init model (runs
+    /// `scfm-worker evaluate`).
+    #[command(disable_help_flag = true)]
+    Evaluate {
+        /// Arguments for `scfm-worker evaluate` (MODEL DATA --label-key KEY ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Write a model folder PyTorch loads (runs `scfm-worker export`).
+    #[command(disable_help_flag = true)]
+    Export {
+        /// Arguments for `scfm-worker export` (CHECKPOINT --out DIR ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the coordinator of a job; workers join with `scfm-worker join`.
     Launch {
         /// Job manifest (YAML).
@@ -43,7 +68,8 @@ enum Cmd {
         #[arg(long)]
         fresh: bool,
     },
-    /// Run a whole job on this machine: the coordinator and N worker processes.
+    /// Run a whole job on this machine: the coordinator and N worker processes (for an
+    /// embed job, a manifest with `embed:`, N `scfm-worker embed-shards` processes).
     Local {
         /// Job manifest (YAML).
         manifest: PathBuf,
@@ -60,6 +86,8 @@ enum Cmd {
     },
     /// Turn input files into a prepared (sharded) dataset for training.
     Prepare(Box<prepare_cmd::PrepareArgs>),
+    /// Print the state of a job: from its coordinator (host:port) or its run's files.
+    Status(status_cmd::StatusArgs),
     /// Check a manifest and print it resolved.
     Validate {
         /// Job manifest (YAML).
@@ -71,6 +99,8 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         genes: usize,
     },
+    /// Plot a run (loss, learning rate, throughput, workers, ...) into DIR/index.html.
+    Report(scfm_coordinator::report::ReportArgs),
 }
 
 /// `scfm-worker` next to this executable, or on PATH.
@@ -101,6 +131,25 @@ fn report(m: &Manifest, fin: scfm_coordinator::Finished) {
     }
 }
 
+/// Runs `scfm-worker SUB ARGS...` (the commands that need libtorch), with its exit status.
+fn forward(sub: &str, args: &[String]) -> Result<()> {
+    let bin = worker_binary();
+    let status = Command::new(&bin)
+        .arg(sub)
+        .args(args)
+        .status()
+        .with_context(|| {
+            format!(
+                "starting {} (build it with `cargo build --release -p scfm-worker`)",
+                bin.display()
+            )
+        })?;
+    if !status.success() {
+        bail!("{} {sub} exited with {status}", bin.display());
+    }
+    Ok(())
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -114,22 +163,10 @@ fn main() -> Result<()> {
     scfm_common::telemetry::init_logging(&cli.log_format);
     scfm_common::install_crypto_provider();
     match cli.cmd {
-        Cmd::Train { args } => {
-            let bin = worker_binary();
-            let status = Command::new(&bin)
-                .arg("train")
-                .args(&args)
-                .status()
-                .with_context(|| {
-                    format!(
-                        "starting {} (build it with `cargo build --release -p scfm-worker`)",
-                        bin.display()
-                    )
-                })?;
-            if !status.success() {
-                bail!("{} train exited with {status}", bin.display());
-            }
-        }
+        Cmd::Train { args } => forward("train", &args)?,
+        Cmd::Embed { args } => forward("embed", &args)?,
+        Cmd::Evaluate { args } => forward("evaluate", &args)?,
+        Cmd::Export { args } => forward("export", &args)?,
         Cmd::Launch { manifest, fresh } => {
             let m = Manifest::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;
@@ -150,6 +187,18 @@ fn main() -> Result<()> {
             if workers == 0 {
                 bail!("--workers must be at least 1");
             }
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            if scfm_common::manifest::is_embed_yaml(&text) {
+                if fresh || max_restarts > 0 {
+                    bail!(
+                        "--fresh and --max-restarts are for training jobs (an embed job keeps verified parts and redoes the rest; delete embed.out to start over)"
+                    );
+                }
+                let m = scfm_common::manifest::EmbedManifest::load(&manifest)
+                    .with_context(|| format!("loading {}", manifest.display()))?;
+                return runtime()?.block_on(embed_job::run(&m, workers, &worker_binary()));
+            }
             let m = Manifest::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;
             let fin = runtime()?.block_on(scfm_coordinator::local::run_local(
@@ -162,10 +211,14 @@ fn main() -> Result<()> {
             report(&m, fin);
         }
         Cmd::Prepare(args) => args.run()?,
+        Cmd::Status(args) => args.run()?,
         Cmd::Validate { manifest } => {
-            let m = Manifest::load(&manifest)
+            let job = scfm_common::manifest::Job::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;
-            print!("{}", m.to_yaml());
+            match job {
+                scfm_common::manifest::Job::Train(m) => print!("{}", m.to_yaml()),
+                scfm_common::manifest::Job::Embed(m) => print!("{}", m.to_yaml()),
+            }
         }
         Cmd::Presets { genes } => {
             println!(
@@ -183,6 +236,10 @@ fn main() -> Result<()> {
                     c.param_count(genes)
                 );
             }
+        }
+        Cmd::Report(args) => {
+            let index = runtime()?.block_on(args.run())?;
+            println!("report written to {}", index.display());
         }
     }
     Ok(())
