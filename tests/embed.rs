@@ -119,7 +119,7 @@ assert not np.isnan(e).any()
 assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
 assert e.std(0).max() > 1e-4, "all cells embedded alike"
 u = a.uns["scfm"]
-assert int(u["genes_matched"]) == 765 and u["embedding"] == "cls", dict(u)
+assert int(u["genes_matched"]) == 765 and u["embedding"] == "mean", dict(u)
 assert np.array_equal(e, c.obsm["X_scfm"]), "export and checkpoint embeddings differ"
 print("ok")
 "#,

@@ -14,7 +14,6 @@ use anyhow::{Context, Result, bail};
 use scfm_common::data::prepared::PreparedDataset;
 use scfm_common::manifest::EmbedManifest;
 use scfm_common::storage::Store;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -47,23 +46,7 @@ fn spawn(bin: &Path, m: &EmbedManifest, i: usize, world: usize) -> Result<Child>
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child.stderr.take().map(|s| Box::new(s) as _),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[w{i}] {line}");
-            }
-        });
-    }
+    scfm_coordinator::local::prefix_output(&mut child, i);
     Ok(child)
 }
 

@@ -25,6 +25,28 @@ fn local_token() -> String {
     )
 }
 
+/// Copies the child's stdout and stderr lines to this process's stderr, each prefixed
+/// with `[wI]`, on background tasks.
+pub fn prefix_output(child: &mut Child, i: usize) {
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[w{i}] {line}");
+            }
+        });
+    }
+}
+
 fn spawn_worker(
     bin: &PathBuf,
     i: usize,
@@ -52,23 +74,7 @@ fn spawn_worker(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| CoordinatorError::Process(format!("cannot start {}: {e}", bin.display())))?;
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child.stderr.take().map(|s| Box::new(s) as _),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[w{i}] {line}");
-            }
-        });
-    }
+    prefix_output(&mut child, i);
     Ok(child)
 }
 

@@ -151,17 +151,9 @@ enum Cmd {
     },
 }
 
-/// Arguments of `embed`.
+/// How a model runs over an input: shared by `embed` and `evaluate`.
 #[derive(clap::Args)]
-struct EmbedCli {
-    /// A run's checkpoint URL or directory (the newest verified checkpoint), one
-    /// `ckpt-*` directory, or an export folder (`scfm export`).
-    model: String,
-    /// Cells to embed: .h5ad, 10x .h5 or mtx folder, .loom, CSV/TSV, or a prepared dataset.
-    input: String,
-    /// Output .h5ad (the input's obs and var, obsm[KEY], uns['scfm']).
-    #[arg(long)]
-    out: PathBuf,
+struct ModelRunArgs {
     /// Cells per forward pass.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -177,12 +169,36 @@ struct EmbedCli {
     /// The model's vocabulary (vocab.tsv) for checkpoints written without one.
     #[arg(long)]
     vocab: Option<PathBuf>,
-    /// obsm key of the embedding.
-    #[arg(long, default_value = "X_scfm")]
-    key: String,
     /// Intra-op CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+impl ModelRunArgs {
+    /// Applies `--threads`.
+    fn set_threads(&self) {
+        if let Some(t) = self.threads {
+            tch::set_num_threads(t as i32);
+        }
+    }
+}
+
+/// Arguments of `embed`.
+#[derive(clap::Args)]
+struct EmbedCli {
+    /// A run's checkpoint URL or directory (the newest verified checkpoint), one
+    /// `ckpt-*` directory, or an export folder (`scfm export`).
+    model: String,
+    /// Cells to embed: .h5ad, 10x .h5 or mtx folder, .loom, CSV/TSV, or a prepared dataset.
+    input: String,
+    /// Output .h5ad (the input's obs and var, obsm[KEY], uns['scfm']).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    run: ModelRunArgs,
+    /// obsm key of the embedding.
+    #[arg(long, default_value = "X_scfm")]
+    key: String,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -243,21 +259,8 @@ struct EvaluateCli {
     /// Directory for evaluation.json and evaluation.md.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Cells per forward pass.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    device: String,
-    /// Counts from this layer instead of X.
-    #[arg(long, conflicts_with = "raw")]
-    layer: Option<String>,
-    /// Counts from raw/X.
-    #[arg(long)]
-    raw: bool,
-    /// The model's vocabulary (vocab.tsv) for checkpoints written without one.
-    #[arg(long)]
-    vocab: Option<PathBuf>,
+    #[command(flatten)]
+    run: ModelRunArgs,
     /// Seed of the folds, clusterings, masks and the random model.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -270,9 +273,6 @@ struct EvaluateCli {
     /// Principal components of the PCA baseline.
     #[arg(long, default_value_t = 50)]
     n_pcs: usize,
-    /// Intra-op CPU threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
     /// Print the evaluation as JSON on stdout instead of markdown.
     #[arg(long)]
     json: bool,
@@ -345,17 +345,15 @@ fn main() -> Result<()> {
             );
         }
         Cmd::Embed(e) => {
-            if let Some(t) = e.threads {
-                tch::set_num_threads(t as i32);
-            }
+            e.run.set_threads();
             let args = scfm_worker::infer::run::EmbedArgs {
                 model: e.model,
                 input: e.input,
                 out: e.out,
-                batch_size: e.batch_size,
-                device: device_choice(&e.device),
-                source: matrix_source(e.layer, e.raw),
-                vocab: e.vocab,
+                batch_size: e.run.batch_size,
+                device: device_choice(&e.run.device),
+                source: matrix_source(e.run.layer, e.run.raw),
+                vocab: e.run.vocab,
                 key: e.key,
                 cache_dir: None,
                 progress: true,
@@ -410,19 +408,17 @@ fn main() -> Result<()> {
         Cmd::Evaluate(e) => {
             use scfm_worker::infer::evaluate::{EvaluateArgs, markdown, run_evaluate};
             use scfm_worker::infer::pca::{HvgFlavor, PcaSettings};
-            if let Some(t) = e.threads {
-                tch::set_num_threads(t as i32);
-            }
+            e.run.set_threads();
             let args = EvaluateArgs {
                 model: e.model,
                 data: e.data,
                 label_key: e.label_key,
                 batch_key: e.batch_key,
                 out: e.out,
-                batch_size: e.batch_size,
-                device: device_choice(&e.device),
-                source: matrix_source(e.layer, e.raw),
-                vocab: e.vocab,
+                batch_size: e.run.batch_size,
+                device: device_choice(&e.run.device),
+                source: matrix_source(e.run.layer, e.run.raw),
+                vocab: e.run.vocab,
                 seed: e.seed,
                 pca: PcaSettings {
                     n_hvg: e.n_hvg,

@@ -377,7 +377,7 @@ mod tests {
                 "invalid config `model.dropout`: 1 is outside [0, 1)",
             ),
             (
-                "n_bins: 1",
+                "expression: binned\nn_bins: 1",
                 "invalid config `model.n_bins`: 1 bins; need at least 2 (bin 0 = zero plus one expressed bin)",
             ),
             (
