@@ -89,6 +89,18 @@ fn three_workers_train_and_end_with_identical_parameters() {
     let end = (76..=80).map(mgem).sum::<f64>() / 5.0;
     eprintln!("3 workers: MGEM {start:.4} -> {end:.4}");
     assert!(end < start - 0.5, "loss did not fall: {start} -> {end}");
+    // The presets' GEPC decoder: its loss travels with every step and falls too.
+    let gepc = |s: u64| {
+        lines.iter().find(|l| l["step"] == s).unwrap()["gepc"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        gepc(1) > 0.0 && gepc(80) < gepc(1),
+        "GEPC {} -> {}",
+        gepc(1),
+        gepc(80)
+    );
     assert!(ckpt.join("ckpt-000000080/model.safetensors").exists());
 }
 

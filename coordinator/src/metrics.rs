@@ -228,7 +228,7 @@ impl MetricsSink {
     pub fn record(&self, m: &pb::StepMetrics) {
         let line = serde_json::json!({
             "event": "step", "worker": m.worker_id, "generation": m.generation, "step": m.step, "epoch": m.epoch,
-            "loss": m.loss, "mgem": m.mgem, "contrastive": m.contrastive, "grad_norm": m.grad_norm, "lr": m.lr,
+            "loss": m.loss, "mgem": m.mgem, "contrastive": m.contrastive, "gepc": m.gepc, "grad_norm": m.grad_norm, "lr": m.lr,
             "cells_per_s": m.cells_per_s, "data_wait_s": m.data_wait_s, "allreduce_s": m.allreduce_s, "step_s": m.step_s,
             "val_loss": if m.val_loss.is_nan() { serde_json::Value::Null } else { m.val_loss.into() },
             "offset": m.offset, "step_cells": m.step_cells, "rank": m.rank, "world_size": m.world_size,
@@ -295,6 +295,7 @@ impl MetricsSink {
             metrics::gauge!("scfm_loss").set(m.loss);
             metrics::gauge!("scfm_mgem_loss").set(m.mgem);
             metrics::gauge!("scfm_contrastive_loss").set(m.contrastive);
+            metrics::gauge!("scfm_gepc_loss").set(m.gepc);
             metrics::gauge!("scfm_grad_norm").set(m.grad_norm);
             metrics::gauge!("scfm_learning_rate").set(m.lr);
             if m.step.is_multiple_of(self.log_every) {

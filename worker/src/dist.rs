@@ -239,6 +239,7 @@ fn to_pb(worker_id: &str, r: StepReport) -> pb::StepMetrics {
         loss: s.loss,
         mgem: s.mgem,
         contrastive: s.contrastive,
+        gepc: s.gepc,
         grad_norm: s.grad_norm,
         lr: s.lr,
         cells_per_s: s.cells_per_s,
