@@ -58,7 +58,8 @@ pub struct EmbedSummary {
     pub model_genes: usize,
     /// Matched by gene id or symbol.
     pub matched_by: String,
-    /// Cells with none of the model's genes (embedded from `[CLS]` alone).
+    /// Cells with none of the model's genes: their embedding carries no information (all
+    /// zeros with mean pooling, the `[CLS]` token alone with `cls` pooling).
     pub cells_without_genes: usize,
     /// Seconds.
     pub seconds: f64,
@@ -177,7 +178,7 @@ pub fn run_embed(args: &EmbedArgs) -> Result<EmbedSummary> {
     if empty > 0 {
         tracing::warn!(
             cells = empty,
-            "cells with none of the model's genes: their embedding is that of [CLS] alone"
+            "cells with none of the model's genes: their embedding carries no information (zeros with mean pooling, [CLS] alone with cls pooling)"
         );
     }
     let uns = [
