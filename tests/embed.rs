@@ -4,11 +4,11 @@
 //! twice, equals the embedding through an export; evaluation writes the table with the
 //! PCA and random-init baselines; inputs without the model's genes are refused by name.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use scfm_tests::{bin, dataset, run_with_timeout};
+use scfm_tests::{bin, dataset, run_with_timeout, train_tiny_model};
 
 const LIMIT: Duration = Duration::from_secs(600);
 
@@ -22,26 +22,6 @@ fn ok(o: &std::process::Output, what: &str) {
         "{what} failed:\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-/// Trains a small model (with the GEPC decoder) for 4 steps; returns the run directory.
-fn train_small(dir: &Path) -> PathBuf {
-    let run = dir.join("run");
-    let cfg = dir.join("train.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data:\n  path: {}\nmodel:\n  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 2\n  ffn_dim: 64\n  max_seq_len: 128\n  w_gepc: 1.0\ntraining:\n  batch_size: 16\n  max_steps: 4\n  warmup_steps: 1\n  eval_every: 1000\n  threads: 1\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
-            dataset("pbmc68k_counts.h5ad").display(),
-            run.display()
-        ),
-    )
-    .unwrap();
-    ok(
-        &worker(&["train", "--config", cfg.to_str().unwrap()]),
-        "train",
-    );
-    run
 }
 
 fn python() -> String {
@@ -75,7 +55,7 @@ fn embed(model: &Path, input: &Path, out: &Path) {
 #[test]
 fn embed_export_and_evaluate_on_real_cells() {
     let dir = tempfile::tempdir().unwrap();
-    let run = train_small(dir.path());
+    let run = train_tiny_model(dir.path(), &dataset("pbmc68k_counts.h5ad"), 4);
     let input = dataset("pbmc68k_counts.h5ad");
 
     // Twice: identical bytes.
@@ -189,7 +169,7 @@ print("ok")
 #[test]
 fn embed_refuses_an_input_without_the_models_genes() {
     let dir = tempfile::tempdir().unwrap();
-    let run = train_small(dir.path());
+    let run = train_tiny_model(dir.path(), &dataset("pbmc68k_counts.h5ad"), 4);
     let csv = dir.path().join("other.csv");
     std::fs::write(&csv, "cell,FOO1,FOO2\nc1,1,2\nc2,0,3\n").unwrap();
     let o = worker(&[

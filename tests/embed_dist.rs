@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use scfm_tests::{bin, dataset, lines, repo_root, run_with_timeout, sigterm, wait_exit};
+use scfm_tests::{
+    bin, dataset, lines, repo_root, run_with_timeout, sigterm, train_tiny_model, wait_exit,
+};
 
 const LIMIT: Duration = Duration::from_secs(600);
 
@@ -37,27 +39,6 @@ fn prepare(dir: &Path) -> PathBuf {
     );
     ok(&o, "scfm prepare");
     out
-}
-
-/// Trains a tiny model for 3 steps on the prepared dataset; returns the run directory.
-fn train_tiny(dir: &Path, data: &Path) -> PathBuf {
-    let run = dir.join("run");
-    let cfg = dir.join("train.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data:\n  path: {}\nmodel:\n  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 2\n  ffn_dim: 64\n  max_seq_len: 64\ntraining:\n  batch_size: 16\n  max_steps: 3\n  warmup_steps: 1\n  eval_every: 1000\n  threads: 1\n  device: cpu\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
-            data.display(),
-            run.display()
-        ),
-    )
-    .unwrap();
-    let o = run_with_timeout(
-        Command::new(bin("scfm-worker")).args(["train", "--config", s(&cfg)]),
-        LIMIT,
-    );
-    ok(&o, "train");
-    run
 }
 
 /// `scfm local` on an embed manifest writing to `out`.
@@ -141,7 +122,7 @@ fn distributed_embed_equals_one_process_and_resumes() {
         serde_json::from_slice(&std::fs::read(data.join("dataset.json")).unwrap()).unwrap();
     let n_shards = ds["shards"].as_array().unwrap().len();
     assert!(n_shards >= 3, "{n_shards} shards");
-    let run = train_tiny(dir.path(), &data);
+    let run = train_tiny_model(dir.path(), &data, 3);
 
     // One process.
     let one = dir.path().join("one.h5ad");

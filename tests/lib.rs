@@ -335,3 +335,32 @@ pub fn run_on_small_disk(
     assert_ne!(out.status.code(), Some(98), "copying the disk out: {err}");
     Some(out)
 }
+
+/// Trains a tiny model (the presets' objectives, width 32) for `steps` steps on `data` (an
+/// input file or a prepared dataset) with `scfm-worker train`; returns the run directory
+/// `dir/run`.
+pub fn train_tiny_model(dir: &Path, data: &Path, steps: u64) -> PathBuf {
+    let run = dir.join("run");
+    let cfg = dir.join("train.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data:\n  path: {}\nmodel:\n  preset: minimal\n  hidden: 32\n  n_layers: 1\n  n_heads: 2\n  ffn_dim: 64\n  max_seq_len: 128\ntraining:\n  batch_size: 16\n  max_steps: {steps}\n  warmup_steps: 1\n  eval_every: 1000\n  threads: 1\n  device: cpu\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
+            data.display(),
+            run.display()
+        ),
+    )
+    .expect("write the training file");
+    let o = run_with_timeout(
+        Command::new(bin("scfm-worker"))
+            .args(["train", "--config"])
+            .arg(&cfg),
+        Duration::from_secs(600),
+    );
+    assert!(
+        o.status.success(),
+        "training the tiny model failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    run
+}

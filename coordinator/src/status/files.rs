@@ -108,12 +108,7 @@ pub async fn read(url: &str) -> Result<JobStatus, CoordinatorError> {
     let ckpt_step = st.checkpoint.as_ref().map(|c| c.step);
     let tail = tail.unwrap_or_default();
     if let Some(l) = &tail.last {
-        st.epoch = Some(l.epoch);
-        st.total_steps = l.total_steps;
-        st.loss = Some(l.loss);
-        st.mgem = Some(l.mgem);
-        st.contrastive = Some(l.contrastive);
-        st.cells_per_s = Some(l.cells_per_s).filter(|c| c.is_finite());
+        st.set_last_step(l);
         st.generation = Some(l.generation).filter(|&g| g > 0);
         st.world_size = Some(l.world_size as u32).filter(|&w| w > 0);
     }

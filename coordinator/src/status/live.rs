@@ -88,12 +88,7 @@ pub async fn snapshot(shared: &Shared) -> JobStatus {
     let p = shared.metrics.progress();
     if let Some(l) = &p.last {
         st.step = st.step.max(l.step);
-        st.epoch = Some(l.epoch);
-        st.total_steps = l.total_steps;
-        st.loss = Some(l.loss);
-        st.mgem = Some(l.mgem);
-        st.contrastive = Some(l.contrastive);
-        st.cells_per_s = Some(l.cells_per_s).filter(|c| c.is_finite());
+        st.set_last_step(l);
     } else {
         st.epoch = Some(shared.resume.epoch);
     }

@@ -143,6 +143,16 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
+    /// Takes the epoch, planned total, losses and throughput of the last reported step.
+    pub fn set_last_step(&mut self, l: &crate::metrics::LastStep) {
+        self.epoch = Some(l.epoch);
+        self.total_steps = l.total_steps;
+        self.loss = Some(l.loss);
+        self.mgem = Some(l.mgem);
+        self.contrastive = Some(l.contrastive);
+        self.cells_per_s = Some(l.cells_per_s).filter(|c| c.is_finite());
+    }
+
     /// An empty status of `source` in `state`.
     pub fn new(source: impl Into<String>, state: RunState) -> Self {
         JobStatus {

@@ -1,7 +1,7 @@
 //! CPU collectives for data-parallel training: the [`Collective`] trait, the single-process
 //! [`LocalCollective`] and the TCP ring ([`RingCollective`]).
 //!
-//! The ring follows DESIGN.md "Distributed runtime": gradients live in one flat fp32 buffer
+//! Gradients live in one flat fp32 buffer
 //! that is all-reduced (mean) bucket by bucket with the classic reduce-scatter + all-gather
 //! ring. Every chunk's final value is computed by exactly one rank (its owner after the
 //! reduce-scatter) and then copied to the others, so all ranks end with the same bits.

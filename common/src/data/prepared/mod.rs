@@ -1,4 +1,4 @@
-//! The prepared dataset (a contract of DESIGN.md): what `scfm prepare` writes and the
+//! The prepared dataset (a contract, documented in README "Preparing data"): what `scfm prepare` writes and the
 //! training loader reads.
 //!
 //! ```text
