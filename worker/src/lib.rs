@@ -17,4 +17,5 @@ pub mod upload;
 
 pub use error::{Result, WorkerError};
 pub mod bench;
+pub mod bench_embed;
 pub mod reference;

@@ -1,5 +1,6 @@
 //! `scfm-worker`: trains the model in this process (`train`), exports reference tensors
-//! for the PyTorch cross-check (`reference`), and benchmarks training steps (`bench`).
+//! for the PyTorch cross-check (`reference`), and benchmarks training steps (`bench`) and
+//! embedding throughput (`bench-embed`).
 
 use std::path::PathBuf;
 
@@ -92,6 +93,37 @@ enum Cmd {
         /// Write the results as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Embedding cells/s of scfm vs scfm_torch (PyTorch) on the same cells, weights and
+    /// threads, side by side; checks that both compute the same embeddings.
+    BenchEmbed {
+        /// Presets to measure (random-init weights over the data's genes).
+        #[arg(long, value_delimiter = ',', default_value = "minimal,default")]
+        presets: Vec<String>,
+        /// Raw counts (.h5ad or any input `embed` reads).
+        #[arg(long, default_value = "data/pbmc68k_counts.h5ad")]
+        data: PathBuf,
+        /// Cells per pass: the first N (the data repeated when it has fewer); default all.
+        #[arg(long)]
+        cells: Option<usize>,
+        /// Cells per forward pass (as `embed`).
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Intra-op threads for both sides.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Interleaved rounds (one timed pass per side each).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Python with torch and anndata (default: $SCFM_PYTHON or .venv/bin/python).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Device (CPU only).
+        #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+        device: String,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Ring all-reduce bus bandwidth over loopback next to the loopback TCP bound.
     BenchAllreduce {
@@ -511,6 +543,37 @@ fn main() -> Result<()> {
             let results = scfm_worker::bench::run(&args)?;
             if let Some(out) = out {
                 std::fs::write(&out, serde_json::to_vec_pretty(&results)?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+        }
+        Cmd::BenchEmbed {
+            presets,
+            data,
+            cells,
+            batch_size,
+            threads,
+            rounds,
+            python,
+            device: _,
+            json,
+        } => {
+            let repo = std::env::current_dir()?;
+            let python = python
+                .or_else(|| std::env::var_os("SCFM_PYTHON").map(PathBuf::from))
+                .unwrap_or_else(|| repo.join(".venv/bin/python"));
+            let args = scfm_worker::bench_embed::EmbedBenchArgs {
+                presets,
+                data,
+                cells,
+                batch_size,
+                threads,
+                rounds,
+                python,
+                repo,
+            };
+            let report = scfm_worker::bench_embed::run(&args)?;
+            if let Some(out) = json {
+                std::fs::write(&out, serde_json::to_vec_pretty(&report)?)
                     .with_context(|| format!("writing {}", out.display()))?;
             }
         }

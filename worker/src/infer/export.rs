@@ -29,6 +29,17 @@ pub fn run_export(
 ) -> Result<ExportConfig> {
     let b = ModelBundle::load(model, Device::Cpu, vocab)?;
     let io = |p: &Path, e: std::io::Error| WorkerError::Data(format!("{}: {e}", p.display()));
+    let eval_md = match eval {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| io(p, e))?),
+        None => None,
+    };
+    write_export(&b, out, eval_md.as_deref())
+}
+
+/// Writes the export of the loaded model `b` into `out` (created if missing); `eval_md` is
+/// an evaluation table for the model card. The folder is read back through the loader.
+pub fn write_export(b: &ModelBundle, out: &Path, eval_md: Option<&str>) -> Result<ExportConfig> {
+    let io = |p: &Path, e: std::io::Error| WorkerError::Data(format!("{}: {e}", p.display()));
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let mut named: Vec<(String, tch::Tensor)> = b.vs.variables().into_iter().collect();
     named.sort_by(|x, y| x.0.cmp(&y.0));
@@ -46,11 +57,7 @@ pub fn run_export(
         source: b.origin.clone(),
         model_sha256: sha256_hex(&weights),
     };
-    let eval_md = match eval {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| io(p, e))?),
-        None => None,
-    };
-    let card = model_card(&b, &cfg, eval_md.as_deref());
+    let card = model_card(b, &cfg, eval_md);
     let files: [(&str, Vec<u8>); 4] = [
         ("model.safetensors", weights),
         (
