@@ -16,6 +16,21 @@ pub enum ExpressionEncoding {
     Continuous,
 }
 
+/// Which genes a training view keeps when a cell expresses more than `max_seq_len - 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Subsample {
+    /// A uniform random sample of the expressed genes (the default of configs written
+    /// before this setting existed). In deep cells most of the sample is genes seen once,
+    /// while inference keeps the top-expressed genes: training and inference then see
+    /// different tokens.
+    #[default]
+    Random,
+    /// The top-expressed genes of the view (after gene dropout and noise; equal values in
+    /// a random order per view), as inference keeps them.
+    Top,
+}
+
 /// Positional encoding added to the token embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,6 +68,9 @@ pub struct ModelConfig {
     pub ffn_dim: usize,
     /// Maximum tokens per cell including `[CLS]`.
     pub max_seq_len: usize,
+    /// Which genes a training view keeps when the cell has more than fit.
+    #[serde(default)]
+    pub subsample: Subsample,
     /// Dropout probability (embeddings, attention output, feed-forward output).
     pub dropout: f64,
     /// Expression encoding.

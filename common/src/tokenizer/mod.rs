@@ -13,7 +13,7 @@ mod tests;
 
 use std::cell::RefCell;
 
-use crate::config::{Augment, ExpressionEncoding, ModelConfig, model::special};
+use crate::config::{Augment, ExpressionEncoding, ModelConfig, Subsample, model::special};
 use crate::rng::{Rng, for_each_set_bit};
 use bins::Binner;
 pub use bins::quantile_bins;
@@ -71,6 +71,8 @@ pub struct Tokenizer {
     pub n_bins: usize,
     /// Fraction of gene tokens to mask.
     pub mask_ratio: f64,
+    /// Which genes a training view keeps when more are expressed than fit.
+    pub subsample: Subsample,
 }
 
 impl Tokenizer {
@@ -81,13 +83,15 @@ impl Tokenizer {
             expression: m.expression,
             n_bins: m.n_bins,
             mask_ratio: m.mask_ratio,
+            subsample: m.subsample,
         }
     }
 
     /// Tokenizes one view of a cell from its expressed genes and log1p values.
     ///
     /// Applies gene dropout and Gaussian noise from `aug` (pass `None` for a clean view),
-    /// bins the values, sub-samples to `max_seq_len - 1` genes, and masks
+    /// bins the values, sub-samples to `max_seq_len - 1` genes (a uniform sample, or the
+    /// top-expressed ones, per [`Subsample`]), and masks
     /// `max(1, round(mask_ratio * n))` of them (none when `mask` is false).
     ///
     /// Dropout keeps each gene independently with probability `1 - gene_dropout` (all of
@@ -95,8 +99,10 @@ impl Tokenizer {
     /// the genes the view keeps, before sub-sampling. Draws from `rng`, in order: one
     /// [`Rng::uniform`] per gene for dropout (gene kept iff it is `>= gene_dropout`; only
     /// when `gene_dropout > 0` and the cell has more than one gene), one [`Rng::normal`]
-    /// per kept gene for the noise (when `noise_std > 0`), then [`Rng::sample_sorted`]
-    /// for the sub-sample (only when there are more genes than fit) and for the mask.
+    /// per kept gene for the noise (when `noise_std > 0`), then, only when there are more
+    /// genes than fit, [`Rng::sample_sorted`] for a random sub-sample or one
+    /// [`Rng::next_u64`] that orders equal values for a top sub-sample, then
+    /// [`Rng::sample_sorted`] for the mask.
     ///
     /// # Panics
     ///
@@ -236,7 +242,10 @@ impl Tokenizer {
             masked: column(false, n),
         };
         if len > n {
-            rng.sample_sorted_bits(len, n, perm, bits);
+            match self.subsample {
+                Subsample::Random => rng.sample_sorted_bits(len, n, perm, bits),
+                Subsample::Top => top_bits(v, n, rng.next_u64(), perm, bits),
+            }
             for_each_set_bit(bits, |c| {
                 t.genes.push(i64::from(g[c]) + special::OFFSET);
                 t.target_values.push(v[c]);
@@ -272,6 +281,32 @@ impl Tokenizer {
                 .map(|(&x, &m)| if m { 0.0 } else { x }),
         );
         t
+    }
+}
+
+/// Sets in `bits` the positions of the `n` largest of `values` (`n < values.len()`);
+/// equal values are ordered by a hash of their position salted with `salt`, so a view's
+/// choice among equally expressed genes is random but reproducible.
+fn top_bits(values: &[f32], n: usize, salt: u64, perm: &mut Vec<u32>, bits: &mut Vec<u64>) {
+    let len = values.len();
+    bits.clear();
+    bits.resize(len.div_ceil(64), 0);
+    if n == 0 {
+        return;
+    }
+    let key = |i: u32| {
+        let mut s = salt ^ u64::from(i);
+        crate::rng::splitmix64(&mut s)
+    };
+    perm.clear();
+    perm.extend(0..u32::try_from(len).expect("top_bits: length must fit in a u32"));
+    perm.select_nth_unstable_by(n - 1, |&a, &b| {
+        values[b as usize]
+            .total_cmp(&values[a as usize])
+            .then_with(|| key(a).cmp(&key(b)))
+    });
+    for &x in &perm[..n] {
+        bits[x as usize / 64] |= 1 << (x % 64);
     }
 }
 

@@ -3,8 +3,8 @@
 //! draws included. The tests compare against it and the `tokenize` bench measures it; not
 //! for use otherwise.
 
-use crate::config::Augment;
 use crate::config::model::special;
+use crate::config::{Augment, Subsample};
 use crate::rng::Rng;
 use crate::tokenizer::{CellTokens, Tokenizer};
 
@@ -100,7 +100,19 @@ pub fn reference_tokenize(
     let bins = reference_bins(&v, tok.n_bins);
     let keep = tok.max_seq_len - 1;
     let chosen: Vec<usize> = if g.len() > keep {
-        reference_sample_sorted(rng, g.len(), keep)
+        match tok.subsample {
+            Subsample::Random => reference_sample_sorted(rng, g.len(), keep),
+            Subsample::Top => {
+                // A full sort by (value descending, salted hash of the position).
+                let salt = rng.next_u64();
+                let key = |i: usize| crate::rng::splitmix64(&mut (salt ^ i as u64));
+                let mut idx: Vec<usize> = (0..g.len()).collect();
+                idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(key(a).cmp(&key(b))));
+                idx.truncate(keep);
+                idx.sort_unstable();
+                idx
+            }
+        }
     } else {
         (0..g.len()).collect()
     };

@@ -29,6 +29,7 @@ fn tok(max: usize) -> Tokenizer {
         expression: ExpressionEncoding::Binned,
         n_bins: 11,
         mask_ratio: 0.25,
+        subsample: Subsample::Random,
     }
 }
 
@@ -444,6 +445,7 @@ fn tokenize_equals_reference_on_random_cells() {
             expression: encodings[r.below(2) as usize],
             n_bins: [0, 1, 2, 3, 4, 11, 51, 52, 64, 65, 101][r.below(11) as usize],
             mask_ratio: [0.01, 0.15, 0.5, 0.99][r.below(4) as usize],
+            subsample: [Subsample::Random, Subsample::Top][r.below(2) as usize],
         };
         let aug = augs[r.below(augs.len() as u64) as usize].as_ref();
         let mask = r.below(4) != 0;
@@ -531,4 +533,48 @@ fn inference_keeps_top_expressed_genes_ties_by_gene_id() {
     let small = t.tokenize_inference(&genes[..2], &values[..2]);
     assert_eq!(small.genes.len(), 3);
     assert_eq!(t.tokenize_inference(&genes, &values), c);
+}
+
+#[test]
+fn top_subsample_keeps_the_top_expressed_genes_of_the_view() {
+    let mut r = Rng::new(21, &[]);
+    let t = Tokenizer {
+        subsample: Subsample::Top,
+        ..tok(65)
+    };
+    for cell in 0..100u64 {
+        let n = 65 + r.below(2000) as usize;
+        let genes: Vec<u32> = (0..n as u32).map(|g| 2 * g + 1).collect();
+        // Few distinct levels: many ties at the cut.
+        let vals: Vec<f32> = (0..n).map(|_| (1 + r.below(6)) as f32).collect();
+        let x = t.tokenize(&genes, &vals, None, false, &mut Rng::new(3, &[cell]));
+        assert_eq!(x.genes.len(), 65, "cell {cell}");
+        let kept: Vec<f32> = x.target_values[1..].to_vec();
+        let min_kept = kept.iter().copied().fold(f32::INFINITY, f32::min);
+        let kept_ids: std::collections::HashSet<i64> = x.genes[1..].iter().copied().collect();
+        for (g, v) in genes.iter().zip(&vals) {
+            let id = i64::from(*g) + special::OFFSET;
+            if *v > min_kept {
+                assert!(
+                    kept_ids.contains(&id),
+                    "cell {cell}: gene {g} ({v}) above the cut was dropped"
+                );
+            }
+            if kept_ids.contains(&id) {
+                assert!(*v >= min_kept);
+            }
+        }
+        // Gene order, as a random sub-sample.
+        assert!(x.genes[1..].windows(2).all(|w| w[0] < w[1]), "cell {cell}");
+        // Reproducible per stream; another stream breaks the ties differently.
+        let again = t.tokenize(&genes, &vals, None, false, &mut Rng::new(3, &[cell]));
+        assert_eq!(x, again);
+    }
+    // Ties are not always broken the same way (not by gene index).
+    let genes: Vec<u32> = (0..1000).collect();
+    let vals = vec![1.0f32; 1000];
+    let a = t.tokenize(&genes, &vals, None, false, &mut Rng::new(4, &[0]));
+    let b = t.tokenize(&genes, &vals, None, false, &mut Rng::new(4, &[1]));
+    assert_ne!(a.genes, b.genes);
+    assert_ne!(a.genes[1..], (2..66).collect::<Vec<i64>>()[..]);
 }
