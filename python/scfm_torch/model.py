@@ -81,6 +81,7 @@ class ScfmConfig:
     pooling: str  # "cls" | "mean"
     mask_ratio: float = 0.15  # used by the training tokenizer only
     w_gepc: float = 0.0  # serde default: 0 leaves the GEPC decoder out
+    subsample: str = "random"  # "random" | "top": the training tokenizer's choice in deep cells
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScfmConfig":
@@ -112,6 +113,8 @@ class ScfmConfig:
             raise ValueError(f"unknown positional encoding {self.positional!r}")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"unknown pooling {self.pooling!r}")
+        if self.subsample not in ("random", "top"):
+            raise ValueError(f"unknown subsample {self.subsample!r}")
         if self.expression == "binned" and self.n_bins < 2:
             raise ValueError("binned expression needs n_bins >= 2")
         for name in ("w_mgem", "w_contrastive", "w_gepc"):
