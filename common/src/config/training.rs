@@ -59,7 +59,7 @@ pub struct Augment {
 impl Default for Augment {
     fn default() -> Self {
         Augment {
-            gene_dropout: 0.1,
+            gene_dropout: 0.3,
             noise_std: 0.0,
             cellmix_prob: 0.0,
             cellmix_alpha: 0.2,

@@ -321,7 +321,11 @@ fn tokenize_is_deterministic_across_threads_and_pinned() {
         mask_ratio: 0.15,
         ..tok(512)
     };
-    let aug = Augment::default();
+    // The pinned stream's settings, independent of later changes to the defaults.
+    let aug = Augment {
+        gene_dropout: 0.1,
+        ..Augment::default()
+    };
     let views = |t: &Tokenizer| -> Vec<CellTokens> {
         (0..8u64)
             .map(|v| t.tokenize(&genes, &vals, Some(&aug), true, &mut Rng::new(7, &[v])))
