@@ -525,9 +525,7 @@ fn main() -> Result<()> {
             out,
         } => {
             let repo = std::env::current_dir()?;
-            let python = python
-                .or_else(|| std::env::var_os("SCFM_PYTHON").map(PathBuf::from))
-                .unwrap_or_else(|| repo.join(".venv/bin/python"));
+            let python = bench_python(python, &repo);
             let args = scfm_worker::bench::BenchArgs {
                 presets,
                 cells,
@@ -541,10 +539,7 @@ fn main() -> Result<()> {
                 repo,
             };
             let results = scfm_worker::bench::run(&args)?;
-            if let Some(out) = out {
-                std::fs::write(&out, serde_json::to_vec_pretty(&results)?)
-                    .with_context(|| format!("writing {}", out.display()))?;
-            }
+            write_json(out.as_deref(), &results)?;
         }
         Cmd::BenchEmbed {
             presets,
@@ -558,9 +553,7 @@ fn main() -> Result<()> {
             json,
         } => {
             let repo = std::env::current_dir()?;
-            let python = python
-                .or_else(|| std::env::var_os("SCFM_PYTHON").map(PathBuf::from))
-                .unwrap_or_else(|| repo.join(".venv/bin/python"));
+            let python = bench_python(python, &repo);
             let args = scfm_worker::bench_embed::EmbedBenchArgs {
                 presets,
                 data,
@@ -572,10 +565,7 @@ fn main() -> Result<()> {
                 repo,
             };
             let report = scfm_worker::bench_embed::run(&args)?;
-            if let Some(out) = json {
-                std::fs::write(&out, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing {}", out.display()))?;
-            }
+            write_json(json.as_deref(), &report)?;
         }
         Cmd::BenchAllreduce { world, mb } => {
             let sizes: Vec<usize> = mb.iter().map(|m| m << 20).collect();
@@ -628,6 +618,23 @@ fn main() -> Result<()> {
             eprintln!("wrote the tokens of {n} cells to {}", out.display());
         }
         Cmd::Reference { out } => scfm_worker::reference::export(&out)?,
+    }
+    Ok(())
+}
+
+/// The Python of a side-by-side benchmark: `--python`, else `$SCFM_PYTHON`, else the
+/// repository's `.venv/bin/python`.
+fn bench_python(python: Option<PathBuf>, repo: &std::path::Path) -> PathBuf {
+    python
+        .or_else(|| std::env::var_os("SCFM_PYTHON").map(PathBuf::from))
+        .unwrap_or_else(|| repo.join(".venv/bin/python"))
+}
+
+/// Writes a benchmark's results as pretty JSON when `out` is given.
+fn write_json(out: Option<&std::path::Path>, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(out) = out {
+        std::fs::write(out, serde_json::to_vec_pretty(value)?)
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }
