@@ -148,20 +148,7 @@ pub fn evaluate_embedding_with(
     opts: &EvalOptions,
 ) -> Result<Metrics> {
     let n = emb.n();
-    if labels.len() != n {
-        return Err(Error::eval(format!(
-            "{} labels for {n} cells",
-            labels.len()
-        )));
-    }
-    if let Some(b) = batches
-        && b.len() != n
-    {
-        return Err(Error::eval(format!(
-            "{} batch labels for {n} cells",
-            b.len()
-        )));
-    }
+    silhouette::check_lengths(n, labels, batches)?;
     let (_, n_labels) = silhouette::dense_codes(labels);
     let n_batches = batches.map(|b| silhouette::dense_codes(b).1);
     let t = Instant::now();

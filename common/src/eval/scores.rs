@@ -9,6 +9,8 @@
 //!
 //! Labels are arbitrary `u32` values; only equality matters.
 
+use super::silhouette::dense_codes;
+
 /// The non-zero cells of the contingency table of two labellings.
 #[derive(Debug, Clone)]
 struct Contingency {
@@ -20,22 +22,10 @@ struct Contingency {
     cells: Vec<(usize, usize, u64)>,
 }
 
-/// Dense codes `0..k` of `labels` in increasing label order, and `k`.
-fn codes(labels: &[u32]) -> (Vec<u32>, usize) {
-    let mut uniq = labels.to_vec();
-    uniq.sort_unstable();
-    uniq.dedup();
-    let code = labels
-        .iter()
-        .map(|l| uniq.binary_search(l).expect("label present") as u32)
-        .collect();
-    (code, uniq.len())
-}
-
 fn contingency(a: &[u32], b: &[u32]) -> Contingency {
     assert_eq!(a.len(), b.len(), "labellings of different lengths");
-    let (ca, na) = codes(a);
-    let (cb, nb) = codes(b);
+    let (ca, na) = dense_codes(a);
+    let (cb, nb) = dense_codes(b);
     let mut keys: Vec<u64> = ca
         .iter()
         .zip(&cb)

@@ -13,6 +13,25 @@ use super::distance::{Embedding, Metric, Norms, Rows, scan, threads, to_distance
 use super::knn::{Knn, TopK, collect, offer};
 use crate::error::{Error, Result};
 
+/// An error unless there are `n` labels (and `n` batch labels when given).
+pub(crate) fn check_lengths(n: usize, labels: &[u32], batches: Option<&[u32]>) -> Result<()> {
+    if labels.len() != n {
+        return Err(Error::eval(format!(
+            "{} labels for {n} cells",
+            labels.len()
+        )));
+    }
+    if let Some(b) = batches
+        && b.len() != n
+    {
+        return Err(Error::eval(format!(
+            "{} batch labels for {n} cells",
+            b.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Dense codes `0..k` of `labels` in increasing label order, and `k`.
 pub(crate) fn dense_codes(labels: &[u32]) -> (Vec<u32>, usize) {
     let mut uniq = labels.to_vec();
@@ -99,20 +118,7 @@ pub(crate) fn silhouette_pass(
     threads_requested: usize,
 ) -> Result<Pass> {
     let n = emb.n();
-    if labels.len() != n {
-        return Err(Error::eval(format!(
-            "{} labels for {n} cells",
-            labels.len()
-        )));
-    }
-    if let Some(b) = batches
-        && b.len() != n
-    {
-        return Err(Error::eval(format!(
-            "{} batch labels for {n} cells",
-            b.len()
-        )));
-    }
+    check_lengths(n, labels, batches)?;
     if knn_k >= n {
         return Err(Error::eval(format!(
             "{knn_k} nearest neighbours of {n} cells: at most {}",
