@@ -201,7 +201,26 @@ fn scfm_pass(
 struct TorchSide {
     child: Child,
     stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    /// The script's stdout lines, read on a thread so that a wait has a deadline.
+    lines: std::sync::mpsc::Receiver<std::io::Result<String>>,
+}
+
+/// The longest wait for one reply of `benches/torch_embed.py` (one timed pass of the
+/// largest preset takes about a minute on two cores).
+const REPLY_DEADLINE: Duration = Duration::from_secs(1800);
+
+/// Sends each line of `out` (then the end) into a channel.
+fn spawn_line_reader(out: ChildStdout) -> std::sync::mpsc::Receiver<std::io::Result<String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let failed = line.is_err();
+            if tx.send(line).is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 impl TorchSide {
@@ -230,7 +249,7 @@ impl TorchSide {
         let mut side = TorchSide {
             child,
             stdin,
-            stdout: BufReader::new(stdout),
+            lines: spawn_line_reader(stdout),
         };
         let ready = side.reply()?;
         Ok((side, ready))
@@ -238,25 +257,28 @@ impl TorchSide {
 
     /// The next JSON object on the script's stdout (other lines go to stderr).
     fn reply(&mut self) -> Result<serde_json::Value> {
-        let mut line = String::new();
         loop {
-            line.clear();
-            let n = self
-                .stdout
-                .read_line(&mut line)
-                .map_err(|e| internal("torch_embed.py stdout", e))?;
-            if n == 0 {
-                let status = self
-                    .child
-                    .wait()
-                    .map_err(|e| internal("torch_embed.py", e))?;
-                return Err(WorkerError::Internal(format!(
-                    "benches/torch_embed.py exited ({status}); its error is on stderr above"
-                )));
-            }
+            let line = match self.lines.recv_timeout(REPLY_DEADLINE) {
+                Ok(line) => line.map_err(|e| internal("torch_embed.py stdout", e))?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(WorkerError::Internal(format!(
+                        "benches/torch_embed.py sent nothing for {} s",
+                        REPLY_DEADLINE.as_secs()
+                    )));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self
+                        .child
+                        .wait()
+                        .map_err(|e| internal("torch_embed.py", e))?;
+                    return Err(WorkerError::Internal(format!(
+                        "benches/torch_embed.py exited ({status}); its error is on stderr above"
+                    )));
+                }
+            };
             match serde_json::from_str::<serde_json::Value>(&line) {
                 Ok(v) if v.is_object() => return Ok(v),
-                _ => eprint!("torch_embed.py: {line}"),
+                _ => eprintln!("torch_embed.py: {line}"),
             }
         }
     }
