@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent fresh-machine setup for scfm. Installs what is missing, skips what is done:
 #   1. Debian packages: libhdf5-dev, pkg-config, protobuf-compiler, chromium (headless
-#      browser for the `scfm report` page test)
+#      browser for the `scfm report` page test), slurm-wlm (the Slurm test's daemons)
 #   2. .venv/ with torch==2.13.0 (its torch/ folder is libtorch for `tch`) and the
 #      Python references used by tests and benchmarks (scanpy, anndata, h5py, ...)
 #   3. .cargo/config.toml pointing LIBTORCH at it, with an rpath so binaries just run
@@ -15,7 +15,7 @@ t0=$(date +%s)
 
 # 1. Debian packages --------------------------------------------------------------
 need=()
-for p in libhdf5-dev pkg-config protobuf-compiler chromium; do
+for p in libhdf5-dev pkg-config protobuf-compiler chromium slurm-wlm; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
