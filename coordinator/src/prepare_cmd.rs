@@ -57,6 +57,9 @@ pub struct PrepareArgs {
     /// Drop genes expressed in fewer cells than this (one more pass over the inputs).
     #[arg(long)]
     min_cells_per_gene: Option<u32>,
+    /// Keep the N most variable genes (scanpy's seurat_v3 on the counts; two more passes).
+    #[arg(long, value_name = "N")]
+    hvg: Option<usize>,
     /// Accept non-integer values (default: raw integer counts only).
     #[arg(long)]
     allow_non_integer: bool,
@@ -115,7 +118,8 @@ impl PrepareArgs {
             min_counts,
             max_counts,
             max_pct_mt,
-            min_cells_per_gene
+            min_cells_per_gene,
+            hvg
         );
         if let Some(p) = &self.mt_prefix {
             s.mt_prefix = p.clone();

@@ -4,7 +4,9 @@
 //! 1. names: each file's genes (and symbols) and its SHA-256 → the vocabulary;
 //! 2. (only with `min_cells_per_gene`) counts, per vocabulary gene, the QC-passing cells
 //!    that express it, and drops the rare genes from the vocabulary;
-//! 3. reads blocks of cells, checks the counts, applies the QC filters, remaps the columns
+//! 3. (only with `hvg`) two passes for scanpy's seurat_v3 highly variable genes (moments,
+//!    then clipped moments); the vocabulary keeps the `hvg` most variable genes;
+//! 4. reads blocks of cells, checks the counts, applies the QC filters, remaps the columns
 //!    to the vocabulary, and appends the cells to the shard being filled; a full shard is
 //!    written (deterministic bytes), checksummed and stored.
 //!
@@ -29,6 +31,7 @@ use crate::data::h5ad::MatrixSource;
 use crate::data::h5ad::write::{Codec, ShardContents, WriteOptions, write_h5ad};
 use crate::data::inputs::InputReader;
 use crate::data::preprocess::check_counts_at;
+use crate::data::preprocess::hvg::SeuratV3Stream;
 use crate::data::preprocess::qc::{CellFilter, filter_cells};
 use crate::data::preprocess::vocab::{ColumnRemap, GeneSource, VocabMode, build_vocab};
 use crate::data::read::{GeneIdColumn, ReadOptions};
@@ -51,6 +54,11 @@ pub struct PrepareSettings {
     pub vocab: String,
     /// Drop vocabulary genes expressed in fewer QC-passing cells (an extra pass).
     pub min_cells_per_gene: Option<u32>,
+    /// Keep only this many highly variable genes in the vocabulary: scanpy's
+    /// `highly_variable_genes(flavor="seurat_v3", n_top_genes=N)` on the counts of the
+    /// QC-passing cells of all inputs together (two extra passes). The genes keep their
+    /// vocabulary order.
+    pub hvg: Option<usize>,
     /// Keep cells with at least this many expressed genes.
     pub min_genes: Option<u32>,
     /// Keep cells with at most this many expressed genes.
@@ -86,6 +94,7 @@ impl Default for PrepareSettings {
             make_unique: false,
             vocab: "union".into(),
             min_cells_per_gene: None,
+            hvg: None,
             min_genes: None,
             max_genes: None,
             min_counts: None,
@@ -102,7 +111,7 @@ impl Default for PrepareSettings {
 }
 
 impl PrepareSettings {
-    fn read_options(&self) -> ReadOptions {
+    pub(crate) fn read_options(&self) -> ReadOptions {
         let mut o = ReadOptions {
             genome: self.genome.clone(),
             gene_id_column: self.gene_ids,
@@ -113,7 +122,7 @@ impl PrepareSettings {
         o
     }
 
-    fn cell_filter(&self) -> CellFilter {
+    pub(crate) fn cell_filter(&self) -> CellFilter {
         CellFilter {
             min_genes: self.min_genes,
             max_genes: self.max_genes,
@@ -129,6 +138,9 @@ impl PrepareSettings {
         }
         if self.read_block == 0 {
             return Err(Error::config("read_block", "must be at least 1"));
+        }
+        if self.hvg == Some(0) {
+            return Err(Error::config("hvg", "must be at least 1 gene"));
         }
         if let Some(p) = self.max_pct_mt
             && !(0.0..=100.0).contains(&p)
@@ -153,7 +165,7 @@ impl PrepareSettings {
 /// Where `scfm prepare` is, for progress display.
 #[derive(Debug, Clone)]
 pub struct PrepareProgress {
-    /// Pass name: `names`, `genes` or `shards`.
+    /// Pass name: `names`, `genes`, `hvg-moments`, `hvg-clipped` or `shards`.
     pub pass: &'static str,
     /// Index of the file being read.
     pub file: usize,
@@ -280,9 +292,29 @@ pub fn prepare(
             ));
         }
     }
+    // Pass 3 (optional, two reads): the most variable genes form the vocabulary.
+    if let Some(n_top) = settings.hvg {
+        vocab = select_hvg(
+            &sources,
+            vocab,
+            n_top,
+            settings,
+            &opts,
+            &mut |pass, i, read| {
+                progress(&PrepareProgress {
+                    pass,
+                    file: i,
+                    n_files: sources.len(),
+                    cells_read: read,
+                    cells_total,
+                    shards: 0,
+                })
+            },
+        )?;
+    }
     let entries = vocab_entries(&vocab, &sources);
 
-    // Pass 3: shards.
+    // Pass 4: shards.
     let mut w = ShardWriter::new(&rt, &store, settings, &vocab, &entries);
     let mut read = 0;
     for i in 0..sources.len() {
@@ -319,6 +351,57 @@ pub fn prepare(
         shards: manifest.shards.len(),
     });
     Ok(manifest)
+}
+
+/// The `n_top` most variable genes of `vocab` (seurat_v3 over every input's QC-passing
+/// cells), in vocabulary order; all of `vocab` when it has no more genes than that.
+fn select_hvg(
+    sources: &[Source],
+    vocab: Vec<String>,
+    n_top: usize,
+    settings: &PrepareSettings,
+    opts: &ReadOptions,
+    progress: &mut dyn FnMut(&'static str, usize, usize),
+) -> Result<Vec<String>> {
+    if vocab.len() <= n_top {
+        tracing::warn!(
+            genes = vocab.len(),
+            hvg = n_top,
+            "the vocabulary has no more genes than `hvg` asks for: keeping them all"
+        );
+        return Ok(vocab);
+    }
+    let mut hv = SeuratV3Stream::new(vocab.len());
+    for (pass, first) in [("hvg-moments", true), ("hvg-clipped", false)] {
+        if !first {
+            hv.fit(0.3)?;
+        }
+        let mut read = 0;
+        for (i, s) in sources.iter().enumerate() {
+            scan(s, &vocab, settings, opts, &mut |x, _, _| {
+                if first {
+                    hv.add_moments(x);
+                } else {
+                    hv.add_clipped(x);
+                }
+                read += x.n_rows;
+                Ok(())
+            })?;
+            progress(pass, i, read);
+        }
+    }
+    let h = hv.finish(n_top)?;
+    let kept: Vec<String> = vocab
+        .into_iter()
+        .zip(&h.highly_variable)
+        .filter(|(_, hv)| **hv)
+        .map(|(g, _)| g)
+        .collect();
+    tracing::info!(
+        kept = kept.len(),
+        "the most variable genes (seurat_v3) form the vocabulary"
+    );
+    Ok(kept)
 }
 
 /// A short name of an input for the shards' `source` column.

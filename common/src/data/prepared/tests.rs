@@ -162,3 +162,67 @@ fn manifest_and_vocab_checks_name_the_problem() {
     ];
     assert_eq!(parse_vocab_tsv(&vocab_tsv(&v), "v").unwrap(), v);
 }
+
+/// `hvg: N` keeps exactly the genes that `seurat_v3` (checked against scanpy elsewhere)
+/// selects on the whole QC-passing matrix, in vocabulary order, read in blocks across
+/// shards; the shards hold only those genes.
+#[test]
+fn hvg_vocabulary_is_seurat_v3_on_the_qc_passing_cells() {
+    use crate::data::inputs::InputReader;
+    use crate::data::preprocess::hvg::seurat_v3;
+    use crate::data::preprocess::qc::filter_cells;
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = data("mouse10k.h5ad");
+    let s = PrepareSettings {
+        hvg: Some(200),
+        ..settings()
+    };
+    let m = run(std::slice::from_ref(&input), &dir.path().join("ds"), &s).unwrap();
+    assert_eq!(m.n_genes, 200);
+
+    let r = InputReader::open(&input, &s.read_options()).unwrap();
+    let x = r.read(0, r.n_rows()).unwrap();
+    let qc = filter_cells(&x, &s.cell_filter(), None).unwrap();
+    let h = seurat_v3(&qc.x, 200, 0.3).unwrap();
+    let want: Vec<&String> = r
+        .var_names()
+        .iter()
+        .zip(&h.highly_variable)
+        .filter(|(_, hv)| **hv)
+        .map(|(g, _)| g)
+        .collect();
+    let tsv = std::fs::read_to_string(dir.path().join("ds").join(VOCAB_TSV)).unwrap();
+    let got: Vec<&str> = tsv
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').nth(1).unwrap())
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        m.n_cells,
+        qc.x.n_rows
+            - (0..qc.x.n_rows)
+                .filter(|&i| {
+                    let row = &qc.x.indices[qc.x.indptr[i] as usize..qc.x.indptr[i + 1] as usize];
+                    !row.iter().any(|&c| h.highly_variable[c as usize])
+                })
+                .count()
+    );
+
+    // More genes asked for than there are: all kept; 0 is refused by name.
+    let all = PrepareSettings {
+        hvg: Some(5_000),
+        ..settings()
+    };
+    let m = run(std::slice::from_ref(&input), &dir.path().join("all"), &all).unwrap();
+    assert_eq!(m.n_genes, r.var_names().len());
+    let zero = PrepareSettings {
+        hvg: Some(0),
+        ..settings()
+    };
+    let e = run(&[input], &dir.path().join("zero"), &zero)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hvg"), "{e}");
+}

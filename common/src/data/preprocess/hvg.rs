@@ -157,63 +157,157 @@ pub fn seurat_v3(x: &CsrMatrix, n_top_genes: usize, span: f64) -> Result<SeuratV
     if x.data.iter().any(|v| v.fract() != 0.0) {
         tracing::warn!("seurat_v3 expects raw counts, but non-integers were found");
     }
-    let (means, variances) = mean_var(x, |v| v);
-    let varying: Vec<usize> = (0..x.n_cols).filter(|&g| variances[g] > 0.0).collect();
-    if varying.is_empty() {
-        return Err(Error::config(
-            "n_top_genes",
-            format!(
-                "none of the {} genes varies across the {} cells",
-                x.n_cols, x.n_rows
-            ),
-        ));
+    let mut s = SeuratV3Stream::new(x.n_cols);
+    s.add_moments(x);
+    s.fit(span)?;
+    s.add_clipped(x);
+    s.finish(n_top_genes)
+}
+
+/// [`seurat_v3`] over cells that arrive in blocks (for datasets that do not fit in
+/// memory): every block through [`SeuratV3Stream::add_moments`], then
+/// [`SeuratV3Stream::fit`], then every block again through
+/// [`SeuratV3Stream::add_clipped`], then [`SeuratV3Stream::finish`]. Blocks fed in the
+/// order of the rows give exactly [`seurat_v3`]'s result on their concatenation.
+#[derive(Debug, Clone)]
+pub struct SeuratV3Stream {
+    n_cells: usize,
+    sum: Vec<f64>,
+    sq: Vec<f64>,
+    means: Vec<f64>,
+    variances: Vec<f64>,
+    reg_std: Vec<f64>,
+    clip: Vec<f64>,
+}
+
+impl SeuratV3Stream {
+    /// An empty accumulator for `n_genes` genes.
+    pub fn new(n_genes: usize) -> Self {
+        SeuratV3Stream {
+            n_cells: 0,
+            sum: vec![0.0; n_genes],
+            sq: vec![0.0; n_genes],
+            means: Vec::new(),
+            variances: Vec::new(),
+            reg_std: Vec::new(),
+            clip: Vec::new(),
+        }
     }
-    let lx: Vec<f64> = varying.iter().map(|&g| means[g].log10()).collect();
-    let ly: Vec<f64> = varying.iter().map(|&g| variances[g].log10()).collect();
-    let fitted = loess(&lx, &ly, span, Surface::Interpolate)?;
-    let mut estimated = vec![0.0; x.n_cols];
-    for (&g, &f) in varying.iter().zip(&fitted) {
-        estimated[g] = f;
+
+    /// First pass: adds a block's counts to the per-gene sums (squares in float32, as
+    /// scanpy's kernel).
+    ///
+    /// # Panics
+    ///
+    /// If the block's width differs from `n_genes`.
+    pub fn add_moments(&mut self, x: &CsrMatrix) {
+        assert_eq!(x.n_cols, self.sum.len(), "block width differs");
+        for (&c, &v) in x.indices.iter().zip(&x.data) {
+            self.sum[c as usize] += f64::from(v);
+            self.sq[c as usize] += f64::from(v * v);
+        }
+        self.n_cells += x.n_rows;
     }
-    let n = x.n_rows as f64;
-    let reg_std: Vec<f64> = estimated.iter().map(|&e| 10f64.powf(e).sqrt()).collect();
-    let clip: Vec<f64> = reg_std
-        .iter()
-        .zip(&means)
-        .map(|(s, m)| s * n.sqrt() + m)
-        .collect();
-    let (mut sum, mut sq) = (vec![0f64; x.n_cols], vec![0f64; x.n_cols]);
-    for (&c, &v) in x.indices.iter().zip(&x.data) {
-        let c = c as usize;
-        let e = f64::from(v).min(clip[c]);
-        sq[c] += e * e;
-        sum[c] += e;
+
+    /// Between the passes: means, variances and the loess-regularised standard deviation
+    /// of every gene. Errors (naming `n_top_genes`/`span`) on fewer than 2 cells, when no
+    /// gene varies, or when the span is too small for the number of varying genes.
+    pub fn fit(&mut self, span: f64) -> Result<()> {
+        if self.n_cells < 2 {
+            return Err(Error::config(
+                "highly_variable_genes",
+                format!("needs at least 2 cells, the matrix has {}", self.n_cells),
+            ));
+        }
+        let n = self.n_cells as f64;
+        self.means = self.sum.iter().map(|s| s / n).collect();
+        self.variances = self
+            .sq
+            .iter()
+            .zip(&self.means)
+            .map(|(s, m)| (s / n - m * m) * (n / (n - 1.0)))
+            .collect();
+        let g = self.sum.len();
+        let varying: Vec<usize> = (0..g).filter(|&i| self.variances[i] > 0.0).collect();
+        if varying.is_empty() {
+            return Err(Error::config(
+                "n_top_genes",
+                format!(
+                    "none of the {g} genes varies across the {} cells",
+                    self.n_cells
+                ),
+            ));
+        }
+        let lx: Vec<f64> = varying.iter().map(|&i| self.means[i].log10()).collect();
+        let ly: Vec<f64> = varying.iter().map(|&i| self.variances[i].log10()).collect();
+        let fitted = loess(&lx, &ly, span, Surface::Interpolate)?;
+        let mut estimated = vec![0.0; g];
+        for (&i, &f) in varying.iter().zip(&fitted) {
+            estimated[i] = f;
+        }
+        self.reg_std = estimated.iter().map(|&e| 10f64.powf(e).sqrt()).collect();
+        self.clip = self
+            .reg_std
+            .iter()
+            .zip(&self.means)
+            .map(|(s, m)| s * n.sqrt() + m)
+            .collect();
+        // The second pass sums the clipped values into the same buffers.
+        self.sum.iter_mut().for_each(|v| *v = 0.0);
+        self.sq.iter_mut().for_each(|v| *v = 0.0);
+        Ok(())
     }
-    let variances_norm: Vec<f64> = (0..x.n_cols)
-        .map(|g| {
-            let m = means[g];
-            (1.0 / ((n - 1.0) * (reg_std[g] * reg_std[g])))
-                * ((n * (m * m)) + sq[g] - 2.0 * sum[g] * m)
+
+    /// Second pass (after [`SeuratV3Stream::fit`]): adds a block's clipped counts.
+    ///
+    /// # Panics
+    ///
+    /// If called before `fit` or with a block of another width.
+    pub fn add_clipped(&mut self, x: &CsrMatrix) {
+        assert!(!self.clip.is_empty(), "add_clipped before fit");
+        assert_eq!(x.n_cols, self.sum.len(), "block width differs");
+        for (&c, &v) in x.indices.iter().zip(&x.data) {
+            let c = c as usize;
+            let e = f64::from(v).min(self.clip[c]);
+            self.sq[c] += e * e;
+            self.sum[c] += e;
+        }
+    }
+
+    /// The result: `variances_norm` and the `n_top_genes` most variable genes (ties at the
+    /// cut by increasing index).
+    pub fn finish(self, n_top_genes: usize) -> Result<SeuratV3> {
+        if n_top_genes == 0 {
+            return Err(Error::config("n_top_genes", "must be at least 1"));
+        }
+        let n = self.n_cells as f64;
+        let g = self.sum.len();
+        let variances_norm: Vec<f64> = (0..g)
+            .map(|i| {
+                let m = self.means[i];
+                let r = self.reg_std[i];
+                (1.0 / ((n - 1.0) * (r * r))) * ((n * (m * m)) + self.sq[i] - 2.0 * self.sum[i] * m)
+            })
+            .collect();
+        let selected: Vec<usize> = order_desc(&variances_norm)
+            .into_iter()
+            .take(n_top_genes)
+            .collect();
+        let mut rank = vec![None; g];
+        let mut highly_variable = vec![false; g];
+        for (r, &i) in selected.iter().enumerate() {
+            rank[i] = Some(r);
+            highly_variable[i] = true;
+        }
+        Ok(SeuratV3 {
+            means: self.means,
+            variances: self.variances,
+            variances_norm,
+            rank,
+            highly_variable,
+            selected,
         })
-        .collect();
-    let selected: Vec<usize> = order_desc(&variances_norm)
-        .into_iter()
-        .take(n_top_genes)
-        .collect();
-    let mut rank = vec![None; x.n_cols];
-    let mut highly_variable = vec![false; x.n_cols];
-    for (r, &g) in selected.iter().enumerate() {
-        rank[g] = Some(r);
-        highly_variable[g] = true;
     }
-    Ok(SeuratV3 {
-        means,
-        variances,
-        variances_norm,
-        rank,
-        highly_variable,
-        selected,
-    })
 }
 
 /// pandas' `cut(values, n_bins)` codes: equal-width bins over `[min, max]`, right-closed,

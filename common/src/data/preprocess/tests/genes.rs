@@ -94,6 +94,28 @@ fn seurat_v3_ranks_overdispersed_genes_first() {
     );
 }
 
+/// The streaming form over row blocks gives bit-for-bit the one-shot result.
+#[test]
+fn seurat_v3_stream_over_blocks_equals_one_shot() {
+    let x = counts();
+    let whole = seurat_v3(&x, 7, 0.5).unwrap();
+    let blocks: Vec<CsrMatrix> = [0..13, 13..50, 50..51, 51..100]
+        .into_iter()
+        .map(|r| x.select_rows(&r.collect::<Vec<_>>()))
+        .collect();
+    let mut s = SeuratV3Stream::new(x.n_cols);
+    blocks.iter().for_each(|b| s.add_moments(b));
+    s.fit(0.5).unwrap();
+    blocks.iter().for_each(|b| s.add_clipped(b));
+    let streamed = s.finish(7).unwrap();
+    assert_eq!(streamed, whole);
+    // Too few cells is an error of `fit`, as of the one-shot form.
+    let mut one = SeuratV3Stream::new(x.n_cols);
+    one.add_moments(&blocks[2]);
+    let e = one.fit(0.3).unwrap_err().to_string();
+    assert!(e.contains("at least 2 cells, the matrix has 1"), "{e}");
+}
+
 #[test]
 fn seurat_selects_by_normalized_dispersion() {
     let mut x = counts();
