@@ -1,5 +1,5 @@
 //! The deterministic sample order of training, a contract users rely on: resumes and any
-//! number of workers see exactly this order (README, "Exact data parallelism").
+//! number of workers see exactly this order (docs/design.md, "Exact data parallelism").
 //!
 //! Cells are addressed as `(shard, row)`. A cell belongs to validation when a hash of
 //! `(seed, shard, row)` falls below the validation fraction, so the split depends on

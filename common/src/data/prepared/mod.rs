@@ -1,5 +1,5 @@
-//! The prepared dataset (a contract, documented in README "Preparing data"): what `scfm prepare` writes and the
-//! training loader reads.
+//! The prepared dataset (a contract, documented in docs/data.md, "The prepared dataset"):
+//! what `scfm prepare` writes and the training loader reads.
 //!
 //! ```text
 //! <url>/dataset.json              DatasetManifest (written last: its presence means complete)
