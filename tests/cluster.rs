@@ -566,3 +566,98 @@ fn a_restarted_coordinator_adopts_the_running_workers() {
     assert!(d.join("ckpt/ckpt-000000600/model.safetensors").is_file());
     assert!(!d.join("ckpt/coordinator.json").exists());
 }
+
+/// The coordinator and every worker are killed (SIGKILL: a node lost, or a scheduler's
+/// hard kill) and the job is started again with new workers (a requeued Slurm job, a
+/// re-created Kubernetes Job): the new coordinator first expects the dead workers back
+/// from `coordinator.json`, the new workers wait for a place instead of giving up on a
+/// full cluster, the dead ones are dropped after `worker_timeout_s`, and the run
+/// completes from its newest checkpoint.
+#[test]
+fn a_job_killed_whole_restarts_with_new_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let training =
+        "  batch_size: 8\n  max_steps: 400\n  eval_every: 1000\n  log_every: 10\n  threads: 1";
+    let cluster = format!("  max_workers: 2\n  coordinator: 127.0.0.1:{port}\n  heartbeat_ms: 200");
+    let m = write_manifest(d, &d.join("ckpt"), TINY, training, &cluster);
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("worker_timeout_s: 20", "worker_timeout_s: 3")
+        .replace("every_steps: 1000", "every_steps: 50");
+    std::fs::write(&m, format!("{text}auth:\n  token: kill-test\n")).unwrap();
+    let launch = || {
+        Command::new(bin("scfm"))
+            .arg("launch")
+            .arg(&m)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let workers = |log: &str| -> Vec<std::process::Child> {
+        (0..2)
+            .map(|i| {
+                Command::new(bin("scfm-worker"))
+                    .args(["join", "--bind", "127.0.0.1", "--coordinator"])
+                    .arg(format!("http://127.0.0.1:{port}"))
+                    .env("SCFM_TOKEN", "kill-test")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(d.join(format!("{log}{i}.log"))).unwrap())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mut first = launch();
+    let (rx, _r1) = lines(first.stderr.take().unwrap());
+    let mut old = workers("old");
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the first coordinator logged no step 120");
+        if line.contains("scfm_coordinator::metrics: train step=120 ") {
+            break;
+        }
+    }
+    first.kill().unwrap();
+    for w in &mut old {
+        w.kill().unwrap();
+    }
+    first.wait().unwrap();
+    for w in &mut old {
+        w.wait().unwrap();
+    }
+    assert!(d.join("ckpt/coordinator.json").is_file());
+
+    let mut second = launch();
+    let (rx2, r2) = lines(second.stderr.take().unwrap());
+    let mut new = workers("new");
+    let status = wait_exit(&mut second, Duration::from_secs(240), "relaunched job");
+    r2.join().unwrap();
+    let log: Vec<String> = rx2.try_iter().collect();
+    let log = log.join("\n");
+    let wlog = |i: usize| std::fs::read_to_string(d.join(format!("new{i}.log"))).unwrap();
+    assert!(
+        status.success(),
+        "{log}\n--- worker 0:\n{}\n--- worker 1:\n{}",
+        wlog(0),
+        wlog(1)
+    );
+    assert!(log.contains("finished at step 400"), "{log}");
+    assert!(log.contains("adopting its workers"), "{log}");
+    let both = format!("{}{}", wlog(0), wlog(1));
+    assert!(
+        both.contains("registration deferred") && both.contains("not heard from yet"),
+        "the new workers were never told to wait for a place:\n{both}"
+    );
+    for (i, w) in new.iter_mut().enumerate() {
+        let s = wait_exit(w, Duration::from_secs(60), "new worker");
+        assert!(s.success(), "worker exit {s}:\n{}", wlog(i));
+    }
+    assert!(d.join("ckpt/ckpt-000000400/model.safetensors").is_file());
+}

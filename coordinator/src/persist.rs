@@ -92,6 +92,7 @@ impl Persisted {
                 m.id.clone(),
                 Worker {
                     step: self.step,
+                    adopted: true,
                     ..Worker::new(m.ring_addr, m.hostname.clone(), m.device.clone(), 0)
                 },
             );
@@ -142,6 +143,7 @@ pub async fn clear(store: &Store) -> Result<(), CoordinatorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Refusal;
     use scfm_common::checkpoint::ResumePoint;
     use std::time::Duration;
 
@@ -182,7 +184,15 @@ mod tests {
         back.restore(&mut t);
         assert_eq!(t.phase, Phase::Running);
         assert_eq!(t.assignment_for(&b), s.assignment_for(&b));
+        // While an adopted worker has not been heard from, a newcomer is told to ask
+        // again (its place may free up); once both answered, the cluster is plainly full.
+        let ring: std::net::SocketAddr = "127.0.0.1:7003".parse().unwrap();
+        let again = |t: &mut JobState| t.register(ring, "h".into(), "cpu".into(), 2);
+        assert_eq!(again(&mut t), Err(Refusal::FullOfAdopted(2, 2)));
         assert!(t.heartbeat(&a, 9, Instant::now()));
+        assert_eq!(again(&mut t), Err(Refusal::FullOfAdopted(2, 1)));
+        assert!(t.heartbeat(&b, 9, Instant::now()));
+        assert_eq!(again(&mut t), Err(Refusal::Full(2)));
         // New ids do not collide with the adopted ones.
         assert_eq!(t.next_id(), s.next_id());
         clear(&store).await.unwrap();

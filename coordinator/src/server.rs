@@ -157,6 +157,10 @@ impl pb::coordinator_server::Coordinator for Service {
                     Refusal::Full(n) => {
                         Status::resource_exhausted(format!("the cluster is full ({n} workers)"))
                     }
+                    Refusal::FullOfAdopted(n, a) => Status::unavailable(format!(
+                        "the cluster is full ({n} workers), {a} of them taken over from a previous coordinator and not heard from yet; they are dropped after {} s of silence: ask again",
+                        s.worker_timeout.as_secs()
+                    )),
                     Refusal::Over => Status::failed_precondition("the job is over"),
                 })?;
             s.maybe_start(Instant::now(), &self.shared.resume);

@@ -40,6 +40,9 @@ pub struct Worker {
     /// It asked for a generation newer than the current one: it is not (or no longer)
     /// training in the current generation and is ready for the next.
     pub waiting: bool,
+    /// Taken over from a previous coordinator's `coordinator.json` and not heard from
+    /// since: it may be dead (then it is dropped after the worker timeout).
+    pub adopted: bool,
 }
 
 impl Worker {
@@ -54,6 +57,7 @@ impl Worker {
             done: false,
             pid,
             waiting: false,
+            adopted: false,
         }
     }
 }
@@ -119,6 +123,10 @@ pub struct JobState {
 pub enum Refusal {
     /// The cluster is full.
     Full(usize),
+    /// The cluster is full, but this many of its places are held by workers of a previous
+    /// coordinator that have not reconnected (they are dropped after the worker timeout,
+    /// so asking again later may succeed).
+    FullOfAdopted(usize, usize),
     /// The job is over.
     Over,
 }
@@ -173,6 +181,10 @@ impl JobState {
             return Err(Refusal::Over);
         }
         if self.workers.len() >= self.max_workers {
+            let adopted = self.workers.values().filter(|w| w.adopted).count();
+            if adopted > 0 {
+                return Err(Refusal::FullOfAdopted(self.max_workers, adopted));
+            }
             return Err(Refusal::Full(self.max_workers));
         }
         let id = format!("w{:04}", self.next_id);
@@ -248,6 +260,7 @@ impl JobState {
             Some(w) => {
                 w.last_seen = now;
                 w.step = w.step.max(step);
+                w.adopted = false;
                 true
             }
             None => false,

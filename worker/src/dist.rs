@@ -200,6 +200,34 @@ fn exchange_nccl_id(
     })
 }
 
+/// How long a worker asks again for a place that is held by workers a restarted
+/// coordinator took over and that may be dead (it drops them after its worker timeout).
+const REGISTER_WAIT: Duration = Duration::from_secs(300);
+
+/// Registers with the coordinator. A refusal the coordinator marks as temporary
+/// (`UNAVAILABLE`: the places are held by workers it took over from a previous coordinator
+/// and has not heard from yet) is asked again, with backoff, until `deadline`.
+async fn register(
+    client: &mut Client,
+    request: pb::RegisterRequest,
+    deadline: Instant,
+) -> Result<pb::RegisterResponse> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), client.register(request.clone())).await
+        {
+            Err(_) => return Err(WorkerError::Coordinator("registration timed out".into())),
+            Ok(Ok(r)) => return Ok(r.into_inner()),
+            Ok(Err(s)) if s.code() == Code::Unavailable && Instant::now() + backoff < deadline => {
+                tracing::warn!("registration deferred: {}", s.message());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Ok(Err(s)) => return Err(status_err("registration refused", s)),
+        }
+    }
+}
+
 async fn await_assignment(
     client: &mut Client,
     worker_id: &str,
@@ -216,6 +244,8 @@ async fn await_assignment(
             Ok(Ok(r)) => return Ok(Assignment::try_from(r.into_inner())?),
             Ok(Err(s)) if s.code() == Code::Unavailable && Instant::now() < deadline => {
                 tracing::info!("{}", s.message());
+                // Not a busy loop when the coordinator answers "not yet" at once.
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Ok(Err(s)) => return Err(status_err("no assignment", s)),
             Err(_) if Instant::now() < deadline => {
@@ -276,18 +306,18 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
     } else {
         "cpu"
     };
-    let register = client.register(pb::RegisterRequest {
+    let request = pb::RegisterRequest {
         protocol_version: PROTOCOL_VERSION,
         ring_addr: ring_addr.to_string(),
         hostname: std::env::var("HOSTNAME").unwrap_or_default(),
         pid: std::process::id(),
         device: device.into(),
-    });
-    let reg = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(30), register).await })
-        .map_err(|_| WorkerError::Coordinator("registration timed out".into()))?
-        .map_err(|s| status_err("registration refused", s))?
-        .into_inner();
+    };
+    let reg = rt.block_on(register(
+        &mut client,
+        request,
+        Instant::now() + REGISTER_WAIT,
+    ))?;
     let id = reg.worker_id.clone();
     let manifest = Manifest::parse(&reg.manifest_yaml, std::path::Path::new("<coordinator>"))?;
     let spec = manifest.train_spec()?;
