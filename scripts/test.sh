@@ -19,5 +19,7 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 # The NCCL path (feature `nccl`) cannot run without a GPU, but it must keep compiling.
 cargo clippy --release -p scfm-worker --features nccl --all-targets -- -D warnings
 cargo test --release --workspace
-SCFM_WORKER_BIN="$PWD/target/release/scfm-worker" .venv/bin/python -m pytest tests/python -q
+# SCFM_TEST_CONTAINER=1: also build the local CPU image (deploy/container) and run
+# `scfm presets` inside it (~1 min; installs mmdebstrap, podman, runc, patchelf).
+SCFM_TEST_CONTAINER=1 SCFM_WORKER_BIN="$PWD/target/release/scfm-worker" .venv/bin/python -m pytest tests/python -q
 echo "[test] all tests passed in $(( $(date +%s) - t0 )) s"
