@@ -2,7 +2,7 @@
 # Idempotent fresh-machine setup for scfm. Installs what is missing, skips what is done:
 #   1. Debian packages: libhdf5-dev, pkg-config, protobuf-compiler, chromium (headless
 #      browser for the `scfm report` page test), slurm-wlm (the Slurm test's daemons)
-#   2. .venv/ with torch==2.13.0 (its torch/ folder is libtorch for `tch`) and the
+#   2. .venv/ with torch==2.11.0 (its torch/ folder is libtorch for `tch` 0.24) and the
 #      Python references used by tests and benchmarks (scanpy, anndata, h5py, ...)
 #   3. .cargo/config.toml pointing LIBTORCH at it, with an rpath so binaries just run
 #   4. the demo/test dataset from scanpy's source distribution (data/)
@@ -27,7 +27,7 @@ else
   log "Debian packages present"
 fi
 
-# 2. Python venv with torch 2.13.0 ------------------------------------------------
+# 2. Python venv with torch 2.11.0 ------------------------------------------------
 PY=${PYTHON:-python3}
 req_hash=$(sha256sum scripts/requirements.txt | cut -c1-16)
 stamp=.venv/.scfm-requirements-$req_hash
