@@ -36,8 +36,11 @@ use self::codec::{Kind, lzf_decompress, to_f32, to_u32, unshuffle};
 // hdf5-metno-sys. `hid_t` is `int64_t`, `hsize_t` `uint64_t`, `herr_t` `int`.
 // (`H5Dget_chunk_info_by_coord` would tell an unallocated chunk apart, but 1.10 walks the
 // whole chunk index for it: ~40% of the reading time of a 8k-chunk dataset.)
+// HDF5 2.x made `H5Dread_chunk` a macro over `H5Dread_chunk2` (which also takes the
+// buffer's size); `build.rs` sets `hdf5_2` from the version hdf5-metno-sys found.
 unsafe extern "C" {
     fn H5Dget_chunk_storage_size(dset_id: i64, offset: *const u64, chunk_bytes: *mut u64) -> c_int;
+    #[cfg(not(hdf5_2))]
     fn H5Dread_chunk(
         dset_id: i64,
         dxpl_id: i64,
@@ -45,8 +48,54 @@ unsafe extern "C" {
         filters: *mut u32,
         buf: *mut c_void,
     ) -> c_int;
+    #[cfg(hdf5_2)]
+    fn H5Dread_chunk2(
+        dset_id: i64,
+        dxpl_id: i64,
+        offset: *const u64,
+        filters: *mut u32,
+        buf: *mut c_void,
+        buf_size: *mut usize,
+    ) -> c_int;
     fn H5Pget_chunk_opts(plist_id: i64, opts: *mut c_uint) -> c_int;
 }
+
+/// Reads the stored bytes of the chunk at `offset` of dataset `ds` into `buf` (which holds
+/// the chunk's stored size) and its filter mask into `mask`: `H5Dread_chunk` of HDF5 1.10
+/// to 1.14, `H5Dread_chunk2` of HDF5 2.x.
+fn read_chunk_raw(ds: i64, offset: &[u64], mask: &mut u32, buf: &mut [u8]) -> c_int {
+    #[cfg(not(hdf5_2))]
+    // SAFETY: `buf` holds the chunk's stored size, which is what H5Dread_chunk writes.
+    let r = unsafe {
+        H5Dread_chunk(
+            ds,
+            H5P_DEFAULT,
+            offset.as_ptr(),
+            mask,
+            buf.as_mut_ptr().cast(),
+        )
+    };
+    #[cfg(hdf5_2)]
+    let r = {
+        let mut size = buf.len();
+        // SAFETY: `buf` holds `size` bytes; H5Dread_chunk2 writes at most that many.
+        unsafe {
+            H5Dread_chunk2(
+                ds,
+                H5P_DEFAULT,
+                offset.as_ptr(),
+                mask,
+                buf.as_mut_ptr().cast(),
+                &mut size,
+            )
+        }
+    };
+    r
+}
+
+#[cfg(test)]
+/// Whether this build calls HDF5 2.x's `H5Dread_chunk2` (else 1.x's `H5Dread_chunk`).
+pub(crate) const HDF5_2: bool = cfg!(hdf5_2);
 
 /// `H5P_DEFAULT`.
 const H5P_DEFAULT: i64 = 0;
@@ -160,16 +209,7 @@ impl Chunked {
         }
         let mut buf = vec![0u8; size as usize];
         let mut mask = 0u32;
-        // SAFETY: `buf` holds the chunk's stored size, which is what H5Dread_chunk writes.
-        let r = unsafe {
-            H5Dread_chunk(
-                self.ds.id(),
-                H5P_DEFAULT,
-                offset.as_ptr(),
-                &mut mask,
-                buf.as_mut_ptr().cast(),
-            )
-        };
+        let r = read_chunk_raw(self.ds.id(), &offset, &mut mask, &mut buf);
         hdf5::h5check(r).at(&self.name)?;
         Ok(Some((buf, mask)))
     }

@@ -289,3 +289,20 @@ fn damaged_chunk_is_an_error_naming_the_file() {
         .unwrap();
     rows.read(0, ok).unwrap();
 }
+
+/// The raw-chunk call is chosen by the HDF5 this is built against (`H5Dread_chunk2` from
+/// HDF5 2.0 on): the library that is running must be of that family.
+#[test]
+fn the_chunk_read_call_matches_the_linked_hdf5() {
+    let (major, minor, patch) = hdf5::library_version();
+    assert_eq!(
+        super::HDF5_2,
+        major >= 2,
+        "HDF5 {major}.{minor}.{patch} is running, but this build calls {}",
+        if super::HDF5_2 {
+            "H5Dread_chunk2"
+        } else {
+            "H5Dread_chunk"
+        }
+    );
+}
