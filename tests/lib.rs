@@ -364,3 +364,19 @@ pub fn train_tiny_model(dir: &Path, data: &Path, steps: u64) -> PathBuf {
     );
     run
 }
+
+/// `scfm-worker versions --json`, with `env` added.
+pub fn worker_versions(env: &[(&str, &Path)]) -> serde_json::Value {
+    let mut cmd = Command::new(bin("scfm-worker"));
+    cmd.args(["versions", "--json"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("versions --json prints JSON")
+}

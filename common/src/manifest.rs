@@ -26,6 +26,10 @@ pub struct ClusterConfig {
     /// `auto` (CUDA when present), `cpu` or `cuda`; overrides `training.device`.
     #[serde(default)]
     pub device: Device,
+    /// How workers all-reduce gradients: `auto` (NCCL when every worker can use it, else
+    /// the TCP ring), `nccl` (an error when NCCL cannot be used) or `ring`.
+    #[serde(default)]
+    pub collective: CollectiveBackend,
     /// Address the coordinator's gRPC server listens on (`host:port`, port 0 = any).
     #[serde(default = "default_listen")]
     pub coordinator: String,
@@ -52,6 +56,30 @@ pub struct ClusterConfig {
     /// After SIGTERM, how long workers get to checkpoint and stop before the job fails.
     #[serde(default = "default_grace")]
     pub preempt_grace_s: u64,
+}
+
+/// `cluster.collective`: the backend of the gradient all-reduce between workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveBackend {
+    /// NCCL when every worker of a generation can use it (CUDA device, NCCL loaded, one
+    /// GPU per worker), else the TCP ring; each generation logs which and why.
+    #[default]
+    Auto,
+    /// NCCL, or an error naming what is missing (and every path looked for).
+    Nccl,
+    /// The TCP ring; NCCL is never loaded.
+    Ring,
+}
+
+impl std::fmt::Display for CollectiveBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CollectiveBackend::Auto => "auto",
+            CollectiveBackend::Nccl => "nccl",
+            CollectiveBackend::Ring => "ring",
+        })
+    }
 }
 
 fn default_grace() -> u64 {
@@ -228,6 +256,12 @@ impl Manifest {
                 return Err(Error::config(f, "must be > 0"));
             }
         }
+        if c.collective == CollectiveBackend::Nccl && c.device == Device::Cpu {
+            return Err(Error::config(
+                "cluster.collective",
+                "`nccl` needs CUDA workers, but cluster.device is `cpu` (use `auto` or `ring`)",
+            ));
+        }
         if c.coordinator.parse::<std::net::SocketAddr>().is_err() {
             return Err(Error::config(
                 "cluster.coordinator",
@@ -350,6 +384,17 @@ mod tests {
         let m = check(&manifest("", "d.h5ad")).unwrap();
         assert!(m.data.path.is_absolute() && m.checkpoint.url.ends_with("/ckpt"));
         assert_eq!((m.cluster.min_workers, m.cluster.max_workers), (1, 2));
+        assert_eq!(m.cluster.collective, CollectiveBackend::Auto);
+        for (text, want) in [
+            ("  collective: auto", CollectiveBackend::Auto),
+            ("  collective: nccl", CollectiveBackend::Nccl),
+            ("  collective: ring", CollectiveBackend::Ring),
+        ] {
+            assert_eq!(
+                check(&manifest(text, "d.h5ad")).unwrap().cluster.collective,
+                want
+            );
+        }
         let again = Manifest::parse(&m.to_yaml(), Path::new("x")).unwrap();
         assert_eq!(again, m);
     }
@@ -396,6 +441,20 @@ mod tests {
         assert_eq!(
             check(&text).unwrap_err().to_string(),
             "invalid config `model.n_heads`: 5 heads do not divide hidden size 128"
+        );
+        let e = check(&manifest("  collective: mpi", "d.h5ad"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cluster.collective") && e.contains("unknown variant `mpi`"),
+            "{e}"
+        );
+        let e = check(&manifest("  collective: nccl\n  device: cpu", "d.h5ad"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid config `cluster.collective`: `nccl` needs CUDA"),
+            "{e}"
         );
         let text = format!(
             "{}auth: {{token_env: SCFM_SURELY_UNSET_VAR}}\n",

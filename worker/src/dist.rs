@@ -17,6 +17,8 @@ use tonic::{Code, Request, Status};
 
 use crate::collective::{RingAbort, RingCollective, RingConfig};
 
+mod backend;
+
 /// The ring of the current generation, breakable from the heartbeat task.
 type AbortSlot = Arc<std::sync::Mutex<Option<(u64, RingAbort)>>>;
 use crate::error::{Result, WorkerError};
@@ -160,44 +162,6 @@ async fn connect(args: &JoinArgs, deadline: Instant) -> Result<Client> {
             }
         }
     }
-}
-
-/// Publishes (rank 0: `mine`) or fetches the NCCL unique id of `generation` through the
-/// coordinator, asking again until `deadline` while rank 0 has not published it.
-#[cfg(feature = "nccl")]
-fn exchange_nccl_id(
-    rt: &tokio::runtime::Runtime,
-    client: &mut Client,
-    worker_id: &str,
-    generation: u64,
-    mine: Option<Vec<u8>>,
-    deadline: Instant,
-) -> std::result::Result<Vec<u8>, crate::collective::CollectiveError> {
-    let fail = |reason: String| crate::collective::CollectiveError::Device {
-        op: crate::collective::Op::Handshake,
-        reason,
-    };
-    rt.block_on(async {
-        loop {
-            let req = pb::NcclIdRequest {
-                worker_id: worker_id.to_string(),
-                generation,
-                id: mine.clone().unwrap_or_default(),
-            };
-            // The coordinator answers within ~10 s (the id, or "not yet": empty).
-            match tokio::time::timeout(Duration::from_secs(30), client.exchange_nccl_id(req)).await
-            {
-                Ok(Ok(r)) if !r.get_ref().id.is_empty() => return Ok(r.into_inner().id),
-                Ok(Ok(_)) | Err(_) => {}
-                Ok(Err(s)) => return Err(fail(format!("NCCL id exchange: {}", s.message()))),
-            }
-            if Instant::now() >= deadline {
-                return Err(fail(format!(
-                    "no NCCL id for generation {generation} from rank 0 within the collective timeout"
-                )));
-            }
-        }
-    })
 }
 
 /// How long a worker asks again for a place that is held by workers a restarted
@@ -418,6 +382,7 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             generation: generation.clone(),
             checkpoint_url: manifest.checkpoint.url.clone(),
             abort,
+            collective: manifest.cluster.collective,
         },
     );
     let _ = fwd.join();
@@ -479,6 +444,8 @@ struct Gen {
     generation: Arc<AtomicU64>,
     checkpoint_url: String,
     abort: AbortSlot,
+    /// `cluster.collective`.
+    collective: scfm_common::manifest::CollectiveBackend,
 }
 
 /// Trains through the generations of an elastic cluster: for each assignment, forms the
@@ -494,6 +461,14 @@ fn run_generations(
     listener: TcpListener,
     g: Gen,
 ) -> Result<Option<RunSummary>> {
+    // A job that asks for NCCL fails here, before anything loads, when this worker lacks it.
+    let local = backend::probe(g.collective, spec.training.device)?;
+    let bctx = backend::BackendCtx {
+        setting: g.collective,
+        device: spec.training.device,
+        local: local.as_ref(),
+        timeout: g.timeout,
+    };
     // Data and model first, so that a worker joining a running job holds nobody up: it asks
     // for an assignment (which tells the coordinator it is ready) only once loaded.
     let placeholder = WorkerContext {
@@ -541,21 +516,17 @@ fn run_generations(
                 .map_err(|e| WorkerError::Internal(format!("ring listener: {e}")))?,
             RingConfig::new(a.generation, g.timeout),
         );
-        #[cfg(feature = "nccl")]
-        let ring = ring.and_then(|mut r| {
-            let cuda = !matches!(spec.training.device, scfm_common::config::Device::Cpu);
-            if cuda
-                && a.world_size > 1
-                && tch::Cuda::is_available()
-                && crate::collective::nccl::Nccl::available()
-            {
-                let deadline = Instant::now() + g.timeout;
-                r.attach_nccl(&mut |mine| {
-                    exchange_nccl_id(rt, client, id, a.generation, mine, deadline)
-                })?;
-            }
-            Ok(r)
-        });
+        // Every rank agrees on the backend of this generation (and forms NCCL if chosen).
+        let ring = match ring.map_err(Ok).and_then(|mut r| {
+            backend::set_backend(&mut r, &bctx, a.generation, &mut |mine, deadline| {
+                backend::exchange_nccl_id(rt, client, id, a.generation, mine, deadline)
+            })
+            .map(|()| r)
+        }) {
+            Ok(r) => Ok(r),
+            Err(Ok(e)) => Err(e),
+            Err(Err(fatal)) => return Err(fatal),
+        };
         let ring = match ring {
             Ok(r) => {
                 *g.abort.lock().unwrap_or_else(|p| p.into_inner()) =

@@ -31,6 +31,13 @@ pub enum WorkerError {
     /// The coordinator refused or failed a request.
     #[error("coordinator: {0}")]
     Coordinator(String),
+    /// The libtorch loaded at run time is not the one the worker was built against (or its
+    /// version cannot be told).
+    #[error("{0}")]
+    Libtorch(String),
+    /// The requested collective backend (`cluster.collective`) cannot be used.
+    #[error("collective backend: {0}")]
+    Backend(String),
     /// The requested device cannot be used.
     #[error("device: {0}")]
     Device(String),

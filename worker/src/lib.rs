@@ -7,6 +7,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod infer;
+pub mod libtorch;
 pub mod model;
 pub mod optim;
 pub mod params;
@@ -14,6 +15,7 @@ pub mod preempt;
 pub mod step;
 pub mod trainer;
 pub mod upload;
+pub mod versions;
 
 pub use error::{Result, WorkerError};
 pub mod bench;

@@ -175,6 +175,13 @@ enum Cmd {
         #[arg(long)]
         raw: bool,
     },
+    /// The libtorch this worker was built against and the one it loaded, CUDA, and where
+    /// NCCL is looked for and what loaded (runs even when the libtorch check fails).
+    Versions {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a fixed small model, inputs and outputs as safetensors for the PyTorch cross-check.
     Reference {
         /// Output directory.
@@ -334,6 +341,17 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     scfm_common::telemetry::init_logging(&cli.log_format);
     scfm_common::install_crypto_provider();
+    if let Cmd::Versions { json } = cli.cmd {
+        let v = scfm_worker::versions::report();
+        if json {
+            println!("{v}");
+        } else {
+            print!("{}", scfm_worker::versions::text(&v));
+        }
+        return Ok(());
+    }
+    // Before anything runs on libtorch: a different libtorch computes wrong results.
+    scfm_worker::libtorch::check()?;
     match cli.cmd {
         Cmd::Train {
             config,
@@ -618,6 +636,7 @@ fn main() -> Result<()> {
             eprintln!("wrote the tokens of {n} cells to {}", out.display());
         }
         Cmd::Reference { out } => scfm_worker::reference::export(&out)?,
+        Cmd::Versions { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! CPU collectives for data-parallel training: the [`Collective`] trait, the single-process
-//! [`LocalCollective`] and the TCP ring ([`RingCollective`]).
+//! [`LocalCollective`] and the TCP ring ([`RingCollective`]); with the `nccl` feature, NCCL
+//! for CUDA gradients (`nccl`), chosen per generation by [`backend`].
 //!
 //! Gradients live in one flat fp32 buffer
 //! that is all-reduced (mean) bucket by bucket with the classic reduce-scatter + all-gather
@@ -14,10 +15,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod backend;
 pub mod bench;
 mod link;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod nccl_lib;
 mod plan;
 mod ring;
 mod wire;

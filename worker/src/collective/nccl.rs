@@ -1,6 +1,8 @@
-//! NCCL all-reduce of CUDA gradients (cargo feature `nccl`), through cudarc's raw NCCL
-//! bindings. libcuda and libnccl are loaded at run time, so the feature builds anywhere;
-//! [`Nccl::available`] says whether they load here.
+//! NCCL all-reduce of CUDA gradients (cargo feature `nccl`). libnccl is loaded at run time
+//! from the places `nccl_lib` lists (the pip wheel's `libnccl.so.2` next to the loaded
+//! torch, `$SCFM_NCCL_LIBRARY`, the dynamic linker's search), so the feature builds
+//! anywhere; [`load`] says what was loaded or every place looked at and why each failed.
+//! Only the five NCCL functions used here are bound (their C ABI is stable across NCCL 2.x).
 //!
 //! The communicator is formed per generation over the ranks of the CPU ring. NCCL's unique
 //! id embeds the address of a bootstrap socket opened by the process that makes it, so
@@ -19,13 +21,185 @@
 //! Not verified on a GPU yet (no GPU was available where it was written): run
 //! `scripts/gpu-check.sh` on a CUDA machine.
 
-use std::mem::MaybeUninit;
-use std::sync::{Arc, Mutex};
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::nccl::{result, sys};
 use tch::{Device, Kind, Tensor};
 
+use super::nccl_lib::{Candidate, process_candidates};
 use super::{CollectiveError, Op};
+
+/// `ncclComm_t`.
+type RawHandle = *mut c_void;
+
+/// `ncclUniqueId`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UniqueId {
+    internal: [c_char; 128],
+}
+
+/// `ncclSuccess`.
+const SUCCESS: c_int = 0;
+/// `ncclFloat32`.
+const FLOAT32: c_int = 7;
+/// `ncclSum`.
+const SUM: c_int = 0;
+
+/// The loaded NCCL library and the functions scfm calls.
+pub struct NcclLib {
+    /// The file (or name) it was loaded from.
+    pub path: String,
+    /// `ncclGetVersion`, e.g. 22907 for 2.29.7.
+    pub version: i32,
+    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
+    comm_init_rank: unsafe extern "C" fn(*mut RawHandle, c_int, UniqueId, c_int) -> c_int,
+    #[allow(clippy::type_complexity)]
+    all_reduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        RawHandle,
+        *mut c_void,
+    ) -> c_int,
+    comm_abort: unsafe extern "C" fn(RawHandle) -> c_int,
+    comm_get_async_error: unsafe extern "C" fn(RawHandle, *mut c_int) -> c_int,
+    get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+    _lib: libloading::Library,
+}
+
+impl NcclLib {
+    /// `2.29.7` from [`NcclLib::version`].
+    pub fn version_string(&self) -> String {
+        let v = self.version;
+        if v >= 10000 {
+            format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100)
+        } else {
+            format!("{}.{}.{}", v / 1000, (v / 100) % 10, v % 100)
+        }
+    }
+
+    /// NCCL's text for a result code.
+    fn error_string(&self, code: c_int) -> String {
+        // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any code.
+        let p = unsafe { (self.get_error_string)(code) };
+        if p.is_null() {
+            return format!("NCCL error {code}");
+        }
+        // SAFETY: non-null, NUL-terminated, static.
+        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy();
+        format!("{s} (NCCL error {code})")
+    }
+
+    /// Loads the library at `path` (a file path or a name for the dynamic linker) and
+    /// resolves the functions scfm needs; checks that `ncclGetVersion` answers.
+    fn open(path: &str) -> Result<NcclLib, String> {
+        // SAFETY: loading NCCL runs its initialisers, which only set up its own state.
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
+        macro_rules! sym {
+            ($name:literal) => {
+                // SAFETY: the type is the NCCL 2.x C signature of the symbol.
+                *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
+                    .map_err(|e| format!("{} is missing: {e}", $name))?
+            };
+        }
+        let get_version: unsafe extern "C" fn(*mut c_int) -> c_int = sym!("ncclGetVersion");
+        let mut version: c_int = 0;
+        // SAFETY: `version` is a valid out-pointer.
+        let r = unsafe { get_version(&mut version) };
+        if r != SUCCESS || version <= 0 {
+            return Err(format!("ncclGetVersion failed (code {r})"));
+        }
+        Ok(NcclLib {
+            path: path.to_string(),
+            version,
+            get_unique_id: sym!("ncclGetUniqueId"),
+            comm_init_rank: sym!("ncclCommInitRank"),
+            all_reduce: sym!("ncclAllReduce"),
+            comm_abort: sym!("ncclCommAbort"),
+            comm_get_async_error: sym!("ncclCommGetAsyncError"),
+            get_error_string: sym!("ncclGetErrorString"),
+            _lib: lib,
+        })
+    }
+}
+
+/// Loads NCCL from the first of `candidates` that loads; the error names every candidate
+/// and why it failed.
+pub fn load_from(candidates: &[Candidate]) -> Result<NcclLib, String> {
+    let mut tried = Vec::new();
+    for c in candidates {
+        let path = match c {
+            Candidate::File(p) if !p.exists() => {
+                tried.push(format!("{c}: no such file"));
+                continue;
+            }
+            Candidate::File(p) => p.to_string_lossy().into_owned(),
+            Candidate::Name(n) => n.to_string(),
+        };
+        match NcclLib::open(&path) {
+            Ok(l) => return Ok(l),
+            Err(e) => tried.push(format!("{c}: {e}")),
+        }
+    }
+    Err(format!(
+        "no usable NCCL library; looked for: {} (set {} to the file, e.g. \
+         <site-packages>/nvidia/nccl/lib/libnccl.so.2 of the nvidia-nccl wheel)",
+        tried.join("; "),
+        super::nccl_lib::NCCL_LIBRARY_ENV
+    ))
+}
+
+/// The NCCL library of this process, loaded once from [`process_candidates`].
+pub fn load() -> Result<&'static NcclLib, &'static str> {
+    static LIB: OnceLock<Result<NcclLib, String>> = OnceLock::new();
+    LIB.get_or_init(|| load_from(&process_candidates()))
+        .as_ref()
+        .map_err(String::as_str)
+}
+
+/// The PCI bus id of CUDA device 0 of this process (after `CUDA_VISIBLE_DEVICES`), from
+/// the driver (`libcuda.so.1`): the physical GPU, as NCCL tells ranks apart; `None` without
+/// a driver or device.
+pub fn cuda_pci_bus_id() -> Option<String> {
+    type Init = unsafe extern "C" fn(c_int) -> c_int;
+    type DeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
+    type BusId = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> c_int;
+    // SAFETY: loading the CUDA driver library runs only its own initialisers.
+    let lib = unsafe { libloading::Library::new("libcuda.so.1") }.ok()?;
+    // SAFETY: the types are the CUDA driver API's C signatures of these symbols.
+    let (init, get, bus) = unsafe {
+        (
+            *lib.get::<Init>(b"cuInit\0").ok()?,
+            *lib.get::<DeviceGet>(b"cuDeviceGet\0").ok()?,
+            *lib.get::<BusId>(b"cuDeviceGetPCIBusId\0").ok()?,
+        )
+    };
+    let mut dev: c_int = 0;
+    let mut buf = [0 as c_char; 64];
+    // SAFETY: valid out-pointers; `buf` holds 64 bytes, as passed.
+    let ok =
+        unsafe { init(0) == 0 && get(&mut dev, 0) == 0 && bus(buf.as_mut_ptr(), 64, dev) == 0 };
+    // The library stays loaded (libtorch holds it too); the handle may close.
+    ok.then(|| {
+        // SAFETY: the driver wrote a NUL-terminated string into `buf`.
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// A short description of the loaded NCCL: `NCCL 2.29.7 (<path>)`.
+pub fn describe(lib: &NcclLib) -> String {
+    format!(
+        "NCCL {} ({})",
+        lib.version_string(),
+        PathBuf::from(&lib.path).display()
+    )
+}
 
 /// How rank 0's NCCL unique id reaches the other ranks of a generation: called with
 /// `Some(id)` on rank 0 (publish it) and with `None` on the others (fetch it); returns the
@@ -39,7 +213,7 @@ pub struct Nccl {
 }
 
 /// A communicator handed over from the init thread.
-struct RawComm(sys::ncclComm_t);
+struct RawComm(RawHandle);
 
 // SAFETY: the handle is only moved to the thread that then owns it; NCCL communicators
 // may be used from any thread.
@@ -47,7 +221,8 @@ unsafe impl Send for RawComm {}
 
 /// The raw communicator, shared by [`Nccl`] and the ring's abort handle.
 pub struct Comm {
-    raw: sys::ncclComm_t,
+    lib: &'static NcclLib,
+    raw: RawHandle,
     /// Whether it was aborted (NCCL has freed it then: it is never used again). Held
     /// while an operation is enqueued, so an abort never frees it under a call.
     aborted: Mutex<bool>,
@@ -66,7 +241,7 @@ impl Comm {
         if !*aborted {
             *aborted = true;
             // SAFETY: created by comm_init_rank and, with the flag now set, never used again.
-            let _ = unsafe { result::comm_abort(self.raw) };
+            let _ = unsafe { (self.lib.comm_abort)(self.raw) };
         }
     }
 }
@@ -78,20 +253,14 @@ impl Drop for Comm {
     }
 }
 
-fn nccl_err(op: Op, what: &str, e: result::NcclError) -> CollectiveError {
+fn nccl_err(lib: &NcclLib, op: Op, what: &str, code: c_int) -> CollectiveError {
     CollectiveError::Device {
         op,
-        reason: format!("NCCL {what} failed: {:?}", e.0),
+        reason: format!("NCCL {what} failed: {}", lib.error_string(code)),
     }
 }
 
 impl Nccl {
-    /// Whether libcuda and libnccl can be loaded on this machine.
-    pub fn available() -> bool {
-        // SAFETY: only probes whether the shared libraries load.
-        unsafe { cudarc::driver::sys::is_culib_present() && sys::is_culib_present() }
-    }
-
     /// Forms the communicator of rank `rank` of `world` on the current CUDA device: rank 0
     /// makes the unique id and publishes it through `exchange` (called with `Some(id)`),
     /// the other ranks fetch it (called with `None`); every rank then joins, within
@@ -102,14 +271,22 @@ impl Nccl {
         timeout: std::time::Duration,
         exchange: &mut IdExchange,
     ) -> Result<Self, CollectiveError> {
+        let lib = load().map_err(|e| CollectiveError::Device {
+            op: Op::Handshake,
+            reason: e.to_string(),
+        })?;
         let id = if rank == 0 {
-            let u =
-                result::get_uniqueid().map_err(|e| nccl_err(Op::Handshake, "get_uniqueid", e))?;
+            let mut u = UniqueId { internal: [0; 128] };
+            // SAFETY: `u` is a valid out-pointer.
+            let r = unsafe { (lib.get_unique_id)(&mut u) };
+            if r != SUCCESS {
+                return Err(nccl_err(lib, Op::Handshake, "ncclGetUniqueId", r));
+            }
             exchange(Some(u.internal.iter().map(|&c| c as u8).collect()))?
         } else {
             exchange(None)?
         };
-        let mut uid = sys::ncclUniqueId { internal: [0; 128] };
+        let mut uid = UniqueId { internal: [0; 128] };
         if id.len() != uid.internal.len() {
             return Err(CollectiveError::Device {
                 op: Op::Handshake,
@@ -126,14 +303,16 @@ impl Nccl {
         std::thread::Builder::new()
             .name("scfm-nccl-init".into())
             .spawn(move || {
-                let mut comm = MaybeUninit::<sys::ncclComm_t>::uninit();
+                let mut comm: RawHandle = std::ptr::null_mut();
                 // SAFETY: `comm` is a valid out-pointer; every rank calls this with the
                 // same id.
-                let r = unsafe {
-                    result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32)
-                };
-                // SAFETY: initialised by a successful comm_init_rank.
-                let _ = tx.send(r.map(|_| RawComm(unsafe { comm.assume_init() })));
+                let r =
+                    unsafe { (lib.comm_init_rank)(&mut comm, world as c_int, uid, rank as c_int) };
+                let _ = tx.send(if r == SUCCESS {
+                    Ok(RawComm(comm))
+                } else {
+                    Err(r)
+                });
             })
             .map_err(|e| CollectiveError::Device {
                 op: Op::Handshake,
@@ -141,7 +320,7 @@ impl Nccl {
             })?;
         let raw = match rx.recv_timeout(timeout) {
             Ok(Ok(RawComm(raw))) => raw,
-            Ok(Err(e)) => return Err(nccl_err(Op::Handshake, "comm_init_rank", e)),
+            Ok(Err(code)) => return Err(nccl_err(lib, Op::Handshake, "ncclCommInitRank", code)),
             Err(_) => {
                 return Err(CollectiveError::Device {
                     op: Op::Handshake,
@@ -155,6 +334,7 @@ impl Nccl {
         tracing::info!(rank, world, "NCCL communicator formed");
         Ok(Nccl {
             comm: Arc::new(Comm {
+                lib,
                 raw,
                 aborted: Mutex::new(false),
             }),
@@ -199,18 +379,20 @@ impl Nccl {
             // SAFETY: `ptr` addresses `n` fp32 values on this rank's device; in-place
             // all-reduce is allowed; the null stream is torch's default (legacy) stream;
             // the communicator is live (not aborted, and the lock keeps it so).
-            unsafe {
-                result::all_reduce(
+            let r = unsafe {
+                (self.comm.lib.all_reduce)(
                     ptr,
                     ptr,
                     n,
-                    sys::ncclDataType_t::ncclFloat32,
-                    sys::ncclRedOp_t::ncclSum,
+                    FLOAT32,
+                    SUM,
                     self.comm.raw,
                     std::ptr::null_mut(),
                 )
+            };
+            if r != SUCCESS {
+                return Err(nccl_err(self.comm.lib, op, "ncclAllReduce", r));
             }
-            .map_err(|e| nccl_err(op, "all_reduce", e))?;
         }
         // An abort from the heartbeat thread ends a reduction that waits for a lost peer.
         tch::Cuda::synchronize(device as i64);
@@ -218,13 +400,18 @@ impl Nccl {
         if *aborted {
             return Err(broken());
         }
-        let mut state = sys::ncclResult_t::ncclSuccess;
+        let mut state: c_int = SUCCESS;
         // SAFETY: the communicator is live (checked under the lock); `state` outlives the call.
-        let r = unsafe { sys::ncclCommGetAsyncError(self.comm.raw, &mut state) };
-        if r != sys::ncclResult_t::ncclSuccess || state != sys::ncclResult_t::ncclSuccess {
+        let r = unsafe { (self.comm.lib.comm_get_async_error)(self.comm.raw, &mut state) };
+        if r != SUCCESS || state != SUCCESS {
+            let lib = self.comm.lib;
             return Err(CollectiveError::Device {
                 op,
-                reason: format!("NCCL reports {state:?} (query: {r:?})"),
+                reason: format!(
+                    "NCCL reports {} (query: {})",
+                    lib.error_string(state),
+                    lib.error_string(r)
+                ),
             });
         }
         drop(aborted);
@@ -232,5 +419,49 @@ impl Nccl {
             let _ = t.shallow_clone().g_div_scalar_(self.world as f64);
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_missing_or_broken_library_is_named_with_why() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("libnccl.so.2");
+        std::fs::write(&fake, b"not a shared library").unwrap();
+        let missing = d.path().join("nope/libnccl.so.2");
+        let e = load_from(&[
+            Candidate::File(missing.clone()),
+            Candidate::File(fake.clone()),
+        ])
+        .err()
+        .unwrap();
+        assert!(
+            e.starts_with("no usable NCCL library; looked for: ")
+                && e.contains(&format!("{}: no such file", missing.display()))
+                && e.contains(&format!("{}: ", fake.display()))
+                && e.contains("SCFM_NCCL_LIBRARY"),
+            "{e}"
+        );
+    }
+
+    /// The CUDA torch wheel that scripts/setup.sh installs brings `nvidia-nccl-cu13`:
+    /// its `libnccl.so.2` is found next to the loaded torch and loads (no GPU needed).
+    #[test]
+    fn the_wheel_library_next_to_torch_loads() {
+        let c = process_candidates();
+        let Some(path) = super::super::nccl_lib::first_existing(&c) else {
+            eprintln!(
+                "SKIPPED: no libnccl.so.2 next to the loaded torch (a CPU torch wheel?): {c:?}"
+            );
+            return;
+        };
+        let lib = load_from(&c).unwrap();
+        assert_eq!(Path::new(&lib.path), path);
+        assert!(lib.version >= 20000, "{}", lib.version);
+        assert!(describe(&lib).starts_with("NCCL 2."), "{}", describe(&lib));
     }
 }

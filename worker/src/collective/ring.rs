@@ -79,17 +79,24 @@ impl std::fmt::Debug for RingCollective {
 }
 
 impl RingCollective {
-    /// Forms an NCCL communicator over this ring's ranks (rank 0's unique id reaches the
-    /// others through `exchange`: the coordinator); CUDA gradients are then all-reduced by
-    /// NCCL.
+    /// Forms an NCCL communicator over this ring's ranks within `timeout` (rank 0's unique
+    /// id reaches the others through `exchange`: the coordinator); CUDA gradients are then
+    /// all-reduced by NCCL.
     #[cfg(feature = "nccl")]
     pub fn attach_nccl(
         &mut self,
+        timeout: std::time::Duration,
         exchange: &mut super::nccl::IdExchange,
     ) -> Result<(), CollectiveError> {
-        let n = super::nccl::Nccl::new(self.rank, self.world, self.config.timeout, exchange)?;
+        let n = super::nccl::Nccl::new(self.rank, self.world, timeout, exchange)?;
         self.nccl = Some(n);
         Ok(())
+    }
+
+    /// Drops the NCCL communicator (aborting it): gradients go over the ring again.
+    #[cfg(feature = "nccl")]
+    pub fn detach_nccl(&mut self) {
+        self.nccl = None;
     }
 
     /// A handle that breaks this ring (and aborts its NCCL communicator) from another
