@@ -19,6 +19,9 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 # The NCCL path (feature `nccl`) cannot run without a GPU, but it must keep compiling.
 cargo clippy --release -p scfm-worker --features nccl --all-targets -- -D warnings
 cargo test --release --workspace
+# The NCCL loader and backend choice as built with `nccl`: the torch wheel's real
+# libnccl.so.2 is found next to torch and loads (no GPU needed), CUDA's absence is named.
+cargo test --release -p scfm-worker --features nccl --lib -- collective:: libtorch::
 # SCFM_TEST_CONTAINER=1: also build the local CPU image (deploy/container) and run
 # `scfm presets` inside it (~1 min; installs mmdebstrap, podman, runc, patchelf).
 SCFM_TEST_CONTAINER=1 SCFM_WORKER_BIN="$PWD/target/release/scfm-worker" .venv/bin/python -m pytest tests/python -q

@@ -185,6 +185,11 @@ for bin in "$WORKER" "$COORD"; do
     esac
   done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }')
 done
+# The file that names libtorch's version, where the worker reads it at start (the folder
+# above lib/): without it the worker refuses to run (a libtorch it cannot tell apart).
+for f in version.py build-version; do
+  if [ -f "$TORCH_ROOT/$f" ]; then cp "$TORCH_ROOT/$f" "$ROOTFS/opt/$(basename "$TORCH_ROOT")/$f"; fi
+done
 install -d "$ROOTFS/usr/local/bin"
 for bin in "$WORKER" "$COORD"; do
   out=$ROOTFS/usr/local/bin/$(basename "$bin")
@@ -258,6 +263,7 @@ if [ "$RUN" = 1 ]; then
     if out=$("${podman_run[@]}" "$TAG" scfm presets 2>"$WORK/run.err"); then
       printf '%s\n' "$out"
       "${podman_run[@]}" "$TAG" scfm-worker --version
+      versions=$("${podman_run[@]}" "$TAG" scfm-worker versions)
       ran="podman run ($TAG)"
     else
       cat "$WORK/run.err" >&2
@@ -270,10 +276,15 @@ if [ "$RUN" = 1 ]; then
              PATH=/usr/local/bin:/usr/bin:/bin)
     "${in_root[@]}" scfm presets
     "${in_root[@]}" scfm-worker --version
+    versions=$("${in_root[@]}" scfm-worker versions)
     ran="chroot $ROOTFS (no container runtime)"
     KEEP_ROOTFS=1
   fi
-  log "ran scfm presets and scfm-worker --version with $ran in $(since "$t") s"
+  printf '%s\n' "$versions" | sed 's/^/[image] versions: /' >&2
+  if printf '%s\n' "$versions" | grep 'libtorch check: FAILED' >&2; then
+    die "scfm-worker would refuse the image's libtorch"
+  fi
+  log "ran scfm presets, scfm-worker --version and versions with $ran in $(since "$t") s"
 fi
 if [ "$KEEP_ROOTFS" = 0 ] && [ ${#podman_run[@]} -gt 0 ]; then
   rm -rf "$ROOTFS"
