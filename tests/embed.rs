@@ -39,23 +39,25 @@ fn python() -> String {
     })
 }
 
-fn embed(model: &Path, input: &Path, out: &Path) {
-    ok(
-        &worker(&[
-            "embed",
-            model.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--batch-size",
-            "50",
-        ]),
+/// The arguments of an embedding on CPU in batches of 50.
+fn embed_args<'a>(model: &'a Path, input: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
         "embed",
-    );
+        model.to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--batch-size",
+        "50",
+    ]
+}
+
+fn embed(model: &Path, input: &Path, out: &Path) {
+    ok(&worker(&embed_args(model, input, out)), "embed");
 }
 
 #[test]
@@ -67,22 +69,7 @@ fn embed_export_and_evaluate_on_real_cells() {
     // Twice: identical bytes.
     let (a, b) = (dir.path().join("a.h5ad"), dir.path().join("b.h5ad"));
     embed(&run, &input, &a);
-    ok(
-        &scfm(&[
-            "embed",
-            run.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "--out",
-            b.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--batch-size",
-            "50",
-        ]),
-        "scfm embed",
-    );
+    ok(&scfm(&embed_args(&run, &input, &b)), "scfm embed");
     assert!(
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
         "the same embedding run twice gave different files"
