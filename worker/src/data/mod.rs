@@ -115,7 +115,8 @@ fn view_of(
         &[stream_id, e, u64::from(c.shard), u64::from(c.row), view],
     );
     // Library-size augmentation first (it needs the cell's own counts), then CellMix.
-    let thinned = (aug.downsample > 0.0)
+    // (No draw for a cell of unknown depth: its stream stays as without the augmentation.)
+    let thinned = (aug.downsample > 0.0 && r.depth.is_finite() && r.depth > 0.0)
         .then(|| {
             let p = 1.0 - aug.downsample * rng.uniform();
             thin::thin(r.genes, r.values, r.depth, p, &mut rng)

@@ -214,9 +214,7 @@ fn prepared_shards_exactly_once_and_equal_to_source() {
     let m = src.read(0, 0, 100).unwrap();
     let whole = mem.read(0, 0, 400).unwrap();
     let hits = (0..100)
-        .filter(|&r| {
-            (0..400).any(|q| whole.x.row(q) == m.x.row(r) && whole.depth[q] == m.depth[r])
-        })
+        .filter(|&r| (0..400).any(|q| whole.x.row(q) == m.x.row(r) && whole.depth[q] == m.depth[r]))
         .count();
     assert_eq!(hits, 100);
 }
@@ -263,7 +261,10 @@ fn downsampled_views_are_thinned_real_counts() {
     // Counts come back from the values and depths: integers, summing to the depth.
     for r in &rows {
         let counts: Vec<f32> = r.values.iter().map(|v| v.exp_m1() * r.depth).collect();
-        assert!(counts.iter().all(|c| (c - c.round()).abs() < 1e-2), "{counts:?}");
+        assert!(
+            counts.iter().all(|c| (c - c.round()).abs() < 1e-2),
+            "{counts:?}"
+        );
         let total: f32 = counts.iter().sum();
         assert!((total / r.depth - 1e4).abs() < 1.0);
     }
@@ -271,6 +272,7 @@ fn downsampled_views_are_thinned_real_counts() {
     let tok = Tokenizer::new(&model);
     let plain = Augment {
         gene_dropout: 0.0,
+        downsample: 0.0,
         ..Augment::default()
     };
     let thinned = Augment {
