@@ -494,6 +494,52 @@ fn changed_settings_are_refused_with_the_difference_and_fresh_starts_over() {
     assert!(err.contains("discarded earlier checkpoints"), "{err}");
 }
 
+/// A job of `max_steps` on a fixed port of 127.0.0.1 (so that a relaunched coordinator
+/// is found at the same address) with the shared token `token`; `edit` changes the
+/// manifest's text. Returns the manifest and the port.
+fn fixed_port_job(
+    d: &std::path::Path,
+    max_steps: u64,
+    token: &str,
+    edit: impl Fn(String) -> String,
+) -> (std::path::PathBuf, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let training = format!(
+        "  batch_size: 8\n  max_steps: {max_steps}\n  eval_every: 1000\n  log_every: 10\n  threads: 1"
+    );
+    let cluster = format!("  max_workers: 2\n  coordinator: 127.0.0.1:{port}\n  heartbeat_ms: 200");
+    let m = write_manifest(d, &d.join("ckpt"), TINY, &training, &cluster);
+    let text = edit(std::fs::read_to_string(&m).unwrap());
+    std::fs::write(&m, format!("{text}auth:\n  token: {token}\n")).unwrap();
+    (m, port)
+}
+
+/// `scfm launch MANIFEST` with its stderr piped.
+fn launch_logged(m: &std::path::Path) -> std::process::Child {
+    Command::new(bin("scfm"))
+        .arg("launch")
+        .arg(m)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A worker joining the coordinator on `port` of 127.0.0.1 with `token`.
+fn join_fixed(port: u16, token: &str, stderr: std::process::Stdio) -> std::process::Child {
+    Command::new(bin("scfm-worker"))
+        .args(["join", "--bind", "127.0.0.1", "--coordinator"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .env("SCFM_TOKEN", token)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 /// The coordinator is killed (SIGKILL) mid-run and started again on the same address:
 /// it adopts the running workers from `coordinator.json` (they keep training and
 /// reconnect), and the run completes.
@@ -501,39 +547,12 @@ fn changed_settings_are_refused_with_the_difference_and_fresh_starts_over() {
 fn a_restarted_coordinator_adopts_the_running_workers() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let training =
-        "  batch_size: 8\n  max_steps: 600\n  eval_every: 1000\n  log_every: 10\n  threads: 1";
-    let cluster = format!("  max_workers: 2\n  coordinator: 127.0.0.1:{port}\n  heartbeat_ms: 200");
-    let m = write_manifest(d, &d.join("ckpt"), TINY, training, &cluster);
-    let mut text = std::fs::read_to_string(&m).unwrap();
-    text.push_str("auth:\n  token: restart-test\n");
-    std::fs::write(&m, text).unwrap();
-    let launch = || {
-        Command::new(bin("scfm"))
-            .arg("launch")
-            .arg(&m)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let (m, port) = fixed_port_job(d, 600, "restart-test", |t| t);
+    let launch = || launch_logged(&m);
     let mut first = launch();
     let (rx, _r1) = lines(first.stderr.take().unwrap());
     let mut workers: Vec<std::process::Child> = (0..2)
-        .map(|_| {
-            Command::new(bin("scfm-worker"))
-                .args(["join", "--bind", "127.0.0.1", "--coordinator"])
-                .arg(format!("http://127.0.0.1:{port}"))
-                .env("SCFM_TOKEN", "restart-test")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+        .map(|_| join_fixed(port, "restart-test", std::process::Stdio::null()))
         .collect();
     loop {
         let line = rx
@@ -577,39 +596,16 @@ fn a_restarted_coordinator_adopts_the_running_workers() {
 fn a_job_killed_whole_restarts_with_new_workers() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let training =
-        "  batch_size: 8\n  max_steps: 400\n  eval_every: 1000\n  log_every: 10\n  threads: 1";
-    let cluster = format!("  max_workers: 2\n  coordinator: 127.0.0.1:{port}\n  heartbeat_ms: 200");
-    let m = write_manifest(d, &d.join("ckpt"), TINY, training, &cluster);
-    let text = std::fs::read_to_string(&m)
-        .unwrap()
-        .replace("worker_timeout_s: 20", "worker_timeout_s: 3")
-        .replace("every_steps: 1000", "every_steps: 50");
-    std::fs::write(&m, format!("{text}auth:\n  token: kill-test\n")).unwrap();
-    let launch = || {
-        Command::new(bin("scfm"))
-            .arg("launch")
-            .arg(&m)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let (m, port) = fixed_port_job(d, 400, "kill-test", |t| {
+        t.replace("worker_timeout_s: 20", "worker_timeout_s: 3")
+            .replace("every_steps: 1000", "every_steps: 50")
+    });
+    let launch = || launch_logged(&m);
     let workers = |log: &str| -> Vec<std::process::Child> {
         (0..2)
             .map(|i| {
-                Command::new(bin("scfm-worker"))
-                    .args(["join", "--bind", "127.0.0.1", "--coordinator"])
-                    .arg(format!("http://127.0.0.1:{port}"))
-                    .env("SCFM_TOKEN", "kill-test")
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::fs::File::create(d.join(format!("{log}{i}.log"))).unwrap())
-                    .spawn()
-                    .unwrap()
+                let f = std::fs::File::create(d.join(format!("{log}{i}.log"))).unwrap();
+                join_fixed(port, "kill-test", f.into())
             })
             .collect()
     };

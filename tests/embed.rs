@@ -16,6 +16,12 @@ fn worker(args: &[&str]) -> std::process::Output {
     run_with_timeout(Command::new(bin("scfm-worker")).args(args), LIMIT)
 }
 
+/// The same commands through the `scfm` front end (it runs `scfm-worker` with the same
+/// arguments).
+fn scfm(args: &[&str]) -> std::process::Output {
+    run_with_timeout(Command::new(bin("scfm")).args(args), LIMIT)
+}
+
 fn ok(o: &std::process::Output, what: &str) {
     assert!(
         o.status.success(),
@@ -33,23 +39,25 @@ fn python() -> String {
     })
 }
 
-fn embed(model: &Path, input: &Path, out: &Path) {
-    ok(
-        &worker(&[
-            "embed",
-            model.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--batch-size",
-            "50",
-        ]),
+/// The arguments of an embedding on CPU in batches of 50.
+fn embed_args<'a>(model: &'a Path, input: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
         "embed",
-    );
+        model.to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--batch-size",
+        "50",
+    ]
+}
+
+fn embed(model: &Path, input: &Path, out: &Path) {
+    ok(&worker(&embed_args(model, input, out)), "embed");
 }
 
 #[test]
@@ -61,7 +69,7 @@ fn embed_export_and_evaluate_on_real_cells() {
     // Twice: identical bytes.
     let (a, b) = (dir.path().join("a.h5ad"), dir.path().join("b.h5ad"));
     embed(&run, &input, &a);
-    embed(&run, &input, &b);
+    ok(&scfm(&embed_args(&run, &input, &b)), "scfm embed");
     assert!(
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
         "the same embedding run twice gave different files"
@@ -70,13 +78,13 @@ fn embed_export_and_evaluate_on_real_cells() {
     // Through an export folder: the same embedding.
     let export = dir.path().join("export");
     ok(
-        &worker(&[
+        &scfm(&[
             "export",
             run.to_str().unwrap(),
             "--out",
             export.to_str().unwrap(),
         ]),
-        "export",
+        "scfm export",
     );
     for f in ["config.json", "model.safetensors", "vocab.tsv", "README.md"] {
         assert!(export.join(f).is_file(), "export lacks {f}");
@@ -118,7 +126,7 @@ print("ok")
     // Evaluation: the table with both baselines, every metric a number.
     let ev = dir.path().join("eval");
     ok(
-        &worker(&[
+        &scfm(&[
             "evaluate",
             run.to_str().unwrap(),
             input.to_str().unwrap(),
@@ -193,5 +201,45 @@ fn embed_refuses_an_input_without_the_models_genes() {
     assert!(
         !dir.path().join("x.h5ad").exists(),
         "a partial output was left"
+    );
+}
+
+/// `scfm presets --genes N` prints the parameter count of the model a worker builds for
+/// N genes.
+#[test]
+fn presets_table_matches_a_built_model() {
+    let o = scfm(&["presets", "--genes", "765"]);
+    ok(&o, "scfm presets");
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    let minimal: u64 = table
+        .lines()
+        .find(|l| l.starts_with("minimal"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no minimal row:\n{table}"));
+    for name in ["default", "large"] {
+        assert!(table.lines().any(|l| l.starts_with(name)), "{table}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("train.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data:\n  path: {}\nmodel:\n  preset: minimal\ntraining:\n  batch_size: 8\n  max_steps: 1\n  eval_every: 1000\n  threads: 1\n  device: cpu\ncheckpoint:\n  url: {}\n  every_steps: 1000\n",
+            dataset("pbmc68k_counts.h5ad").display(),
+            dir.path().join("run").display()
+        ),
+    )
+    .unwrap();
+    let o = worker(&["train", "--config", cfg.to_str().unwrap()]);
+    ok(&o, "train minimal");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains(&format!("scfm model: {minimal} parameters (765 genes")),
+        "presets says {minimal} for minimal with 765 genes; the worker built:\n{out}"
     );
 }

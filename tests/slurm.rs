@@ -174,6 +174,39 @@ fn final_params(ckpt: &Path) -> Vec<u8> {
     std::fs::read(ckpt.join("ckpt-000000600/model.safetensors")).unwrap()
 }
 
+/// Submits job `name`, stops it mid-run with `stop` (a Slurm command; the job id is
+/// appended), releases the requeued job at once (Slurm holds it back for a while), waits
+/// for it to complete and checks it resumed and ended with the parameters `want`.
+/// Returns its output.
+fn preempt_and_resume(
+    slurm: &Slurm,
+    root: &Path,
+    name: &str,
+    stop: &[&str],
+    want: &[u8],
+) -> String {
+    let long = Duration::from_secs(300);
+    let (m, ckpt) = manifest(root, name, CLUSTER);
+    let (id, out) = slurm.submit(&m, name);
+    wait_output(&out, "train step=50 ", long);
+    let mut args = stop[1..].to_vec();
+    args.push(&id);
+    slurm.run(stop[0], &args);
+    slurm.wait_state(&id, &out, "PENDING", 1, long);
+    slurm.run(
+        "scontrol",
+        &["update", &format!("JobId={id}"), "StartTime=now"],
+    );
+    slurm.wait_state(&id, &out, "COMPLETED", 1, long);
+    let log = read(&out);
+    assert!(log.contains("resuming from a verified checkpoint"), "{log}");
+    assert!(
+        final_params(&ckpt) == want,
+        "job {name} ended with other parameters than the uninterrupted one:\n{log}"
+    );
+    log
+}
+
 #[test]
 fn slurm_job_trains_requeues_resumes_and_cancels() {
     let Some(slurm) = Slurm::start() else { return };
@@ -195,45 +228,20 @@ fn slurm_job_trains_requeues_resumes_and_cancels() {
 
     // (2) Requeued from outside mid-run: Slurm sends TERM to the script and the workers,
     // which agree a stop and checkpoint; the job comes back and resumes.
-    let (mb, ckpt_b) = manifest(work.path(), "b", CLUSTER);
-    let (b, out_b) = slurm.submit(&mb, "b");
-    wait_output(&out_b, "train step=50 ", long);
-    slurm.run("scontrol", &["requeue", &b]);
-    slurm.wait_state(&b, &out_b, "PENDING", 1, long);
-    // Slurm holds a requeued job back for a while; release it now.
-    slurm.run(
-        "scontrol",
-        &["update", &format!("JobId={b}"), "StartTime=now"],
-    );
-    slurm.wait_state(&b, &out_b, "COMPLETED", 1, long);
-    let log = read(&out_b);
+    let log = preempt_and_resume(&slurm, work.path(), "b", &["scontrol", "requeue"], &want);
     assert!(log.contains("preempted at step"), "{log}");
-    assert!(log.contains("resuming from a verified checkpoint"), "{log}");
-    assert!(
-        final_params(&ckpt_b) == want,
-        "the requeued job ended with other parameters than the uninterrupted one:\n{log}"
-    );
     phase("requeued job done");
 
     // (3) TERM to the batch script (what `--signal=B:TERM@GRACE` sends before the time
     // limit): the script checkpoints the job and requeues it itself.
-    let (mc, ckpt_c) = manifest(work.path(), "c", CLUSTER);
-    let (c, out_c) = slurm.submit(&mc, "c");
-    wait_output(&out_c, "train step=50 ", long);
-    slurm.run("scancel", &["--signal=TERM", "--batch", &c]);
-    slurm.wait_state(&c, &out_c, "PENDING", 1, long);
-    slurm.run(
-        "scontrol",
-        &["update", &format!("JobId={c}"), "StartTime=now"],
+    let log = preempt_and_resume(
+        &slurm,
+        work.path(),
+        "c",
+        &["scancel", "--signal=TERM", "--batch"],
+        &want,
     );
-    slurm.wait_state(&c, &out_c, "COMPLETED", 1, long);
-    let log = read(&out_c);
     assert!(log.contains("requeueing the job to resume"), "{log}");
-    assert!(log.contains("resuming from a verified checkpoint"), "{log}");
-    assert!(
-        final_params(&ckpt_c) == want,
-        "the self-requeued job ended with other parameters than the uninterrupted one:\n{log}"
-    );
     phase("self-requeued job done");
 
     // (4) scancel: a clean checkpoint, and the job is not requeued.

@@ -33,16 +33,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use scfm_common::config::{Augment, DataConfig, ModelConfig, TrainSpec};
-use scfm_common::data::CsrMatrix;
 use scfm_common::data::h5ad::MatrixSource;
 use scfm_common::data::h5ad::rows::H5adRows;
 use scfm_common::data::h5ad::write::Codec;
 use scfm_common::data::prepared::{PrepareSettings, PreparedDataset, prepare};
-use scfm_common::data::preprocess::normalize_log1p_matrix;
 use scfm_common::rng::Rng;
 use scfm_common::tokenizer::{Batch, Tokenizer};
 use scfm_worker::data::{
-    Blocks, CellSource, Loader, LoaderConfig, OrderConfig, SampleOrder, open_source, stream,
+    Block, Blocks, CellSource, Loader, LoaderConfig, OrderConfig, SampleOrder, open_source, stream,
 };
 use scfm_worker::trainer::{RunOptions, Trainer};
 
@@ -285,11 +283,11 @@ impl CellSource for Timed {
     fn identity(&self) -> String {
         "timed".into()
     }
-    fn read(&self, shard: u32, a: usize, b: usize) -> scfm_worker::Result<CsrMatrix> {
+    fn read(&self, shard: u32, a: usize, b: usize) -> scfm_worker::Result<Block> {
         let t = Instant::now();
-        let mut x = self.rows[shard as usize].read(a, b)?;
+        let x = self.rows[shard as usize].read(a, b)?;
         let t1 = Instant::now();
-        normalize_log1p_matrix(&mut x, 1e4);
+        let x = Block::from_counts(x, 1e4);
         self.read_ns
             .fetch_add((t1 - t).as_nanos() as u64, Ordering::Relaxed);
         self.norm_ns
@@ -347,7 +345,7 @@ fn stages(
         for view in 0..2u64 {
             for ((m, r), (e, c)) in located.iter().zip(&keyed) {
                 let key = [stream::VIEW, *e, c.shard.into(), c.row.into(), view];
-                let (g, v) = m.row(*r);
+                let (g, v) = m.x.row(*r);
                 seqs.push(tok.tokenize(g, v, Some(&aug), true, &mut Rng::new(0, &key)));
             }
         }

@@ -110,6 +110,7 @@ pub fn export(out: &Path) -> Result<()> {
                     key: (0, CellRef { shard: 0, row: r }),
                     genes,
                     values,
+                    depth: f32::NAN,
                 }
             })
             .collect();

@@ -54,6 +54,13 @@ pub struct Augment {
     pub cellmix_prob: f64,
     /// Weight of the other cell in a CellMix (the view keeps `1 - cellmix_alpha`).
     pub cellmix_alpha: f64,
+    /// Library-size augmentation: each view keeps a fraction `p ~ U(1 - downsample, 1)`
+    /// of the cell's counts (binomial thinning of every gene's count) and is normalised
+    /// again, so the two views of a cell differ in depth and the contrastive loss cannot
+    /// use depth to tell cells apart. 0 turns it off; must be in `[0, 1)`; default 0.8.
+    /// Needs counts (the depths of the source's cells; cells of unknown depth are left as
+    /// they are).
+    pub downsample: f64,
 }
 
 impl Default for Augment {
@@ -63,6 +70,7 @@ impl Default for Augment {
             noise_std: 0.0,
             cellmix_prob: 0.0,
             cellmix_alpha: 0.2,
+            downsample: 0.8,
         }
     }
 }
@@ -212,6 +220,7 @@ impl TrainingConfig {
         for (f, p) in [
             ("augment.gene_dropout", a.gene_dropout),
             ("augment.cellmix_prob", a.cellmix_prob),
+            ("augment.downsample", a.downsample),
         ] {
             if !(0.0..1.0).contains(&p) {
                 return err(f, format!("{p} is outside [0, 1)"));

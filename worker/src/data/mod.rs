@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod source;
+pub mod thin;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -12,12 +13,11 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use scfm_common::config::{Augment, ModelConfig};
-use scfm_common::data::CsrMatrix;
 pub use scfm_common::data::order::{CellRef, OrderConfig, SampleOrder, advance};
 use scfm_common::rng::Rng;
 use scfm_common::tokenizer::{Batch, CellTokens, Profiles, Tokenizer, cellmix};
 
-pub use self::source::{CellSource, MemorySource, PreparedSource, open_source};
+pub use self::source::{Block, CellSource, MemorySource, PreparedSource, open_source};
 use crate::error::{Result, WorkerError};
 
 /// Random-stream identifiers (first element of every derived stream).
@@ -43,6 +43,9 @@ pub struct Row<'a> {
     pub genes: &'a [u32],
     /// Their log1p-normalised values.
     pub values: &'a [f32],
+    /// The cell's depth, `total counts / target_sum` (NaN when unknown): its counts are
+    /// `expm1(value) * depth`.
+    pub depth: f32,
 }
 
 /// Builds the two-view batch of `rows`: rows `0..B` are view 0, rows `B..2B` view 1.
@@ -111,17 +114,25 @@ fn view_of(
         seed,
         &[stream_id, e, u64::from(c.shard), u64::from(c.row), view],
     );
+    // Library-size augmentation first (it needs the cell's own counts), then CellMix.
+    // (No draw for a cell of unknown depth: its stream stays as without the augmentation.)
+    let thinned = (aug.downsample > 0.0 && r.depth.is_finite() && r.depth > 0.0)
+        .then(|| {
+            let p = 1.0 - aug.downsample * rng.uniform();
+            thin::thin(r.genes, r.values, r.depth, p, &mut rng)
+        })
+        .flatten();
+    let (g, v) = match &thinned {
+        Some((g, v)) => (&g[..], &v[..]),
+        None => (r.genes, r.values),
+    };
     let mixed;
     let (g, v) = if aug.cellmix_prob > 0.0 && rows.len() > 1 && rng.uniform() < aug.cellmix_prob {
         let o = &rows[(i + 1 + rng.below(rows.len() as u64 - 1) as usize) % rows.len()];
-        mixed = cellmix(
-            (r.genes, r.values),
-            (o.genes, o.values),
-            aug.cellmix_alpha as f32,
-        );
+        mixed = cellmix((g, v), (o.genes, o.values), aug.cellmix_alpha as f32);
         (&mixed.0[..], &mixed.1[..])
     } else {
-        (r.genes, r.values)
+        (g, v)
     };
     tok.tokenize(g, v, Some(aug), true, &mut rng)
 }
@@ -131,7 +142,7 @@ pub struct Blocks {
     src: Arc<dyn CellSource>,
     block: usize,
     cap: usize,
-    map: HashMap<(u32, u32), Arc<CsrMatrix>>,
+    map: HashMap<(u32, u32), Arc<Block>>,
     lru: VecDeque<(u32, u32)>,
     shard_cells: Vec<usize>,
     /// Blocks read from the source so far.
@@ -153,7 +164,7 @@ impl Blocks {
     }
 
     /// The blocks holding `cells` (loaded as needed) and each cell's row in its block.
-    pub fn locate(&mut self, cells: &[CellRef]) -> Result<Vec<(Arc<CsrMatrix>, usize)>> {
+    pub fn locate(&mut self, cells: &[CellRef]) -> Result<Vec<(Arc<Block>, usize)>> {
         let mut out = Vec::with_capacity(cells.len());
         for c in cells {
             let key = (c.shard, c.row / self.block as u32);
@@ -206,8 +217,13 @@ pub fn batch_of(
         .iter()
         .zip(cells)
         .map(|((m, r), &key)| {
-            let (genes, values) = m.row(*r);
-            Row { key, genes, values }
+            let (genes, values) = m.x.row(*r);
+            Row {
+                key,
+                genes,
+                values,
+                depth: m.depth[*r],
+            }
         })
         .collect();
     Ok(build_batch_threads(

@@ -26,12 +26,47 @@ pub trait CellSource: Send + Sync {
     fn vocab(&self) -> Vec<VocabEntry>;
     /// A digest of what the data is (vocabulary and content), for checkpoint compatibility.
     fn identity(&self) -> String;
-    /// Rows `a..b` of shard `shard`, normalised (normalize_total + log1p).
-    fn read(&self, shard: u32, a: usize, b: usize) -> Result<CsrMatrix>;
+    /// Rows `a..b` of shard `shard`, normalised (normalize_total + log1p), with each
+    /// row's sequencing depth.
+    fn read(&self, shard: u32, a: usize, b: usize) -> Result<Block>;
     /// Starts fetching and verifying shards in the background, in this order.
     fn prefetch(&self, _order: Vec<u32>) {}
     /// What it is, for logs.
     fn describe(&self) -> String;
+}
+
+/// Rows of cells as the model reads them: log1p-normalised values and, per row, the
+/// depth `total counts / target_sum` that normalisation divided by (NaN when unknown), so
+/// the counts are `expm1(value) * depth` (the library-size augmentation thins them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// Normalised values (`normalize_total(target_sum)` then `log1p`).
+    pub x: CsrMatrix,
+    /// Each row's depth (`total / target_sum`), NaN when unknown.
+    pub depth: Vec<f32>,
+}
+
+impl Block {
+    /// Normalises raw counts `x` to `target_sum` and log1p, keeping each row's depth.
+    pub fn from_counts(mut x: CsrMatrix, target_sum: f64) -> Block {
+        let depth = (0..x.n_rows)
+            .map(|r| {
+                let (a, b) = (x.indptr[r] as usize, x.indptr[r + 1] as usize);
+                let total = x.data[a..b].iter().fold(0f64, |s, &v| s + f64::from(v)) as f32;
+                total / target_sum as f32
+            })
+            .collect();
+        normalize_log1p_matrix(&mut x, target_sum);
+        Block { x, depth }
+    }
+
+    /// Rows `rows` of the block.
+    pub fn select_rows(&self, rows: &[usize]) -> Block {
+        Block {
+            x: self.x.select_rows(rows),
+            depth: rows.iter().map(|&r| self.depth[r]).collect(),
+        }
+    }
 }
 
 /// Opens the data of `cfg`: a prepared dataset when the path is a URL or a directory
@@ -46,7 +81,7 @@ pub fn open_source(cfg: &DataConfig) -> Result<Arc<dyn CellSource>> {
 
 /// One input file in memory (a single shard).
 pub struct MemorySource {
-    x: CsrMatrix,
+    x: Block,
     identity: String,
     path: PathBuf,
     var_names: Vec<String>,
@@ -75,21 +110,23 @@ impl MemorySource {
             );
             x = x.select_rows(&nonempty);
         }
-        normalize_log1p_matrix(&mut x, cfg.target_sum);
         Ok(MemorySource {
-            x,
+            x: Block::from_counts(x, cfg.target_sum),
             identity: sha256_hex(ds.var_names.join("\n").as_bytes()),
             path: path.clone(),
             var_names: ds.var_names,
         })
     }
 
-    /// From a normalised matrix (tests and benchmarks).
+    /// From a normalised matrix (tests and benchmarks; the depths are unknown).
     pub fn from_matrix(x: CsrMatrix) -> MemorySource {
         MemorySource {
             identity: format!("matrix {}x{}", x.n_rows, x.n_cols),
             var_names: (0..x.n_cols).map(|c| format!("gene{c}")).collect(),
-            x,
+            x: Block {
+                depth: vec![f32::NAN; x.n_rows],
+                x,
+            },
             path: PathBuf::from("<memory>"),
         }
     }
@@ -97,10 +134,10 @@ impl MemorySource {
 
 impl CellSource for MemorySource {
     fn shard_cells(&self) -> Vec<usize> {
-        vec![self.x.n_rows]
+        vec![self.x.x.n_rows]
     }
     fn n_genes(&self) -> usize {
-        self.x.n_cols
+        self.x.x.n_cols
     }
     fn vocab(&self) -> Vec<VocabEntry> {
         self.var_names
@@ -114,11 +151,11 @@ impl CellSource for MemorySource {
     fn identity(&self) -> String {
         self.identity.clone()
     }
-    fn read(&self, shard: u32, a: usize, b: usize) -> Result<CsrMatrix> {
-        if shard != 0 || a > b || b > self.x.n_rows {
+    fn read(&self, shard: u32, a: usize, b: usize) -> Result<Block> {
+        if shard != 0 || a > b || b > self.x.x.n_rows {
             return Err(WorkerError::Internal(format!(
                 "rows {a}..{b} of shard {shard} requested from a single-matrix source of {} rows",
-                self.x.n_rows
+                self.x.x.n_rows
             )));
         }
         Ok(self.x.select_rows(&(a..b).collect::<Vec<_>>()))
@@ -127,8 +164,8 @@ impl CellSource for MemorySource {
         format!(
             "{} ({} cells x {} genes, in memory)",
             self.path.display(),
-            self.x.n_rows,
-            self.x.n_cols
+            self.x.x.n_rows,
+            self.x.x.n_cols
         )
     }
 }
@@ -222,10 +259,9 @@ impl CellSource for PreparedSource {
         let shas: Vec<&str> = m.shards.iter().map(|s| s.sha256.as_str()).collect();
         sha256_hex(format!("{}\n{}", m.vocab_sha256, shas.join("\n")).as_bytes())
     }
-    fn read(&self, shard: u32, a: usize, b: usize) -> Result<CsrMatrix> {
-        let mut x = self.rows(shard)?.read(a, b)?;
-        normalize_log1p_matrix(&mut x, self.target_sum);
-        Ok(x)
+    fn read(&self, shard: u32, a: usize, b: usize) -> Result<Block> {
+        let x = self.rows(shard)?.read(a, b)?;
+        Ok(Block::from_counts(x, self.target_sum))
     }
     fn prefetch(&self, order: Vec<u32>) {
         self.cache.prefetch(order);

@@ -2,6 +2,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use scfm_common::config::DataConfig;
+use scfm_common::data::CsrMatrix;
 use scfm_common::data::prepared::{PrepareSettings, prepare};
 
 use super::*;
@@ -213,7 +214,7 @@ fn prepared_shards_exactly_once_and_equal_to_source() {
     let m = src.read(0, 0, 100).unwrap();
     let whole = mem.read(0, 0, 400).unwrap();
     let hits = (0..100)
-        .filter(|&r| (0..400).any(|q| whole.row(q) == m.row(r)))
+        .filter(|&r| (0..400).any(|q| whole.x.row(q) == m.x.row(r) && whole.depth[q] == m.depth[r]))
         .count();
     assert_eq!(hits, 100);
 }
@@ -236,4 +237,59 @@ fn a_damaged_shard_is_reported_and_never_read() {
         e.contains("shard-000002.h5ad") && e.contains("sha256") && e.contains("damaged"),
         "{e}"
     );
+}
+
+/// The library-size augmentation on real counts: with `downsample` the two views of a
+/// cell come from differently thinned counts (fewer genes, other values), the depths the
+/// source read are those of the file, and `downsample: 0` leaves the batch as before.
+#[test]
+fn downsampled_views_are_thinned_real_counts() {
+    let src = open_source(&data_config(&data("pbmc68k_counts.h5ad"))).unwrap();
+    let m = src.read(0, 0, 32).unwrap();
+    assert!(m.depth.iter().all(|d| d.is_finite() && *d > 0.0));
+    let rows: Vec<Row> = (0..32u32)
+        .map(|r| {
+            let (genes, values) = m.x.row(r as usize);
+            Row {
+                key: (0, CellRef { shard: 0, row: r }),
+                genes,
+                values,
+                depth: m.depth[r as usize],
+            }
+        })
+        .collect();
+    // Counts come back from the values and depths: integers, summing to the depth.
+    for r in &rows {
+        let counts: Vec<f32> = r.values.iter().map(|v| v.exp_m1() * r.depth).collect();
+        assert!(
+            counts.iter().all(|c| (c - c.round()).abs() < 1e-2),
+            "{counts:?}"
+        );
+        let total: f32 = counts.iter().sum();
+        assert!((total / r.depth - 1e4).abs() < 1.0);
+    }
+    let model = ModelConfig::preset("minimal").unwrap();
+    let tok = Tokenizer::new(&model);
+    let plain = Augment {
+        gene_dropout: 0.0,
+        downsample: 0.0,
+        ..Augment::default()
+    };
+    let thinned = Augment {
+        downsample: 0.9,
+        ..plain.clone()
+    };
+    let a = build_batch(&rows, &tok, &plain, 3, stream::VIEW);
+    let b = build_batch(&rows, &tok, &thinned, 3, stream::VIEW);
+    assert_eq!(a, build_batch(&rows, &tok, &plain, 3, stream::VIEW));
+    assert_eq!(b, build_batch(&rows, &tok, &thinned, 3, stream::VIEW));
+    let tokens = |x: &Batch| x.genes.iter().filter(|&&g| g != 0).count();
+    assert!(
+        tokens(&b) < tokens(&a) * 9 / 10,
+        "thinned views keep {} of {} tokens",
+        tokens(&b),
+        tokens(&a)
+    );
+    // The GEPC targets stay the clean cells.
+    assert_eq!(a.profiles, b.profiles);
 }
