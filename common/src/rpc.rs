@@ -12,8 +12,10 @@ use std::net::SocketAddr;
 use crate::error::{Error, Result};
 
 /// Version of the coordinator protocol; checked on every register, heartbeat and status
-/// request.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// request. 7: the manifest handed to workers carries `cluster.collective` (and the ranks
+/// of a generation vote on the backend over the ring), and a register may be deferred
+/// (UNAVAILABLE) while a restarted coordinator's places are held by taken-over workers.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";
