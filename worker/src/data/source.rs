@@ -9,7 +9,7 @@ use scfm_common::config::DataConfig;
 use scfm_common::data::CsrMatrix;
 use scfm_common::data::h5ad::rows::H5adRows;
 use scfm_common::data::prepared::{PreparedDataset, VocabEntry};
-use scfm_common::data::preprocess::{check_counts, normalize_log1p_matrix};
+use scfm_common::data::preprocess::{check_counts, normalize_log1p};
 use scfm_common::data::read::{ReadOptions, read_any};
 use scfm_common::storage::sha256_hex;
 
@@ -52,11 +52,9 @@ impl Block {
         let depth = (0..x.n_rows)
             .map(|r| {
                 let (a, b) = (x.indptr[r] as usize, x.indptr[r + 1] as usize);
-                let total = x.data[a..b].iter().fold(0f64, |s, &v| s + f64::from(v)) as f32;
-                total / target_sum as f32
+                normalize_log1p(&mut x.data[a..b], target_sum)
             })
             .collect();
-        normalize_log1p_matrix(&mut x, target_sum);
         Block { x, depth }
     }
 

@@ -86,16 +86,17 @@ pub fn check_counts_at(
 /// `log1p(v / (total / target_sum))` for one cell's stored values, in place, with the
 /// arithmetic of [`normalize::normalize_total`] + [`normalize::log1p`] (scanpy's): the
 /// total is a float64 sum stored as f32, the factor `total / target` is f32, and values are
-/// divided by it in f32. A cell with zero total is left as is.
+/// divided by it in f32. A cell with zero total is left as is. Returns the factor (the
+/// cell's depth, `total / target_sum`), so the counts are `expm1(value) * factor`.
 ///
 /// Small integer counts repeat within a cell, so their results are computed once per
 /// cell (the same expression, so the values are identical).
-pub fn normalize_log1p(values: &mut [f32], target_sum: f64) {
+pub fn normalize_log1p(values: &mut [f32], target_sum: f64) -> f32 {
     let total = values.iter().fold(0f64, |s, &v| s + f64::from(v)) as f32;
-    if total <= 0.0 {
-        return;
-    }
     let factor = total / target_sum as f32;
+    if total <= 0.0 {
+        return factor;
+    }
     let mut table = [f32::NAN; 64];
     for v in values.iter_mut() {
         // `as i32` is one instruction (`as usize` is several on x86-64); a value that is
@@ -110,6 +111,7 @@ pub fn normalize_log1p(values: &mut [f32], target_sum: f64) {
             *v = (*v / factor).ln_1p();
         }
     }
+    factor
 }
 
 /// Applies [`normalize_log1p`] to every row of `x`.
