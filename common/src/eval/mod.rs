@@ -67,6 +67,11 @@ pub struct EvalOptions {
     pub leiden_iterations: i32,
     /// k-means settings (`threads` is overridden by [`EvalOptions::threads`]).
     pub kmeans: KMeansOptions,
+    /// Independent k-means runs (seeds `seed`, `seed + 1`, …), each the best of
+    /// `kmeans.n_init` restarts; the k-means scores are their mean. With k = the number of
+    /// labels, runs whose inertia differs by 1–3% can differ by 0.3 in ARI, so one run is
+    /// too noisy to compare embeddings by.
+    pub kmeans_runs: usize,
     /// Threads (0: all cores); no result depends on it.
     pub threads: usize,
 }
@@ -83,6 +88,7 @@ impl Default for EvalOptions {
             resolutions: default_resolutions(),
             leiden_iterations: -1,
             kmeans: KMeansOptions::default(),
+            kmeans_runs: 5,
             threads: 0,
         }
     }
@@ -112,10 +118,14 @@ pub struct Metrics {
     pub leiden_resolution: f64,
     /// Number of Leiden clusters at that resolution.
     pub leiden_n_clusters: usize,
-    /// k-means (k = number of labels): ARI against the labels.
+    /// k-means (k = number of labels): ARI against the labels, mean over
+    /// [`EvalOptions::kmeans_runs`] runs.
     pub kmeans_ari: f64,
-    /// k-means: NMI against the labels.
+    /// k-means: NMI against the labels, mean over the runs.
     pub kmeans_nmi: f64,
+    /// The lowest and highest ARI of the k-means runs.
+    #[serde(default)]
+    pub kmeans_ari_range: (f64, f64),
     /// Cell-type ASW, `(silhouette + 1) / 2`.
     pub asw_celltype: f64,
     /// Batch ASW (with batches; `None` also when no label has two or more batches).
@@ -215,7 +225,22 @@ pub fn evaluate_embedding_with(
         threads: opts.threads,
         ..opts.kmeans.clone()
     };
-    let km = kmeans(emb, n_labels, seed, &km_opts)?;
+    if opts.kmeans_runs == 0 {
+        return Err(Error::eval("kmeans_runs must be at least 1"));
+    }
+    let mut km_ari = Vec::with_capacity(opts.kmeans_runs);
+    let mut km_nmi = 0.0;
+    for run in 0..opts.kmeans_runs as u64 {
+        let km = kmeans(emb, n_labels, seed.wrapping_add(run), &km_opts)?;
+        km_ari.push(adjusted_rand_score(labels, &km.labels));
+        km_nmi += normalized_mutual_info_score(labels, &km.labels);
+    }
+    let runs = km_ari.len() as f64;
+    let kmeans_ari_range = km_ari
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &a| {
+            (lo.min(a), hi.max(a))
+        });
     tracing::debug!(seconds = t.elapsed().as_secs_f64(), "evaluate: k-means");
 
     Ok(Metrics {
@@ -229,8 +254,9 @@ pub fn evaluate_embedding_with(
         leiden_nmi: leiden.best.nmi,
         leiden_resolution: leiden.best.resolution,
         leiden_n_clusters: leiden.best.n_clusters,
-        kmeans_ari: adjusted_rand_score(labels, &km.labels),
-        kmeans_nmi: normalized_mutual_info_score(labels, &km.labels),
+        kmeans_ari: km_ari.iter().sum::<f64>() / runs,
+        kmeans_nmi: km_nmi / runs,
+        kmeans_ari_range,
         asw_celltype,
         asw_batch,
         graph_connectivity: connectivity,

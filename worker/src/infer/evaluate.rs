@@ -306,12 +306,14 @@ pub fn columns(with_batches: bool) -> Vec<Column> {
 /// One line of the main scores.
 fn summary(m: &EvalMetrics) -> String {
     format!(
-        "kNN acc {:.3}, macro-F1 {:.3}, Leiden ARI {:.3} (resolution {}), k-means ARI {:.3}, ASW {:.3}",
+        "kNN acc {:.3}, macro-F1 {:.3}, Leiden ARI {:.3} (resolution {}), k-means ARI {:.3} ({:.3}-{:.3}), ASW {:.3}",
         m.knn_accuracy,
         m.knn_macro_f1,
         m.leiden_ari,
         m.leiden_resolution,
         m.kmeans_ari,
+        m.kmeans_ari_range.0,
+        m.kmeans_ari_range.1,
         m.asw_celltype
     )
 }
@@ -358,6 +360,24 @@ pub fn markdown(ev: &Evaluation) -> String {
     s.push('\n');
     for r in &ev.rows {
         s.push_str(&format!("- **{}**: {}\n", r.embedding, r.description));
+    }
+    if let Some(r) = ev.rows.first() {
+        let o = scfm_common::eval::EvalOptions::default();
+        let ranges: Vec<String> = ev
+            .rows
+            .iter()
+            .map(|r| {
+                let (lo, hi) = r.metrics.kmeans_ari_range;
+                format!("{} {lo:.3}–{hi:.3}", r.embedding)
+            })
+            .collect();
+        s.push_str(&format!(
+            "\nk-means: k = {} labels; each score is the mean of {} runs (each the best of {} restarts); the runs' ARI ranged: {}.\n",
+            r.metrics.n_labels,
+            o.kmeans_runs,
+            o.kmeans.n_init,
+            ranges.join(", ")
+        ));
     }
     s.push_str("\n## Reconstruction (masked expression, the model's own objective)\n\n| model | masked tokens | MGEM loss | masked-bin accuracy | masked Pearson | GEPC Pearson |\n|---|---:|---:|---:|---:|---:|\n");
     for (name, r) in &ev.reconstruction {

@@ -28,6 +28,43 @@ fn clusters(k: usize, m: usize, d: usize, seed: u64) -> (Vec<f32>, Vec<u32>, Vec
     (x, labels, batches)
 }
 
+/// The k-means scores are the mean over `kmeans_runs` runs seeded `seed`, `seed + 1`, …,
+/// and the range spans them.
+#[test]
+fn kmeans_scores_are_the_mean_of_the_runs() {
+    // Overlapping clusters, so that runs with different seeds disagree.
+    let (k, m, d) = (5, 30, 3);
+    let mut rng = Rng::new(7, &[]);
+    let x: Vec<f32> = (0..k * m * d).map(|_| rng.normal() as f32).collect();
+    let labels: Vec<u32> = (0..k * m).map(|i| (i % k) as u32).collect();
+    let emb = Embedding::new(&x, k * m, d).unwrap();
+    let opts = EvalOptions {
+        kmeans_runs: 3,
+        ..Default::default()
+    };
+    let met = evaluate_embedding_with(&emb, &labels, None, 11, &opts).unwrap();
+    let aris: Vec<f64> = (11..14)
+        .map(|s| adjusted_rand_score(&labels, &kmeans(&emb, k, s, &opts.kmeans).unwrap().labels))
+        .collect();
+    let nmis: Vec<f64> = (11..14)
+        .map(|s| {
+            normalized_mutual_info_score(&labels, &kmeans(&emb, k, s, &opts.kmeans).unwrap().labels)
+        })
+        .collect();
+    assert!((met.kmeans_ari - aris.iter().sum::<f64>() / 3.0).abs() < 1e-12);
+    assert!((met.kmeans_nmi - nmis.iter().sum::<f64>() / 3.0).abs() < 1e-12);
+    let lo = aris.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = aris.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(met.kmeans_ari_range, (lo, hi));
+    assert!(lo < hi, "the runs differ on this input: {aris:?}");
+    let none = EvalOptions {
+        kmeans_runs: 0,
+        ..Default::default()
+    };
+    let e = evaluate_embedding_with(&emb, &labels, None, 11, &none).unwrap_err();
+    assert!(e.to_string().contains("kmeans_runs"), "{e}");
+}
+
 #[test]
 fn separated_clusters_score_perfectly() {
     let (k, m, d) = (4, 40, 6);

@@ -477,6 +477,7 @@ fn cross_check(
     // The entry point gives the same numbers as the parts.
     let opts = EvalOptions {
         shuffle_folds: true,
+        kmeans_runs: 1,
         ..Default::default()
     };
     let m = evaluate_embedding_with(&emb, labels, Some(batches), SEED, &opts).unwrap();
