@@ -82,6 +82,9 @@ class ScfmConfig:
     mask_ratio: float = 0.15  # used by the training tokenizer only
     w_gepc: float = 0.0  # serde default: 0 leaves the GEPC decoder out
     subsample: str = "random"  # "random" | "top": the training tokenizer's choice in deep cells
+    # "log1p" | "scaled": the GEPC decoder predicts each gene's log1p value, or that value
+    # standardised by the gene's mean and std over the training data (clipped to ±10)
+    gepc_target: str = "log1p"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScfmConfig":
@@ -115,6 +118,8 @@ class ScfmConfig:
             raise ValueError(f"unknown pooling {self.pooling!r}")
         if self.subsample not in ("random", "top"):
             raise ValueError(f"unknown subsample {self.subsample!r}")
+        if self.gepc_target not in ("log1p", "scaled"):
+            raise ValueError(f"unknown gepc_target {self.gepc_target!r}")
         if self.expression == "binned" and self.n_bins < 2:
             raise ValueError("binned expression needs n_bins >= 2")
         for name in ("w_mgem", "w_contrastive", "w_gepc"):

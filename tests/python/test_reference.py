@@ -35,7 +35,7 @@ from scfm_ref import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[2]
-CASES = ["binned_cls", "continuous_sin_mean", "binned_learned", "binned_gepc"]
+CASES = ["binned_cls", "continuous_sin_mean", "binned_learned", "binned_gepc", "continuous_gepc_scaled"]
 ATOL = 1e-5
 #: Relative part of the tolerance for the float32 global gradient norms (see below).
 NORM_RTOL = 2e-6
@@ -100,6 +100,11 @@ class Case:
         """Whether the case's model has the GEPC decoder."""
         return self.model_cfg.get("w_gepc", 0.0) > 0
 
+    @property
+    def scaled(self) -> bool:
+        """Whether the GEPC targets are standardised per gene (``gepc_target: scaled``)."""
+        return self.has_gepc and self.model_cfg.get("gepc_target", "log1p") == "scaled"
+
     def model(self) -> ScfmRef:
         """A fresh PyTorch model holding the exported initial weights (strict load)."""
         m = ScfmRef.from_config(self.model_cfg, self.n_genes)
@@ -146,6 +151,8 @@ def test_export_is_consistent(case: Case):
     assert sum(t.numel() for t in case.weights.values()) == case.meta["n_params"]
     gepc_keys = {"profile", "out.gepc", "loss.gepc"}
     assert gepc_keys <= set(case.io) if case.has_gepc else not gepc_keys & set(case.io)
+    scaled_keys = {"profile_log1p", "cells", "gene_mean", "gene_std"}
+    assert scaled_keys <= set(case.io) if case.scaled else not scaled_keys & set(case.io)
 
 
 def test_gepc_profiles_are_the_clean_cells(case: Case):
@@ -154,7 +161,7 @@ def test_gepc_profiles_are_the_clean_cells(case: Case):
     if not case.has_gepc:
         pytest.skip("no GEPC decoder in this case")
     b = case.batch
-    profile = b["profile"]
+    profile = case.io["profile_log1p"] if case.scaled else b["profile"]
     n = b["genes"].shape[0]
     assert profile.shape == (n, case.n_genes)
     assert torch.equal(profile[: n // 2], profile[n // 2 :])
@@ -162,6 +169,23 @@ def test_gepc_profiles_are_the_clean_cells(case: Case):
     rows = torch.arange(n).unsqueeze(1).expand_as(b["genes"])[gene_tokens]
     cols = b["genes"][gene_tokens] - 2
     assert torch.equal(profile[rows, cols], b["target_values"][gene_tokens])
+
+
+def test_scaled_gepc_targets_are_the_standardised_profiles(case: Case):
+    """With ``gepc_target: scaled`` the decoder's targets are each gene's log1p value
+    standardised by the gene's population mean and std over the cells (std 1 for a gene
+    without variation), clipped to ±10, as ``sc.pp.scale(max_value=10)`` with ddof 0."""
+    if not case.scaled:
+        pytest.skip("GEPC targets not scaled in this case")
+    cells = case.io["cells"].double()
+    mean = cells.mean(0)
+    std = cells.std(0, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    assert_close(case.io["gene_mean"], mean.float(), "gene means", atol=1e-6)
+    assert_close(case.io["gene_std"], std.float(), "gene stds", atol=1e-6)
+    assert (case.io["gene_std"] == 1).any(), "the toy data should have a gene without variation"
+    want = ((case.io["profile_log1p"].double() - mean) / std).clamp(-10, 10)
+    assert_close(case.batch["profile"], want.float(), "standardised profiles", atol=1e-5)
 
 
 def test_forward_and_losses_match_rust(case: Case):

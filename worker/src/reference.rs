@@ -11,11 +11,13 @@
 use std::path::Path;
 
 use scfm_common::config::ModelConfig;
+use scfm_common::config::model::GepcTarget;
 use scfm_common::data::CsrMatrix;
 use scfm_common::tokenizer::Tokenizer;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::checkpoint::tensors_to_safetensors;
+use crate::data::gene_stats::{GeneScale, matrix_stats};
 use crate::data::{CellRef, Row, build_batch, stream};
 use crate::error::{Result, WorkerError};
 use crate::model::{Inputs, Outputs, ScfmModel};
@@ -51,6 +53,10 @@ fn cases() -> Vec<(&'static str, &'static str)> {
         (
             "binned_gepc",
             "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nn_bins: 7\npooling: mean\nw_gepc: 0.7\ndropout: 0.0",
+        ),
+        (
+            "continuous_gepc_scaled",
+            "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_target: scaled\ndropout: 0.0",
         ),
     ]
 }
@@ -115,12 +121,37 @@ pub fn export(out: &Path) -> Result<()> {
             })
             .collect();
         let batch = build_batch(&rows, &tok, &aug, 7, stream::VIEW);
-        // The dense profiles (the GEPC targets) only for a model with the decoder.
-        let inputs = Inputs::from_batch_with_profiles(
+        // The dense profiles (the GEPC targets) only for a model with the decoder,
+        // standardised by the genes' statistics over the cells when the model says so.
+        let mut inputs = Inputs::from_batch_with_profiles(
             &batch,
             Device::Cpu,
             cfg.has_gepc().then_some(n_genes),
         );
+        let mut scaled: Vec<(String, Tensor)> = Vec::new();
+        if cfg.gepc_target == GepcTarget::Scaled
+            && let Some(p) = inputs.profile.take()
+        {
+            let stats = matrix_stats(&x, n_genes)?;
+            let n = x.n_rows as i64;
+            let mut dense = vec![0f32; x.n_rows * n_genes];
+            for r in 0..x.n_rows {
+                let (g, v) = x.row(r);
+                for (&c, &val) in g.iter().zip(v) {
+                    dense[r * n_genes + c as usize] = val;
+                }
+            }
+            scaled = vec![
+                ("profile_log1p".into(), p.shallow_clone()),
+                (
+                    "cells".into(),
+                    Tensor::from_slice(&dense).view([n, n_genes as i64]),
+                ),
+                ("gene_mean".into(), Tensor::from_slice(&stats.mean)),
+                ("gene_std".into(), Tensor::from_slice(&stats.std)),
+            ];
+            inputs.profile = Some(GeneScale::new(&stats, Device::Cpu).apply(&p));
+        }
         params.zero_grad();
         let out = model.forward(&inputs, false);
         let (mgem, con, gepc, total) = losses(&model, &out, &inputs);
@@ -148,6 +179,7 @@ pub fn export(out: &Path) -> Result<()> {
             io.push(("out.gepc".into(), pred.detach()));
             io.push(("loss.gepc".into(), g.detach().reshape([1])));
         }
+        io.append(&mut scaled);
         for s in &params.slots {
             io.push((
                 format!("grad.{}", s.name),

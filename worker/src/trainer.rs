@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use scfm_common::config::TrainSpec;
+use scfm_common::config::model::GepcTarget;
 use scfm_common::rng::derive_seed;
 use scfm_common::storage::{Store, sha256_hex};
+use scfm_common::tokenizer::Batch;
 use scfm_common::tokenizer::Tokenizer;
 use serde::Serialize;
 use tch::{Device, Kind, nn};
 
 use crate::checkpoint::{self, TrainState};
 use crate::collective::{Collective, LocalCollective};
+use crate::data::gene_stats::{GeneScale, SAMPLE_CELLS, SAMPLE_RUN, gene_stats};
 use crate::data::{
     Blocks, CellSource, Keyed, Loader, LoaderConfig, OrderConfig, SampleOrder, StepData, advance,
     batch_of, open_source, stream,
@@ -108,6 +111,8 @@ pub struct Trainer {
     tainted: bool,
     /// The vocabulary as `vocab.tsv` (a checkpoint part).
     vocab_tsv: bytes::Bytes,
+    /// What the GEPC targets are standardised by (`model.gepc_target: scaled`).
+    gepc_scale: Option<GeneScale>,
 }
 
 /// How this trainer fits in a cluster.
@@ -190,6 +195,18 @@ impl Trainer {
             },
         );
         tracing::info!(data = %source.describe(), genes = n_genes, train = order.n_train(), val = order.validation().len(), "data opened");
+        let gepc_scale = if spec.model.has_gepc() && spec.model.gepc_target == GepcTarget::Scaled {
+            let t0 = Instant::now();
+            let st = gene_stats(source.as_ref(), SAMPLE_CELLS, SAMPLE_RUN)?;
+            tracing::info!(
+                cells = st.n_cells,
+                seconds = t0.elapsed().as_secs_f64(),
+                "GEPC targets standardised by the genes' mean and std on a sample of the data"
+            );
+            Some(GeneScale::new(&st, device))
+        } else {
+            None
+        };
 
         tch::manual_seed(derive_seed(t.seed, &[0]) as i64);
         let vs = nn::VarStore::new(device);
@@ -274,6 +291,7 @@ impl Trainer {
             uploader: Uploader::new(),
             tainted: false,
             vocab_tsv: bytes::Bytes::from(scfm_common::data::prepared::vocab_tsv(&source_vocab)),
+            gepc_scale,
         };
         if opts.resume || opts.resume_dir.is_some() {
             tr.resume(opts.resume_dir.as_deref())?;
@@ -342,17 +360,23 @@ impl Trainer {
         self.model.cfg.has_gepc().then_some(self.model.n_genes)
     }
 
+    /// A batch as model inputs on the device, with its GEPC targets (standardised when the
+    /// model says so).
+    fn inputs(&self, b: &Batch) -> Inputs {
+        let mut x = Inputs::from_batch_with_profiles(b, self.device, self.gepc_genes());
+        if let Some(scale) = &self.gepc_scale {
+            x.profile = x.profile.map(|p| scale.apply(&p));
+        }
+        x
+    }
+
     /// Runs one optimizer step on `data`.
     pub fn train_step(&mut self, data: &StepData) -> Result<StepStats> {
         let t = &self.spec.training;
         let step = self.state.step;
         let start = Instant::now();
         self.params.zero_grad();
-        let inputs: Vec<Inputs> = data
-            .micro
-            .iter()
-            .map(|b| Inputs::from_batch_with_profiles(b, self.device, self.gepc_genes()))
-            .collect();
+        let inputs: Vec<Inputs> = data.micro.iter().map(|b| self.inputs(b)).collect();
         let l = forward_backward(
             &self.model,
             &inputs,
@@ -424,10 +448,7 @@ impl Trainer {
                     stream::EVAL,
                     1,
                 )?;
-                let l = self.model.losses(
-                    &Inputs::from_batch_with_profiles(&b, self.device, self.gepc_genes()),
-                    false,
-                );
+                let l = self.model.losses(&self.inputs(&b), false);
                 let c = chunk.len() as f64;
                 tot += l.total.double_value(&[]) * c;
                 mg += l.mgem * c;

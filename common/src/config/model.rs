@@ -53,6 +53,21 @@ pub enum Pooling {
     Mean,
 }
 
+/// What the GEPC decoder predicts for each vocabulary gene of a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GepcTarget {
+    /// The log1p-normalised expression itself: its squared error is dominated by the
+    /// highly expressed genes.
+    #[default]
+    Log1p,
+    /// The log1p-normalised expression standardised per gene, `(x - mean) / std` clipped
+    /// to ±10, with the genes' mean and standard deviation measured on a sample of the
+    /// training cells at start: every gene counts alike, as in scanpy's `scale` before PCA,
+    /// so the cell embedding must carry the rare cell types' marker genes too.
+    Scaled,
+}
+
 /// The model architecture and its loss settings. See `configs/models/*.yaml` for the
 /// presets and a comment on every field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +112,9 @@ pub struct ModelConfig {
     /// 0 leaves the decoder out of the model.
     #[serde(default)]
     pub w_gepc: f64,
+    /// What the GEPC decoder predicts (absent in older configurations: `log1p`).
+    #[serde(default)]
+    pub gepc_target: GepcTarget,
     /// Cell-embedding pooling.
     pub pooling: Pooling,
 }

@@ -4,6 +4,7 @@
 //! builds this worker's batches ahead of the trainer.
 
 pub mod cache;
+pub mod gene_stats;
 pub mod source;
 pub mod thin;
 

@@ -10,9 +10,11 @@ use serde::Serialize;
 use tch::{Kind, Reduction, Tensor};
 
 use super::load::ModelBundle;
+use crate::data::gene_stats::{GeneScale, matrix_stats};
 use crate::error::Result;
 use crate::model::Inputs;
 use scfm_common::config::ExpressionEncoding;
+use scfm_common::config::model::GepcTarget;
 
 /// Random stream of the evaluation masks.
 const MASK_STREAM: u64 = 0x6576_616c; // "eval"
@@ -101,6 +103,14 @@ pub fn reconstruction(
     let rows: Vec<usize> = (0..x.n_rows)
         .filter(|&r| x.indptr[r + 1] > x.indptr[r])
         .collect();
+    // Standardised GEPC targets are standardised by the statistics of these cells.
+    let scale = match (cfg.has_gepc(), cfg.gepc_target) {
+        (true, GepcTarget::Scaled) if !rows.is_empty() => Some(GeneScale::new(
+            &matrix_stats(x, bundle.vocab.len())?,
+            device,
+        )),
+        _ => None,
+    };
     tch::no_grad(|| -> Result<()> {
         for chunk in rows.chunks(batch_size.max(1)) {
             let toks: Vec<_> = chunk
@@ -114,7 +124,10 @@ pub fn reconstruction(
             let mut b = Batch::collate(&toks);
             b.set_profiles(Profiles::from_rows(chunk.iter().map(|&r| x.row(r))));
             let genes = cfg.has_gepc().then_some(bundle.vocab.len());
-            let inputs = Inputs::from_batch_with_profiles(&b, device, genes);
+            let mut inputs = Inputs::from_batch_with_profiles(&b, device, genes);
+            if let Some(s) = &scale {
+                inputs.profile = inputs.profile.map(|p| s.apply(&p));
+            }
             let out = model.forward(&inputs, false);
             let sel = inputs.masked.unsqueeze(-1);
             let c = out.mgem.size()[2];
