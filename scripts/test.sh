@@ -13,6 +13,22 @@ if ! .cache/s3s/bin/s3s-fs --version 2>/dev/null | grep -q "$S3S_VERSION"; then
     cargo install s3s-fs --version "$S3S_VERSION" --features binary --locked --root .cache/s3s
 fi
 t0=$(date +%s)
+# Every test that cannot run here says so in this log (tests/lib.rs `skip`,
+# tests/python/conftest.py); the summary at the end counts and lists them, and a check
+# named in SCFM_MUST_RUN (space-separated; .ci/run sets it) that skipped fails the run.
+export SCFM_SKIP_LOG="$PWD/target/skipped.log"
+mkdir -p target && : > "$SCFM_SKIP_LOG"
+skip_summary() {
+    local n
+    n=$(wc -l < "$SCFM_SKIP_LOG")
+    if [ "$n" -eq 0 ]; then
+        echo "[test] skipped: none"
+    else
+        echo "[test] skipped: $n"
+        sed 's/^/[test]   /' "$SCFM_SKIP_LOG"
+    fi
+}
+trap skip_summary EXIT
 cargo fmt --all -- --check
 cargo build --release --workspace --all-targets
 cargo clippy --release --workspace --all-targets -- -D warnings
@@ -25,4 +41,10 @@ cargo test --release -p scfm-worker --features nccl --lib -- collective:: libtor
 # SCFM_TEST_CONTAINER=1: also build the local CPU image (deploy/container) and run
 # `scfm presets` inside it (~1 min; installs mmdebstrap, podman, runc, patchelf).
 SCFM_TEST_CONTAINER=1 SCFM_WORKER_BIN="$PWD/target/release/scfm-worker" .venv/bin/python -m pytest tests/python -q
+for must in ${SCFM_MUST_RUN:-}; do
+    if cut -f1 "$SCFM_SKIP_LOG" | grep -qx "$must"; then
+        echo "[test] FAILED: '$must' must run on this machine (SCFM_MUST_RUN) but skipped"
+        exit 1
+    fi
+done
 echo "[test] all tests passed in $(( $(date +%s) - t0 )) s"

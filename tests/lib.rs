@@ -28,6 +28,28 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Reports that the check `what` could not run here (`reason`): a `SKIPPED:` line on
+/// stderr and, when `SCFM_SKIP_LOG` names a file (scripts/test.sh sets it), a line
+/// `what<TAB>reason` appended to it, which the script counts and prints in its summary
+/// and checks against the checks that must run (`SCFM_MUST_RUN`).
+pub fn skip(what: &str, reason: &str) {
+    eprintln!("SKIPPED: {what}: {reason}");
+    if let Some(log) = std::env::var_os("SCFM_SKIP_LOG").filter(|p| !p.is_empty()) {
+        let line = format!("{what}\t{}\n", reason.replace(['\n', '\t'], " "));
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+        if let Err(e) = written {
+            panic!(
+                "cannot append to SCFM_SKIP_LOG {}: {e}",
+                Path::new(&log).display()
+            );
+        }
+    }
+}
+
 /// A dataset made by scripts/setup.sh under data/.
 pub fn dataset(name: &str) -> PathBuf {
     let p = repo_root().join("data").join(name);
@@ -329,7 +351,10 @@ pub fn run_on_small_disk(
     );
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.code() == Some(97) || err.contains("unshare failed") {
-        eprintln!("SKIPPED: cannot mount a size-limited tmpfs here: {err}");
+        skip(
+            "full-disk",
+            &format!("cannot mount a size-limited tmpfs here: {err}"),
+        );
         return None;
     }
     assert_ne!(out.status.code(), Some(98), "copying the disk out: {err}");

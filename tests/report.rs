@@ -166,7 +166,10 @@ window.addEventListener('load', function () {
 /// Skips (loudly) only when chromium is not installed.
 fn check_in_browser(out: &Path, n_images: usize) {
     let Some(chrome) = chromium() else {
-        eprintln!("SKIPPED: chromium not found (apt-get install chromium; scripts/setup.sh does)");
+        scfm_tests::skip(
+            "report-browser",
+            "chromium not found (apt-get install chromium; scripts/setup.sh does)",
+        );
         return;
     };
     let profile = tempfile::tempdir().unwrap();

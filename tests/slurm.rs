@@ -55,7 +55,7 @@ impl Slurm {
         );
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         if out.status.code() == Some(77) {
-            eprintln!("SKIPPED: Slurm test: {}", err.trim());
+            scfm_tests::skip("slurm", err.trim());
             return None;
         }
         let conf = dir.path().join("slurm.conf");

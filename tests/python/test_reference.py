@@ -159,7 +159,7 @@ def test_gepc_profiles_are_the_clean_cells(case: Case):
     """The GEPC targets are each view's whole cell: both views of a cell share one dense
     profile, and every gene token's true value is that gene's entry of its row."""
     if not case.has_gepc:
-        pytest.skip("no GEPC decoder in this case")
+        pytest.skip("n/a: no GEPC decoder in this case")
     b = case.batch
     profile = case.io["profile_log1p"] if case.scaled else b["profile"]
     n = b["genes"].shape[0]
@@ -176,7 +176,7 @@ def test_scaled_gepc_targets_are_the_standardised_profiles(case: Case):
     standardised by the gene's population mean and std over the cells (std 1 for a gene
     without variation), clipped to ±10, as ``sc.pp.scale(max_value=10)`` with ddof 0."""
     if not case.scaled:
-        pytest.skip("GEPC targets not scaled in this case")
+        pytest.skip("n/a: GEPC targets not scaled in this case")
     cells = case.io["cells"].double()
     mean = cells.mean(0)
     std = cells.std(0, unbiased=False)

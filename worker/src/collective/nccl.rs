@@ -454,9 +454,20 @@ mod tests {
     fn the_wheel_library_next_to_torch_loads() {
         let c = process_candidates();
         let Some(path) = super::super::nccl_lib::first_existing(&c) else {
-            eprintln!(
-                "SKIPPED: no libnccl.so.2 next to the loaded torch (a CPU torch wheel?): {c:?}"
-            );
+            let reason =
+                format!("no libnccl.so.2 next to the loaded torch (a CPU torch wheel?): {c:?}");
+            eprintln!("SKIPPED: nccl-wheel: {reason}");
+            // Counted by scripts/test.sh, as the integration tests' `skip` does.
+            if let Some(log) = std::env::var_os("SCFM_SKIP_LOG").filter(|p| !p.is_empty()) {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("SCFM_SKIP_LOG");
+                f.write_all(format!("nccl-wheel\t{reason}\n").as_bytes())
+                    .expect("SCFM_SKIP_LOG");
+            }
             return;
         };
         let lib = load_from(&c).unwrap();
