@@ -30,7 +30,8 @@ mod codec;
 #[path = "chunks_tests.rs"]
 mod tests;
 
-use self::codec::{Kind, lzf_decompress, to_f32, to_u32, unshuffle};
+pub use self::codec::lzf_decompress;
+use self::codec::{Kind, to_f32, to_u32, unshuffle};
 
 // libhdf5 (≥ 1.10.3) functions that hdf5-metno does not wrap; libhdf5 is linked through
 // hdf5-metno-sys. `hid_t` is `int64_t`, `hsize_t` `uint64_t`, `herr_t` `int`.

@@ -199,7 +199,7 @@ fn unshuffle_n<const S: usize>(src: &[u8], out: &mut [u8]) {
 /// blocks when the buffers have room (bytes written past the token are overwritten by the
 /// next ones), runs of one repeated byte (distance 1: the zero planes of shuffled data)
 /// as fills; only short overlapping references are copied byte by byte.
-pub(super) fn lzf_decompress(src: &[u8], n: usize, out: &mut Vec<u8>) -> bool {
+pub fn lzf_decompress(src: &[u8], n: usize, out: &mut Vec<u8>) -> bool {
     // Every byte is overwritten when the stream is valid, so a reused buffer is not
     // cleared first (only grown).
     out.truncate(n);

@@ -8,6 +8,10 @@
 //! per-cell labels.
 
 mod chunks;
+
+/// The LZF decoder of the raw-chunk reader (exposed for `benches/lzf.rs`, which compares
+/// it with liblzf on the same chunks).
+pub use self::chunks::lzf_decompress;
 pub mod embedding;
 mod frame;
 pub mod rows;
