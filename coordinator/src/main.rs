@@ -88,9 +88,10 @@ enum Cmd {
     Prepare(Box<prepare_cmd::PrepareArgs>),
     /// Print the state of a job: from its coordinator (host:port) or its run's files.
     Status(status_cmd::StatusArgs),
-    /// Check a manifest and print it resolved.
+    /// Check a YAML file of any kind (job manifest, embed job, training file, prepare
+    /// settings), say which kind it is, and print it resolved.
     Validate {
-        /// Job manifest (YAML).
+        /// The file (YAML).
         manifest: PathBuf,
     },
     /// List the model presets with their exact parameter counts.
@@ -213,12 +214,14 @@ fn main() -> Result<()> {
         Cmd::Prepare(args) => args.run()?,
         Cmd::Status(args) => args.run()?,
         Cmd::Validate { manifest } => {
-            let job = scfm_common::manifest::Job::load(&manifest)
+            let file = scfm_common::manifest::ConfigFile::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;
-            match job {
-                scfm_common::manifest::Job::Train(m) => print!("{}", m.to_yaml()),
-                scfm_common::manifest::Job::Embed(m) => print!("{}", m.to_yaml()),
-            }
+            print!(
+                "# {} is valid: {}\n{}",
+                manifest.display(),
+                file.kind(),
+                file.to_yaml()
+            );
         }
         Cmd::Presets { genes } => {
             println!(

@@ -38,6 +38,19 @@ pub fn lexical_join(base: &Path, p: &Path) -> PathBuf {
     out
 }
 
+/// The folder whose paths a file's relative paths are taken from: the file's own folder,
+/// made absolute (the current directory for a bare file name such as `job.yaml`).
+pub fn base_dir(path: &Path) -> Result<PathBuf> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::path::absolute(dir).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })
+}
+
 /// Where the training cells come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,8 +196,7 @@ impl TrainSpec {
             path: path.into(),
             message: e.to_string(),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_file(file, base)
+        Self::from_file(file, &base_dir(path)?)
     }
 
     /// Resolves and validates a parsed file; relative data paths are taken from `base`.
