@@ -62,6 +62,14 @@ pub struct DataConfig {
     /// Which matrix holds the counts: `X` (default), `{Layer: name}` or `Raw`.
     #[serde(default)]
     pub source: MatrixSource,
+    /// One input file: accept values that are not whole numbers (normalised data); by
+    /// default only raw integer counts pass, as in `scfm prepare`.
+    #[serde(default)]
+    pub allow_non_integer: bool,
+    /// One CSV/TSV input file: it is genes × cells (a header row of cell names, one gene
+    /// per line) rather than cells × genes.
+    #[serde(default)]
+    pub transpose: bool,
     /// Fraction of cells held out for validation (chosen by seed).
     #[serde(default = "default_val_fraction")]
     pub validation_fraction: f64,
