@@ -119,15 +119,24 @@ fn worker_binary() -> PathBuf {
 }
 
 fn report(m: &Manifest, fin: scfm_coordinator::Finished) {
-    if fin.preempted {
-        eprintln!(
+    if fin.preempted && !fin.started {
+        scfm_coordinator::say!(
+            "job {} preempted before training started: nothing new to checkpoint; run the same manifest again to start",
+            m.run_id
+        );
+    } else if fin.preempted {
+        scfm_coordinator::say!(
             "job {} preempted at step {}: checkpoint saved in {}; run the same manifest again to resume",
-            m.run_id, fin.step, m.checkpoint.url
+            m.run_id,
+            fin.step,
+            m.checkpoint.url
         );
     } else {
-        eprintln!(
+        scfm_coordinator::say!(
             "job {} finished at step {}; checkpoints and metrics.jsonl in {}",
-            m.run_id, fin.step, m.checkpoint.url
+            m.run_id,
+            fin.step,
+            m.checkpoint.url
         );
     }
 }
@@ -174,7 +183,13 @@ fn main() -> Result<()> {
             let fin = runtime()?.block_on(async {
                 let c = Coordinator::start_with(&m, &StartOptions { fresh }).await?;
                 scfm_coordinator::preempt_on_signals(c.shared.clone());
-                println!("coordinator listening on {}", c.addr);
+                {
+                    use std::io::Write;
+                    // Never a panic on a closed stdout (the reader may be gone).
+                    let mut out = std::io::stdout();
+                    let _ = writeln!(out, "coordinator listening on {}", c.addr);
+                    let _ = out.flush();
+                }
                 c.wait().await
             })?;
             report(&m, fin);
