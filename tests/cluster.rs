@@ -453,6 +453,101 @@ fn launch_without_workers_fails_after_join_timeout() {
     );
 }
 
+/// SIGTERM to `scfm launch` before any worker joined is a preemption like any other: the
+/// command exits 0 and says that nothing had started.
+#[test]
+fn sigterm_before_any_worker_joined_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write_manifest(
+        dir.path(),
+        &dir.path().join("ckpt"),
+        TINY,
+        "  batch_size: 8",
+        "  max_workers: 2",
+    );
+    let mut child = Command::new(bin("scfm"))
+        .arg("launch")
+        .arg(&m)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, _o) = lines(child.stdout.take().unwrap());
+    let line = out
+        .recv_timeout(Duration::from_secs(60))
+        .expect("scfm launch printed nothing");
+    assert!(line.starts_with("coordinator listening on"), "{line}");
+    let (err, e) = lines(child.stderr.take().unwrap());
+    sigterm(&child);
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(30),
+        "scfm launch after SIGTERM",
+    );
+    e.join().unwrap();
+    let log: Vec<String> = err.try_iter().collect();
+    let log = log.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("job test preempted before training started: nothing new to checkpoint"),
+        "{log}"
+    );
+}
+
+/// When the process reading `scfm local`'s output goes away (its stderr is a closed
+/// pipe), `scfm local` still drains its workers' output, so SIGTERM stops the job at the
+/// next step with a checkpoint, and it exits 0.
+#[test]
+fn a_closed_stderr_does_not_block_the_shutdown_of_scfm_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write_manifest(
+        dir.path(),
+        &dir.path().join("ckpt"),
+        TINY,
+        "  batch_size: 8\n  max_steps: 100000\n  eval_every: 100000\n  threads: 1\n  log_every: 1",
+        "  max_workers: 2",
+    );
+    let mut child = Command::new(bin("scfm"))
+        .arg("local")
+        .arg(&m)
+        .args(["--workers", "2"])
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        // Read until training is under way, then close the pipe.
+        while std::io::BufRead::read_line(&mut stderr, &mut line).unwrap_or(0) > 0 {
+            if line.contains("train step=5 ") {
+                let _ = tx.send(());
+                return;
+            }
+            line.clear();
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(180))
+        .expect("training did not start");
+    reader.join().unwrap();
+    // Long enough for the workers to fill the pipes of an undrained output.
+    std::thread::sleep(Duration::from_secs(5));
+    sigterm(&child);
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(60),
+        "scfm local with a closed stderr, after SIGTERM",
+    );
+    assert!(status.success(), "{status}");
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("ckpt/latest.json")).unwrap())
+            .unwrap();
+    assert!(latest["step"].as_u64().unwrap() >= 5, "{latest}");
+}
+
 /// Relaunching a manifest whose model settings changed since its checkpoints is refused
 /// by the coordinator before any worker starts, naming the difference; `--fresh` discards
 /// the old checkpoints and starts over.

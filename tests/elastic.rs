@@ -297,6 +297,32 @@ fn scfm_local_replaces_a_killed_worker_process() {
     eprintln!("generations: {generations:?}");
     let (steps, _, _) = accounting(&lines);
     assert_eq!(*steps.keys().last().unwrap(), 400);
+    // Each worker's lines carry the id the coordinator gave it (the replacement is the
+    // third to register), and the coordinator names each worker's host.
+    for id in ["w0000", "w0001", "w0002"] {
+        assert!(text.contains(&format!("[{id}] ")), "no [{id}] line\n{text}");
+    }
+    assert!(!text.contains("[w0] ") && !text.contains("[w2] "), "{text}");
+    let joined: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("worker joined"))
+        .collect();
+    assert_eq!(joined.len(), 3, "{text}");
+    for l in joined {
+        assert!(l.contains("host=") && !l.contains("host= "), "{l}");
+    }
+    // The replacement says it took a member's state, not that it resumed a checkpoint.
+    let replacement: Vec<&str> = text.lines().filter(|l| l.starts_with("[w0002] ")).collect();
+    assert!(
+        replacement
+            .iter()
+            .any(|l| l.contains("took the state of rank")),
+        "{replacement:#?}"
+    );
+    assert!(
+        !replacement.iter().any(|l| l.contains("resumed from")),
+        "{replacement:#?}"
+    );
 }
 
 /// `(generation, world size)` of each new generation, from the coordinator's events.

@@ -3,6 +3,7 @@
 //! A manifest with an `embed:` section is an embed job instead ([`EmbedManifest`]).
 
 mod embed;
+mod kind;
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use crate::config::{CheckpointConfig, DataConfig, Device, TrainFile, TrainSpec, 
 use crate::error::{Error, Result};
 
 pub use self::embed::{EmbedCluster, EmbedData, EmbedManifest, EmbedSection, is_embed_yaml};
+pub use self::kind::ConfigFile;
 
 /// Cluster shape and timeouts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,12 +196,7 @@ impl Manifest {
             ));
         }
         let mut m = Self::parse(&text, path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let base = std::path::absolute(base).map_err(|source| Error::Io {
-            path: base.into(),
-            source,
-        })?;
-        m.resolve_paths(&base);
+        m.resolve_paths(&crate::config::base_dir(path)?);
         m.validate()?;
         Ok(m)
     }
@@ -335,30 +332,6 @@ fn check_run_id(run_id: &str) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// A job manifest of either kind.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Job {
-    /// A training run (no `embed:` section).
-    Train(Box<Manifest>),
-    /// Embedding a prepared dataset (an `embed:` section).
-    Embed(Box<EmbedManifest>),
-}
-
-impl Job {
-    /// Reads and validates the manifest at `path`, of the kind its sections say.
-    pub fn load(path: &Path) -> Result<Job> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?;
-        if is_embed_yaml(&text) {
-            Ok(Job::Embed(Box::new(EmbedManifest::load(path)?)))
-        } else {
-            Ok(Job::Train(Box::new(Manifest::load(path)?)))
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,10 @@ pub fn init_logging(format: &str) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        // A failed write (stderr is a closed pipe: the reader died) is dropped; reporting
+        // it would `eprintln!`, which panics on that pipe, in whatever task was logging
+        // (a signal handler, the coordinator's service), and the process would not stop.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();

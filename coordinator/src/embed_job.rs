@@ -74,7 +74,7 @@ pub async fn run(m: &EmbedManifest, workers: usize, worker_bin: &Path) -> Result
         .await
         .with_context(|| format!("opening the prepared dataset {}", m.dataset()))?;
     let n_shards = ds.manifest.shards.len();
-    eprintln!(
+    scfm_coordinator::say!(
         "embed job {}: {} cells in {n_shards} shards of {} with {} -> {}; starting {workers} workers",
         m.run_id,
         ds.manifest.n_cells,
@@ -144,7 +144,7 @@ pub async fn run(m: &EmbedManifest, workers: usize, worker_bin: &Path) -> Result
                     m.embed.timeout_s.unwrap_or(0)
                 ),
             };
-            eprintln!(
+            scfm_coordinator::say!(
                 "embed job {}: {what}; asking the workers to stop after their current part",
                 m.run_id
             );
@@ -169,7 +169,7 @@ pub async fn run(m: &EmbedManifest, workers: usize, worker_bin: &Path) -> Result
     let again = "verified parts are kept: run the same manifest again to do the rest";
     match stop {
         Some(Stop::Signal) if failed.is_empty() => {
-            eprintln!("embed job {} stopped; {again}", m.run_id);
+            scfm_coordinator::say!("embed job {} stopped; {again}", m.run_id);
             return Ok(());
         }
         Some(Stop::Timeout) => bail!(
@@ -216,7 +216,7 @@ async fn check_index(m: &EmbedManifest, ds: &PreparedDataset) -> Result<()> {
             listed.len()
         );
     }
-    eprintln!(
+    scfm_coordinator::say!(
         "embed job {}: {} cells in {} parts; index {url}",
         m.run_id,
         ds.manifest.n_cells,

@@ -30,6 +30,17 @@ pub use error::CoordinatorError;
 use server::{Service, Shared};
 use state::Phase;
 
+/// Writes a line to stderr like `eprintln!`, but drops it when stderr is gone (a closed
+/// pipe: EPIPE) instead of panicking, so that a command whose reader died still stops on
+/// SIGTERM and checkpoints.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// How a job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Finished {
@@ -37,6 +48,9 @@ pub struct Finished {
     pub step: u64,
     /// Whether it stopped on a preemption (relaunch the same manifest to resume).
     pub preempted: bool,
+    /// Whether training started (a first generation formed); a preemption before it
+    /// ends the job with nothing new to checkpoint.
+    pub started: bool,
 }
 
 /// Asks the job to checkpoint and stop when this process gets SIGTERM or SIGINT.
@@ -268,10 +282,14 @@ impl Coordinator {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
         let phase = self.shared.lock().phase.clone();
         match phase {
-            Phase::Done => Ok(Finished {
-                step: self.shared.metrics.last_step(),
-                preempted: self.shared.lock().preempted,
-            }),
+            Phase::Done => {
+                let s = self.shared.lock();
+                Ok(Finished {
+                    step: self.shared.metrics.last_step(),
+                    preempted: s.preempted,
+                    started: s.generation > 0,
+                })
+            }
             Phase::Failed(why) => Err(CoordinatorError::JobFailed(why)),
             other => Err(CoordinatorError::JobFailed(format!(
                 "ended in phase {other:?}"

@@ -6,13 +6,34 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use scfm_common::manifest::Manifest;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::server::Shared;
 use crate::{Coordinator, CoordinatorError};
+
+/// The label of a worker process's output lines: its worker id (`w0000`, as the
+/// coordinator, `scfm status` and `metrics.jsonl` name it) once it registered, before that
+/// its process id (`pid 4242`).
+fn worker_label(shared: Arc<Shared>, pid: Option<u32>) -> Arc<dyn Fn() -> String + Send + Sync> {
+    let id = OnceLock::new();
+    Arc::new(move || {
+        if let Some(id) = id.get() {
+            return String::clone(id);
+        }
+        let Some(pid) = pid else {
+            return "worker".into();
+        };
+        match shared.lock().worker_with_pid(pid) {
+            Some(w) => String::clone(id.get_or_init(|| w)),
+            None => format!("pid {pid}"),
+        }
+    })
+}
 
 /// A token for a local run when the manifest has none (workers are our own children).
 fn local_token() -> String {
@@ -28,6 +49,16 @@ fn local_token() -> String {
 /// Copies the child's stdout and stderr lines to this process's stderr, each prefixed
 /// with `[wI]`, on background tasks.
 pub fn prefix_output(child: &mut Child, i: usize) {
+    let label = format!("w{i}");
+    prefix_output_with(child, Arc::new(move || label.clone()));
+}
+
+/// Copies the child's stdout and stderr lines to this process's stderr, each prefixed
+/// with `[LABEL]` (`label` is asked for every line), on background tasks. A write that
+/// fails (the process reading this one's stderr is gone: EPIPE) is dropped, and the
+/// child's output is still read to its end, so that the child never blocks on a full
+/// pipe (it would then not stop when asked to).
+pub fn prefix_output_with(child: &mut Child, label: Arc<dyn Fn() -> String + Send + Sync>) {
     for stream in [
         child
             .stdout
@@ -38,10 +69,15 @@ pub fn prefix_output(child: &mut Child, i: usize) {
     .into_iter()
     .flatten()
     {
+        let label = label.clone();
         tokio::spawn(async move {
+            use std::io::Write;
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[w{i}] {line}");
+                // The label first: it may lock the job state, which must never be waited
+                // for while holding stderr (a thread holding the state may be logging).
+                let label = label();
+                let _ = writeln!(std::io::stderr(), "[{label}] {line}");
             }
         });
     }
@@ -49,7 +85,7 @@ pub fn prefix_output(child: &mut Child, i: usize) {
 
 fn spawn_worker(
     bin: &PathBuf,
-    i: usize,
+    shared: &Arc<Shared>,
     url: &str,
     token: &str,
     m: &Manifest,
@@ -74,7 +110,8 @@ fn spawn_worker(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| CoordinatorError::Process(format!("cannot start {}: {e}", bin.display())))?;
-    prefix_output(&mut child, i);
+    let label = worker_label(shared.clone(), child.id());
+    prefix_output_with(&mut child, label);
     Ok(child)
 }
 
@@ -107,34 +144,35 @@ pub async fn run_local(
         "http"
     };
     let url = format!("{scheme}://{}", coord.addr);
-    eprintln!("coordinator on {url}; starting {workers} workers");
+    crate::say!(
+        "coordinator on {url}; starting {workers} workers (their output is prefixed with their worker id once registered, [pid N] before)"
+    );
     // A worker process that dies is lost at once (no need to wait for its heartbeats to
     // stop): the others go on in a new generation while at least min_workers remain.
     let shared = coord.shared.clone();
-    type Exit = (usize, Option<u32>, std::process::ExitStatus);
+    type Exit = (Option<u32>, std::process::ExitStatus);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Exit>(workers + max_restarts);
-    let watch = |i: usize, mut c: Child, tx: tokio::sync::mpsc::Sender<Exit>| {
+    let watch = |mut c: Child, tx: tokio::sync::mpsc::Sender<Exit>| {
         tokio::spawn(async move {
             let pid = c.id();
             if let Ok(s) = c.wait().await {
-                let _ = tx.send((i, pid, s)).await;
+                let _ = tx.send((pid, s)).await;
             }
         });
     };
-    for i in 0..workers {
+    for _ in 0..workers {
         watch(
-            i,
-            spawn_worker(&worker_bin, i, &url, &token, &manifest)?,
+            spawn_worker(&worker_bin, &shared, &url, &token, &manifest)?,
             tx.clone(),
         );
     }
     let watcher = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            let (mut restarts, mut next, mut alive) = (0, workers, workers);
-            while let Some((i, pid, status)) = rx.recv().await {
+            let (mut restarts, mut alive) = (0, workers);
+            while let Some((pid, status)) = rx.recv().await {
                 alive -= 1;
-                {
+                let what = {
                     let mut s = shared.lock();
                     if s.is_over() && alive == 0 {
                         break;
@@ -142,30 +180,36 @@ pub async fn run_local(
                     if status.success() || s.is_over() {
                         continue;
                     }
-                    let why = format!("worker process {i} exited with {status}");
-                    match pid.and_then(|p| s.worker_with_pid(p)) {
-                        Some(id) => s.lose(&id, &why),
+                    let pid = pid.map_or("?".into(), |p| p.to_string());
+                    match pid.parse().ok().and_then(|p| s.worker_with_pid(p)) {
+                        Some(id) => {
+                            let what = format!("worker {id} (pid {pid})");
+                            s.lose(&id, &format!("{what} exited with {status}"));
+                            what
+                        }
                         // It never registered: nothing to re-form, but it will not come.
-                        None => tracing::warn!("{why}"),
+                        None => {
+                            let what = format!("worker process {pid}");
+                            tracing::warn!("{what} exited with {status} before it registered");
+                            what
+                        }
                     }
-                }
+                };
                 shared.changed.send_modify(|v| *v += 1);
                 if restarts < max_restarts {
                     restarts += 1;
                     tracing::warn!(
-                        worker = next,
                         restart = restarts,
                         max_restarts,
-                        "starting a worker process in place of worker process {i}"
+                        "starting a worker process in place of {what}"
                     );
-                    match spawn_worker(&worker_bin, next, &url, &token, &manifest) {
+                    match spawn_worker(&worker_bin, &shared, &url, &token, &manifest) {
                         Ok(c) => {
                             alive += 1;
-                            watch(next, c, tx.clone());
+                            watch(c, tx.clone());
                         }
                         Err(e) => tracing::error!(error = %e, "cannot start a replacement worker"),
                     }
-                    next += 1;
                 }
             }
         })

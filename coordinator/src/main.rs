@@ -88,9 +88,10 @@ enum Cmd {
     Prepare(Box<prepare_cmd::PrepareArgs>),
     /// Print the state of a job: from its coordinator (host:port) or its run's files.
     Status(status_cmd::StatusArgs),
-    /// Check a manifest and print it resolved.
+    /// Check a YAML file of any kind (job manifest, embed job, training file, prepare
+    /// settings), say which kind it is, and print it resolved.
     Validate {
-        /// Job manifest (YAML).
+        /// The file (YAML).
         manifest: PathBuf,
     },
     /// List the model presets with their exact parameter counts.
@@ -118,15 +119,24 @@ fn worker_binary() -> PathBuf {
 }
 
 fn report(m: &Manifest, fin: scfm_coordinator::Finished) {
-    if fin.preempted {
-        eprintln!(
+    if fin.preempted && !fin.started {
+        scfm_coordinator::say!(
+            "job {} preempted before training started: nothing new to checkpoint; run the same manifest again to start",
+            m.run_id
+        );
+    } else if fin.preempted {
+        scfm_coordinator::say!(
             "job {} preempted at step {}: checkpoint saved in {}; run the same manifest again to resume",
-            m.run_id, fin.step, m.checkpoint.url
+            m.run_id,
+            fin.step,
+            m.checkpoint.url
         );
     } else {
-        eprintln!(
+        scfm_coordinator::say!(
             "job {} finished at step {}; checkpoints and metrics.jsonl in {}",
-            m.run_id, fin.step, m.checkpoint.url
+            m.run_id,
+            fin.step,
+            m.checkpoint.url
         );
     }
 }
@@ -173,7 +183,13 @@ fn main() -> Result<()> {
             let fin = runtime()?.block_on(async {
                 let c = Coordinator::start_with(&m, &StartOptions { fresh }).await?;
                 scfm_coordinator::preempt_on_signals(c.shared.clone());
-                println!("coordinator listening on {}", c.addr);
+                {
+                    use std::io::Write;
+                    // Never a panic on a closed stdout (the reader may be gone).
+                    let mut out = std::io::stdout();
+                    let _ = writeln!(out, "coordinator listening on {}", c.addr);
+                    let _ = out.flush();
+                }
                 c.wait().await
             })?;
             report(&m, fin);
@@ -213,12 +229,14 @@ fn main() -> Result<()> {
         Cmd::Prepare(args) => args.run()?,
         Cmd::Status(args) => args.run()?,
         Cmd::Validate { manifest } => {
-            let job = scfm_common::manifest::Job::load(&manifest)
+            let file = scfm_common::manifest::ConfigFile::load(&manifest)
                 .with_context(|| format!("loading {}", manifest.display()))?;
-            match job {
-                scfm_common::manifest::Job::Train(m) => print!("{}", m.to_yaml()),
-                scfm_common::manifest::Job::Embed(m) => print!("{}", m.to_yaml()),
-            }
+            print!(
+                "# {} is valid: {}\n{}",
+                manifest.display(),
+                file.kind(),
+                file.to_yaml()
+            );
         }
         Cmd::Presets { genes } => {
             println!(

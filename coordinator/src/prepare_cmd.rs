@@ -36,6 +36,9 @@ pub struct PrepareArgs {
     /// Make repeated gene names unique instead of failing.
     #[arg(long)]
     make_unique: bool,
+    /// CSV/TSV inputs are genes x cells (a header row of cell names, one gene per line).
+    #[arg(long)]
+    transpose: bool,
     /// Keep cells with at least this many expressed genes.
     #[arg(long)]
     min_genes: Option<u32>,
@@ -108,6 +111,7 @@ impl PrepareArgs {
             s.genome = self.genome.clone();
         }
         s.make_unique |= self.make_unique;
+        s.transpose |= self.transpose;
         s.allow_non_integer |= self.allow_non_integer;
         macro_rules! set {
             ($($f:ident),*) => {$( if self.$f.is_some() { s.$f = self.$f; } )*};

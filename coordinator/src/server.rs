@@ -74,7 +74,11 @@ impl Shared {
             }
             s.preempt_at = Some(Instant::now());
             if s.phase == Phase::Joining {
-                s.fail("preempted before training started".into());
+                // Nothing trained yet, so nothing to checkpoint: the job ends preempted
+                // (exit 0); workers that joined are told to stop, and the same manifest
+                // runs again from where the checkpoints are.
+                s.phase = Phase::Done;
+                s.preempted = true;
             }
         }
         tracing::warn!("preemption requested: workers checkpoint at the next step and stop");

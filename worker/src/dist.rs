@@ -95,6 +95,18 @@ async fn forward_metrics(mut c: Client, mut arx: tokio::sync::mpsc::Receiver<pb:
     }
 }
 
+/// This machine's host name, for the coordinator's logs and `scfm status`: the kernel's
+/// (`/proc/sys/kernel/hostname`), else `$HOSTNAME` (which shells set but rarely export),
+/// else `unknown`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn status_err(what: &str, s: Status) -> WorkerError {
     WorkerError::Coordinator(format!("{what}: {} ({:?})", s.message(), s.code()))
 }
@@ -273,7 +285,7 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
     let request = pb::RegisterRequest {
         protocol_version: PROTOCOL_VERSION,
         ring_addr: ring_addr.to_string(),
-        hostname: std::env::var("HOSTNAME").unwrap_or_default(),
+        hostname: host_name(),
         pid: std::process::id(),
         device: device.into(),
     };

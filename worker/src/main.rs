@@ -205,6 +205,9 @@ struct ModelRunArgs {
     /// Counts of an .h5ad input from raw/X.
     #[arg(long)]
     raw: bool,
+    /// A CSV/TSV input is genes x cells (a header row of cell names, one gene per line).
+    #[arg(long)]
+    transpose: bool,
     /// The model's vocabulary (vocab.tsv) for checkpoints written without one.
     #[arg(long)]
     vocab: Option<PathBuf>,
@@ -403,6 +406,7 @@ fn main() -> Result<()> {
                 batch_size: e.run.batch_size,
                 device: device_choice(&e.run.device),
                 source: matrix_source(e.run.layer, e.run.raw),
+                transpose: e.run.transpose,
                 vocab: e.run.vocab,
                 key: e.key,
                 cache_dir: None,
@@ -468,6 +472,7 @@ fn main() -> Result<()> {
                 batch_size: e.run.batch_size,
                 device: device_choice(&e.run.device),
                 source: matrix_source(e.run.layer, e.run.raw),
+                transpose: e.run.transpose,
                 vocab: e.run.vocab,
                 seed: e.seed,
                 pca: PcaSettings {

@@ -301,8 +301,16 @@ impl Trainer {
     }
 
     /// Restores the checkpoint in `dir` (chosen by the coordinator), or else the newest
-    /// one that verifies.
+    /// one that verifies, and says so.
     fn resume(&mut self, dir: Option<&str>) -> Result<()> {
+        let url = self.load_checkpoint(dir)?;
+        eprintln!("resumed from {url} at step {}", self.state.step);
+        Ok(())
+    }
+
+    /// Restores the checkpoint in `dir`, or else the newest one that verifies; returns its
+    /// URL.
+    fn load_checkpoint(&mut self, dir: Option<&str>) -> Result<String> {
         let verified = match dir {
             Some(d) => self.rt.block_on(verify_dir(&self.store, d, None))?,
             None => self
@@ -345,13 +353,8 @@ impl Trainer {
                 .map(str::to_string)
                 .collect();
         }
-        tracing::info!(step = self.state.step, epoch = self.state.epoch, position = self.state.position, dir = %dir, "resumed");
-        eprintln!(
-            "resumed from {} at step {}",
-            self.store.url_of(&dir),
-            self.state.step
-        );
-        Ok(())
+        tracing::debug!(step = self.state.step, epoch = self.state.epoch, position = self.state.position, dir = %dir, "checkpoint loaded");
+        Ok(self.store.url_of(&dir))
     }
 
     /// The vocabulary size when the model has the GEPC decoder (its targets are dense over

@@ -38,6 +38,19 @@ pub fn lexical_join(base: &Path, p: &Path) -> PathBuf {
     out
 }
 
+/// The folder whose paths a file's relative paths are taken from: the file's own folder,
+/// made absolute (the current directory for a bare file name such as `job.yaml`).
+pub fn base_dir(path: &Path) -> Result<PathBuf> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::path::absolute(dir).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })
+}
+
 /// Where the training cells come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +62,14 @@ pub struct DataConfig {
     /// Which matrix holds the counts: `X` (default), `{Layer: name}` or `Raw`.
     #[serde(default)]
     pub source: MatrixSource,
+    /// One input file: accept values that are not whole numbers (normalised data); by
+    /// default only raw integer counts pass, as in `scfm prepare`.
+    #[serde(default)]
+    pub allow_non_integer: bool,
+    /// One CSV/TSV input file: it is genes × cells (a header row of cell names, one gene
+    /// per line) rather than cells × genes.
+    #[serde(default)]
+    pub transpose: bool,
     /// Fraction of cells held out for validation (chosen by seed).
     #[serde(default = "default_val_fraction")]
     pub validation_fraction: f64,
@@ -183,8 +204,7 @@ impl TrainSpec {
             path: path.into(),
             message: e.to_string(),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_file(file, base)
+        Self::from_file(file, &base_dir(path)?)
     }
 
     /// Resolves and validates a parsed file; relative data paths are taken from `base`.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::CellDataset;
 use super::h5ad::csc_to_csr;
-use super::read::{Parts, ReadOptions, file_name, finish, io_error, open_text};
+use super::read::{Parts, ReadOptions, file_name, finish, io_error, open_text, warn_if_swapped};
 use crate::error::{Error, Result};
 
 /// How fields are separated.
@@ -27,8 +27,10 @@ enum Delim {
 /// is tab if the header line has one, else `,` if it has one, else white space. Lines
 /// starting with `#` before the header and empty lines are skipped. The header may or may
 /// not have a corner cell above the row names (as pandas and R's `write.csv`, or R's
-/// `write.table`, write them). With `opts.transpose` the file is genes × cells. Values
-/// must be finite numbers; errors name the file, line, column and the offending text.
+/// `write.table`, write them). With `opts.transpose` the file is genes × cells; without
+/// it, a file whose names look swapped ([`super::read::names_look_swapped`]) is read as
+/// given, with a warning. Values must be finite numbers; errors name the file, line,
+/// column and the offending text.
 pub fn read_csv(path: &Path, opts: &ReadOptions) -> Result<CellDataset> {
     let name = file_name(path).to_ascii_lowercase();
     let base = name.strip_suffix(".gz").unwrap_or(&name);
@@ -61,6 +63,7 @@ pub fn read_csv(path: &Path, opts: &ReadOptions) -> Result<CellDataset> {
             var_names: t.col_names,
         }
     };
+    warn_if_swapped(path, &p.obs_names, &p.var_names, opts.transpose);
     finish(path, p, opts)
 }
 
@@ -222,5 +225,44 @@ mod tests {
             ["x,y", "2", r#"say "hi""#]
         );
         assert_eq!(split("  \"a\"  b\t3 ", Delim::Whitespace), ["a", "b", "3"]);
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A genes × cells table read as cells × genes is recognised by its names.
+    #[test]
+    fn swapped_names_are_recognised() {
+        use crate::data::read::names_look_swapped;
+        let barcodes = names(&[
+            "AAACCTGAGAAGGCCT-1",
+            "AAACCTGAGACAGACC-1",
+            "s2_TTTGTCATCTTGCCGT",
+        ]);
+        let symbols = names(&["Xkr4", "Gm1992", "Sox17", "Mrpl15"]);
+        let ensembl = names(&["ENSG00000141510", "ENSMUSG00000051951.5", "ENSG00000000003"]);
+        let cells = names(&["cell1", "Cell_2", "cell-3"]);
+        let mito = names(&["Actb", "MT-CO1", "mt-Nd1", "MT-ATP6", "Gapdh", "Cd3e"]);
+        // Cells x genes as it should be: nothing to say.
+        for (obs, var) in [(&barcodes, &symbols), (&cells, &ensembl), (&cells, &mito)] {
+            assert_eq!(names_look_swapped(obs, var), None, "{obs:?} {var:?}");
+        }
+        // Genes x cells read as cells x genes.
+        let e = names_look_swapped(&symbols, &barcodes).unwrap();
+        assert!(
+            e.starts_with("3 of the 3 gene names look like cell names (e.g. `AAACCTGAGAAGGCCT-1`)"),
+            "{e}"
+        );
+        let e = names_look_swapped(&ensembl, &names(&["a", "b"])).unwrap();
+        assert!(
+            e.starts_with("3 of the 3 cell names look like gene names"),
+            "{e}"
+        );
+        assert!(names_look_swapped(&mito, &names(&["x1", "x2"])).is_some());
+        assert!(names_look_swapped(&symbols, &cells).is_some());
+        // Ambiguous names on both sides: no claim.
+        assert_eq!(names_look_swapped(&barcodes, &barcodes), None);
+        assert_eq!(names_look_swapped(&names(&["AAAA"]), &names(&["b"])), None);
     }
 }

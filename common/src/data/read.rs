@@ -342,3 +342,75 @@ pub(crate) fn make_unique(names: &mut [String]) {
         }
     }
 }
+
+/// Whether `name` looks like a cell barcode: one of its `-`, `_`, `.` or `:`-separated
+/// parts is a run of at least 8 of `ACGTN` (`AAACCTGAGAAGGCCT-1`, `s1_AAACCTGAGAAGGCCT`),
+/// or it is `cell` followed by digits (`cell12`, `Cell_3`).
+fn looks_like_cell(name: &str) -> bool {
+    let barcode = name
+        .split(['-', '_', '.', ':'])
+        .any(|p| p.len() >= 8 && p.bytes().all(|b| b"ACGTN".contains(&b)));
+    let lower = name.to_ascii_lowercase();
+    let numbered = lower
+        .strip_prefix("cell")
+        .map(|r| r.trim_start_matches(['_', '-']))
+        .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()));
+    barcode || numbered
+}
+
+/// Whether `name` looks like a gene: an Ensembl gene id (`ENSG00000141510`,
+/// `ENSMUSG00000051951.5`) or a mitochondrial gene symbol (`MT-CO1`, `mt-Co1`).
+fn looks_like_gene(name: &str) -> bool {
+    let ensembl = name.strip_prefix("ENS").is_some_and(|r| {
+        let r = r.split('.').next().unwrap_or_default();
+        let digits = r.trim_start_matches(|c: char| c.is_ascii_uppercase());
+        r.len() > digits.len()
+            && r[..r.len() - digits.len()].ends_with('G')
+            && digits.len() >= 6
+            && digits.bytes().all(|b| b.is_ascii_digit())
+    });
+    ensembl || name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("MT-"))
+}
+
+/// Why the cell names `obs` and the gene names `var` of a table look swapped (the rows of
+/// a genes × cells file read as cells), or `None`: most gene names look like cell
+/// barcodes while no cell name does, or most cell names look like genes (Ensembl ids),
+/// or several cell names are mitochondrial gene symbols, while no gene name does.
+pub fn names_look_swapped(obs: &[String], var: &[String]) -> Option<String> {
+    let count = |names: &[String], f: fn(&str) -> bool| names.iter().filter(|n| f(n)).count();
+    let frac = |n: usize, of: &[String]| n as f64 / of.len().max(1) as f64;
+    let (cell_obs, cell_var) = (count(obs, looks_like_cell), count(var, looks_like_cell));
+    let (gene_obs, gene_var) = (count(obs, looks_like_gene), count(var, looks_like_gene));
+    if frac(cell_var, var) >= 0.5 && cell_obs == 0 {
+        return Some(format!(
+            "{cell_var} of the {} gene names look like cell names (e.g. `{}`), and no cell name does",
+            var.len(),
+            var.iter()
+                .find(|n| looks_like_cell(n))
+                .map_or("", String::as_str)
+        ));
+    }
+    if (frac(gene_obs, obs) >= 0.5 || gene_obs >= 3) && gene_var == 0 {
+        return Some(format!(
+            "{gene_obs} of the {} cell names look like gene names (e.g. `{}`), and no gene name does",
+            obs.len(),
+            obs.iter()
+                .find(|n| looks_like_gene(n))
+                .map_or("", String::as_str)
+        ));
+    }
+    None
+}
+
+/// Logs a warning naming `path` when [`names_look_swapped`] finds its names swapped;
+/// `transposed` says whether the file was read as genes × cells.
+pub(crate) fn warn_if_swapped(path: &Path, obs: &[String], var: &[String], transposed: bool) {
+    if let Some(why) = names_look_swapped(obs, var) {
+        let hint = if transposed {
+            "it was read as genes x cells (transpose): is it cells x genes? Read it without transpose"
+        } else {
+            "is it genes x cells? Read it with transpose (`scfm prepare --transpose`, `data.transpose: true`, `scfm embed/evaluate --transpose`)"
+        };
+        tracing::warn!(file = %path.display(), "cell and gene names look swapped: {why}; {hint}");
+    }
+}

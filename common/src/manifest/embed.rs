@@ -143,15 +143,7 @@ impl EmbedManifest {
             source,
         })?;
         let mut m = Self::parse(&text, path)?;
-        let base = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let base = std::path::absolute(base).map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?;
-        m.resolve_paths(&base);
+        m.resolve_paths(&crate::config::base_dir(path)?);
         m.validate()?;
         Ok(m)
     }
@@ -276,8 +268,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), OK);
         assert!(matches!(
-            crate::manifest::Job::load(&p),
-            Ok(crate::manifest::Job::Embed(_))
+            crate::manifest::ConfigFile::load(&p),
+            Ok(crate::manifest::ConfigFile::Embed(_))
         ));
         let e = crate::manifest::Manifest::load(&p).unwrap_err().to_string();
         assert!(

@@ -24,6 +24,7 @@ import warnings
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
@@ -48,6 +49,15 @@ def main():
     spec = json.load(open(sys.argv[1]))
     out = spec["out"]
     adatas = [read(i, spec["make_unique"]) for i in spec["inputs"]]
+    # Cell names are made unique over all inputs in order, before any filter, as anndata
+    # makes the names of the concatenation unique.
+    unique = ad.utils.make_index_unique(
+        pd.Index([n for a in adatas for n in a.obs_names])
+    )
+    start = 0
+    for a in adatas:
+        a.obs_names = unique[start : start + a.n_obs]
+        start += a.n_obs
     vocab, seen = [], set()
     for a in adatas:
         for g in a.var_names:

@@ -90,12 +90,16 @@ impl MemorySource {
     /// expressed gene, and normalises.
     pub fn load(cfg: &DataConfig) -> Result<MemorySource> {
         let path = &cfg.path;
-        let mut opts = ReadOptions::default();
+        let mut opts = ReadOptions {
+            transpose: cfg.transpose,
+            ..ReadOptions::default()
+        };
         opts.h5ad.source = cfg.source.clone();
         let ds = read_any(path, &opts)?;
-        check_counts(&ds.x, path, &ds.var_names, false)?;
-        if ds.x.data.iter().any(|v| v.fract() != 0.0) {
-            tracing::warn!(file = %path.display(), "values are not integers; treating them as counts anyway (normalize_total + log1p is applied)");
+        // The rule of `scfm prepare`: raw integer counts, unless allowed otherwise.
+        check_counts(&ds.x, path, &ds.var_names, !cfg.allow_non_integer)?;
+        if cfg.allow_non_integer && ds.x.data.iter().any(|v| v.fract() != 0.0) {
+            tracing::warn!(file = %path.display(), "values are not integers (data.allow_non_integer); treating them as counts (normalize_total + log1p is applied)");
         }
         let mut x = ds.x;
         let nonempty: Vec<usize> = (0..x.n_rows)

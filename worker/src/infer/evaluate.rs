@@ -42,6 +42,8 @@ pub struct EvaluateArgs {
     pub device: DeviceChoice,
     /// Matrix of the input holding the counts.
     pub source: MatrixSource,
+    /// A CSV/TSV input is genes × cells.
+    pub transpose: bool,
     /// Vocabulary file for checkpoints without one.
     pub vocab: Option<PathBuf>,
     /// Seed of the folds, clusterings, masks and the random model.
@@ -110,6 +112,7 @@ pub fn run_evaluate(args: &EvaluateArgs) -> Result<Evaluation> {
             label_key: Some(args.label_key.clone()),
             batch_key: args.batch_key.clone(),
             cache_dir: None,
+            transpose: args.transpose,
         },
     )?;
     let a = check_alignment(&input, &bundle)?;

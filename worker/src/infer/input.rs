@@ -52,6 +52,8 @@ pub struct InputOptions {
     pub batch_key: Option<String>,
     /// Where the shards of a remote prepared dataset are cached.
     pub cache_dir: Option<PathBuf>,
+    /// A CSV/TSV input is genes × cells (a header row of cell names, one gene per line).
+    pub transpose: bool,
 }
 
 fn data_err(path: &Path, m: impl std::fmt::Display) -> WorkerError {
@@ -115,7 +117,10 @@ impl CellInput {
                 obs_frame,
             });
         }
-        let mut ro = ReadOptions::default();
+        let mut ro = ReadOptions {
+            transpose: opts.transpose,
+            ..ReadOptions::default()
+        };
         ro.h5ad.source = opts.source.clone();
         let ds = read_any(&path, &ro)?;
         let obs_frame = if format == InputFormat::H5ad && has_modern_frame(&path, "obs") {

@@ -35,6 +35,8 @@ pub struct EmbedArgs {
     pub device: DeviceChoice,
     /// Matrix of an `.h5ad` input holding the counts.
     pub source: MatrixSource,
+    /// A CSV/TSV input is genes × cells.
+    pub transpose: bool,
     /// Vocabulary file for checkpoints that lack one.
     pub vocab: Option<PathBuf>,
     /// `obsm` key.
@@ -127,6 +129,7 @@ pub fn run_embed(args: &EmbedArgs) -> Result<EmbedSummary> {
         &InputOptions {
             source: args.source.clone(),
             cache_dir: args.cache_dir.clone(),
+            transpose: args.transpose,
             ..InputOptions::default()
         },
     )?;

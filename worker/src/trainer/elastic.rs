@@ -70,12 +70,20 @@ impl Trainer {
     }
 
     /// Loads the newest verified checkpoint when there is one (a worker joining an
-    /// elastic cluster with no state of its own); returns whether it did.
+    /// elastic cluster with no state of its own); returns whether it did. This is only a
+    /// fallback: the generation continues from the state its members agree on
+    /// ([`Trainer::sync_state`]), a survivor's when there is one, and that is what is
+    /// logged.
     pub fn resume_latest_if_any(&mut self) -> Result<bool> {
         if self.rt.block_on(select_verified(&self.store))?.is_none() {
             return Ok(false);
         }
-        self.resume(None)?;
+        let url = self.load_checkpoint(None)?;
+        tracing::info!(
+            checkpoint = %url,
+            step = self.state.step,
+            "loaded the newest checkpoint (used only when no member of the generation has a newer state)"
+        );
         self.total_steps = self.plan_total_steps();
         self.tainted = false;
         Ok(true)
@@ -122,6 +130,17 @@ impl Trainer {
         self.tainted = false;
         self.total_steps = self.plan_total_steps();
         let step = self.state.step;
+        // Said whenever this worker's state was replaced by another (a joiner, or a
+        // member a step ahead); survivors already holding the same state stay quiet.
+        if rank != root && (members[rank].0 != members[root].0 || step != mine) {
+            let (g, _) = members[root];
+            let whose = if g > 0 {
+                format!("a survivor of generation {g}")
+            } else {
+                "loaded from the newest checkpoint".to_string()
+            };
+            eprintln!("took the state of rank {root} ({whose}) at step {step}");
+        }
         if step != mine {
             tracing::warn!(
                 from = mine,

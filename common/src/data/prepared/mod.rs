@@ -9,6 +9,7 @@
 //! Shards hold raw counts (float32); normalisation (normalize_total + log1p) is the
 //! loader's, so the same prepared data serves any target sum.
 
+mod obs_names;
 mod prepare;
 #[cfg(test)]
 mod tests;

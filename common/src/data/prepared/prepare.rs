@@ -22,6 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::obs_names::UniqueObsNames;
 use super::{
     DATASET_JSON, DatasetManifest, DatasetStats, FORMAT, ShardInfo, SourceInfo, VERSION, VOCAB_TSV,
     VocabEntry, vocab_tsv,
@@ -34,7 +35,7 @@ use crate::data::preprocess::check_counts_at;
 use crate::data::preprocess::hvg::SeuratV3Stream;
 use crate::data::preprocess::qc::{CellFilter, filter_cells};
 use crate::data::preprocess::vocab::{ColumnRemap, GeneSource, VocabMode, build_vocab};
-use crate::data::read::{GeneIdColumn, ReadOptions};
+use crate::data::read::{GeneIdColumn, InputFormat, ReadOptions, names_look_swapped};
 use crate::error::{Error, Result};
 use crate::storage::{Store, sha256_hex};
 
@@ -50,6 +51,8 @@ pub struct PrepareSettings {
     pub genome: Option<String>,
     /// Make repeated gene names unique (`-1`, `-2`, …) instead of failing.
     pub make_unique: bool,
+    /// CSV/TSV inputs are genes × cells (a header row of cell names, one gene per line).
+    pub transpose: bool,
     /// `union`, `intersection`, or the path of a gene list file (one gene per line).
     pub vocab: String,
     /// Drop vocabulary genes expressed in fewer QC-passing cells (an extra pass).
@@ -92,6 +95,7 @@ impl Default for PrepareSettings {
             gene_ids: GeneIdColumn::Symbols,
             genome: None,
             make_unique: false,
+            transpose: false,
             vocab: "union".into(),
             min_cells_per_gene: None,
             hvg: None,
@@ -116,6 +120,7 @@ impl PrepareSettings {
             genome: self.genome.clone(),
             gene_id_column: self.gene_ids,
             make_unique: self.make_unique,
+            transpose: self.transpose,
             ..ReadOptions::default()
         };
         o.h5ad.source = self.source.clone();
@@ -132,7 +137,8 @@ impl PrepareSettings {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the settings; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
         if self.shard_cells == 0 {
             return Err(Error::config("shard_cells", "must be at least 1"));
         }
@@ -184,6 +190,9 @@ struct Source {
     path: PathBuf,
     names: Vec<String>,
     symbols: Option<Vec<String>>,
+    /// CSV/TSV inputs (whose orientation is a choice): their cell names, to compare with
+    /// the genes of the vocabulary.
+    csv_obs: Option<Vec<String>>,
     info: SourceInfo,
 }
 
@@ -214,6 +223,7 @@ pub fn prepare(
 
     // Pass 1: names and checksums.
     let mut sources = Vec::with_capacity(inputs.len());
+    let mut obs_names = UniqueObsNames::builder();
     for (i, path) in inputs.iter().enumerate() {
         let r = InputReader::open(path, &opts)?;
         progress(&PrepareProgress {
@@ -239,8 +249,13 @@ pub fn prepare(
             },
             names: r.var_names().to_vec(),
             symbols: r.gene_symbols().map(<[String]>::to_vec),
+            csv_obs: (r.format() == InputFormat::Csv).then(|| r.obs_names().to_vec()),
         });
+        obs_names.add_input(r.obs_names());
     }
+    warn_same_files(&sources);
+    warn_swapped_tables(&sources, &mode, settings.transpose);
+    let obs_names = obs_names.finish();
     let cells_total: usize = sources.iter().map(|s| s.info.n_cells).sum();
     let gs: Vec<GeneSource> = sources
         .iter()
@@ -317,22 +332,31 @@ pub fn prepare(
     // Pass 4: shards.
     let mut w = ShardWriter::new(&rt, &store, settings, &vocab, &entries);
     let mut read = 0;
+    let mut obs_names = obs_names;
     for i in 0..sources.len() {
         let (kept_before, source_name) = (w.cells_total, file_label(&sources[i].path));
         let s = &sources[i];
-        let stats = scan(s, &vocab, settings, &opts, &mut |x, obs, rows_read| {
-            read += rows_read;
-            w.append(x, obs, &source_name)?;
-            progress(&PrepareProgress {
-                pass: "shards",
-                file: i,
-                n_files: sources.len(),
-                cells_read: read,
-                cells_total,
-                shards: w.shards.len(),
-            });
-            Ok(())
-        })?;
+        let mut rename = |names: &[String]| obs_names.next_input(names);
+        let stats = scan_named(
+            s,
+            &vocab,
+            settings,
+            &opts,
+            Some(&mut rename),
+            &mut |x, obs, rows_read| {
+                read += rows_read;
+                w.append(x, obs, &source_name)?;
+                progress(&PrepareProgress {
+                    pass: "shards",
+                    file: i,
+                    n_files: sources.len(),
+                    cells_read: read,
+                    cells_total,
+                    shards: w.shards.len(),
+                });
+                Ok(())
+            },
+        )?;
         let info = &mut sources[i].info;
         info.n_qc_removed = stats.qc_removed;
         info.n_empty_removed = stats.empty_removed;
@@ -341,6 +365,7 @@ pub fn prepare(
         tracing::info!(file = %info.path, cells = info.n_cells, kept = info.n_kept, qc_removed = info.n_qc_removed, empty_removed = info.n_empty_removed, genes_in_vocab = info.genes_in_vocab, "input done");
     }
     w.flush()?;
+    obs_names.report();
     let manifest = w.finish(sources.into_iter().map(|s| s.info).collect())?;
     progress(&PrepareProgress {
         pass: "done",
@@ -433,7 +458,26 @@ fn scan(
     opts: &ReadOptions,
     f: &mut BlockFn<'_>,
 ) -> Result<ScanStats> {
+    scan_named(s, vocab, settings, opts, None, f)
+}
+
+/// What [`scan_named`] calls once per input with all its cell names: the names the cells
+/// get.
+type RenameFn<'a> = dyn FnMut(&[String]) -> Vec<String> + 'a;
+
+/// [`scan`], with the cells named by `rename` (given all of the input's cell names) when
+/// there is one.
+fn scan_named(
+    s: &Source,
+    vocab: &[String],
+    settings: &PrepareSettings,
+    opts: &ReadOptions,
+    rename: Option<&mut RenameFn<'_>>,
+    f: &mut BlockFn<'_>,
+) -> Result<ScanStats> {
     let r = InputReader::open(&s.path, opts)?;
+    let renamed = rename.map(|g| g(r.obs_names()));
+    let obs_names = renamed.as_deref().unwrap_or(r.obs_names());
     let remap = ColumnRemap::new(
         &GeneSource {
             path: &s.path,
@@ -470,7 +514,7 @@ fn scan(
         stats.empty_removed += y.n_rows - nonempty.len();
         let obs = nonempty
             .iter()
-            .map(|&i| r.obs_names()[a + qc.kept[i]].clone())
+            .map(|&i| obs_names[a + qc.kept[i]].clone())
             .collect();
         let y = if nonempty.len() == y.n_rows {
             y
@@ -480,6 +524,61 @@ fn scan(
         f(&y, obs, b - a)?;
     }
     Ok(stats)
+}
+
+/// Warns about every input that is the same file as an earlier one (equal SHA-256): its
+/// cells are stored twice.
+fn warn_same_files(sources: &[Source]) {
+    for (i, s) in sources.iter().enumerate() {
+        if let Some(first) = sources[..i].iter().find(|t| t.info.sha256 == s.info.sha256) {
+            tracing::warn!(
+                file = %s.path.display(),
+                same_as = %first.path.display(),
+                sha256 = %s.info.sha256,
+                "this input has the same contents as an earlier one: its cells are stored twice (their names made unique)"
+            );
+        }
+    }
+}
+
+/// Warns about every CSV/TSV input whose cell names match the genes of the other inputs
+/// (or of a fixed vocabulary) better than its gene names do: it is probably genes ×
+/// cells read as cells × genes (or the reverse, with `transpose`).
+fn warn_swapped_tables(sources: &[Source], mode: &VocabMode, transpose: bool) {
+    use std::collections::HashSet;
+    for (i, s) in sources.iter().enumerate() {
+        let Some(obs) = &s.csv_obs else { continue };
+        let mut genes: HashSet<&str> = sources
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, t)| t.names.iter().map(String::as_str))
+            .collect();
+        if let VocabMode::Fixed(list) = mode {
+            genes.extend(list.iter().map(String::as_str));
+        }
+        if genes.is_empty() || names_look_swapped(obs, &s.names).is_some() {
+            continue; // nothing to compare with, or the reader warned already
+        }
+        let frac = |names: &[String]| {
+            names.iter().filter(|n| genes.contains(n.as_str())).count() as f64
+                / names.len().max(1) as f64
+        };
+        let (rows, cols) = (frac(obs), frac(&s.names));
+        if rows >= 0.5 && cols < 0.1 {
+            tracing::warn!(
+                file = %s.path.display(),
+                "cell and gene names look swapped: {:.0}% of the cell names but {:.0}% of the gene names are genes of the other inputs or of the vocabulary; {}",
+                100.0 * rows,
+                100.0 * cols,
+                if transpose {
+                    "it was read as genes x cells (--transpose): is it cells x genes?"
+                } else {
+                    "is it genes x cells? `--transpose` reads it so"
+                }
+            );
+        }
+    }
 }
 
 /// Vocabulary entries with symbols taken from the first input that has them.

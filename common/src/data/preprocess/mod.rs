@@ -30,7 +30,12 @@ use std::path::Path;
 use super::{CellDataset, CsrMatrix};
 use crate::error::{Error, Result};
 
-/// Checks that every stored value is a finite, non-negative count.
+/// Counts at or above this (2^24) cannot be held exactly in float32, the type counts are
+/// read into and stored in shards: 2^24 + 1 already rounds to 2^24.
+pub const MAX_EXACT_COUNT: f32 = 16_777_216.0;
+
+/// Checks that every stored value is a finite, non-negative count below
+/// [`MAX_EXACT_COUNT`].
 ///
 /// `require_integer` also rejects non-integer values (raw counts are integers; a
 /// matrix of normalised values passed as counts is a common mistake). The error
@@ -64,18 +69,29 @@ pub fn check_counts_at(
                 Some("negative")
             } else if require_integer && v.fract() != 0.0 {
                 Some("non-integer")
+            } else if v >= MAX_EXACT_COUNT {
+                Some("large")
             } else {
                 None
             };
             if let Some(p) = problem {
                 let gene = var_names.get(c as usize).map(String::as_str).unwrap_or("?");
+                let cell = first_row + r;
+                let what = format!("{p} count {v} at cell {cell}, gene {c} (`{gene}`)");
                 return Err(Error::format(
                     path,
-                    format!(
-                        "{p} count {v} at cell {}, gene {c} (`{gene}`); expected raw counts (finite, >= 0{})",
-                        first_row + r,
-                        if require_integer { ", integer" } else { "" }
-                    ),
+                    match p {
+                        "non-integer" => format!(
+                            "{what}; expected raw counts (finite, >= 0, integer): normalised data? `allow_non_integer` accepts it (`scfm prepare --allow-non-integer`, `data.allow_non_integer: true` for training)"
+                        ),
+                        "large" => format!(
+                            "count {v} at cell {cell}, gene {c} (`{gene}`) is at or above 2^24 = 16777216: counts are held as float32, which holds every integer exactly only below that, so this count may be rounded already"
+                        ),
+                        _ => format!(
+                            "{what}; expected raw counts (finite, >= 0{})",
+                            if require_integer { ", integer" } else { "" }
+                        ),
+                    },
                 ));
             }
         }
