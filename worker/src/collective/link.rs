@@ -121,18 +121,12 @@ impl Link {
             let from_left = accepting.join().unwrap_or_else(|_| {
                 Err(left.err(op, t, io::Error::other("the accepting thread panicked")))
             });
+            let refused = |e: &CollectiveError| matches!(e, CollectiveError::Handshake { .. });
             match (to_right, from_left) {
                 (Ok(r), Ok(l)) => Ok((r, l)),
-                // A refused handshake says more than the other side giving up after it.
                 (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
-                (Err(r), Err(l)) if !matches!(r, CollectiveError::Handshake { .. }) => {
-                    Err(if matches!(l, CollectiveError::Handshake { .. }) {
-                        l
-                    } else {
-                        r
-                    })
-                }
-                (Err(r), Err(_)) => Err(r),
+                // Both failed: a refused handshake says more than the other side giving up.
+                (Err(r), Err(l)) => Err(if !refused(&r) && refused(&l) { l } else { r }),
             }
         })?;
 
