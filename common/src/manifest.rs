@@ -290,6 +290,12 @@ impl Manifest {
         self.train_spec().map(|_| ())
     }
 
+    /// Whether the job has a token (`auth.token` or `auth.token_env`): every request to
+    /// its coordinator must carry it, and it keys the workers' ring.
+    pub fn has_token(&self) -> bool {
+        self.auth.token.is_some() || self.auth.token_env.is_some()
+    }
+
     /// The shared token, if any (from `auth.token` or `auth.token_env`).
     pub fn token(&self) -> Option<String> {
         self.auth.token.clone().or_else(|| {

@@ -15,10 +15,24 @@ use crate::error::{Error, Result};
 /// request. 7: the manifest handed to workers carries `cluster.collective` (and the ranks
 /// of a generation vote on the backend over the ring), and a register may be deferred
 /// (UNAVAILABLE) while a restarted coordinator's places are held by taken-over workers.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: the workers' ring authenticates its connections (ring wire version 2), so a worker
+/// of an earlier build, which could not join a ring, is refused at register.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";
+
+/// Whether a presented token equals the job's token, in constant time: both are hashed
+/// (SHA-256) and the digests compared with `subtle`, so neither the position of the first
+/// differing byte nor the length of the job's token shows in the time taken.
+pub fn token_matches(presented: &[u8], want: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(presented)
+        .as_slice()
+        .ct_eq(Sha256::digest(want).as_slice())
+        .into()
+}
 
 /// A worker's place in one generation of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +121,16 @@ impl From<&Assignment> for pb::AssignmentResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_matches_only_the_same_bytes() {
+        assert!(token_matches(b"s3cret", b"s3cret"));
+        assert!(token_matches(b"", b""));
+        assert!(!token_matches(b"s3cret", b"s3creT"));
+        assert!(!token_matches(b"s3cre", b"s3cret"));
+        assert!(!token_matches(b"s3cret!", b"s3cret"));
+        assert!(!token_matches(b"", b"s3cret"));
+    }
 
     #[test]
     fn assignment_roundtrip_and_validation() {

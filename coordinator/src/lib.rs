@@ -115,9 +115,37 @@ pub async fn resume_point(store: &Store, m: &Manifest) -> Result<ResumePoint, Co
     Ok(at)
 }
 
+/// Refuses a job that would listen on an address other machines can reach without a
+/// token: anyone who reaches it could register a worker, receive the manifest and push
+/// gradients into the run. Loopback addresses (`127.0.0.1`, `::1`) need no token.
+pub fn check_listen_auth(m: &Manifest) -> Result<(), CoordinatorError> {
+    let addr: SocketAddr = m.cluster.coordinator.parse().map_err(|_| {
+        CoordinatorError::Config(format!(
+            "cluster.coordinator `{}` is not a host:port socket address",
+            m.cluster.coordinator
+        ))
+    })?;
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    let why = match m.token() {
+        Some(t) if !t.is_empty() => return Ok(()),
+        Some(_) => "its token is empty",
+        None => "the manifest has no token",
+    };
+    Err(CoordinatorError::Config(format!(
+        "refusing to listen on {addr} (cluster.coordinator): it is not a loopback address and \
+         {why}, so anyone who reaches it could join the job. Set a token: add `auth: \
+         {{token_env: SCFM_TOKEN}}` to the manifest and export SCFM_TOKEN with a long random \
+         secret for `scfm launch` and every `scfm-worker join` (see docs/operations.md, \
+         \"Security\"); or listen on 127.0.0.1"
+    )))
+}
+
 impl Coordinator {
     /// Binds the manifest's address and starts serving (plus the watchdog and, when
-    /// configured, the Prometheus endpoint).
+    /// configured, the Prometheus endpoint). A non-loopback address without a token is
+    /// refused ([`check_listen_auth`]).
     pub async fn start(manifest: &Manifest) -> Result<Self, CoordinatorError> {
         Self::start_with(manifest, &StartOptions::default()).await
     }
@@ -127,6 +155,7 @@ impl Coordinator {
         manifest: &Manifest,
         opts: &StartOptions,
     ) -> Result<Self, CoordinatorError> {
+        check_listen_auth(manifest)?;
         scfm_common::install_crypto_provider();
         let store = Store::open(&manifest.checkpoint.url)?;
         if opts.fresh {
@@ -301,5 +330,40 @@ impl Coordinator {
     pub fn fail(&self, why: String) {
         self.shared.lock().fail(why);
         self.shared.changed.send_modify(|v| *v += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(addr: &str, auth: &str) -> Manifest {
+        let text = format!(
+            "run_id: t\ndata: {{path: d.h5ad}}\ncluster: {{max_workers: 1, coordinator: '{addr}'}}\ncheckpoint: {{url: ckpt}}\n{auth}"
+        );
+        Manifest::parse(&text, std::path::Path::new("job.yaml")).unwrap()
+    }
+
+    #[test]
+    fn only_loopback_addresses_listen_without_a_token() {
+        for addr in ["127.0.0.1:0", "127.0.0.1:7000", "[::1]:7000"] {
+            check_listen_auth(&manifest(addr, "")).unwrap();
+        }
+        for addr in ["0.0.0.0:7000", "10.1.2.3:0", "[::]:7000"] {
+            let e = check_listen_auth(&manifest(addr, ""))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("not a loopback address")
+                    && e.contains("the manifest has no token")
+                    && e.contains("token_env: SCFM_TOKEN"),
+                "{e}"
+            );
+            check_listen_auth(&manifest(addr, "auth: {token: s3cret}\n")).unwrap();
+            let e = check_listen_auth(&manifest(addr, "auth: {token: ''}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("its token is empty"), "{e}");
+        }
     }
 }

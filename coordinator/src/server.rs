@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use scfm_common::checkpoint::ResumePoint;
 use scfm_common::manifest::Manifest;
-use scfm_common::rpc::{PROTOCOL_VERSION, TOKEN_HEADER, pb};
+use scfm_common::rpc::{PROTOCOL_VERSION, TOKEN_HEADER, pb, token_matches};
 use scfm_common::storage::Store;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -114,11 +114,9 @@ pub fn token_check(
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
         let Some(want) = &token else { return Ok(req) };
-        let got = req
-            .metadata()
-            .get(TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok());
-        if got == Some(want.as_str()) {
+        // Compared in constant time: a timing side channel must not reveal the token.
+        let got = req.metadata().get(TOKEN_HEADER).map(|v| v.as_bytes());
+        if got.is_some_and(|g| token_matches(g, want.as_bytes())) {
             Ok(req)
         } else {
             let peer = req.remote_addr().map_or("?".to_string(), |a| a.to_string());

@@ -15,7 +15,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
-use crate::collective::{RingAbort, RingCollective, RingConfig};
+use crate::collective::{RingAbort, RingCollective, RingConfig, RingKey};
 
 mod backend;
 
@@ -262,6 +262,23 @@ fn to_pb(worker_id: &str, r: StepReport) -> pb::StepMetrics {
     }
 }
 
+/// The key of the job's ring: derived from the token and the run id when the job has a
+/// token (the coordinator accepted this worker's, so every member holds the same), from
+/// the run id alone when it has none (a loopback job; the key is then not secret).
+fn ring_key(m: &Manifest, token: Option<&str>, run_id: &str) -> Result<RingKey> {
+    if !m.has_token() {
+        return Ok(RingKey::derive(None, run_id));
+    }
+    match token {
+        Some(t) => Ok(RingKey::derive(Some(t), run_id)),
+        None => Err(WorkerError::Coordinator(
+            "the job has a token (auth in its manifest) but this worker was given none: set \
+             SCFM_TOKEN or pass --token"
+                .into(),
+        )),
+    }
+}
+
 /// Joins the cluster and trains until the job ends.
 pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
     scfm_common::install_crypto_provider();
@@ -297,6 +314,10 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
     let id = reg.worker_id.clone();
     let manifest = Manifest::parse(&reg.manifest_yaml, std::path::Path::new("<coordinator>"))?;
     let spec = manifest.train_spec()?;
+    let ring_key = ring_key(&manifest, args.token.as_deref(), &reg.run_id)?;
+    if !manifest.has_token() && !ring_addr.ip().is_loopback() {
+        tracing::warn!(ring = %ring_addr, "the job has no token: the ring's key derives from the run id alone and is no secret to anyone who reaches this address; give the job a token (auth.token_env)");
+    }
     tracing::info!(worker = %id, run = %reg.run_id, ring = %ring_addr, "registered");
 
     // Heartbeats from the first moment: the coordinator may wait long for the others.
@@ -395,6 +416,7 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             checkpoint_url: manifest.checkpoint.url.clone(),
             abort,
             collective: manifest.cluster.collective,
+            ring_key,
         },
     );
     let _ = fwd.join();
@@ -458,6 +480,8 @@ struct Gen {
     abort: AbortSlot,
     /// `cluster.collective`.
     collective: scfm_common::manifest::CollectiveBackend,
+    /// The job's ring key.
+    ring_key: RingKey,
 }
 
 /// Trains through the generations of an elastic cluster: for each assignment, forms the
@@ -526,7 +550,7 @@ fn run_generations(
             listener
                 .try_clone()
                 .map_err(|e| WorkerError::Internal(format!("ring listener: {e}")))?,
-            RingConfig::new(a.generation, g.timeout),
+            RingConfig::new(g.ring_key.clone(), a.generation, g.timeout),
         );
         // Every rank agrees on the backend of this generation (and forms NCCL if chosen).
         let ring = match ring.map_err(Ok).and_then(|mut r| {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Barrier, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{Collective, CollectiveError, RingCollective, RingConfig};
+use super::{Collective, CollectiveError, RingCollective, RingConfig, RingKey};
 
 /// One measurement of [`bench_bus_bandwidth`].
 #[derive(Debug, Clone, PartialEq)]
@@ -109,7 +109,8 @@ fn time_all_reduce(w: usize, n: usize, iterations: usize) -> Result<f64, String>
         let (tx, peers) = (tx.clone(), peers.clone());
         thread::spawn(move || {
             let run = || -> Result<f64, CollectiveError> {
-                let config = RingConfig::new(0, Duration::from_secs(60));
+                let key = RingKey::derive(None, "bench-allreduce");
+                let config = RingConfig::new(key, 0, Duration::from_secs(60));
                 let mut ring = RingCollective::new(rank, w, peers, listener, config)?;
                 let mut buf = vec![1.0f32; n];
                 ring.all_reduce_mean(&mut buf)?;

@@ -7,15 +7,17 @@
 //! wait for every received message likewise, and every socket read by a backstop of
 //! `(POOL + 1)` timeouts (reads run ahead of the step they belong to).
 
-use std::io::{self, ErrorKind};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use super::handshake::{self, Me};
 use super::plan::{Action, Step};
 use super::ring::RingConfig;
-use super::wire::{self, Elem, HEADER_LEN, HELLO_LEN, Header, Hello};
+use super::wire::{self, Elem, HEADER_LEN, Header};
 use super::{CollectiveError, Op};
 
 /// Receive buffers in flight (read-ahead depth of the receiver thread).
@@ -26,14 +28,14 @@ const SMALL_MSG: usize = 64 << 10;
 
 /// A neighbour: its rank and listening address.
 #[derive(Debug, Clone, Copy)]
-struct Peer {
-    rank: usize,
-    addr: SocketAddr,
+pub(super) struct Peer {
+    pub rank: usize,
+    pub addr: SocketAddr,
 }
 
 impl Peer {
     /// Turns an I/O error with this peer into a [`CollectiveError`].
-    fn err(&self, op: Op, after: Duration, e: io::Error) -> CollectiveError {
+    pub(super) fn err(&self, op: Op, after: Duration, e: io::Error) -> CollectiveError {
         let (peer, addr) = (self.rank, self.addr);
         if wire::is_timeout(&e) {
             CollectiveError::Timeout {
@@ -77,7 +79,9 @@ pub(super) struct Link {
 }
 
 impl Link {
-    /// Connects, exchanges hellos and starts the receiver thread.
+    /// Connects to the right neighbour and accepts the left one at the same time, each
+    /// connection authenticated by the handshake of [`handshake`], and starts the
+    /// receiver thread.
     pub(super) fn connect(
         rank: usize,
         world: usize,
@@ -95,49 +99,36 @@ impl Link {
             rank: (rank + world - 1) % world,
             addr: peers[(rank + world - 1) % world],
         };
-        let ours = Hello::new(rank, world, config.generation);
-
-        let mut to_right = connect_by(right.addr, deadline).map_err(|e| right.err(op, t, e))?;
-        to_right
-            .set_nodelay(true)
-            .map_err(|e| right.err(op, t, e))?;
-        wire::write_all_by(&mut to_right, &ours.encode(), deadline)
-            .map_err(|e| right.err(op, t, e))?;
-
-        // A connection left over from an earlier generation (a peer that tried to form a
-        // ring that failed) is dropped; the left neighbour of this generation follows.
-        let (mut from_left, theirs) = loop {
-            let mut s = accept_by(listener, deadline).map_err(|e| left.err(op, t, e))?;
-            s.set_nodelay(true).map_err(|e| left.err(op, t, e))?;
-            let h = read_hello(&mut s, deadline).map_err(|e| left.err(op, t, e))?;
-            if h.is_stale_for(&ours) {
-                tracing::debug!(
-                    stale = h.generation,
-                    generation = ours.generation,
-                    "dropped a ring connection of an earlier generation"
-                );
-                continue;
-            }
-            break (s, h);
+        let me = Me {
+            rank,
+            world,
+            generation: config.generation,
         };
-        let verdict = theirs.check(&ours, left.rank);
-        // Answer even a refused hello, so that the peer can report the mismatch too.
-        let answered = wire::write_all_by(&mut from_left, &ours.encode(), deadline);
-        verdict.map_err(|reason| CollectiveError::Handshake {
-            peer: left.rank,
-            addr: left.addr,
-            reason,
+        // Both sides at once: every rank's connection to its right neighbour completes
+        // only once that neighbour answers on its accepting side.
+        let cancel = AtomicBool::new(false);
+        let (to_right, from_left) = thread::scope(|scope| {
+            let accepting = thread::Builder::new()
+                .name(format!("ring-accept-{rank}"))
+                .spawn_scoped(scope, || {
+                    handshake::accept_left(listener, me, left, &config.key, deadline, t, &cancel)
+                })
+                .map_err(|e| left.err(op, t, e))?;
+            let to_right = handshake::connect_right(me, right, &config.key, deadline, t);
+            if to_right.is_err() {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            let from_left = accepting.join().unwrap_or_else(|_| {
+                Err(left.err(op, t, io::Error::other("the accepting thread panicked")))
+            });
+            let refused = |e: &CollectiveError| matches!(e, CollectiveError::Handshake { .. });
+            match (to_right, from_left) {
+                (Ok(r), Ok(l)) => Ok((r, l)),
+                (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+                // Both failed: a refused handshake says more than the other side giving up.
+                (Err(r), Err(l)) => Err(if !refused(&r) && refused(&l) { l } else { r }),
+            }
         })?;
-        answered.map_err(|e| left.err(op, t, e))?;
-
-        let reply = read_hello(&mut to_right, deadline).map_err(|e| right.err(op, t, e))?;
-        reply
-            .check(&ours, right.rank)
-            .map_err(|reason| CollectiveError::Handshake {
-                peer: right.rank,
-                addr: right.addr,
-                reason,
-            })?;
 
         let reader = from_left.try_clone().map_err(|e| left.err(op, t, e))?;
         let (req_tx, req_rx) = mpsc::channel();
@@ -371,55 +362,4 @@ fn receive_one(
     }
     wire::read_exact_by(s, &mut wire::words_bytes_mut(buf)[..len], deadline)
         .map_err(|e| peer.err(expect.op, backstop, e))
-}
-
-fn read_hello(s: &mut TcpStream, deadline: Instant) -> io::Result<Hello> {
-    let mut b = [0u8; HELLO_LEN];
-    wire::read_exact_by(s, &mut b, deadline)?;
-    Ok(Hello::decode(&b))
-}
-
-/// Connects to `addr`, retrying refused connections (the peer may not listen yet).
-fn connect_by(addr: SocketAddr, deadline: Instant) -> io::Result<TcpStream> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ErrorKind::TimedOut.into());
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(s) => return Ok(s),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionRefused | ErrorKind::Interrupted
-                ) =>
-            {
-                if Instant::now() + Duration::from_millis(20) >= deadline {
-                    return Err(e);
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Accepts one connection before `deadline`.
-fn accept_by(listener: &TcpListener, deadline: Instant) -> io::Result<TcpStream> {
-    listener.set_nonblocking(true)?;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                return Ok(s);
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                if Instant::now() >= deadline {
-                    return Err(ErrorKind::TimedOut.into());
-                }
-                thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }

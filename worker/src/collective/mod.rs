@@ -9,14 +9,18 @@
 //! Every wait is bounded: a peer that disconnects or stops responding turns into a
 //! [`CollectiveError`] naming the peer and the operation, and the collective is then
 //! unusable ([`CollectiveError::Broken`]) until the ring is re-formed (new generation).
+//! Every ring connection is authenticated before any data crosses it, by a
+//! challenge–response handshake keyed by the job's [`RingKey`] (`handshake`).
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod auth;
 pub mod backend;
 pub mod bench;
+mod handshake;
 mod link;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -26,8 +30,11 @@ mod ring;
 mod wire;
 
 #[cfg(test)]
+mod auth_tests;
+#[cfg(test)]
 mod tests;
 
+pub use auth::RingKey;
 pub use bench::{BenchRow, bench_bus_bandwidth};
 pub use ring::{DEFAULT_BUCKET_BYTES, RingCollective, RingConfig};
 pub use wire::PROTOCOL_VERSION;
@@ -117,8 +124,9 @@ pub enum CollectiveError {
         /// How long we waited.
         after: Duration,
     },
-    /// The hello exchanged with a neighbour did not match (magic, protocol version, world
-    /// size, generation or rank).
+    /// The handshake with a neighbour failed: it did not authenticate (it does not hold
+    /// the job's ring key), or its hello did not match (protocol version, world size,
+    /// generation or rank).
     #[error("handshake with rank {peer} ({addr}) refused: {reason}")]
     Handshake {
         /// Rank of the peer.

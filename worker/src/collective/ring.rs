@@ -9,6 +9,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
+use super::auth::RingKey;
 use super::link::Link;
 use super::plan::{self, Step};
 use super::wire::{Elem, Header};
@@ -20,6 +21,8 @@ pub const DEFAULT_BUCKET_BYTES: usize = 4 << 20;
 /// Settings of a [`RingCollective`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RingConfig {
+    /// The job's ring key: every connection must prove it holds it.
+    pub key: RingKey,
     /// Membership generation (from the coordinator); neighbours must agree on it.
     pub generation: u64,
     /// Bound on connecting and on every ring step; a silent peer fails within it.
@@ -30,8 +33,9 @@ pub struct RingConfig {
 
 impl RingConfig {
     /// A configuration with the default bucket size.
-    pub fn new(generation: u64, timeout: Duration) -> Self {
+    pub fn new(key: RingKey, generation: u64, timeout: Duration) -> Self {
         RingConfig {
+            key,
             generation,
             timeout,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
@@ -42,13 +46,6 @@ impl RingConfig {
     pub fn with_bucket_bytes(mut self, bucket_bytes: usize) -> Self {
         self.bucket_bytes = bucket_bytes;
         self
-    }
-}
-
-impl Default for RingConfig {
-    /// Generation 0, a 60 s timeout, 4 MiB buckets.
-    fn default() -> Self {
-        RingConfig::new(0, Duration::from_secs(60))
     }
 }
 
@@ -112,10 +109,12 @@ impl RingCollective {
         Some(h)
     }
 
-    /// Forms the ring: connects to the right neighbour `peers[(rank + 1) % world_size]`,
-    /// accepts the left neighbour on `listener` (already bound to `peers[rank]`), and
-    /// checks the hello (magic, protocol version, rank, world size, generation) both ways.
-    /// Retries refused connections until `config.timeout`. World size 1 opens no sockets.
+    /// Forms the ring: connects to the right neighbour `peers[(rank + 1) % world_size]`
+    /// and accepts the left neighbour on `listener` (already bound to `peers[rank]`),
+    /// each connection authenticated with `config.key` both ways and its hello (protocol
+    /// version, rank, world size, generation) checked; other connections to `listener`
+    /// are refused and dropped. Retries refused connections until `config.timeout`. World
+    /// size 1 opens no sockets.
     pub fn new(
         rank: usize,
         world_size: usize,

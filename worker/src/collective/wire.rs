@@ -9,15 +9,21 @@ use std::net::TcpStream;
 use std::time::Instant;
 
 use super::Op;
+use super::auth::NONCE_LEN;
 
 /// Version of the ring wire protocol; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: the hello carries a nonce and the handshake authenticates both sides
+/// (`super::handshake`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// First bytes of every hello.
 const MAGIC: u32 = u32::from_le_bytes(*b"scRG");
 
 /// Size of an encoded [`Hello`].
-pub(crate) const HELLO_LEN: usize = 24;
+pub(crate) const HELLO_LEN: usize = 24 + NONCE_LEN;
+
+/// The bytes of a hello that every version shares: magic and version.
+pub(crate) const HELLO_PREFIX_LEN: usize = 8;
 
 /// Size of an encoded [`Header`].
 pub(crate) const HEADER_LEN: usize = 40;
@@ -90,7 +96,8 @@ pub(crate) fn words_for(bytes: usize) -> usize {
     bytes.div_ceil(8)
 }
 
-/// The hello each rank sends to its right neighbour, answered by the same message.
+/// The hello that opens each side of a ring connection: the connecting rank's, then the
+/// accepting rank's answer, each with a fresh nonce that the other side's tag covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Hello {
     magic: u32,
@@ -101,17 +108,20 @@ pub(crate) struct Hello {
     pub world: u32,
     /// Sender's membership generation.
     pub generation: u64,
+    /// Sender's fresh random challenge.
+    pub nonce: [u8; NONCE_LEN],
 }
 
 impl Hello {
     /// Our own hello.
-    pub fn new(rank: usize, world: usize, generation: u64) -> Self {
+    pub fn new(rank: usize, world: usize, generation: u64, nonce: [u8; NONCE_LEN]) -> Self {
         Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             rank: rank as u32,
             world: world as u32,
             generation,
+            nonce,
         }
     }
 
@@ -123,18 +133,39 @@ impl Hello {
         b[8..12].copy_from_slice(&self.rank.to_le_bytes());
         b[12..16].copy_from_slice(&self.world.to_le_bytes());
         b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        b[24..].copy_from_slice(&self.nonce);
         b
     }
 
     /// Inverse of [`Hello::encode`].
     pub fn decode(b: &[u8; HELLO_LEN]) -> Self {
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&b[24..]);
         Hello {
             magic: u32_at(b, 0),
             version: u32_at(b, 4),
             rank: u32_at(b, 8),
             world: u32_at(b, 12),
             generation: u64_at(b, 16),
+            nonce,
         }
+    }
+
+    /// Checks the first [`HELLO_PREFIX_LEN`] bytes of a hello (magic and version), before
+    /// the rest is read: a peer of another version sends a hello of another length.
+    pub fn check_prefix(b: &[u8; HELLO_PREFIX_LEN]) -> Result<(), PrefixError> {
+        let (magic, version) = (u32_at(b, 0), u32_at(b, 4));
+        if magic != MAGIC {
+            return Err(PrefixError::NotScfm(format!(
+                "bad magic {magic:#010x}: not an scfm ring peer"
+            )));
+        }
+        if version != PROTOCOL_VERSION {
+            return Err(PrefixError::Version(format!(
+                "ring protocol version mismatch: peer speaks {version}, we speak {PROTOCOL_VERSION}"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether this hello comes from an scfm peer of an earlier generation than `ours`.
@@ -175,6 +206,23 @@ impl Hello {
             ));
         }
         Ok(())
+    }
+}
+
+/// Why the first bytes of a hello were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PrefixError {
+    /// Not an scfm ring peer at all.
+    NotScfm(String),
+    /// An scfm ring peer of another wire version (another build).
+    Version(String),
+}
+
+impl std::fmt::Display for PrefixError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrefixError::NotScfm(s) | PrefixError::Version(s) => f.write_str(s),
+        }
     }
 }
 
