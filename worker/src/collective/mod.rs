@@ -20,6 +20,7 @@ pub mod bench;
 mod link;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod nccl_check;
 pub mod nccl_lib;
 mod plan;
 mod ring;
