@@ -25,4 +25,11 @@ cargo test --release -p scfm-worker --features nccl --lib -- collective:: libtor
 # SCFM_TEST_CONTAINER=1: also build the local CPU image (deploy/container) and run
 # `scfm presets` inside it (~1 min; installs mmdebstrap, podman, runc, patchelf).
 SCFM_TEST_CONTAINER=1 SCFM_WORKER_BIN="$PWD/target/release/scfm-worker" .venv/bin/python -m pytest tests/python -q
+# SCFM_TEST_GPU_BUNDLE=1 (CI sets it): build the GPU bundle (release binaries with static
+# HDF5 and --features nccl) and dry-run it on CPU from a copy outside the checkout.
+if [ "${SCFM_TEST_GPU_BUNDLE:-0}" = 1 ]; then
+    bash scripts/gpu-bundle.sh
+else
+    echo "[test] the GPU bundle's build and CPU dry run are off (SCFM_TEST_GPU_BUNDLE=1 runs them)"
+fi
 echo "[test] all tests passed in $(( $(date +%s) - t0 )) s"
