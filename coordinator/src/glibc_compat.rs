@@ -31,7 +31,12 @@ mod tests {
         assert_eq!(hypotf(f32::INFINITY, f32::NAN), f32::INFINITY);
         assert_eq!(hypotf(f32::NAN, f32::NEG_INFINITY), f32::INFINITY);
         assert!(hypotf(f32::NAN, 1.0).is_nan());
-        for (x, y) in [(1.5f32, 2.25f32), (1e20, 3e19), (7e-3, 1e-2), (1e-30, 1e-30)] {
+        for (x, y) in [
+            (1.5f32, 2.25f32),
+            (1e20, 3e19),
+            (7e-3, 1e-2),
+            (1e-30, 1e-30),
+        ] {
             assert_eq!(hypotf(x, y), (x as f64).hypot(y as f64) as f32, "{x} {y}");
         }
     }

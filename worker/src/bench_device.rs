@@ -208,11 +208,7 @@ pub fn rel_diff(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(f64::MIN_POSITIVE)
 }
 
-fn bench_preset(
-    args: &StepBenchArgs,
-    preset: &str,
-    peak_tflops: f64,
-) -> Result<StepBenchResult> {
+fn bench_preset(args: &StepBenchArgs, preset: &str, peak_tflops: f64) -> Result<StepBenchResult> {
     let mut cfg = ModelConfig::preset(preset)?;
     if let Some(l) = args.seq_len {
         cfg.max_seq_len = l;
