@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 log() { printf '[gpu-bundle] %s\n' "$*" >&2; }
 dry_run=1
+orig_path=$PATH
 [ "${1:-}" = "--no-dry-run" ] && dry_run=0
 t0=$(date +%s)
 # The binaries must run where glibc is this old (the GPU machines' is not known here).
@@ -135,7 +136,7 @@ trap 'rm -rf "$dir"' EXIT
 cp -a "$BUNDLE" "$dir/bundle"
 log "dry run of a copy in $dir/bundle (CUDA parts skip without a GPU)"
 set +e
-env -u LD_LIBRARY_PATH -u LIBTORCH -u SCFM_WORKER_BIN OUT="$dir/out" \
+env -u LD_LIBRARY_PATH -u LIBTORCH -u SCFM_WORKER_BIN PATH="$orig_path" OUT="$dir/out" \
   SCFM_GPU_PYTHON="$ROOT/.venv/bin/python" \
   bash "$dir/bundle/gpu-run.sh"
 rc=$?
