@@ -113,6 +113,16 @@ class GpuMemory:
         return {str(k): round(v - self.base.get(k, 0.0), 1) for k, v in sorted(self.high.items())}
 
 
+def exited(p):
+    """Whether `p` has exited (without reaping it, so that wait4 still gets its usage)."""
+    if p.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 def kill_group(p):
     try:
         os.killpg(p.pid, signal.SIGKILL)
@@ -422,24 +432,64 @@ class Job:
                 self.lines.put(line)
 
     def wait_line(self, needle, timeout):
+        """The coordinator's next output line containing `needle`, within `timeout` s and
+        while a worker (if any were started) still runs."""
         end = time.monotonic() + timeout
         while True:
             try:
-                line = self.lines.get(timeout=max(0.01, end - time.monotonic()))
+                line = self.lines.get(timeout=min(0.5, max(0.01, end - time.monotonic())))
             except queue.Empty:
-                raise Failed(f"no `{needle}` from the coordinator within {timeout:.0f} s: {tail(self.coord_log)}")
+                if time.monotonic() > end:
+                    raise Failed(f"no `{needle}` from the coordinator within {timeout:.0f} s: {tail(self.coord_log)}")
+                if self.workers and all(exited(w) for w in self.workers):
+                    raise Failed(f"every worker exited before the coordinator logged `{needle}`: "
+                                 f"{tail(self.wlogs[0], 4)}")
+                continue
             self.seen.append(line)
             if needle in line:
                 return line
 
     def finish(self, timeout):
-        code, _ = wait_rusage(self.coord, timeout)
+        """Waits for the coordinator (at most `timeout` s, and 15 s once every worker has
+        exited: it would wait for workers to join) and the workers; returns the
+        coordinator's exit code (None when it had to be killed), the workers' exit codes
+        and their peak RSS (MiB)."""
+        end = time.monotonic() + timeout
+        done = {}
+        all_gone = None
+        code = None
+        while True:
+            for i, w in enumerate(self.workers):
+                if i in done:
+                    continue
+                if w.returncode is not None:
+                    done[i] = (w.returncode, 0.0)
+                    continue
+                pid, st, ru = os.wait4(w.pid, os.WNOHANG)
+                if pid:
+                    w.returncode = os.waitstatus_to_exitcode(st)
+                    done[i] = (w.returncode, ru.ru_maxrss / 1024.0)
+            pid, st, _ = os.wait4(self.coord.pid, os.WNOHANG)
+            if pid:
+                self.coord.returncode = code = os.waitstatus_to_exitcode(st)
+                break
+            now = time.monotonic()
+            if len(done) == len(self.workers):
+                all_gone = all_gone or now
+            if now > end or (all_gone and now - all_gone > 15):
+                kill_group(self.coord)
+                os.wait4(self.coord.pid, 0)
+                self.coord.returncode = -9
+                log(f"{self.name}: coordinator killed ("
+                    + ("every worker had exited" if all_gone else "past its time") + ")")
+                break
+            time.sleep(0.1)
         self.reader.join(timeout=5)
-        codes, rss = [], []
-        for w in self.workers:
-            c, r = wait_rusage(w, 30) if w.returncode is None else (w.returncode, 0.0)
-            codes.append(c)
-            rss.append(round(r, 1))
+        for i, w in enumerate(self.workers):
+            if i not in done:
+                done[i] = wait_rusage(w, 30)
+        codes = [done[i][0] for i in range(len(self.workers))]
+        rss = [round(done[i][1], 1) for i in range(len(self.workers))]
         return code, codes, rss
 
     def kill_all(self):
