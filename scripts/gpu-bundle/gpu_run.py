@@ -524,11 +524,14 @@ def backend_lines(text):
 @part(150)
 def two_workers(res, timeout):
     steps = 40 if N_GPU else 16
-    job = Job("two-workers", steps, 2, res)
-    try:
-        code, codes, rss = job.finish(timeout - 10)
-    finally:
-        job.kill_all()
+    with GpuMemory(N_GPU) as mem:
+        job = Job("two-workers", steps, 2, res)
+        try:
+            code, codes, rss = job.finish(timeout - 10)
+        finally:
+            job.kill_all()
+    if N_GPU:
+        res["gpu_mem_peak_mib"] = mem.peak()
     res["exit_codes"] = {"coordinator": code, "workers": codes}
     res["host_peak_rss_mib"] = rss
     texts = [job.worker_text(i) for i in range(2)]
