@@ -41,6 +41,13 @@ cargo test --release -p scfm-worker --features nccl --lib -- collective:: libtor
 # SCFM_TEST_CONTAINER=1: also build the local CPU image (deploy/container) and run
 # `scfm presets` inside it (~1 min; installs mmdebstrap, podman, runc, patchelf).
 SCFM_TEST_CONTAINER=1 SCFM_WORKER_BIN="$PWD/target/release/scfm-worker" .venv/bin/python -m pytest tests/python -q
+# SCFM_TEST_GPU_BUNDLE=1 (CI sets it): build the GPU bundle (release binaries with static
+# HDF5 and --features nccl) and dry-run it on CPU from a copy outside the checkout.
+if [ "${SCFM_TEST_GPU_BUNDLE:-0}" = 1 ]; then
+    bash scripts/gpu-bundle.sh
+else
+    printf 'gpu-bundle\toff: SCFM_TEST_GPU_BUNDLE=1 builds the GPU bundle and dry-runs it on CPU\n' >> "$SCFM_SKIP_LOG"
+fi
 for must in ${SCFM_MUST_RUN:-}; do
     if cut -f1 "$SCFM_SKIP_LOG" | grep -qx "$must"; then
         echo "[test] FAILED: '$must' must run on this machine (SCFM_MUST_RUN) but skipped"

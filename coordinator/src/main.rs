@@ -12,6 +12,7 @@ use scfm_common::manifest::Manifest;
 use scfm_coordinator::{Coordinator, StartOptions};
 
 mod embed_job;
+mod glibc_compat;
 mod prepare_cmd;
 mod status_cmd;
 

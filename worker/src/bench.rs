@@ -75,7 +75,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// A batch of `2 * cells` full-length sequences with random genes, bins and 15% masking.
-fn synthetic_batch(cfg: &ModelConfig, cells: usize, genes: usize, len: usize) -> Batch {
+pub(crate) fn synthetic_batch(cfg: &ModelConfig, cells: usize, genes: usize, len: usize) -> Batch {
     let mut rng = Rng::new(42, &[]);
     let n = 2 * cells;
     let mut b = Batch {

@@ -19,5 +19,6 @@ pub mod versions;
 
 pub use error::{Result, WorkerError};
 pub mod bench;
+pub mod bench_device;
 pub mod bench_embed;
 pub mod reference;

@@ -1,6 +1,6 @@
 //! `scfm-worker`: trains the model in this process (`train`), exports reference tensors
-//! for the PyTorch cross-check (`reference`), and benchmarks training steps (`bench`) and
-//! embedding throughput (`bench-embed`).
+//! for the PyTorch cross-check (`reference`), benchmarks training steps (`bench`,
+//! `bench-step`) and embedding throughput (`bench-embed`), and checks NCCL (`nccl-check`).
 
 use std::path::PathBuf;
 
@@ -122,6 +122,60 @@ enum Cmd {
         #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
         device: String,
         /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Training steps/s, tokens/s and MFU of presets on one device against the matmul peak
+    /// measured in the same run, the CPU-vs-device loss agreement on the same weights and
+    /// batch, and the host memory high-water mark (the GPU bundle runs it on a GPU).
+    BenchStep {
+        /// Presets to measure.
+        #[arg(long, value_delimiter = ',', default_value = "default,large")]
+        presets: Vec<String>,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cuda", value_parser = ["cpu", "cuda"])]
+        device: String,
+        /// Encoder compute precision (the matmul peak is measured in the same dtype).
+        #[arg(long, default_value = "bf16", value_parser = ["fp32", "bf16"])]
+        precision: String,
+        /// Cells per step (two views each).
+        #[arg(long, default_value_t = 16)]
+        cells: usize,
+        /// Tokens per sequence (default: the preset's max_seq_len).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Gene vocabulary size.
+        #[arg(long, default_value_t = 20_000)]
+        genes: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Warm-up steps.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Cells of the loss-agreement batch (also run on the CPU in fp32).
+        #[arg(long, default_value_t = 2)]
+        agree_cells: usize,
+        /// Size of the square matmul that measures the peak.
+        #[arg(long, default_value_t = 8192)]
+        matmul_n: i64,
+        /// Intra-op CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// NCCL on CUDA device 0 with a one-rank communicator: loads the library, forms the
+    /// communicator, all-reduces a buffer and checks it (needs `--features nccl` and a GPU).
+    NcclCheck {
+        /// Buffer size in MiB.
+        #[arg(long, default_value_t = 256)]
+        mb: usize,
+        /// Timed all-reduces.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -589,6 +643,56 @@ fn main() -> Result<()> {
             };
             let report = scfm_worker::bench_embed::run(&args)?;
             write_json(json.as_deref(), &report)?;
+        }
+        Cmd::BenchStep {
+            presets,
+            device,
+            precision,
+            cells,
+            seq_len,
+            genes,
+            steps,
+            warmup,
+            agree_cells,
+            matmul_n,
+            threads,
+            json,
+        } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(t as i32);
+            }
+            let device = scfm_worker::step::select_device(device_choice(&device))?;
+            let args = scfm_worker::bench_device::StepBenchArgs {
+                presets,
+                device,
+                compute: (precision == "bf16").then_some(tch::Kind::BFloat16),
+                cells,
+                seq_len,
+                genes,
+                steps,
+                warmup,
+                agree_cells,
+                matmul_n,
+            };
+            let report = scfm_worker::bench_device::run(&args)?;
+            write_json(json.as_deref(), &report)?;
+        }
+        Cmd::NcclCheck { mb, iters, json } => {
+            let r = scfm_worker::collective::nccl_check::run(mb, iters)?;
+            println!(
+                "nccl-check: {}; {} rank, {} MiB all-reduce: {:.3} ms, algbw {:.1} GB/s, busbw {:.1} GB/s (0 with one rank), values {}",
+                r.library,
+                r.world,
+                r.bytes >> 20,
+                r.seconds * 1e3,
+                r.algbw_gbs,
+                r.busbw_gbs,
+                if r.values_ok { "ok" } else { "WRONG" }
+            );
+            write_json(json.as_deref(), &r)?;
+            if !r.values_ok {
+                anyhow::bail!("nccl-check: the all-reduce changed the values");
+            }
         }
         Cmd::BenchAllreduce { world, mb } => {
             let sizes: Vec<usize> = mb.iter().map(|m| m << 20).collect();

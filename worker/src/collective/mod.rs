@@ -24,6 +24,7 @@ mod handshake;
 mod link;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod nccl_check;
 pub mod nccl_lib;
 mod plan;
 mod ring;

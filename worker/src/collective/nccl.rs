@@ -18,8 +18,8 @@
 //! its pending operations, and [`Nccl::all_reduce_mean`] waits for the reduction and then
 //! reports the abort (or NCCL's asynchronous error) before any gradient is used.
 //!
-//! Not verified on a GPU yet (no GPU was available where it was written): run
-//! `scripts/gpu-check.sh` on a CUDA machine.
+//! Not verified on a GPU yet (no GPU was available where it was written): the GPU bundle
+//! (`scripts/gpu-bundle.sh`, then `gpu-run.sh` on a CUDA machine) checks it.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::path::PathBuf;
