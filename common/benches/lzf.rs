@@ -121,7 +121,10 @@ fn main() {
     );
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for (c, n) in &chunks {
-        assert!(lzf_decompress(c, *n, &mut a), "scfm's decoder refused a chunk");
+        assert!(
+            lzf_decompress(c, *n, &mut a),
+            "scfm's decoder refused a chunk"
+        );
         assert!(liblzf(c, *n, &mut b), "liblzf refused a chunk");
         assert_eq!(a, b, "the decoders disagree on a chunk");
     }
