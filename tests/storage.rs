@@ -89,7 +89,11 @@ fn corrupt_latest_falls_back(url: &str, part_path: &Path, env: &[(String, String
     let cfg = config(d, "run", url, 2, 8);
     let reference = config(d, "ref", d.join("ref").to_str().unwrap(), 100, 8);
     let (_, fp) = outcome(&train(&reference, &[], &[]));
-    ok(&train(&cfg, &["--stop-after", "6"], env));
+    // Two runs, so that steps 4 and 6 are each a run's last checkpoint (one that waits
+    // for its upload to land; a checkpoint handed over while another uploads may be
+    // superseded by the next).
+    ok(&train(&cfg, &["--stop-after", "4"], env));
+    ok(&train(&cfg, &["--resume", "--stop-after", "2"], env));
     // Truncate the model of the newest checkpoint (step 6).
     let bytes = std::fs::read(part_path).unwrap();
     std::fs::write(part_path, &bytes[..bytes.len() / 2]).unwrap();
@@ -121,18 +125,18 @@ fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_on_s3() {
     corrupt_latest_falls_back("s3://scfm/run", &part, &s3.env(), d.path());
 }
 
-/// The S3 server is killed while checkpoints are uploading (one per step): the run fails
-/// for want of its last checkpoint, `latest.json` names a complete checkpoint, and once
-/// the server is back the run resumes from it.
+/// The S3 server is killed for good while checkpoints are uploading (one per step), with
+/// a 2 s retry window: the run fails for want of its last checkpoint, naming it and the
+/// one that stays current, `latest.json` names a complete checkpoint, and once the server
+/// is back the run resumes from it.
 #[test]
 fn the_store_dying_mid_upload_leaves_latest_json_valid() {
     let d = tempfile::tempdir().unwrap();
     let mut s3 = S3Server::start(&d.path().join("s3"), "scfm");
-    let cfg = config(d.path(), "run", "s3://scfm/run", 1, 16);
+    let cfg = config(d.path(), "run", "s3://scfm/run", 1, 200);
     let mut env = s3.env();
     env.extend(
         [
-            ("SCFM_STORE_RETRIES", "1"),
             ("SCFM_STORE_RETRY_TIMEOUT_S", "2"),
             ("SCFM_STORE_TIMEOUT_S", "5"),
         ]
@@ -146,16 +150,18 @@ fn the_store_dying_mid_upload_leaves_latest_json_valid() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (out, _t1) = lines(child.stdout.take().unwrap());
+    let (_out, _t1) = lines(child.stdout.take().unwrap());
     let (err, t2) = lines(child.stderr.take().unwrap());
-    loop {
-        let l = out
-            .recv_timeout(Duration::from_secs(120))
-            .expect("training printed no step 6");
-        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
-        if v["event"] == "step" && v["step"].as_u64() >= Some(6) {
-            break;
-        }
+    // Once a checkpoint landed (training runs ahead of the uploads: a checkpoint waiting
+    // for the one under way is superseded by the next), while the run is far from its end.
+    let root = d.path().join("s3/scfm/run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !root.join("latest.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint landed in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
     s3.kill();
     let status = wait_exit(
@@ -169,18 +175,19 @@ fn the_store_dying_mid_upload_leaves_latest_json_valid() {
         !status.success(),
         "the run cannot finish without its last checkpoint"
     );
-    assert!(
-        stderr
-            .iter()
-            .any(|l| l.contains("checkpoint upload failed")),
-        "{stderr:?}"
-    );
-    let root = d.path().join("s3/scfm/run");
     let latest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join("latest.json")).unwrap()).unwrap();
     let dir = latest["dir"].as_str().unwrap().to_string();
     let step = latest["step"].as_u64().unwrap();
     assert!(step >= 1, "{latest}");
+    let failure = "checkpoint s3://scfm/run/ckpt-000000200: not stored within 2 s";
+    let stays = format!("s3://scfm/run/{dir} stays current");
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains(failure) && l.contains(&stays)),
+        "no `{failure} … {stays}`: {stderr:#?}"
+    );
     let _s3 = S3Server::start_on(&d.path().join("s3"), "scfm", s3.port);
     let o = train(&cfg, &["--resume"], &env);
     let e = ok(&o);
@@ -188,7 +195,96 @@ fn the_store_dying_mid_upload_leaves_latest_json_valid() {
         e.contains(&format!("resumed from s3://scfm/run/{dir}")),
         "{e}"
     );
-    assert_eq!(outcome(&o).0.last().unwrap().0, 16);
+    assert_eq!(outcome(&o).0.last().unwrap().0, 200);
+}
+
+/// The S3 server is down for 20 s in the middle of a run's checkpoint uploads (killed, then
+/// restarted on the same port and folder), with the default retry window (60 s):
+/// training goes on meanwhile, the uploads are retried until the server is back, the
+/// run's last checkpoint lands and verifies, and the run resumes from it to the same end
+/// as an uninterrupted run.
+#[test]
+fn a_20_s_store_outage_loses_no_checkpoint() {
+    const OUTAGE: Duration = Duration::from_secs(20);
+    let d = tempfile::tempdir().unwrap();
+    let reference = config(
+        d.path(),
+        "ref",
+        d.path().join("ref").to_str().unwrap(),
+        100,
+        24,
+    );
+    let (_, fp) = outcome(&train(&reference, &[], &[]));
+    let mut s3 = S3Server::start(&d.path().join("s3"), "scfm");
+    let cfg = config(d.path(), "run", "s3://scfm/run", 1, 24);
+    let env = s3.env();
+    let mut child = Command::new(bin("scfm-worker"))
+        .args(["train", "--json", "--stop-after", "16", "--config"])
+        .arg(&cfg)
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, _t1) = lines(child.stdout.take().unwrap());
+    let (err, t2) = lines(child.stderr.take().unwrap());
+    let step_of = |l: &str| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+        (v["event"] == "step").then(|| v["step"].as_u64()).flatten()
+    };
+    loop {
+        let l = out
+            .recv_timeout(Duration::from_secs(120))
+            .expect("training printed no step 4");
+        if step_of(&l) >= Some(4) {
+            break;
+        }
+    }
+    // Step 4's checkpoint is being handed over now (printed before it is saved).
+    s3.kill();
+    let down = std::time::Instant::now();
+    // Training goes on while the store is down: the last step comes before it is back.
+    let mut last = 4;
+    while last < 16 {
+        let left = OUTAGE.saturating_sub(down.elapsed());
+        let Ok(l) = out.recv_timeout(left) else {
+            panic!("training stalled at step {last} while the store was down");
+        };
+        last = step_of(&l).unwrap_or(last);
+    }
+    std::thread::sleep(OUTAGE.saturating_sub(down.elapsed()));
+    let _s3 = S3Server::start_on(&d.path().join("s3"), "scfm", s3.port);
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(120),
+        "training after the store came back",
+    );
+    let _ = t2.join();
+    let stderr: Vec<String> = err.try_iter().collect();
+    assert!(status.success(), "{stderr:#?}");
+    assert!(
+        stderr.iter().any(|l| l.contains("failed; retrying")),
+        "no retry was logged: {stderr:#?}"
+    );
+    assert!(
+        !stderr
+            .iter()
+            .any(|l| l.contains("checkpoint upload failed")),
+        "{stderr:#?}"
+    );
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("s3/scfm/run/latest.json")).unwrap())
+            .unwrap();
+    assert_eq!(latest["dir"], "ckpt-000000016", "{latest}");
+    let o = train(&cfg, &["--resume"], &env);
+    let e = ok(&o);
+    assert!(
+        e.contains("resumed from s3://scfm/run/ckpt-000000016 at step 16"),
+        "{e}"
+    );
+    let (tail, fp2) = outcome(&o);
+    assert_eq!(tail.first().map(|s| s.0), Some(17));
+    assert_eq!(fp2, fp, "the resumed run ends as the uninterrupted one");
 }
 
 /// `scfm prepare` into S3 (shards go through a temporary file) writes the same shards as

@@ -50,6 +50,23 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// An object-store operation kept failing transiently for its whole retry window.
+    #[error(
+        "storage error at {url}: {source} (gave up after {attempts} attempts in {seconds:.1} s; the window is SCFM_STORE_RETRY_TIMEOUT_S={window_s})"
+    )]
+    StoreGaveUp {
+        /// The URL or key being accessed.
+        url: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Seconds spent on them.
+        seconds: f64,
+        /// The retry window in seconds.
+        window_s: u64,
+        /// The last attempt's error.
+        #[source]
+        source: object_store::Error,
+    },
     /// A stored object failed verification (checksum, size or content).
     #[error("corrupt object {url}: {message}")]
     Corrupt {

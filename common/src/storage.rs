@@ -10,11 +10,14 @@
 //! S3-compatible server; `GOOGLE_SERVICE_ACCOUNT`; `AZURE_STORAGE_ACCOUNT_NAME`,
 //! `AZURE_STORAGE_ACCOUNT_KEY`, …).
 //!
-//! Every request has a deadline, and transient failures are retried with exponential
-//! backoff: inside the cloud clients (HTTP errors, timeouts), and once more around each
-//! whole operation here (e.g. a server that refuses connections for a moment).
+//! Every request has a deadline, and an operation that fails transiently (a server that
+//! refuses connections, a 5xx answer, a timeout) is retried with exponential backoff and
+//! jitter, each wait capped at [`MAX_WAIT`], until its retry window has passed: by default
+//! [`DEFAULT_RETRY_WINDOW`], or `SCFM_STORE_RETRY_TIMEOUT_S` seconds
+//! ([`default_retry_window`]). The cloud clients retry a failed request a few times
+//! quickly on their own; the window is kept here, around each whole operation.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +37,8 @@ pub struct Store {
     url: String,
     /// The directory behind a local store.
     local: Option<std::path::PathBuf>,
+    /// How long one operation is retried when it fails transiently.
+    window: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -53,9 +58,79 @@ pub struct Tail {
     pub modified: std::time::SystemTime,
 }
 
-/// Attempts of one store operation when it fails transiently (on top of the cloud
-/// clients' own request retries).
-pub const OP_ATTEMPTS: u32 = 3;
+/// How long a store operation is retried when it fails transiently, unless
+/// `SCFM_STORE_RETRY_TIMEOUT_S` says otherwise.
+pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(60);
+/// The ceiling of the first wait before an operation is attempted again (it doubles with
+/// each attempt, up to [`MAX_WAIT`]).
+pub const FIRST_WAIT: Duration = Duration::from_millis(250);
+/// The longest wait between two attempts of an operation.
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The retry window of this process's stores: `SCFM_STORE_RETRY_TIMEOUT_S` seconds, else
+/// [`DEFAULT_RETRY_WINDOW`]. Read once; a value that is not a whole number of seconds is
+/// reported and the default used. `SCFM_STORE_RETRIES`, read by older releases, is named
+/// in a warning when set, since it no longer changes anything.
+pub fn default_retry_window() -> Duration {
+    static WINDOW: OnceLock<Duration> = OnceLock::new();
+    *WINDOW.get_or_init(|| {
+        if let Some(v) = std::env::var_os("SCFM_STORE_RETRIES") {
+            tracing::warn!(
+                value = ?v,
+                "SCFM_STORE_RETRIES is no longer read: a failed store operation is retried until SCFM_STORE_RETRY_TIMEOUT_S seconds (default 60) have passed"
+            );
+        }
+        match std::env::var("SCFM_STORE_RETRY_TIMEOUT_S") {
+            Err(_) => DEFAULT_RETRY_WINDOW,
+            Ok(v) => match v.trim().parse::<u64>() {
+                Ok(s) => Duration::from_secs(s),
+                Err(_) => {
+                    tracing::warn!(
+                        value = %v,
+                        "SCFM_STORE_RETRY_TIMEOUT_S is not a whole number of seconds; using {} s",
+                        DEFAULT_RETRY_WINDOW.as_secs()
+                    );
+                    DEFAULT_RETRY_WINDOW
+                }
+            },
+        }
+    })
+}
+
+/// Exponential backoff with jitter: each wait is drawn uniformly between half and all of
+/// a ceiling that starts at `first` and doubles with every wait, up to `max`. The jitter
+/// keeps many processes that lost the same server from retrying in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    ceiling: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Waits from about `first` growing to at most `max`.
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Backoff {
+            ceiling: first.min(max),
+            max,
+        }
+    }
+
+    /// The next wait.
+    pub fn next_wait(&mut self) -> Duration {
+        let ceiling = self.ceiling;
+        self.ceiling = (ceiling * 2).min(self.max);
+        let half = ceiling / 2;
+        half + half.mul_f64(unit_random())
+    }
+}
+
+/// A random number in [0, 1) (for jitter; not for anything that must be reproducible).
+fn unit_random() -> f64 {
+    use std::hash::BuildHasher;
+    // Every RandomState has fresh keys, so this hashes the same input differently each time.
+    let h = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Whether an object_store error may go away when the operation is repeated (network,
 /// server and timeout errors; not a missing object, a refused credential or a bad path).
@@ -75,6 +150,17 @@ fn transient(e: &object_store::Error) -> bool {
         | E::InvalidPath { .. }
         | E::UnknownConfigurationKey { .. }
         | E::NotSupported { .. } => false,
+        _ => false,
+    }
+}
+
+/// Whether `e` is a store failure that may go away with time: one that was retried for
+/// its whole window ([`Error::StoreGaveUp`]) or a transient object-store error; not a full
+/// disk, a missing object, a refused credential or a malformed path.
+pub fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::StoreGaveUp { .. } => true,
+        Error::Store { source, .. } => transient(source),
         _ => false,
     }
 }
@@ -163,6 +249,7 @@ impl Store {
             prefix: ObjPath::default(),
             url: format!("file://{}", abs.display()),
             local: Some(abs),
+            window: default_retry_window(),
         })
     }
 
@@ -191,7 +278,8 @@ impl Store {
     }
 
     /// Opens an `s3://`, `gs://` or `az://` URL with credentials and endpoint from the
-    /// environment, request deadlines and retries.
+    /// environment, request deadlines and retries (a few quick ones per request in the
+    /// client; the time-based window is [`Store::retry`]'s).
     fn open_cloud(url: &str) -> Result<Store> {
         Self::check_url(url)?;
         install_crypto_provider();
@@ -201,11 +289,11 @@ impl Store {
         let retry = object_store::RetryConfig {
             backoff: object_store::BackoffConfig {
                 init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
+                max_backoff: Duration::from_secs(1),
                 base: 2.0,
             },
-            max_retries: env_or("SCFM_STORE_RETRIES", 5),
-            retry_timeout: Duration::from_secs(env_or("SCFM_STORE_RETRY_TIMEOUT_S", 60)),
+            max_retries: 3,
+            retry_timeout: default_retry_window(),
         };
         // Deadlines as client config keys, so that the client options the builders read
         // from the environment (AWS_ALLOW_HTTP, proxies, …) are kept.
@@ -289,7 +377,20 @@ impl Store {
             prefix: ObjPath::from(prefix),
             url: url.to_string(),
             local: None,
+            window: default_retry_window(),
         }
+    }
+
+    /// The same store with another retry window (e.g. a short one for best-effort
+    /// cleanup while the store may be down).
+    pub fn with_retry_window(mut self, window: Duration) -> Store {
+        self.window = window;
+        self
+    }
+
+    /// How long an operation on this store is retried when it fails transiently.
+    pub fn retry_window(&self) -> Duration {
+        self.window
     }
 
     /// The store's URL.
@@ -317,8 +418,11 @@ impl Store {
         }
     }
 
-    /// Runs `op` on the store's I/O runtime until it succeeds, fails for good, or
-    /// [`OP_ATTEMPTS`] attempts failed transiently (waiting 0.5 s, 1 s, 2 s, … between).
+    /// Runs `op` on the store's I/O runtime until it succeeds, fails for good (not
+    /// [`transient`]), or has failed transiently for the store's retry window; between
+    /// attempts it waits as [`Backoff`] says, from [`FIRST_WAIT`] up to [`MAX_WAIT`], never
+    /// past the window's end. An attempt under way when the window ends is not cut short:
+    /// each request has its own deadline.
     ///
     /// Every operation runs on one process-wide runtime whatever runtime the caller is on:
     /// the HTTP clients pool connections, and a pooled connection is driven by the runtime
@@ -330,24 +434,44 @@ impl Store {
         Fut: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     {
         let (inner, path, url) = (self.inner.clone(), self.path(key), self.url_of(key));
+        let window = self.window;
         let task = io_runtime().spawn(async move {
-            let mut wait = Duration::from_millis(500);
-            let mut attempt = 1;
+            let start = tokio::time::Instant::now();
+            let deadline = start + window;
+            let mut backoff = Backoff::new(FIRST_WAIT, MAX_WAIT);
+            let mut attempt = 1u32;
             loop {
                 match op(inner.clone(), path.clone()).await {
-                    Ok(v) => return Ok(v),
-                    Err(e) if attempt < OP_ATTEMPTS && transient(&e) => {
-                        tracing::warn!(url = %url, attempt, error = %e, "{what} failed; retrying in {wait:?}");
+                    Ok(v) => {
+                        if attempt > 1 {
+                            tracing::info!(url = %url, attempts = attempt, seconds = start.elapsed().as_secs_f64(), "{what} succeeded after retrying");
+                        }
+                        return Ok(v);
+                    }
+                    Err(e) if transient(&e) => {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        if left.is_zero() {
+                            return Err((e, Some((attempt, start.elapsed()))));
+                        }
+                        let wait = backoff.next_wait().min(left);
+                        tracing::warn!(url = %url, attempt, error = %e, retry_in_s = wait.as_secs_f64(), window_left_s = left.as_secs_f64(), "{what} failed; retrying");
                         tokio::time::sleep(wait).await;
-                        wait *= 2;
                         attempt += 1;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err((e, None)),
                 }
             }
         });
         match task.await {
-            Ok(r) => r.map_err(|e| self.err(key, e)),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err((source, None))) => Err(self.err(key, source)),
+            Ok(Err((source, Some((attempts, spent))))) => Err(Error::StoreGaveUp {
+                url: self.url_of(key),
+                attempts,
+                seconds: spent.as_secs_f64(),
+                window_s: window.as_secs(),
+                source,
+            }),
             Err(join) => Err(self.err(key, object_store::Error::JoinError { source: join })),
         }
     }
@@ -481,6 +605,70 @@ mod tests {
         assert!(dir.path().join("run/ckpt/b.bin").exists());
         let e = s.get("missing.json").await.unwrap_err().to_string();
         assert!(e.contains("missing.json"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_cap() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(200), ms(1000));
+        for ceiling in [200, 400, 800, 1000, 1000, 1000].map(ms) {
+            let w = b.next_wait();
+            assert!(
+                w >= ceiling / 2 && w <= ceiling,
+                "{w:?} outside the ceiling {ceiling:?}"
+            );
+        }
+        let draws: std::collections::HashSet<Duration> = (0..20)
+            .map(|_| Backoff::new(ms(1000), ms(1000)).next_wait())
+            .collect();
+        assert!(draws.len() > 1, "no jitter: {draws:?}");
+    }
+
+    /// A server that refuses every connection: the operation is retried for the store's
+    /// window (not a fixed number of quick attempts), and the error names the object, the
+    /// attempts and the setting.
+    #[tokio::test]
+    async fn a_refusing_server_is_retried_for_the_window_then_named() {
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        install_crypto_provider();
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(format!("http://127.0.0.1:{port}"))
+            .with_allow_http(true)
+            .with_bucket_name("b")
+            .with_region("us-east-1")
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .with_retry(object_store::RetryConfig {
+                max_retries: 0,
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        let store = Store::from_backend(Arc::new(s3), "run", "s3://b/run")
+            .with_retry_window(Duration::from_secs(3));
+        let t = std::time::Instant::now();
+        let e = store
+            .put("x.bin", Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        let msg = e.to_string();
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_secs(10),
+            "{took:?}: {msg}"
+        );
+        assert!(
+            matches!(e, Error::StoreGaveUp { attempts, .. } if attempts >= 4),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("s3://b/run/x.bin") && msg.contains("SCFM_STORE_RETRY_TIMEOUT_S=3"),
+            "{msg}"
+        );
     }
 
     #[test]

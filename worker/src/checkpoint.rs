@@ -245,18 +245,40 @@ fn encode_parts(
 /// stays behind and a full disk gets its space back; `latest.json` still names the
 /// previous checkpoint.
 pub async fn upload(store: &Store, enc: &Encoded) -> Result<String> {
+    try_upload(store, store, enc).await.map_err(|f| f.error)
+}
+
+/// A failed [`try_upload`]: the error, and the keys it wrote that could not be removed.
+#[derive(Debug)]
+pub struct UploadFailed {
+    /// Why it failed.
+    pub error: WorkerError,
+    /// Keys of this checkpoint that are still in the store.
+    pub left: Vec<String>,
+}
+
+/// [`upload`], removing what a failed upload wrote through `cleanup` (the same store,
+/// typically with a short retry window: the store may be down) and returning the keys it
+/// could not remove.
+pub async fn try_upload(
+    store: &Store,
+    cleanup: &Store,
+    enc: &Encoded,
+) -> std::result::Result<String, UploadFailed> {
     let dir = &enc.dir;
     let mut written = Vec::new();
     let state_sha = match upload_files(store, enc, &mut written).await {
         Ok(sha) => sha,
-        Err(e) => {
+        Err(error) => {
             // Only what was written (a dead store is not asked again for the rest).
+            let mut left = Vec::new();
             for key in written {
-                if let Err(d) = store.delete(&key).await {
-                    tracing::warn!(url = %store.url_of(&key), error = %d, "could not remove a part of a failed checkpoint");
+                if let Err(d) = cleanup.delete(&key).await {
+                    tracing::warn!(url = %store.url_of(&key), error = %d, "could not remove a part of a failed checkpoint yet");
+                    left.push(key);
                 }
             }
-            return Err(e);
+            return Err(UploadFailed { error, left });
         }
     };
     let latest = Latest {
@@ -264,13 +286,21 @@ pub async fn upload(store: &Store, enc: &Encoded) -> Result<String> {
         dir: dir.clone(),
         state_sha256: state_sha,
     };
-    store
+    let put = store
         .put(
             LATEST,
             Bytes::from(serde_json::to_vec_pretty(&latest).expect("latest serializes")),
         )
-        .await?;
-    Ok(dir.clone())
+        .await;
+    match put {
+        Ok(()) => Ok(dir.clone()),
+        // The parts are complete and verified: a later try rewrites them, and retention
+        // removes them otherwise.
+        Err(e) => Err(UploadFailed {
+            error: e.into(),
+            left: Vec::new(),
+        }),
+    }
 }
 
 /// Writes and verifies the parts of `enc`, then its `state.json`, adding each key to
@@ -439,12 +469,13 @@ pub async fn retain(store: &Store, keep_last: usize, keep_also: Option<&str>) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::optim::AdamWConfig;
     use tch::nn;
 
-    fn setup() -> (nn::VarStore, FlatParams, AdamW, TrainState) {
+    /// A two-tensor model with an updated optimizer and a state at step 7.
+    pub(crate) fn setup() -> (nn::VarStore, FlatParams, AdamW, TrainState) {
         let vs = nn::VarStore::new(Device::Cpu);
         let _a = (&vs.root() / "layer").var(
             "weight",

@@ -417,6 +417,9 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             abort,
             collective: manifest.cluster.collective,
             ring_key,
+            checkpoint_grace: checkpoint_grace(Duration::from_secs(
+                manifest.cluster.preempt_grace_s,
+            )),
         },
     );
     let _ = fwd.join();
@@ -482,6 +485,16 @@ struct Gen {
     collective: scfm_common::manifest::CollectiveBackend,
     /// The job's ring key.
     ring_key: RingKey,
+    /// How long the end of a run waits for its last checkpoint to land.
+    checkpoint_grace: Duration,
+}
+
+/// How long a worker waits for its last checkpoint to land: the preemption grace less a
+/// margin (a quarter, at least 5 s), so that it reports before the coordinator gives up.
+fn checkpoint_grace(preempt_grace: Duration) -> Duration {
+    preempt_grace
+        .saturating_sub((preempt_grace / 4).max(Duration::from_secs(5)))
+        .max(Duration::from_secs(1))
 }
 
 /// Trains through the generations of an elastic cluster: for each assignment, forms the
@@ -518,6 +531,9 @@ fn run_generations(
         &RunOptions::default(),
         placeholder,
     )?);
+    if let Some(t) = trainer.as_mut() {
+        t.set_checkpoint_grace(g.checkpoint_grace);
+    }
     // Whether the trainer holds any state yet (from a checkpoint or a peer).
     let mut loaded = false;
     // The generation whose state the trainer holds from training (0: none).

@@ -269,6 +269,10 @@ impl Trainer {
             settings,
         };
         let store = Store::open(&spec.checkpoint.url)?;
+        // The end of a single-process run waits for its last checkpoint as long as one
+        // store operation is retried; a cluster worker waits its preemption grace
+        // (`set_checkpoint_grace`).
+        let uploader = Uploader::new(store.retry_window());
         if opts.fresh {
             let n = rt.block_on(discard_all(&store))?;
             tracing::info!(url = %store.url(), objects = n, "--fresh: discarded earlier checkpoints");
@@ -288,7 +292,7 @@ impl Trainer {
             device,
             metrics: Vec::new(),
             ctx,
-            uploader: Uploader::new(),
+            uploader,
             tainted: false,
             vocab_tsv: bytes::Bytes::from(scfm_common::data::prepared::vocab_tsv(&source_vocab)),
             gepc_scale,
@@ -340,6 +344,7 @@ impl Trainer {
         self.wait_snapshot();
         checkpoint::restore(&loaded, &self.params, &mut self.opt)?;
         self.state = loaded.state;
+        self.uploader.set_current(Some(self.store.url_of(&dir)));
         if let Some(b) = self.rt.block_on(self.store.get_opt("metrics.jsonl"))? {
             let text = String::from_utf8_lossy(&b);
             self.metrics = text
@@ -468,9 +473,10 @@ impl Trainer {
 
     /// Saves a checkpoint: the tensors are copied here, the upload (then metrics and
     /// retention) runs in the background while training goes on. Only rank 0 writes (one
-    /// writer of `latest.json`); the others return the key. A failed earlier upload is
-    /// logged (`latest.json` still names the checkpoint before it) and training goes on;
-    /// [`Trainer::flush_checkpoint`] makes the last one's failure an error.
+    /// writer of `latest.json`); the others return the key. A failed upload is logged
+    /// (`latest.json` still names the checkpoint before it) and tried again in the
+    /// background until it lands or a newer checkpoint supersedes it, while training goes
+    /// on; [`Trainer::flush_checkpoint`] waits for the newest one to land.
     pub fn save(&mut self) -> Result<String> {
         let dir = checkpoint::dir_for(self.state.step);
         if self.ctx.collective.rank() != 0 {
@@ -490,9 +496,7 @@ impl Trainer {
             keep_last: self.spec.checkpoint.keep_last,
             keep_also: self.best_dir(),
         };
-        if let Some(Err(e)) = self.uploader.start(self.store.clone(), snap, after) {
-            tracing::error!(error = %e, "checkpoint upload failed; the previous checkpoint stays current");
-        }
+        self.uploader.start(self.store.clone(), snap, after);
         let stall = t.elapsed().as_secs_f64();
         tracing::debug!(
             step = self.state.step,
@@ -524,12 +528,16 @@ impl Trainer {
         }
     }
 
-    /// Waits for the checkpoint upload in flight; its failure is an error.
+    /// Waits until the newest checkpoint has landed (retrying it), for at most the
+    /// checkpoint grace; that it has not landed by then is an error.
     pub fn flush_checkpoint(&mut self) -> Result<()> {
-        match self.uploader.wait() {
-            Some(Err(e)) => Err(e),
-            _ => Ok(()),
-        }
+        self.uploader.flush().map(|_| ())
+    }
+
+    /// How long the end of a run (or a preemption) waits for its last checkpoint to land
+    /// (by default the store's retry window).
+    pub fn set_checkpoint_grace(&mut self, grace: std::time::Duration) {
+        self.uploader.set_grace(grace);
     }
 
     fn best_dir(&self) -> Option<String> {
