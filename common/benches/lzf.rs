@@ -8,7 +8,7 @@
 //! `scripts/demo.sh`, or `scfm prepare data/mouse10k.h5ad --out data/mouse10k-prepared
 //! --settings configs/prepare-demo.yaml`) and the venv's Python (`SCFM_PYTHON`). Both
 //! decoders check every chunk's output against each other first; then, in rounds of
-//! alternating order, each decodes all chunks `SCFM_BENCH_REPEAT` times (default 40);
+//! alternating order, each decodes all chunks `SCFM_BENCH_REPEAT` times (default 2,500: ≥ 10 s per side and round on a quiet machine);
 //! it prints decoded MB/s per round, the medians with min–max and the ratio.
 
 use std::os::raw::{c_uint, c_void};
@@ -131,7 +131,7 @@ fn main() {
     let repeat: usize = std::env::var("SCFM_BENCH_REPEAT")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(2500);
     let rounds: usize = std::env::var("SCFM_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
