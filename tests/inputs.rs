@@ -32,7 +32,34 @@ fn text(o: &Output) -> (String, String) {
 /// paths of a file named without a folder (run from the file's own folder).
 #[test]
 fn validate_tells_the_kinds_apart_from_the_files_own_folder() {
-    let configs = repo_root().join("configs");
+    // The demo files as a user has them after `scripts/demo.sh`: `configs/` beside a
+    // `data/` folder holding the demo input and its prepared dataset (made here, so the
+    // test does not depend on the demo having run in this checkout).
+    let tree = tempfile::tempdir().unwrap();
+    let configs = tree.path().join("configs");
+    let data_dir = tree.path().join("data");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::create_dir_all(&data_dir).unwrap();
+    for file in ["job-local.yaml", "train-demo.yaml", "prepare-demo.yaml"] {
+        std::fs::copy(repo_root().join("configs").join(file), configs.join(file)).unwrap();
+    }
+    std::fs::copy(
+        repo_root().join("data/mouse10k.h5ad"),
+        data_dir.join("mouse10k.h5ad"),
+    )
+    .unwrap();
+    let o = scfm(
+        &[
+            "prepare",
+            "../data/mouse10k.h5ad",
+            "--out",
+            "../data/mouse10k-prepared",
+            "--settings",
+            "prepare-demo.yaml",
+        ],
+        &configs,
+    );
+    assert!(o.status.success(), "prepare: {}", text(&o).1);
     for (file, kind) in [
         ("job-local.yaml", "a job manifest"),
         ("train-demo.yaml", "a training file for one process"),
@@ -47,7 +74,7 @@ fn validate_tells_the_kinds_apart_from_the_files_own_folder() {
         );
     }
     let o = scfm(&["validate", "train-demo.yaml"], &configs);
-    let data = repo_root().join("data/mouse10k.h5ad");
+    let data = data_dir.join("mouse10k.h5ad");
     assert!(
         text(&o).0.contains(&format!("path: {}", data.display())),
         "{}",
