@@ -41,7 +41,8 @@ YAML
 if ./target/release/scfm local "$dir/job.yaml" --workers 2 2> "$dir/local.log"; then
   grep -o -E "(NCCL usable here|NCCL not usable here|collective backend|NCCL communicator formed).*" \
     "$dir/local.log" | head -n 6
-  python3 - "$dir/ckpt-2w/metrics.jsonl" <<'PY'
+  ./target/release/scfm metrics "$dir/ckpt-2w" > "$dir/metrics.jsonl"
+  python3 - "$dir/metrics.jsonl" <<'PY'
 import json, sys
 steps = [json.loads(l) for l in open(sys.argv[1]) if '"step"' in l]
 steps = [s for s in steps if s.get("event") == "step"]

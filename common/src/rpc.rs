@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 /// request. 7: the manifest handed to workers carries `cluster.collective` (and the ranks
 /// of a generation vote on the backend over the ring), and a register may be deferred
 /// (UNAVAILABLE) while a restarted coordinator's places are held by taken-over workers.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: `StreamMetrics` answers with a stream of acknowledgements of what is durably
+/// written, and workers resend what was not acknowledged.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";

@@ -12,6 +12,7 @@ use scfm_common::manifest::Manifest;
 use scfm_coordinator::{Coordinator, StartOptions};
 
 mod embed_job;
+mod metrics_cmd;
 mod prepare_cmd;
 mod status_cmd;
 
@@ -101,6 +102,9 @@ enum Cmd {
     },
     /// Plot a run (loss, learning rate, throughput, workers, ...) into DIR/index.html.
     Report(scfm_coordinator::report::ReportArgs),
+    /// Print the lines of a run's metrics log that count (its parts concatenated, rolled
+    /// back steps left out), one JSON object per line.
+    Metrics(metrics_cmd::MetricsArgs),
 }
 
 /// `scfm-worker` next to this executable, or on PATH.
@@ -125,7 +129,7 @@ fn report(m: &Manifest, fin: scfm_coordinator::Finished) {
         );
     } else {
         eprintln!(
-            "job {} finished at step {}; checkpoints and metrics.jsonl in {}",
+            "job {} finished at step {}; checkpoints and metrics (scfm metrics) in {}",
             m.run_id, fin.step, m.checkpoint.url
         );
     }
@@ -241,6 +245,7 @@ fn main() -> Result<()> {
             let index = runtime()?.block_on(args.run())?;
             println!("report written to {}", index.display());
         }
+        Cmd::Metrics(args) => args.run()?,
     }
     Ok(())
 }

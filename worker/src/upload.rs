@@ -8,13 +8,13 @@
 //!
 //! At most one upload is in flight: starting the next one first waits for the previous
 //! one. An upload stores the parts (read back and verified), `state.json`, then
-//! `latest.json`, then the metrics log and retention — so if it fails (after the store's
+//! `latest.json`, then the metrics log's new lines and retention — so if it fails (after the store's
 //! retries), `latest.json` still names the previous checkpoint.
 
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use scfm_common::checkpoint::METRICS;
+use scfm_common::metrics_log::MetricsLog;
 use scfm_common::storage::Store;
 
 use crate::checkpoint::{self, Snapshot};
@@ -23,8 +23,9 @@ use crate::error::{Result, WorkerError};
 /// What to do after the checkpoint is current.
 #[derive(Debug, Clone)]
 pub struct AfterUpload {
-    /// The metrics log to store next to the checkpoints (single-process runs).
-    pub metrics: Option<String>,
+    /// The metrics log whose pending lines are written next to the checkpoints
+    /// (single-process runs).
+    pub metrics: Option<std::sync::Arc<MetricsLog>>,
     /// Checkpoints to keep (newest).
     pub keep_last: usize,
     /// A checkpoint directory to keep besides them (the best).
@@ -105,7 +106,7 @@ impl Uploader {
                 rt.block_on(async {
                     let dir = checkpoint::upload(&store, &enc).await?;
                     if let Some(m) = after.metrics {
-                        store.put(METRICS, m.into()).await?;
+                        m.flush().await?;
                     }
                     checkpoint::retain(&store, after.keep_last, after.keep_also.as_deref())
                         .await?;
