@@ -78,7 +78,7 @@ fn three_workers_train_and_end_with_identical_parameters() {
     assert_eq!(per_step.len(), 80);
     assert!(
         per_step.values().all(|&n| n == 3),
-        "steps missing from metrics.jsonl"
+        "steps missing from the metrics log"
     );
     let mgem = |s: u64| {
         lines.iter().find(|l| l["step"] == s).unwrap()["mgem"]
@@ -635,9 +635,11 @@ fn join_fixed(port: u16, token: &str, stderr: std::process::Stdio) -> std::proce
         .unwrap()
 }
 
-/// The coordinator is killed (SIGKILL) mid-run and started again on the same address:
-/// it adopts the running workers from `coordinator.json` (they keep training and
-/// reconnect), and the run completes.
+/// The coordinator is killed (SIGKILL) mid-run and started again on the same address a
+/// few seconds later: it adopts the running workers from `coordinator.json` (they keep
+/// training and reconnect), and the run completes. No metrics are lost: what the dead
+/// coordinator had received but not written, and what the workers made while it was
+/// down, they send again; every worker's every step is in the log exactly once.
 #[test]
 fn a_restarted_coordinator_adopts_the_running_workers() {
     let dir = tempfile::tempdir().unwrap();
@@ -660,6 +662,8 @@ fn a_restarted_coordinator_adopts_the_running_workers() {
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(d.join("ckpt/coordinator.json").is_file());
+    // The workers train on meanwhile; their reports wait.
+    std::thread::sleep(Duration::from_secs(3));
     let mut second = launch();
     let (rx2, r2) = lines(second.stderr.take().unwrap());
     let status = wait_exit(
@@ -679,6 +683,29 @@ fn a_restarted_coordinator_adopts_the_running_workers() {
     }
     assert!(d.join("ckpt/ckpt-000000600/model.safetensors").is_file());
     assert!(!d.join("ckpt/coordinator.json").exists());
+    let mut count: HashMap<(String, u64), usize> = HashMap::new();
+    for l in metric_steps(&d.join("ckpt")) {
+        if l["event"] == "step" {
+            let w = l["worker"].as_str().unwrap().to_string();
+            *count.entry((w, l["step"].as_u64().unwrap())).or_default() += 1;
+        }
+    }
+    let mut problems = Vec::new();
+    for w in ["w0000", "w0001"] {
+        for step in 1..=600 {
+            match count.get(&(w.to_string(), step)).copied().unwrap_or(0) {
+                1 => {}
+                n => problems.push(format!("{w} step {step}: {n} lines")),
+            }
+        }
+    }
+    assert_eq!(count.len(), 1200, "lines of other workers or steps");
+    assert!(
+        problems.is_empty(),
+        "{} (worker, step) pairs not logged exactly once, e.g. {:?}",
+        problems.len(),
+        &problems[..problems.len().min(8)]
+    );
 }
 
 /// The coordinator and every worker are killed (SIGKILL: a node lost, or a scheduler's

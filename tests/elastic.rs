@@ -1,6 +1,6 @@
 //! Elastic membership with real processes on 127.0.0.1: a worker SIGKILLed mid-epoch, the
 //! survivors re-form and finish the epoch, a new worker joins and receives the state from
-//! a peer; the coordinator's accounting (`metrics.jsonl`) shows every cell of the epoch
+//! a peer; the coordinator's accounting (its metrics log) shows every cell of the epoch
 //! consumed exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -138,7 +138,7 @@ fn a_killed_worker_is_replaced_by_a_new_generation_and_every_cell_is_used_once()
 }
 
 /// Per committed step `(offset, step_cells, world_size, ranks)`, the MGEM loss per step,
-/// and the world sizes seen, from the coordinator's `metrics.jsonl`; asserts that the
+/// and the world sizes seen, from the coordinator's metrics log; asserts that the
 /// workers that reported a step agree on its place in the data stream and its size, that
 /// ranks are distinct and in range, and that the steps tile the stream from 0 without gap
 /// or overlap.

@@ -284,12 +284,27 @@ pub fn write_manifest(
     p
 }
 
-/// The lines of `metrics.jsonl` at `ckpt`.
+/// The lines of the metrics log at `ckpt` that count: its parts (`metrics/part-*.jsonl`)
+/// in order, without the lines a `rollback` discounted.
 pub fn metric_steps(ckpt: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(ckpt.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let mut parts: Vec<(u64, PathBuf)> = std::fs::read_dir(ckpt.join("metrics"))
+        .unwrap_or_else(|e| panic!("{}/metrics: {e}", ckpt.display()))
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?;
+            let n = scfm_common::metrics_log::part_number(&format!("metrics/{name}"))?;
+            Some((n, p))
+        })
+        .collect();
+    parts.sort();
+    let mut eff = scfm_common::metrics_log::Effective::default();
+    for (_, p) in parts {
+        for l in std::fs::read_to_string(&p).unwrap().lines() {
+            eff.push_line(l)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+    }
+    eff.into_lines()
 }
 
 /// A tiny model for cluster tests.

@@ -46,6 +46,23 @@ fn report(run: &Path, out: &Path, extra: &[&str]) -> String {
     std::fs::read_to_string(out.join("index.html")).expect("index.html")
 }
 
+/// The lines `scfm metrics RUN` prints.
+fn scfm_metrics(run: &Path) -> Vec<serde_json::Value> {
+    let o = run_with_timeout(
+        Command::new(bin("scfm")).arg("metrics").arg(run),
+        Duration::from_secs(60),
+    );
+    assert!(
+        o.status.success(),
+        "scfm metrics failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Pixels of a PNG as RGB, with its size.
 fn rgb_pixels(path: &Path) -> (u32, u32, Vec<[u8; 3]>) {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -250,6 +267,11 @@ fn report_of_a_two_worker_run_renders_in_a_browser() {
     );
     // An evaluation file in the lead's generic shape, made from this run's own numbers.
     let lines = metric_steps(&ckpt);
+    assert_eq!(
+        scfm_metrics(&ckpt),
+        lines,
+        "`scfm metrics` prints the log's lines"
+    );
     let steps: BTreeSet<u64> = lines
         .iter()
         .filter(|l| l["event"] == "step")
@@ -324,6 +346,29 @@ fn report_of_a_single_process_run() {
         "| embedding | ARI |\n|---|---|\n| x | 1 |\n",
     )
     .unwrap();
+    // `scfm metrics` prints the log; a single process writes the cluster's schema.
+    let printed = scfm_metrics(&ckpt);
+    let steps: Vec<&serde_json::Value> = printed.iter().filter(|l| l["event"] == "step").collect();
+    assert_eq!(steps.len(), 12);
+    for k in [
+        "offset",
+        "step_cells",
+        "rank",
+        "world_size",
+        "step_s",
+        "compute_s",
+        "total_steps",
+    ] {
+        assert!(steps[11].get(k).is_some(), "no `{k}` in {}", steps[11]);
+    }
+    assert_eq!(
+        (
+            steps[11]["world_size"].as_u64(),
+            steps[11]["step_cells"].as_u64()
+        ),
+        (Some(1), Some(8))
+    );
+    assert!(printed.iter().any(|l| l["event"] == "eval"));
     let out = dir.path().join("report");
     let page = report(&ckpt, &out, &[]);
     assert!(page.contains("12 logged, steps 1–12"), "{page}");
@@ -361,7 +406,7 @@ fn report_errors_name_the_run_and_the_line() {
     let o = run(&empty);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("has no metrics.jsonl"),
+        !o.status.success() && err.contains("has no metrics log"),
         "{err}"
     );
     assert!(err.contains(&empty.display().to_string()), "{err}");

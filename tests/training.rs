@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use scfm_tests::{
-    bin, dataset, json_lines, lines, run_on_small_disk, run_with_timeout, sigterm, wait_exit,
+    bin, dataset, json_lines, lines, metric_steps, run_on_small_disk, run_with_timeout, sigterm,
+    wait_exit,
 };
 
 fn write_config(dir: &Path, ckpt: &Path, model: &str, training: &str) -> std::path::PathBuf {
@@ -124,6 +125,20 @@ fn stop_and_resume_is_bitwise_identical() {
     )
     .unwrap();
     assert!(oa == ob, "final optimizer state differs after resume");
+    // The resumed process appends to the metrics log: every step once, as uninterrupted.
+    let logged = |d: &std::path::Path| -> Vec<(u64, String)> {
+        metric_steps(&d.join("ckpt"))
+            .iter()
+            .filter(|l| l["event"] == "step")
+            .map(|l| (l["step"].as_u64().unwrap(), l["loss"].to_string()))
+            .collect()
+    };
+    let lb = logged(b_dir.path());
+    assert_eq!(
+        lb.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(logged(a_dir.path()), lb, "the logged losses differ");
 }
 
 #[test]

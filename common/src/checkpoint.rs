@@ -20,7 +20,8 @@ use crate::storage::{Store, sha256_hex};
 
 /// Key of the pointer to the current checkpoint.
 pub const LATEST: &str = "latest.json";
-/// Key of the metrics log next to the checkpoints.
+/// Key of an older scfm's whole metrics log (now parts under `metrics/`, see
+/// [`crate::metrics_log`]).
 pub const METRICS: &str = "metrics.jsonl";
 
 /// `latest.json`.
@@ -231,13 +232,15 @@ impl ResumePoint {
     }
 }
 
-/// Deletes every checkpoint, `latest.json` and the metrics log under `store` (`--fresh`).
+/// Deletes every checkpoint, `latest.json` and the metrics log (its parts and index, and an
+/// older scfm's `metrics.jsonl`) under `store` (`--fresh`).
 pub async fn discard_all(store: &Store) -> Result<usize> {
     store.delete(LATEST).await?;
     let mut n = 0;
     for k in store.list("").await? {
         let in_ckpt = k.split_once('/').is_some_and(|(d, _)| step_of(d).is_some());
-        if in_ckpt || k == METRICS {
+        let metrics = k == METRICS || k.starts_with("metrics/");
+        if in_ckpt || metrics {
             store.delete(&k).await?;
             n += 1;
         }
@@ -331,8 +334,13 @@ mod tests {
             e.contains("no checkpoint verifies") && e.contains("--fresh"),
             "{e}"
         );
-        assert_eq!(discard_all(&s).await.unwrap(), 5);
+        // The metrics log goes too (its parts, index and an older whole file).
+        for k in ["metrics/part-000000.jsonl", "metrics/index.json", METRICS] {
+            s.put(k, Bytes::from_static(b"{}\n")).await.unwrap();
+        }
+        assert_eq!(discard_all(&s).await.unwrap(), 8);
         assert!(select_verified(&s).await.unwrap().is_none());
+        assert!(s.list("metrics").await.unwrap().is_empty());
     }
 
     #[test]

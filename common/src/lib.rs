@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod manifest;
+pub mod metrics_log;
 pub mod rng;
 pub mod rpc;
 pub mod storage;

@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 /// (UNAVAILABLE) while a restarted coordinator's places are held by taken-over workers.
 /// 8: the workers' ring authenticates its connections (ring wire version 2), so a worker
 /// of an earlier build, which could not join a ring, is refused at register.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: `StreamMetrics` answers with a stream of acknowledgements of what is durably
+/// written, and workers resend what was not acknowledged.
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Metadata key carrying the shared token.
 pub const TOKEN_HEADER: &str = "x-scfm-token";

@@ -16,7 +16,7 @@
 //!   worker, `steps` steps, no evaluation or checkpoint before the last step. Throughput =
 //!   global cells over the wall time between rank 0's `train step=WARMUP` and `train
 //!   step=STEPS` log lines (data wait, all-reduce, the other collectives and the loop's
-//!   overhead all count). The coordinator's `metrics.jsonl` gives the per-step breakdown:
+//!   overhead all count). The coordinator's metrics log gives the per-step breakdown:
 //!   `step_s` (slowest worker), `allreduce_s` and `data_wait_s` (means over workers).
 //! - **PyTorch DDP**: `python -m torch.distributed.run --standalone --nproc-per-node P
 //!   benches/ddp_train.py`: the reference model `tests/python/scfm_ref.py` (the one
@@ -180,10 +180,15 @@ fn run_scfm(s: &Settings, e: &Env, workers: usize) -> Result<Run> {
     }
     let span = step_span(&text, s.warmup, s.steps)
         .with_context(|| format!("no `train step=` log lines in {logs:?}"))?;
-    // metrics.jsonl: one line per step per worker.
+    // The metrics log: one line per step per worker.
     let mut per_step: BTreeMap<u64, Vec<serde_json::Value>> = BTreeMap::new();
-    for l in std::fs::read_to_string(ckpt.join("metrics.jsonl"))?.lines() {
-        let v: serde_json::Value = serde_json::from_str(l)?;
+    let store = scfm_common::storage::Store::open(ckpt.to_str().context("checkpoint path")?)?;
+    let lines = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(scfm_common::metrics_log::read_effective(&store))?
+        .unwrap_or_default();
+    for v in lines {
         if let Some(n) = v["step"].as_u64()
             && v["event"] == "step"
             && n > s.warmup
@@ -194,7 +199,7 @@ fn run_scfm(s: &Settings, e: &Env, workers: usize) -> Result<Run> {
     }
     let timed = s.steps - s.warmup;
     if per_step.len() as u64 != timed || per_step.values().any(|v| v.len() != workers) {
-        bail!("metrics.jsonl misses steps; see {logs:?}");
+        bail!("the metrics log misses steps; see {logs:?}");
     }
     let (mut step_max, mut ar, mut wait) = (0.0, 0.0, 0.0);
     for ws in per_step.values() {
@@ -405,7 +410,7 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
     }
     println!(
         "\nPer timed step (medians over rounds): wall ms; scfm's slowest-worker step_s \
-         (metrics.jsonl); all-reduce (scfm: gradient ring all-reduce; DDP: standalone gloo \
+         (metrics log); all-reduce (scfm: gradient ring all-reduce; DDP: standalone gloo \
          all-reduce of the gradient's size); data wait; CPUs the run's threads ran on (used) \
          and were runnable for (wanted), and cells per CPU-second (cells/s / cores used: flat \
          from 1 to 2 workers when only the CPU share limits scaling); load average at the \

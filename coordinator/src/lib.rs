@@ -201,17 +201,15 @@ impl Coordinator {
                 })?;
             tracing::info!(%addr, "Prometheus /metrics served");
         }
-        let sink = metrics::MetricsSink::new(store.clone(), manifest.training.log_every);
-        // Keep the metrics of the steps already done (up to the checkpoint, or all of them
-        // when adopting running workers).
-        if let Some(b) = store.get_opt(scfm_common::checkpoint::METRICS).await? {
-            let upto = if recovered.is_some() {
-                u64::MAX
-            } else {
-                resume.step
-            };
-            sink.preload(&String::from_utf8_lossy(&b), upto);
-        }
+        // The metrics log continues: from the checkpoint's step, or as it is when adopting
+        // running workers (their marks of what is written carry over).
+        let start = if recovered.is_some() {
+            metrics::Start::Adopt
+        } else {
+            metrics::Start::From(resume.step)
+        };
+        let sink =
+            metrics::MetricsSink::open(store.clone(), manifest.training.log_every, start).await?;
         let shared = Shared::new(manifest, resume, sink, store.clone());
         if let Some(p) = &recovered {
             p.restore(&mut shared.lock());
@@ -295,13 +293,13 @@ impl Coordinator {
                     Err(e) => tracing::warn!(error = %e, "could not persist the coordinator state"),
                 }
             }
-            tokio::select! {
-                r = rx.changed() => if r.is_err() { break },
-                _ = flush.tick() => {
-                    if let Err(e) = self.shared.metrics.flush().await {
-                        tracing::warn!(error = %e, "could not write metrics.jsonl");
-                    }
-                }
+            let flush_now = tokio::select! {
+                r = rx.changed() => if r.is_err() { break } else { false },
+                _ = flush.tick() => true,
+                () = self.shared.metrics.flush_requested() => true,
+            };
+            if flush_now && let Err(e) = self.shared.metrics.flush().await {
+                tracing::warn!(error = %e, "could not write the metrics log (kept, and tried again)");
             }
         }
         self.shared.metrics.flush().await?;

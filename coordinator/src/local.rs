@@ -17,7 +17,7 @@ use crate::server::Shared;
 use crate::{Coordinator, CoordinatorError};
 
 /// The label of a worker process's output lines: its worker id (`w0000`, as the
-/// coordinator, `scfm status` and `metrics.jsonl` name it) once it registered, before that
+/// coordinator, `scfm status` and the metrics log name it) once it registered, before that
 /// its process id (`pid 4242`).
 fn worker_label(shared: Arc<Shared>, pid: Option<u32>) -> Arc<dyn Fn() -> String + Send + Sync> {
     let id = OnceLock::new();

@@ -13,6 +13,7 @@ use scfm_coordinator::{Coordinator, StartOptions};
 
 mod embed_job;
 mod glibc_compat;
+mod metrics_cmd;
 mod prepare_cmd;
 mod status_cmd;
 
@@ -103,6 +104,9 @@ enum Cmd {
     },
     /// Plot a run (loss, learning rate, throughput, workers, ...) into DIR/index.html.
     Report(scfm_coordinator::report::ReportArgs),
+    /// Print the lines of a run's metrics log that count (its parts concatenated, rolled
+    /// back steps left out), one JSON object per line.
+    Metrics(metrics_cmd::MetricsArgs),
 }
 
 /// `scfm-worker` next to this executable, or on PATH.
@@ -134,7 +138,7 @@ fn report(m: &Manifest, fin: scfm_coordinator::Finished) {
         );
     } else {
         scfm_coordinator::say!(
-            "job {} finished at step {}; checkpoints and metrics.jsonl in {}",
+            "job {} finished at step {}; checkpoints and metrics (scfm metrics) in {}",
             m.run_id,
             fin.step,
             m.checkpoint.url
@@ -260,6 +264,7 @@ fn main() -> Result<()> {
             let index = runtime()?.block_on(args.run())?;
             println!("report written to {}", index.display());
         }
+        Cmd::Metrics(args) => args.run()?,
     }
     Ok(())
 }

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use scfm_common::checkpoint::ResumePoint;
 use scfm_common::manifest::Manifest;
+use scfm_common::metrics_log::Record;
 use scfm_common::rpc::{PROTOCOL_VERSION, TOKEN_HEADER, pb, token_matches};
 use scfm_common::storage::Store;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::metrics::MetricsSink;
+use crate::metrics::{MetricsSink, Taken};
 use crate::state::{JobState, Phase, Refusal};
 
 /// How long one long-polling call (GetAssignment, ExchangeNcclId) waits before answering
@@ -277,17 +278,19 @@ impl pb::coordinator_server::Coordinator for Service {
         }
     }
 
+    type StreamMetricsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::MetricsAck, Status>> + Send + 'static>,
+    >;
+
     async fn stream_metrics(
         &self,
         req: Request<tonic::Streaming<pb::StepMetrics>>,
-    ) -> Result<Response<pb::MetricsAck>, Status> {
-        let mut stream = req.into_inner();
-        let mut n = 0u64;
-        while let Some(m) = stream.message().await? {
-            self.shared.metrics.record(&m);
-            n += 1;
-        }
-        Ok(Response::new(pb::MetricsAck { received: n }))
+    ) -> Result<Response<Self::StreamMetricsStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(metrics_stream(self.shared.clone(), req.into_inner(), tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn report_done(
@@ -359,6 +362,73 @@ impl pb::coordinator_server::Coordinator for Service {
     }
 }
 
+/// One worker's metrics stream: records its reports and answers with the worker's mark
+/// of what is written whenever a flush moved it. When the worker closes its side, a flush
+/// is asked for at once and the stream ends once all it sent is acknowledged. A backlog
+/// that cannot be written ends the stream with UNAVAILABLE: the worker keeps its reports
+/// and sends them again.
+async fn metrics_stream(
+    shared: Arc<Shared>,
+    mut inbound: tonic::Streaming<pb::StepMetrics>,
+    tx: tokio::sync::mpsc::Sender<Result<pb::MetricsAck, Status>>,
+) {
+    use tokio_stream::StreamExt;
+    let sink = &shared.metrics;
+    let mut flushed = sink.subscribe();
+    let mut worker: Option<String> = None;
+    let mut acked: Option<(u64, u64)> = None;
+    let mut open = true;
+    loop {
+        tokio::select! {
+            m = inbound.next(), if open => match m {
+                Some(Ok(m)) => {
+                    if worker.is_none() {
+                        worker = Some(m.worker_id.clone());
+                    }
+                    if sink.record(&m) == Taken::Full {
+                        tracing::warn!(worker = %m.worker_id, "metrics backlog full (the checkpoint store is failing?): the worker keeps its reports and sends them again");
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "the coordinator's metrics backlog is full: send again later",
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+                Some(Err(_)) => return,
+                None => {
+                    open = false;
+                    sink.request_flush();
+                }
+            },
+            r = flushed.changed() => if r.is_err() { return },
+            () = tx.closed() => return,
+        }
+        let Some(w) = &worker else {
+            if open {
+                continue;
+            }
+            return;
+        };
+        let mark = sink.durable_mark(w);
+        if let Some((generation, step)) = mark
+            && mark != acked
+        {
+            if tx
+                .send(Ok(pb::MetricsAck { generation, step }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            acked = mark;
+        }
+        if !open && acked == sink.received_mark(w) {
+            return;
+        }
+    }
+}
+
 /// Starts the job when the join timeout passes, loses workers that go silent and forms
 /// new generations (see `reform.rs`), and fails the job when too few workers remain for
 /// too long.
@@ -417,13 +487,12 @@ pub async fn watchdog(shared: Arc<Shared>) {
                 if let Some((at, took)) = s.last_reform {
                     shared.metrics.generation_formed(s.generation, at - took);
                 }
-                shared.metrics.event(serde_json::json!({
-                    "event": "generation",
-                    "generation": s.generation,
-                    "world_size": s.members.len(),
-                    "hold": s.holding,
-                    "ready_after_s": s.last_reform.map_or(0.0, |(_, d)| d.as_secs_f64()),
-                }));
+                shared.metrics.event(&Record::Generation {
+                    generation: s.generation,
+                    world_size: s.members.len() as u64,
+                    hold: s.holding,
+                    ready_after_s: s.last_reform.map_or(0.0, |(_, d)| d.as_secs_f64()),
+                });
                 changed = true;
             }
             if let Some(why) = s.short_expired(now) {

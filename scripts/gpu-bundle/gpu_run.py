@@ -498,14 +498,17 @@ class Job:
                 kill_group(p)
 
     def metrics(self):
-        p = self.dir / "ckpt" / "metrics.jsonl"
+        # The run's metrics log is a series of parts; `scfm metrics` prints it whole.
+        if not (self.dir / "ckpt").exists():
+            return []
+        r = subprocess.run([str(SCFM), "metrics", str(self.dir / "ckpt")],
+                           capture_output=True, text=True, timeout=60)
         out = []
-        if p.exists():
-            for line in p.read_text().splitlines():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
+        for line in r.stdout.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
         return out
 
     def worker_text(self, i):
@@ -594,7 +597,7 @@ def worker_kill(res, timeout):
     if last != steps:
         problems.append(f"the run ended at step {last}, not {steps}")
     if not rec:
-        problems.append("no `recovered` event in metrics.jsonl")
+        problems.append("no `recovered` event in the metrics log")
     if problems:
         raise Failed("; ".join(problems))
 

@@ -417,10 +417,17 @@ fn train(dir: &Path, work: &Path, steps: usize, batch: usize, threads: usize) ->
         s.first_mgem.unwrap_or(f64::NAN),
         s.last_mgem
     );
-    let metrics = std::fs::read_to_string(work.join("ckpt/metrics.jsonl")).unwrap_or_default();
+    let store = scfm_common::storage::Store::open(work.join("ckpt").to_str().unwrap()).unwrap();
+    let metrics = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(scfm_common::metrics_log::read_effective(&store))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     let waits: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .into_iter()
         .filter(|v| v["event"] == "step")
         .filter_map(|v| v["data_wait_s"].as_f64())
         .collect();

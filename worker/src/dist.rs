@@ -59,39 +59,155 @@ type Client = pb::coordinator_client::CoordinatorClient<
 /// restarting).
 const DONE_RETRY: Duration = Duration::from_secs(60);
 
-/// Streams step metrics to the coordinator, reconnecting (after a pause) whenever the
-/// stream breaks — e.g. while a restarted coordinator comes back; metrics produced while
-/// it is unreachable are dropped, training is not held up.
-async fn forward_metrics(mut c: Client, mut arx: tokio::sync::mpsc::Receiver<pb::StepMetrics>) {
-    loop {
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::StepMetrics>(1024);
-        let mut call = Box::pin(c.stream_metrics(tokio_stream::wrappers::ReceiverStream::new(rx)));
-        let mut tx = Some(tx);
-        let ended = loop {
-            tokio::select! {
-                m = arx.recv(), if tx.is_some() => match m {
-                    Some(m) => {
-                        if tx.as_ref().is_some_and(|t| t.try_send(m).is_err()) {
-                            tracing::debug!("metrics stream congested or closed; dropping a report");
-                        }
-                    }
-                    // Training ended: close the stream and let it finish.
-                    None => tx = None,
-                },
-                r = &mut call => {
-                    if let Err(s) = &r {
-                        tracing::warn!(error = %s.message(), "metrics stream to the coordinator broke; reconnecting");
-                    }
-                    break tx.is_none();
-                }
+/// Reports kept until the coordinator acknowledges them (about 4 MB): at 10 steps/s, half
+/// an hour of a coordinator's absence. Beyond it the oldest are dropped, with a warning.
+const MAX_UNACKED: usize = 20_000;
+/// How long a worker that finished waits for the acknowledgement of its last reports.
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Reports sent or to send, oldest first, until acknowledged.
+#[derive(Default)]
+struct Unacked {
+    reports: std::collections::VecDeque<pb::StepMetrics>,
+    /// How many of the oldest were sent on the current stream.
+    sent: usize,
+    /// Dropped because the buffer was full.
+    dropped: u64,
+}
+
+impl Unacked {
+    fn push(&mut self, m: pb::StepMetrics) {
+        if self.reports.len() >= MAX_UNACKED {
+            self.reports.pop_front();
+            self.sent = self.sent.saturating_sub(1);
+            self.dropped += 1;
+            if self.dropped == 1 || self.dropped.is_multiple_of(1000) {
+                tracing::warn!(
+                    dropped = self.dropped,
+                    kept = MAX_UNACKED,
+                    "the coordinator has not acknowledged metrics for long: dropping the oldest reports"
+                );
             }
-        };
-        drop(call);
-        if ended {
+        }
+        self.reports.push_back(m);
+    }
+
+    /// Forgets the reports up to `(generation, step)` (sent in that order).
+    fn ack(&mut self, a: &pb::MetricsAck) {
+        while self
+            .reports
+            .front()
+            .is_some_and(|m| (m.generation, m.step) <= (a.generation, a.step))
+        {
+            self.reports.pop_front();
+            self.sent = self.sent.saturating_sub(1);
+        }
+    }
+}
+
+/// Streams step metrics to the coordinator and keeps each report until the coordinator
+/// acknowledges it as written. Whenever the stream breaks (e.g. while a restarted
+/// coordinator comes back), it reconnects after a pause and sends the unacknowledged
+/// reports again, oldest first; the coordinator drops those it already has. Training is
+/// never held up: the buffer is bounded ([`MAX_UNACKED`]). After training, it waits up to
+/// [`FINAL_ACK_WAIT`] for the last acknowledgement.
+async fn forward_metrics(mut c: Client, mut arx: tokio::sync::mpsc::Receiver<pb::StepMetrics>) {
+    let mut q = Unacked::default();
+    let mut input_done = false;
+    let mut give_up: Option<tokio::time::Instant> = None;
+    loop {
+        if input_done && q.reports.is_empty() {
             return;
         }
-        // Drain what came meanwhile into the next stream after a pause.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if input_done && give_up.is_none() {
+            give_up = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
+        }
+        if give_up.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            tracing::warn!(
+                reports = q.reports.len(),
+                "the coordinator did not acknowledge the last metrics reports in time; they may be missing from its log"
+            );
+            return;
+        }
+        q.sent = 0;
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::StepMetrics>(64);
+        let call = c.stream_metrics(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let opened = tokio::time::timeout(Duration::from_secs(10), call).await;
+        let acks = match opened {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            Ok(Err(s)) => {
+                tracing::warn!(error = %s.message(), "cannot stream metrics to the coordinator; trying again");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the coordinator did not open the metrics stream in time; trying again"
+                );
+                None
+            }
+        };
+        if let Some(mut stream) = acks {
+            let mut tx = Some(tx);
+            loop {
+                if input_done && q.reports.is_empty() {
+                    return;
+                }
+                if input_done && give_up.is_none() {
+                    give_up = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
+                }
+                let until = give_up.unwrap_or_else(tokio::time::Instant::now);
+                // Everything sent after training ended: close our side, the coordinator
+                // writes and acknowledges.
+                if input_done && q.sent == q.reports.len() {
+                    tx = None;
+                }
+                let to_send = tx.is_some() && q.sent < q.reports.len();
+                let broke = tokio::select! {
+                    permit = async { tx.as_ref().expect("checked").reserve().await }, if to_send => match permit {
+                        Ok(p) => {
+                            p.send(q.reports[q.sent].clone());
+                            q.sent += 1;
+                            false
+                        }
+                        Err(_) => true,
+                    },
+                    m = arx.recv(), if !input_done => {
+                        match m {
+                            Some(m) => q.push(m),
+                            None => input_done = true,
+                        }
+                        false
+                    }
+                    a = stream.message() => match a {
+                        Ok(Some(a)) => {
+                            q.ack(&a);
+                            false
+                        }
+                        Ok(None) => true,
+                        Err(s) => {
+                            tracing::warn!(error = %s.message(), "metrics stream to the coordinator broke; reconnecting");
+                            true
+                        }
+                    },
+                    () = tokio::time::sleep_until(until), if give_up.is_some() => true,
+                };
+                if broke {
+                    break;
+                }
+            }
+        }
+        // Keep taking reports during the pause before the next stream.
+        let pause = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                m = arx.recv(), if !input_done => match m {
+                    Some(m) => q.push(m),
+                    None => input_done = true,
+                },
+            }
+        }
     }
 }
 
@@ -423,7 +539,9 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
         },
     );
     let _ = fwd.join();
-    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), stream).await });
+    let _ = rt.block_on(async {
+        tokio::time::timeout(FINAL_ACK_WAIT + Duration::from_secs(15), stream).await
+    });
     let outcome = match outcome {
         Ok(None) => {
             hb.abort();

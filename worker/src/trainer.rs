@@ -32,6 +32,7 @@ use crate::upload::{AfterUpload, Uploader};
 use scfm_common::checkpoint::{discard_all, json_diff, select_verified, verify_dir};
 use scfm_common::config::run_settings;
 use scfm_common::data::prepared::data_identity;
+use scfm_common::metrics_log::{self, MetricsLog, PartWriter, Record, StepLine};
 
 mod elastic;
 
@@ -104,7 +105,10 @@ pub struct Trainer {
     rt: tokio::runtime::Runtime,
     _vs: nn::VarStore,
     device: Device,
-    metrics: Vec<String>,
+    /// The metrics log a single process writes (a cluster's coordinator writes its own).
+    log: Option<Arc<MetricsLog>>,
+    /// `(validation loss, step)` of the best evaluation that was checkpointed.
+    best: Option<(f64, u64)>,
     ctx: WorkerContext,
     uploader: Uploader,
     /// A state synchronisation failed half-way: the parameters may be a mix.
@@ -120,7 +124,7 @@ pub struct WorkerContext {
     /// Collective over the workers of the current generation.
     pub collective: Box<dyn Collective>,
     /// Where per-step metrics go (the coordinator stream); `None` for a single process,
-    /// which writes `metrics.jsonl` itself.
+    /// which writes its metrics log itself.
     pub reporter: Option<std::sync::mpsc::Sender<StepReport>>,
     /// Check identical parameters across workers every this many steps.
     pub checksum_every: u64,
@@ -161,6 +165,22 @@ pub struct StepReport {
     pub world: usize,
     /// Steps of the whole run as planned now (it changes with the world size).
     pub total_steps: u64,
+}
+
+/// Lines of the metrics log a single process holds at most before writing them as a part
+/// (it also writes them after each checkpoint).
+const LOG_PART_LINES: usize = 10_000;
+
+/// `(validation loss, step)` of the best evaluation up to `upto` that was checkpointed,
+/// from the run's metrics log (unreadable: none, the best is then found anew).
+async fn best_checkpointed(store: &Store, upto: u64) -> Option<(f64, u64)> {
+    let lines = metrics_log::read_effective(store).await.ok()??;
+    lines
+        .iter()
+        .filter(|v| v["event"] == "eval" && v["checkpointed"] == true)
+        .filter_map(|v| Some((v["val_loss"].as_f64()?, v["step"].as_u64()?)))
+        .filter(|&(_, s)| s <= upto)
+        .min_by(|a, b| a.0.total_cmp(&b.0))
 }
 
 fn model_json(spec: &TrainSpec) -> serde_json::Value {
@@ -277,6 +297,12 @@ impl Trainer {
             let n = rt.block_on(discard_all(&store))?;
             tracing::info!(url = %store.url(), objects = n, "--fresh: discarded earlier checkpoints");
         }
+        let log = if ctx.reporter.is_none() {
+            let (writer, _) = rt.block_on(PartWriter::open(store.clone()))?;
+            Some(Arc::new(MetricsLog::new(writer)))
+        } else {
+            None
+        };
         let mut tr = Trainer {
             spec,
             model,
@@ -290,7 +316,8 @@ impl Trainer {
             rt,
             _vs: vs,
             device,
-            metrics: Vec::new(),
+            log,
+            best: None,
             ctx,
             uploader,
             tainted: false,
@@ -299,6 +326,16 @@ impl Trainer {
         };
         if opts.resume || opts.resume_dir.is_some() {
             tr.resume(opts.resume_dir.as_deref())?;
+        }
+        // Lines of later steps that an earlier process wrote no longer count.
+        if let Some(log) = &tr.log
+            && tr.rt.block_on(log.max_step()) > tr.state.step
+        {
+            log.push(&Record::Rollback {
+                to_step: tr.state.step,
+                generation: 0,
+                reason: "resume".into(),
+            });
         }
         tr.total_steps = tr.plan_total_steps();
         Ok(tr)
@@ -345,18 +382,10 @@ impl Trainer {
         checkpoint::restore(&loaded, &self.params, &mut self.opt)?;
         self.state = loaded.state;
         self.uploader.set_current(Some(self.store.url_of(&dir)));
-        if let Some(b) = self.rt.block_on(self.store.get_opt("metrics.jsonl"))? {
-            let text = String::from_utf8_lossy(&b);
-            self.metrics = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| s <= self.state.step)
-                })
-                .map(str::to_string)
-                .collect();
+        if self.log.is_some() {
+            self.best = self
+                .rt
+                .block_on(best_checkpointed(&self.store, self.state.step));
         }
         tracing::debug!(step = self.state.step, epoch = self.state.epoch, position = self.state.position, dir = %dir, "checkpoint loaded");
         Ok(self.store.url_of(&dir))
@@ -486,13 +515,8 @@ impl Trainer {
         let snap = checkpoint::Snapshot::of(&self.params, &self.opt, &self.state)
             .with_vocab(Some(self.vocab_tsv.clone()));
         // A single process writes its own metrics; in a cluster the coordinator does.
-        let metrics = self.ctx.reporter.is_none().then(|| {
-            let mut text = self.metrics.join("\n");
-            text.push('\n');
-            text
-        });
         let after = AfterUpload {
-            metrics,
+            metrics: self.log.clone(),
             keep_last: self.spec.checkpoint.keep_last,
             keep_also: self.best_dir(),
         };
@@ -503,10 +527,10 @@ impl Trainer {
             stall_s = stall,
             "checkpoint handed to the uploader"
         );
-        self.metrics.push(
-            serde_json::json!({"event": "checkpoint", "step": self.state.step, "stall_s": stall})
-                .to_string(),
-        );
+        self.log_record(&Record::Checkpoint {
+            step: self.state.step,
+            stall_s: stall,
+        });
         Ok(dir)
     }
 
@@ -521,17 +545,22 @@ impl Trainer {
                 wait_s = waited,
                 "waited for a checkpoint snapshot"
             );
-            self.metrics.push(
-                serde_json::json!({"event": "checkpoint_wait", "step": self.state.step, "wait_s": waited})
-                    .to_string(),
-            );
+            self.log_record(&Record::CheckpointWait {
+                step: self.state.step,
+                wait_s: waited,
+            });
         }
     }
 
     /// Waits until the newest checkpoint has landed (retrying it), for at most the
-    /// checkpoint grace; that it has not landed by then is an error.
+    /// checkpoint grace, then writes what is left of the metrics log; either failing is an
+    /// error.
     pub fn flush_checkpoint(&mut self) -> Result<()> {
-        self.uploader.flush().map(|_| ())
+        self.uploader.flush()?;
+        if let Some(log) = &self.log {
+            self.rt.block_on(log.flush())?;
+        }
+        Ok(())
     }
 
     /// How long the end of a run (or a preemption) waits for its last checkpoint to land
@@ -540,19 +569,20 @@ impl Trainer {
         self.uploader.set_grace(grace);
     }
 
+    /// Appends a line to the metrics log (single process); a long run between checkpoints
+    /// writes a part every [`LOG_PART_LINES`] lines, so memory stays bounded.
+    fn log_record(&self, r: &Record) {
+        let Some(log) = &self.log else { return };
+        log.push(r);
+        if log.pending() >= LOG_PART_LINES
+            && let Err(e) = self.rt.block_on(log.flush())
+        {
+            tracing::warn!(error = %e, "could not write the metrics log (kept, and tried again)");
+        }
+    }
+
     fn best_dir(&self) -> Option<String> {
-        self.metrics
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["event"] == "eval" && v["checkpointed"] == true)
-            .min_by(|a, b| {
-                a["val_loss"]
-                    .as_f64()
-                    .partial_cmp(&b["val_loss"].as_f64())
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            })
-            .and_then(|v| v["step"].as_u64())
-            .map(checkpoint::dir_for)
+        self.best.map(|(_, step)| checkpoint::dir_for(step))
     }
 
     /// Trains until the end of the run (or `stop_after` steps, or early stopping).
@@ -614,14 +644,33 @@ impl Trainer {
                 )?;
             }
             let epoch_end = self.state.epoch > data.epoch;
-            let mut line = serde_json::to_value(&s).expect("stats serialize");
-            line["event"] = "step".into();
-            line["epoch"] = data.epoch.into();
-            line["total_steps"] = self.total_steps.into();
+            let line = Record::Step(StepLine {
+                worker: None,
+                generation: self.ctx.generation,
+                step: s.step,
+                epoch: data.epoch,
+                loss: s.loss,
+                mgem: s.mgem,
+                contrastive: s.contrastive,
+                gepc: s.gepc,
+                grad_norm: s.grad_norm,
+                lr: s.lr,
+                cells_per_s: s.cells_per_s,
+                data_wait_s: s.data_wait_s,
+                compute_s: s.compute_s,
+                allreduce_s: s.allreduce_s,
+                step_s: s.data_wait_s + s.compute_s,
+                val_loss: None,
+                offset: data.epoch * n_train as u64 + data.position as u64,
+                step_cells: per_step as u64,
+                rank: self.ctx.collective.rank() as u32,
+                world_size: self.ctx.collective.world_size() as u32,
+                total_steps: self.total_steps,
+            });
             if opts.json {
-                println!("{line}");
+                println!("{}", line.to_line());
             }
-            self.metrics.push(line.to_string());
+            self.log_record(&line);
             bar.set_position(self.state.step);
             bar.set_message(format!(
                 "loss {:.4} mgem {:.4} nt-xent {:.4}",
@@ -660,9 +709,19 @@ impl Trainer {
                 stopped_early = self
                     .state
                     .observe_val(val, self.spec.training.early_stopping_patience);
-                let ev = serde_json::json!({"event": "eval", "step": self.state.step, "val_loss": val, "val_mgem": vm, "val_contrastive": vc, "checkpointed": do_save || stopped_early});
+                let checkpointed = do_save || stopped_early;
+                let ev = Record::Eval {
+                    step: self.state.step,
+                    val_loss: val,
+                    val_mgem: vm,
+                    val_contrastive: vc,
+                    checkpointed,
+                };
                 if opts.json {
-                    println!("{ev}");
+                    println!("{}", ev.to_line());
+                }
+                if checkpointed && self.best.is_none_or(|(b, _)| val < b) {
+                    self.best = Some((val, self.state.step));
                 }
                 if self.ctx.collective.rank() == 0 {
                     tracing::info!(
@@ -673,7 +732,7 @@ impl Trainer {
                         "eval"
                     );
                 }
-                self.metrics.push(ev.to_string());
+                self.log_record(&ev);
                 if stopped_early {
                     tracing::info!(
                         step = self.state.step,

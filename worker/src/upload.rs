@@ -9,7 +9,7 @@
 //!
 //! One upload thread stores the encoded checkpoints, one at a time, so two uploads (of the
 //! same checkpoint or of two) never run at once. An upload stores the parts (read back and
-//! verified), `state.json`, then `latest.json`, then the metrics log and retention — so if
+//! verified), `state.json`, then `latest.json`, then the metrics log's new lines and retention — so if
 //! it fails, `latest.json` still names the checkpoint before it. A checkpoint handed over
 //! while another is being uploaded waits; a newer one supersedes it (at most two encoded
 //! checkpoints are held: the one being uploaded and the newest waiting). A failed upload
@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use scfm_common::checkpoint::METRICS;
+use scfm_common::metrics_log::MetricsLog;
 use scfm_common::storage::{Backoff, Store};
 
 use crate::checkpoint::{self, Encoded, Snapshot};
@@ -41,8 +41,9 @@ const CLEANUP_WINDOW: Duration = Duration::from_secs(2);
 /// What to do after the checkpoint is current.
 #[derive(Debug, Clone)]
 pub struct AfterUpload {
-    /// The metrics log to store next to the checkpoints (single-process runs).
-    pub metrics: Option<String>,
+    /// The metrics log whose pending lines are written next to the checkpoints
+    /// (single-process runs).
+    pub metrics: Option<Arc<MetricsLog>>,
     /// Checkpoints to keep (newest).
     pub keep_last: usize,
     /// A checkpoint directory to keep besides them (the best).
@@ -444,7 +445,7 @@ async fn upload_once(
     }
     let after = async {
         if let Some(m) = &job.after.metrics {
-            store.put(METRICS, m.clone().into()).await?;
+            m.flush().await?;
         }
         checkpoint::retain(store, job.after.keep_last, job.after.keep_also.as_deref()).await
     };

@@ -1,19 +1,23 @@
-//! `metrics.jsonl` parsed and aggregated per step.
+//! A run's metrics log (see [`scfm_common::metrics_log`]) parsed and aggregated per step.
 //!
-//! Two writers produce the file, with one schema of step lines:
+//! One schema of lines ([`scfm_common::metrics_log::Record`]), from two writers:
 //! - the coordinator of a cluster (`scfm launch` / `scfm local`): one `"event": "step"`
 //!   line per worker and step, with `worker`, `generation`, `rank`, `world_size`,
 //!   `step_s`, `step_cells` and `val_loss` (null unless evaluated at that step), plus
 //!   `generation` events (a new membership: `generation`, `world_size`) and `recovered`
 //!   events (`generation`, `first_step`, `seconds`);
 //! - a single process (`scfm train` / `scfm-worker train`): one `"event": "step"` line per
-//!   step with `compute_s` (no rank, world size 1, generation 0), plus `eval` events
-//!   (`val_loss`, `val_mgem`, `val_contrastive`), `checkpoint` and `checkpoint_wait` events.
+//!   step (no `worker`, world size 1, generation 0), plus `eval` events (`val_loss`,
+//!   `val_mgem`, `val_contrastive`), `checkpoint` and `checkpoint_wait` events.
+//!
+//! Both write `rollback` lines (`to_step`) when the run continues from an earlier step:
+//! the lines before one of later steps no longer count. Lines of older scfm versions
+//! (`compute_s` without `step_s`, no `event`) are read too.
 //!
 //! A line that is not a JSON object, or a step line without a numeric `step`, is an error
-//! naming the line number: the file is written atomically, so such a line means it is not
-//! what this command expects, and plots of a partly read file would mislead. Events of
-//! other kinds are counted and otherwise ignored (newer writers may add some).
+//! naming the object and line number: parts are written atomically, so such a line means
+//! it is not what this command expects, and plots of a partly read log would mislead.
+//! Events of other kinds are counted and otherwise ignored (newer writers may add some).
 
 use std::collections::BTreeMap;
 
@@ -84,7 +88,7 @@ pub struct Recovery {
     pub seconds: f64,
 }
 
-/// Everything `metrics.jsonl` says about a run.
+/// Everything the metrics log says about a run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metrics {
     /// Steps, ascending.
@@ -193,82 +197,113 @@ fn aggregate(mut lines: Vec<StepLine>) -> StepPoint {
     }
 }
 
-/// Parses the text of the `metrics.jsonl` at `url` (named in errors).
+/// Parses the text of one metrics object at `url` (named in errors).
 pub fn parse(text: &str, url: &str) -> Result<Metrics, ReportError> {
-    let mut m = Metrics::default();
-    let mut by_step: BTreeMap<u64, Vec<StepLine>> = BTreeMap::new();
-    let mut evals: BTreeMap<u64, EvalPoint> = BTreeMap::new();
-    for (i, raw) in text.lines().enumerate() {
-        let bad = |message: String| ReportError::Malformed {
-            url: url.to_string(),
-            line: i + 1,
-            message,
-        };
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(raw).map_err(|e| bad(format!("not JSON: {e}")))?;
-        if !v.is_object() {
-            return Err(bad("not a JSON object".into()));
-        }
-        // Lines of older writers have no `event`; a `loss` makes them steps.
-        let event = match v.get("event").and_then(Value::as_str) {
-            Some(e) => e,
-            None if v.get("loss").is_some() => "step",
-            None => "",
-        };
-        match event {
-            "step" => {
-                let step = int(&v, "step")
-                    .ok_or_else(|| bad("a step line without a numeric `step`".into()))?;
-                if let Some(val) = num(&v, "val_loss") {
-                    evals.entry(step).or_insert(EvalPoint {
-                        step,
-                        val_loss: val,
-                        val_mgem: None,
-                        val_contrastive: None,
-                    });
+    let mut p = Parser::default();
+    p.feed(text, url)?;
+    Ok(p.finish())
+}
+
+/// Reads a run's metrics log object by object, in order ([`Parser::feed`]), and
+/// aggregates it ([`Parser::finish`]). A `rollback` line discards what came before it of
+/// the steps after its `to_step`.
+#[derive(Debug, Default)]
+pub struct Parser {
+    m: Metrics,
+    by_step: BTreeMap<u64, Vec<StepLine>>,
+    evals: BTreeMap<u64, EvalPoint>,
+}
+
+impl Parser {
+    /// Takes the lines of the next object of the log, at `url` (named in errors).
+    pub fn feed(&mut self, text: &str, url: &str) -> Result<(), ReportError> {
+        let Parser { m, by_step, evals } = self;
+        for (i, raw) in text.lines().enumerate() {
+            let bad = |message: String| ReportError::Malformed {
+                url: url.to_string(),
+                line: i + 1,
+                message,
+            };
+            if raw.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(raw).map_err(|e| bad(format!("not JSON: {e}")))?;
+            if !v.is_object() {
+                return Err(bad("not a JSON object".into()));
+            }
+            // Lines of older writers have no `event`; a `loss` makes them steps.
+            let event = match v.get("event").and_then(Value::as_str) {
+                Some(e) => e,
+                None if v.get("loss").is_some() => "step",
+                None => "",
+            };
+            match event {
+                "step" => {
+                    let step = int(&v, "step")
+                        .ok_or_else(|| bad("a step line without a numeric `step`".into()))?;
+                    if let Some(val) = num(&v, "val_loss") {
+                        evals.entry(step).or_insert(EvalPoint {
+                            step,
+                            val_loss: val,
+                            val_mgem: None,
+                            val_contrastive: None,
+                        });
+                    }
+                    by_step
+                        .entry(step)
+                        .or_default()
+                        .push(StepLine::of(&v, step));
                 }
-                by_step
-                    .entry(step)
-                    .or_default()
-                    .push(StepLine::of(&v, step));
-            }
-            "eval" => {
-                let (Some(step), Some(val)) = (int(&v, "step"), num(&v, "val_loss")) else {
-                    return Err(bad("an eval line without `step` and `val_loss`".into()));
-                };
-                evals.insert(
-                    step,
-                    EvalPoint {
+                "eval" => {
+                    let (Some(step), Some(val)) = (int(&v, "step"), num(&v, "val_loss")) else {
+                        return Err(bad("an eval line without `step` and `val_loss`".into()));
+                    };
+                    evals.insert(
                         step,
-                        val_loss: val,
-                        val_mgem: num(&v, "val_mgem"),
-                        val_contrastive: num(&v, "val_contrastive"),
-                    },
-                );
-            }
-            "generation" => m.generations.push((
-                int(&v, "generation").unwrap_or(0),
-                int(&v, "world_size").unwrap_or(0),
-            )),
-            "recovered" => m.recoveries.push(Recovery {
-                generation: int(&v, "generation").unwrap_or(0),
-                first_step: int(&v, "first_step").unwrap_or(0),
-                seconds: num(&v, "seconds").unwrap_or(f64::NAN),
-            }),
-            "checkpoint" => m.checkpoint_events.extend(int(&v, "step")),
-            other => {
-                let kind = if other.is_empty() { "(none)" } else { other };
-                *m.other_events.entry(kind.to_string()).or_default() += 1;
+                        EvalPoint {
+                            step,
+                            val_loss: val,
+                            val_mgem: num(&v, "val_mgem"),
+                            val_contrastive: num(&v, "val_contrastive"),
+                        },
+                    );
+                }
+                "generation" => m.generations.push((
+                    int(&v, "generation").unwrap_or(0),
+                    int(&v, "world_size").unwrap_or(0),
+                )),
+                "recovered" => m.recoveries.push(Recovery {
+                    generation: int(&v, "generation").unwrap_or(0),
+                    first_step: int(&v, "first_step").unwrap_or(0),
+                    seconds: num(&v, "seconds").unwrap_or(f64::NAN),
+                }),
+                "checkpoint" => m.checkpoint_events.extend(int(&v, "step")),
+                "rollback" => {
+                    let to = int(&v, "to_step")
+                        .ok_or_else(|| bad("a rollback line without a numeric `to_step`".into()))?;
+                    by_step.retain(|&s, _| s <= to);
+                    evals.retain(|&s, _| s <= to);
+                    m.checkpoint_events.retain(|&s| s <= to);
+                    *m.other_events.entry("rollback".into()).or_default() += 1;
+                }
+                other => {
+                    let kind = if other.is_empty() { "(none)" } else { other };
+                    *m.other_events.entry(kind.to_string()).or_default() += 1;
+                }
             }
         }
+        Ok(())
     }
-    m.steps = by_step.into_values().map(aggregate).collect();
-    m.evals = evals.into_values().collect();
-    m.checkpoint_events.sort_unstable();
-    m.checkpoint_events.dedup();
-    Ok(m)
+
+    /// The aggregated metrics.
+    pub fn finish(self) -> Metrics {
+        let mut m = self.m;
+        m.steps = self.by_step.into_values().map(aggregate).collect();
+        m.evals = self.evals.into_values().collect();
+        m.checkpoint_events.sort_unstable();
+        m.checkpoint_events.dedup();
+        m
+    }
 }
 
 impl Metrics {
@@ -395,6 +430,42 @@ mod tests {
         assert_eq!(m.step_time_total(), 3.0);
         assert_eq!(m.data_wait_total(), 0.5);
         assert_eq!(m.max_world_size(), 1);
+    }
+
+    /// A rollback in a later part discards the earlier parts' lines of later steps (their
+    /// validation and checkpoint too); the steps run again count once.
+    #[test]
+    fn rollbacks_across_parts_discard_the_undone_steps() {
+        let mut p = Parser::default();
+        let first: String = (1..=4).map(|s| cluster_line(s, 0, 1, 1) + "\n").collect();
+        p.feed(&first, "run/metrics/part-000000.jsonl").unwrap();
+        p.feed(
+            "{\"event\":\"checkpoint\",\"step\":3,\"stall_s\":0.1}\n",
+            "run/metrics/part-000001.jsonl",
+        )
+        .unwrap();
+        let again = format!(
+            "{}\n{}\n{}\n",
+            r#"{"event":"rollback","to_step":1,"generation":0,"reason":"resume"}"#,
+            cluster_line(2, 0, 1, 1).replace("\"loss\":4.8", "\"loss\":9.0"),
+            cluster_line(3, 0, 1, 1)
+        );
+        p.feed(&again, "run/metrics/part-000002.jsonl").unwrap();
+        let m = p.finish();
+        let steps: Vec<(u64, usize)> = m.steps.iter().map(|s| (s.step, s.reports)).collect();
+        assert_eq!(steps, vec![(1, 1), (2, 1), (3, 1)]);
+        assert_eq!(m.steps[1].loss, Some(9.0), "the step run again counts");
+        assert!(m.checkpoint_events.is_empty());
+        assert_eq!(m.evals.len(), 1, "step 2's validation came again");
+        assert_eq!(m.other_events.get("rollback"), Some(&1));
+        let mut p = Parser::default();
+        let e = p
+            .feed(
+                "{\"event\":\"rollback\"}\n",
+                "run/metrics/part-000009.jsonl",
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("part-000009.jsonl line 1"), "{e}");
     }
 
     #[test]

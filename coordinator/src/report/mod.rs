@@ -1,6 +1,7 @@
 //! `scfm report RUN --out DIR`: plots (PNG and SVG) and an `index.html` of a training run,
 //! read from its checkpoint URL (any store [`Store`] opens: a local directory, `file://`,
-//! `s3://`, ...): `metrics.jsonl`, the `ckpt-*/` directories, `latest.json`, the newest
+//! `s3://`, ...): the metrics log (`metrics/part-*.jsonl`), the `ckpt-*/` directories,
+//! `latest.json`, the newest
 //! checkpoint's `state.json` (model config and settings), a stored manifest copy
 //! (`manifest.yaml`/`.yml`/`.json`) and evaluation results (`evaluation.json`,
 //! `evaluation.md`, or a file given with `--eval`).
@@ -11,7 +12,8 @@ pub mod plots;
 
 use std::path::{Path, PathBuf};
 
-use scfm_common::checkpoint::{LATEST, Latest, METRICS, StateFile, checkpoint_dirs, step_of};
+use scfm_common::checkpoint::{LATEST, Latest, StateFile, checkpoint_dirs, step_of};
+use scfm_common::metrics_log;
 use scfm_common::storage::Store;
 
 use data::Metrics;
@@ -25,25 +27,25 @@ pub enum ReportError {
     /// RUN is a local path that does not exist.
     #[error("no run at {0}: no such directory")]
     NoRun(String),
-    /// RUN has no `metrics.jsonl`.
+    /// RUN has no metrics log.
     #[error(
-        "{url} has no metrics.jsonl: RUN must be a run's checkpoint.url (the directory holding metrics.jsonl and ckpt-*/)"
+        "{url} has no metrics log (metrics/part-*.jsonl): RUN must be a run's checkpoint.url (the directory holding metrics/ and ckpt-*/)"
     )]
     NoMetrics {
         /// The run's URL.
         url: String,
     },
-    /// A line of `metrics.jsonl` is not what a writer of scfm produces.
+    /// A line of the metrics log is not what a writer of scfm produces.
     #[error("{url} line {line}: {message}")]
     Malformed {
-        /// URL of the metrics file.
+        /// URL of the metrics object (a part, or an older scfm's `metrics.jsonl`).
         url: String,
         /// 1-based line number.
         line: usize,
         /// What is wrong.
         message: String,
     },
-    /// `metrics.jsonl` has no step line.
+    /// The metrics log has no step line.
     #[error("{0} has no step lines: the run has not completed a step yet")]
     NoSteps(String),
     /// The evaluation file cannot be read or parsed.
@@ -77,7 +79,7 @@ pub enum ReportError {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {
     /// The run: its checkpoint.url (local directory, file://, s3://, ...) holding
-    /// metrics.jsonl and ckpt-*/.
+    /// metrics/ and ckpt-*/.
     pub run: String,
     /// Folder for index.html and the plots (created if missing).
     #[arg(long)]
@@ -123,7 +125,7 @@ pub enum EvalDoc {
 pub struct Run {
     /// The run's URL.
     pub url: String,
-    /// Parsed `metrics.jsonl`.
+    /// The parsed metrics log.
     pub metrics: Metrics,
     /// Steps of the checkpoint directories present.
     pub checkpoints: Vec<u64>,
@@ -242,15 +244,29 @@ pub async fn load(url: &str, eval: Option<&Path>) -> Result<Run, ReportError> {
         return Err(ReportError::NoRun(url.to_string()));
     }
     let store = Store::open(url)?;
-    let metrics_url = store.url_of(METRICS);
-    let Some(bytes) = store.get_opt(METRICS).await? else {
+    let keys = metrics_log::log_keys(&store).await?;
+    if keys.is_empty() {
         return Err(ReportError::NoMetrics {
             url: store.url().to_string(),
         });
-    };
-    let metrics = data::parse(&String::from_utf8_lossy(&bytes), &metrics_url)?;
+    }
+    let mut parser = data::Parser::default();
+    let mut malformed = None;
+    metrics_log::for_each_part(&store, &keys, |key, text| {
+        if malformed.is_none()
+            && let Err(e) = parser.feed(text, &store.url_of(key))
+        {
+            malformed = Some(e);
+        }
+        Ok(())
+    })
+    .await?;
+    if let Some(e) = malformed {
+        return Err(e);
+    }
+    let metrics = parser.finish();
     if metrics.steps.is_empty() {
-        return Err(ReportError::NoSteps(metrics_url));
+        return Err(ReportError::NoSteps(store.url_of(metrics_log::DIR)));
     }
     let mut notes = Vec::new();
     let dirs = checkpoint_dirs(&store).await?;
@@ -364,7 +380,7 @@ mod tests {
         assert!(!gone.exists(), "a missing run directory is not created");
         let e = load(dir.path().to_str().unwrap(), None).await.unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("has no metrics.jsonl"), "{msg}");
+        assert!(msg.contains("has no metrics log"), "{msg}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     }
 
@@ -376,7 +392,8 @@ mod tests {
         let lines: String = (1..=4)
             .map(|s| format!("{{\"event\":\"step\",\"step\":{s},\"epoch\":0,\"loss\":{s}.5,\"mgem\":1.0,\"contrastive\":0.5,\"grad_norm\":1.0,\"lr\":0.001,\"cells_per_s\":10.0,\"data_wait_s\":0.1,\"compute_s\":0.2,\"allreduce_s\":0.0}}\n"))
             .collect();
-        std::fs::write(run.join("metrics.jsonl"), lines).unwrap();
+        std::fs::create_dir_all(run.join("metrics")).unwrap();
+        std::fs::write(run.join("metrics/part-000000.jsonl"), lines).unwrap();
         let state = r#"{"state":{"step":4,"model":{"hidden":32}},"files":{}}"#;
         std::fs::write(run.join("ckpt-000000004/state.json"), state).unwrap();
         std::fs::write(

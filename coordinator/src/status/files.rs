@@ -1,6 +1,6 @@
 //! The status of a run that is not running, from its files under the checkpoint URL:
 //! `latest.json` (the newest checkpoint and when it was written), that checkpoint's
-//! `state.json` (epoch, validation loss) and the tail of `metrics.jsonl` (the last step,
+//! `state.json` (epoch, validation loss) and the end of the metrics log (the last step,
 //! its losses and the run's planned length), plus `coordinator.json`, which exists while
 //! a coordinator runs a generation.
 //!
@@ -8,7 +8,8 @@
 //! that stopped before the end; they do not tell whether that stop was early stopping, a
 //! preemption, a failure or a kill, so such a run is reported as `stopped`.
 
-use scfm_common::checkpoint::{METRICS, StateFile};
+use scfm_common::checkpoint::StateFile;
+use scfm_common::metrics_log;
 use scfm_common::storage::Store;
 
 use super::live::latest_checkpoint;
@@ -17,13 +18,13 @@ use crate::error::CoordinatorError;
 use crate::metrics::{LastStep, val_of_line};
 use crate::persist;
 
-/// Bytes of `metrics.jsonl` read first (a few hundred lines); more only when they hold no
-/// step line.
+/// Bytes of the metrics log's end read first (a few hundred lines); more only when they
+/// hold no step line.
 const TAIL: u64 = 64 << 10;
-/// The most of `metrics.jsonl` ever read.
+/// The most of the metrics log's end ever read.
 const TAIL_MAX: u64 = 4 << 20;
 
-/// What the end of `metrics.jsonl` tells.
+/// What the end of the metrics log tells.
 #[derive(Debug, Default, PartialEq)]
 pub struct MetricsTail {
     /// The last step line.
@@ -33,18 +34,17 @@ pub struct MetricsTail {
 }
 
 impl MetricsTail {
-    /// Parses the end of `metrics.jsonl`; `partial` drops the first line (cut by the range).
-    pub fn parse(text: &str, partial: bool) -> MetricsTail {
+    /// Reads the last lines of the log.
+    pub fn of(lines: &[serde_json::Value]) -> MetricsTail {
         let mut t = MetricsTail::default();
-        let lines = text.lines().skip(usize::from(partial));
-        for v in lines.filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
-            if let Some(l) = LastStep::from_line(&v) {
+        for v in lines {
+            if let Some(l) = LastStep::from_line(v) {
                 // The last line of the highest step (a later generation may redo steps).
                 if t.last.as_ref().is_none_or(|p| l.step >= p.step) {
                     t.last = Some(l);
                 }
             }
-            if let Some(val) = val_of_line(&v) {
+            if let Some(val) = val_of_line(v) {
                 t.val = Some(val);
             }
         }
@@ -52,17 +52,16 @@ impl MetricsTail {
     }
 }
 
-/// Reads the tail of `metrics.jsonl`, growing the range until it holds a step line.
+/// Reads the end of the metrics log: its newest part, and older ones until a step line.
 async fn metrics_tail(store: &Store) -> Result<Option<MetricsTail>, CoordinatorError> {
     let mut want = TAIL;
     loop {
-        let Some(t) = store.get_tail_opt(METRICS, want).await? else {
+        let Some(lines) = metrics_log::read_tail(store, want).await? else {
             return Ok(None);
         };
-        let whole = t.bytes.len() as u64 >= t.size;
-        let parsed = MetricsTail::parse(&String::from_utf8_lossy(&t.bytes), !whole);
-        if parsed.last.is_some() || whole || want >= TAIL_MAX {
-            return Ok(Some(parsed));
+        let t = MetricsTail::of(&lines);
+        if t.last.is_some() || want >= TAIL_MAX {
+            return Ok(Some(t));
         }
         want *= 8;
     }
@@ -87,7 +86,7 @@ pub async fn read(url: &str) -> Result<JobStatus, CoordinatorError> {
     let running = persist::load(&store).await?;
     if checkpoint.is_none() && tail.is_none() && running.is_none() {
         return Err(CoordinatorError::Checkpoint(format!(
-            "{}: no run here (no latest.json, metrics.jsonl or coordinator.json)",
+            "{}: no run here (no latest.json, metrics log or coordinator.json)",
             store.url()
         )));
     }
@@ -164,7 +163,7 @@ pub fn judge(
         ),
         (_, None) => (
             RunState::Unknown,
-            Some("metrics.jsonl does not record the run's planned length (written by an older scfm?)".into()),
+            Some("the metrics log does not record the run's planned length (written by an older scfm?)".into()),
         ),
     }
 }
@@ -174,7 +173,7 @@ mod tests {
     use std::collections::HashMap;
 
     use bytes::Bytes;
-    use scfm_common::checkpoint::{LATEST, Latest, dir_for};
+    use scfm_common::checkpoint::{LATEST, Latest, METRICS, dir_for};
     use scfm_common::storage::sha256_hex;
 
     use super::*;
@@ -303,10 +302,11 @@ mod tests {
             (RunState::Finished, None)
         );
         assert_eq!(judge(None, 3, Some(5), false).0, RunState::Stopped);
-        let t = MetricsTail::parse(
-            "{\"event\":\"step\",\"step\":9}\nnot json\n{\"event\":\"eval\",\"step\":8,\"val_loss\":1.5}\n",
-            true,
-        );
+        let lines = [
+            serde_json::json!({"event": "eval", "step": 8, "val_loss": 1.5}),
+            serde_json::json!({"event": "checkpoint", "step": 8}),
+        ];
+        let t = MetricsTail::of(&lines);
         assert_eq!((t.last, t.val), (None, Some((8, 1.5))));
     }
 }

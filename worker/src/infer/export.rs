@@ -81,7 +81,7 @@ pub fn write_export(b: &ModelBundle, out: &Path, eval_md: Option<&str>) -> Resul
     Ok(cfg)
 }
 
-/// The last training and validation losses in the run's `metrics.jsonl`, if readable.
+/// The last training and validation losses in the run's metrics log, if readable.
 fn last_losses(run_url: Option<&str>) -> Option<String> {
     let url = run_url?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -89,19 +89,17 @@ fn last_losses(run_url: Option<&str>) -> Option<String> {
         .build()
         .ok()?;
     let store = Store::open(url).ok()?;
-    let bytes = rt.block_on(store.get_opt("metrics.jsonl")).ok()??;
-    let text = String::from_utf8_lossy(&bytes);
+    let lines = rt
+        .block_on(scfm_common::metrics_log::read_effective(&store))
+        .ok()??;
     let mut last = None;
     let mut val = None;
-    for l in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
-            continue;
-        };
-        if v.get("loss").and_then(|x| x.as_f64()).is_some() {
-            last = Some(v.clone());
-        }
+    for v in lines {
         if let Some(x) = v.get("val_loss").and_then(|x| x.as_f64()) {
             val = Some(x);
+        }
+        if v.get("loss").and_then(|x| x.as_f64()).is_some() {
+            last = Some(v);
         }
     }
     let l = last?;

@@ -58,7 +58,7 @@ pub struct ModelBundle {
     pub origin: String,
     /// The run's settings (model, data identity, batch) when loaded from a checkpoint.
     pub settings: serde_json::Value,
-    /// The run's checkpoint URL when loaded from a checkpoint (where `metrics.jsonl` is).
+    /// The run's checkpoint URL when loaded from a checkpoint (where its metrics log is).
     pub run_url: Option<String>,
 }
 
