@@ -85,6 +85,9 @@ class ScfmConfig:
     # "log1p" | "scaled": the GEPC decoder predicts each gene's log1p value, or that value
     # standardised by the gene's mean and std over the training data (clipped to ±10)
     gepc_target: str = "log1p"
+    # the GEPC decoder also sees each cell's genes-detected covariate (``detected_covariate``)
+    # through one learned slope per gene (``gepc.detected``)
+    gepc_detected: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScfmConfig":
@@ -315,21 +318,38 @@ class ProjectionHead(nn.Module):
 class GepcHead(nn.Module):
     """GEPC expression decoder (scGPT's MVC): gene ``g``'s log1p-normalised expression in a
     cell is predicted as ``⟨cell(c), sigmoid(gene(e_g))⟩ + bias_g`` from the cell embedding
-    ``c`` and the gene's token embedding ``e_g`` (shared with the input).
+    ``c`` and the gene's token embedding ``e_g`` (shared with the input); with
+    ``gepc_detected``, plus ``detected_g * d`` for the cell's genes-detected covariate ``d``.
 
-    Parameters: ``cell.*``, ``gene.*`` (``[H, H]`` linear maps) and ``bias`` (one per gene).
+    Parameters: ``cell.*``, ``gene.*`` (``[H, H]`` linear maps), ``bias`` (one per gene) and,
+    with ``detected``, ``detected`` (one slope per gene).
     """
 
-    def __init__(self, hidden: int, n_genes: int):
+    def __init__(self, hidden: int, n_genes: int, detected: bool = False):
         super().__init__()
         self.cell = nn.Linear(hidden, hidden)
         self.gene = nn.Linear(hidden, hidden)
         self.bias = nn.Parameter(torch.zeros(n_genes))
+        self.detected = nn.Parameter(torch.zeros(n_genes)) if detected else None
 
-    def forward(self, cell: Tensor, genes: Tensor) -> Tensor:
-        """``cell`` ``[N, H]``; ``genes`` the gene rows of the token table ``[G, H]`` → ``[N, G]``."""
+    def forward(self, cell: Tensor, genes: Tensor, detected: Optional[Tensor] = None) -> Tensor:
+        """``cell`` ``[N, H]``; ``genes`` the gene rows of the token table ``[G, H]``;
+        ``detected`` the cells' covariates ``[N]`` (left out when ``None``) → ``[N, G]``."""
         query = torch.sigmoid(self.gene(genes))
-        return self.cell(cell) @ query.T + self.bias
+        pred = self.cell(cell) @ query.T + self.bias
+        if self.detected is not None and detected is not None:
+            pred = pred + detected[:, None] * self.detected[None, :]
+        return pred
+
+
+DETECTED_CENTRE = 5.0  # ln(1 + 147): a typical cell (heads.rs::DETECTED_CENTRE)
+
+
+def detected_covariate(profile: Tensor) -> Tensor:
+    """The GEPC decoder's genes-detected covariate of log1p-normalised profiles ``[N, G]``:
+    ``ln(1 + n) - 5`` with ``n`` the genes above 0 per row (``heads.rs::detected_covariate``)."""
+    n = (profile > 0).sum(-1).double()
+    return (torch.log1p(n) - DETECTED_CENTRE).float()
 
 
 def l2_normalize(x: Tensor) -> Tensor:
@@ -412,7 +432,7 @@ class ScfmModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.mgem = MgemHead(cfg.hidden, cfg.n_out)
         self.contrastive = ProjectionHead(cfg.hidden, cfg.projection_dim)
-        self.gepc = GepcHead(cfg.hidden, n_genes) if cfg.has_gepc else None
+        self.gepc = GepcHead(cfg.hidden, n_genes, cfg.gepc_detected) if cfg.has_gepc else None
         self.reset_parameters()
 
     @classmethod
@@ -423,12 +443,12 @@ class ScfmModel(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialisation of ``init.rs``: weights and embeddings N(0, 0.02), biases 0
-        (the GEPC gene biases too), LayerNorm weight 1 / bias 0, continuous ``mask``
+        (the GEPC gene biases and genes-detected slopes too), LayerNorm weight 1 / bias 0, continuous ``mask``
         vector N(0, 0.02)."""
         for name, p in self.named_parameters():
             if "norm" in name:  # every LayerNorm (embed.norm, norm1/norm2, encoder.norm, mgem.norm)
                 p.fill_(1.0 if name.endswith(".weight") else 0.0)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name == "gepc.detected":
                 p.zero_()
             else:
                 p.normal_(0.0, INIT_STD)
@@ -447,22 +467,26 @@ class ScfmModel(nn.Module):
             cell = (hidden[:, 1:] * genes_only).sum(1) / genes_only.sum(1).clamp_min(1.0)
         return hidden, cell
 
-    def gepc_forward(self, cell: Tensor) -> Optional[Tensor]:
-        """The GEPC predictions ``[N, n_genes]`` for cell embeddings ``[N, H]`` (``None``
-        without the decoder)."""
+    def gepc_forward(self, cell: Tensor, detected: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The GEPC predictions ``[N, n_genes]`` for cell embeddings ``[N, H]`` and, for a
+        decoder with ``gepc_detected``, the cells' covariates ``[N]`` (``None`` without the
+        decoder)."""
         if self.gepc is None:
             return None
-        return self.gepc(cell, self.embed.gene.weight[OFFSET:])
+        return self.gepc(cell, self.embed.gene.weight[OFFSET:], detected)
 
-    def forward(self, genes: Tensor, bins: Tensor, values: Tensor, masked: Tensor) -> Outputs:
-        """``genes``, ``bins`` ``[N, L]`` int64; ``values`` ``[N, L]`` float; ``masked`` ``[N, L]`` bool."""
+    def forward(
+        self, genes: Tensor, bins: Tensor, values: Tensor, masked: Tensor, detected: Optional[Tensor] = None
+    ) -> Outputs:
+        """``genes``, ``bins`` ``[N, L]`` int64; ``values`` ``[N, L]`` float; ``masked`` ``[N, L]`` bool;
+        ``detected`` ``[N]`` the GEPC decoder's genes-detected covariates (optional)."""
         hidden, cell = self.encode(genes, bins, values, masked)
         return Outputs(
             hidden=hidden,
             mgem=self.mgem(hidden),
             cell=cell,
             proj=self.contrastive(cell),
-            gepc=self.gepc_forward(cell),
+            gepc=self.gepc_forward(cell, detected),
         )
 
     def mgem_loss(self, out: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
@@ -477,13 +501,17 @@ class ScfmModel(nn.Module):
         ``batch`` holds ``genes``, ``bins`` (int64), ``values`` (float), ``masked`` (bool),
         ``target_bins`` (int64) and ``target_values`` (float), all ``[N, L]``, and for the
         GEPC loss ``profile`` ``[N, n_genes]`` (each row's dense log1p-normalised cell
-        profile); rows ``i`` and ``i + N/2`` are the two views of one cell. Returns tensors
+        profile) and, for ``gepc_detected``, optionally ``detected`` ``[N]`` (computed from
+        ``profile`` when absent and the targets are log1p; required for scaled targets); rows ``i`` and ``i + N/2`` are the two views of one cell. Returns tensors
         ``total`` (differentiable: ``w_mgem * mgem + w_contrastive * contrastive``, plus
         ``w_gepc * gepc`` when the model has the decoder and the batch a ``profile``),
         ``mgem``, ``contrastive``, ``gepc`` (only when computed) and the forward ``out``.
         Dropout follows ``self.training``.
         """
-        out = self(batch["genes"], batch["bins"], batch["values"], batch["masked"])
+        detected = batch.get("detected")
+        if detected is None and self.cfg.gepc_detected and "profile" in batch and self.cfg.gepc_target == "log1p":
+            detected = detected_covariate(batch["profile"])
+        out = self(batch["genes"], batch["bins"], batch["values"], batch["masked"], detected)
         mgem = self.mgem_loss(out, batch)
         con = nt_xent(out.proj, self.cfg.temperature)
         total = mgem * self.cfg.w_mgem + con * self.cfg.w_contrastive

@@ -33,6 +33,7 @@ from scfm_torch.model import (  # noqa: E402
     sinusoidal_table,
 )
 from scfm_torch.model import ScfmModel as ScfmRef  # noqa: E402
+from scfm_torch.model import detected_covariate  # noqa: E402
 
 __all__ = [
     "CLS",
@@ -45,6 +46,7 @@ __all__ = [
     "ScfmRef",
     "adamw_param_groups",
     "decays",
+    "detected_covariate",
     "gepc_mse",
     "mgem_cross_entropy",
     "mgem_mse",

@@ -30,12 +30,20 @@ from scfm_ref import (  # noqa: E402
     ScfmRef,
     adamw_param_groups,
     decays,
+    detected_covariate,
     nt_xent,
     sinusoidal_table,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-CASES = ["binned_cls", "continuous_sin_mean", "binned_learned", "binned_gepc", "continuous_gepc_scaled"]
+CASES = [
+    "binned_cls",
+    "continuous_sin_mean",
+    "binned_learned",
+    "binned_gepc",
+    "continuous_gepc_scaled",
+    "continuous_gepc_detected",
+]
 ATOL = 1e-5
 #: Relative part of the tolerance for the float32 global gradient norms (see below).
 NORM_RTOL = 2e-6
@@ -94,6 +102,8 @@ class Case:
         }
         if "profile" in io:  # the GEPC targets, exported for models with the decoder
             self.batch["profile"] = io["profile"]
+        if "detected" in io:  # the decoder's genes-detected covariates
+            self.batch["detected"] = io["detected"]
 
     @property
     def has_gepc(self) -> bool:
@@ -151,6 +161,7 @@ def test_export_is_consistent(case: Case):
     assert sum(t.numel() for t in case.weights.values()) == case.meta["n_params"]
     gepc_keys = {"profile", "out.gepc", "loss.gepc"}
     assert gepc_keys <= set(case.io) if case.has_gepc else not gepc_keys & set(case.io)
+    assert ("gepc.detected" in names) == case.model_cfg.get("gepc_detected", False)
     scaled_keys = {"profile_log1p", "cells", "gene_mean", "gene_std"}
     assert scaled_keys <= set(case.io) if case.scaled else not scaled_keys & set(case.io)
 
@@ -169,6 +180,19 @@ def test_gepc_profiles_are_the_clean_cells(case: Case):
     rows = torch.arange(n).unsqueeze(1).expand_as(b["genes"])[gene_tokens]
     cols = b["genes"][gene_tokens] - 2
     assert torch.equal(profile[rows, cols], b["target_values"][gene_tokens])
+
+
+def test_detected_covariates_count_the_clean_cells_genes(case: Case):
+    """The genes-detected covariate of each row is ``ln(1 + genes above 0) - 5`` of its
+    clean log1p profile, and the model computes the same from the profile itself."""
+    if not case.has_gepc:
+        pytest.skip("no GEPC decoder in this case")
+    profile = case.io["profile_log1p"] if case.scaled else case.batch["profile"]
+    n = (profile > 0).sum(-1).double()
+    want = (torch.log(1.0 + n) - 5.0).float()
+    assert_close(case.io["detected"], want, "exported covariates", atol=1e-6)
+    assert_close(detected_covariate(profile), want, "scfm_torch's covariates", atol=1e-6)
+    assert n.max() > n.min(), "the reference cells should differ in genes detected"
 
 
 def test_scaled_gepc_targets_are_the_standardised_profiles(case: Case):
@@ -339,8 +363,9 @@ def test_padding_does_not_change_real_tokens(case: Case):
         "target_bins": pad(b["target_bins"], 1),
         "target_values": pad(b["target_values"], 1.0),
     }
-    if "profile" in b:  # per cell, not per token: unchanged by padding
-        long["profile"] = b["profile"]
+    for k in ("profile", "detected"):  # per cell, not per token: unchanged by padding
+        if k in b:
+            long[k] = b[k]
     with torch.no_grad():
         short_res, long_res = m.losses(b), m.losses(long)
     s, lo = short_res["out"], long_res["out"]

@@ -58,6 +58,10 @@ fn cases() -> Vec<(&'static str, &'static str)> {
             "continuous_gepc_scaled",
             "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_target: scaled\ndropout: 0.0",
         ),
+        (
+            "continuous_gepc_detected",
+            "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_detected: true\ndropout: 0.0",
+        ),
     ]
 }
 
@@ -176,6 +180,9 @@ pub fn export(out: &Path) -> Result<()> {
         ];
         if let (Some(profile), Some(pred), Some(g)) = (&inputs.profile, &out.gepc, &gepc) {
             io.push(("profile".into(), profile.shallow_clone()));
+            if let Some(d) = &inputs.detected {
+                io.push(("detected".into(), d.shallow_clone()));
+            }
             io.push(("out.gepc".into(), pred.detach()));
             io.push(("loss.gepc".into(), g.detach().reshape([1])));
         }

@@ -914,6 +914,7 @@ mod tests {
                     target_bins: x.target_bins.shallow_clone(),
                     target_values: x.target_values.shallow_clone(),
                     profile: x.profile.as_ref().map(|t| t.shallow_clone()),
+                    detected: x.detected.as_ref().map(|t| t.shallow_clone()),
                 })
                 .collect();
             let l =

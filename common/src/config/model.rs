@@ -115,6 +115,13 @@ pub struct ModelConfig {
     /// What the GEPC decoder predicts (absent in older configurations: `log1p`).
     #[serde(default)]
     pub gepc_target: GepcTarget,
+    /// Whether the GEPC decoder also sees how many genes the target cell expresses
+    /// (`ln(1 + genes detected)`, one learned slope per gene): which genes are zero in a
+    /// profile depends on the cell's sequencing depth, and with this covariate the cell
+    /// embedding need not carry depth to predict them (scVI conditions its decoder on
+    /// library size the same way). Off (absent) by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gepc_detected: bool,
     /// Cell-embedding pooling.
     pub pooling: Pooling,
 }
@@ -324,6 +331,9 @@ impl ModelConfig {
         n += (h * h + h) + (self.projection_dim * h + self.projection_dim); // projection head
         if self.has_gepc() {
             n += 2 * (h * h + h) + n_genes; // GEPC decoder: cell and gene maps, gene biases
+            if self.gepc_detected {
+                n += n_genes; // genes-detected slopes
+            }
         }
         n
     }

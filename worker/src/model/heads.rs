@@ -64,26 +64,48 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
 /// GEPC expression decoder (scGPT's MVC): the log1p-normalised expression of gene `g` in
 /// a cell is predicted as `⟨cell(c), σ(gene(e_g))⟩ + bias_g` from the cell embedding `c`
 /// and the gene's token embedding `e_g` (shared with the input), for every vocabulary gene.
+/// With `model.gepc_detected`, plus `detected_g · d` for the cell's genes-detected
+/// covariate `d` (see [`detected_covariate`]).
 #[derive(Debug)]
 pub struct GepcHead {
     cell: nn::Linear,
     gene: nn::Linear,
     bias: Tensor,
+    detected: Option<Tensor>,
+}
+
+/// The centre of the genes-detected covariate: `ln(1 + 147)`, a typical cell.
+pub const DETECTED_CENTRE: f64 = 5.0;
+
+/// The GEPC decoder's genes-detected covariate of a profile row: `ln(1 + n) − 5`, where
+/// `n` counts the row's values above 0 (in the log1p-normalised profile, before any
+/// standardisation).
+pub fn detected_covariate(values: &[f32]) -> f32 {
+    let n = values.iter().filter(|&&v| v > 0.0).count();
+    ((1.0 + n as f64).ln() - DETECTED_CENTRE) as f32
 }
 
 impl GepcHead {
-    /// Parameters: `cell.*`, `gene.*`, `bias` (one per vocabulary gene).
-    pub fn new(p: &nn::Path, hidden: i64, n_genes: i64) -> Self {
+    /// Parameters: `cell.*`, `gene.*`, `bias` (one per vocabulary gene) and, with
+    /// `detected`, `detected` (one slope per vocabulary gene, zero at start).
+    pub fn new(p: &nn::Path, hidden: i64, n_genes: i64, detected: bool) -> Self {
         GepcHead {
             cell: init::linear(&(p / "cell"), hidden, hidden),
             gene: init::linear(&(p / "gene"), hidden, hidden),
             bias: p.var("bias", &[n_genes], nn::Init::Const(0.0)),
+            detected: detected.then(|| p.var("detected", &[n_genes], nn::Init::Const(0.0))),
         }
     }
 
-    /// `cell` `[N, H]`, `genes` the gene rows of the token table `[G, H]` → `[N, G]`.
-    pub fn forward(&self, cell: &Tensor, genes: &Tensor) -> Tensor {
+    /// `cell` `[N, H]`, `genes` the gene rows of the token table `[G, H]`, and the cells'
+    /// genes-detected covariates `[N]` (used when the head has the slopes; without
+    /// covariates the term is left out, as for a cell of the centre) → `[N, G]`.
+    pub fn forward(&self, cell: &Tensor, genes: &Tensor, detected: Option<&Tensor>) -> Tensor {
         let query = genes.apply(&self.gene).sigmoid();
-        cell.apply(&self.cell).matmul(&query.transpose(0, 1)) + &self.bias
+        let pred = cell.apply(&self.cell).matmul(&query.transpose(0, 1)) + &self.bias;
+        match (&self.detected, detected) {
+            (Some(w), Some(d)) => pred + d.unsqueeze(-1) * w.unsqueeze(0),
+            _ => pred,
+        }
     }
 }

@@ -36,6 +36,9 @@ pub struct Inputs {
     /// decoder's targets; `None` when the batch carries no profiles or the model has no
     /// decoder.
     pub profile: Option<Tensor>,
+    /// Each profile's genes-detected covariate `[N]` ([`heads::detected_covariate`]), with
+    /// `profile`.
+    pub detected: Option<Tensor>,
 }
 
 impl Inputs {
@@ -52,6 +55,11 @@ impl Inputs {
                     .view([b.n as i64, g as i64])
                     .to(device),
             );
+            let p = &b.profiles;
+            let detected: Vec<f32> = (0..b.n)
+                .map(|r| heads::detected_covariate(&p.values[p.indptr[r]..p.indptr[r + 1]]))
+                .collect();
+            x.detected = Some(Tensor::from_slice(&detected).to(device));
         }
         x
     }
@@ -71,6 +79,7 @@ impl Inputs {
             target_bins: Tensor::from_slice(&b.target_bins).view(shape).to(device),
             target_values: Tensor::from_slice(&b.target_values).view(shape).to(device),
             profile: None,
+            detected: None,
         }
     }
 }
@@ -188,7 +197,7 @@ impl ScfmModel {
         let proj = heads::ProjectionHead::new(&(&p / "contrastive"), h, cfg.projection_dim as i64);
         let gepc = cfg
             .has_gepc()
-            .then(|| heads::GepcHead::new(&(&p / "gepc"), h, n_genes as i64));
+            .then(|| heads::GepcHead::new(&(&p / "gepc"), h, n_genes as i64, cfg.gepc_detected));
         let model = ScfmModel {
             cfg: cfg.clone(),
             n_genes,
@@ -259,7 +268,7 @@ impl ScfmModel {
         let (hidden, cell) = self.encode(x, train);
         let mgem = self.mgem.forward(&hidden);
         let proj = self.proj.forward(&cell);
-        let gepc = self.gepc_forward(&cell);
+        let gepc = self.gepc_forward(&cell, x.detected.as_ref());
         Outputs {
             hidden,
             mgem,
@@ -269,12 +278,18 @@ impl ScfmModel {
         }
     }
 
-    /// The GEPC decoder's predictions for cell embeddings `[N, H]`, if the model has it.
-    pub fn gepc_forward(&self, cell: &Tensor) -> Option<Tensor> {
+    /// The GEPC decoder's predictions for cell embeddings `[N, H]` (and the cells'
+    /// genes-detected covariates `[N]`, used by a decoder with `gepc_detected`), if the
+    /// model has it.
+    pub fn gepc_forward(&self, cell: &Tensor, detected: Option<&Tensor>) -> Option<Tensor> {
         let g = self.n_genes as i64;
-        self.gepc
-            .as_ref()
-            .map(|d| d.forward(cell, &self.embed.gene_table().narrow(0, special::OFFSET, g)))
+        self.gepc.as_ref().map(|d| {
+            d.forward(
+                cell,
+                &self.embed.gene_table().narrow(0, special::OFFSET, g),
+                detected,
+            )
+        })
     }
 
     /// The mean squared error of the GEPC predictions against the cell profiles, when the
@@ -325,7 +340,7 @@ impl ScfmModel {
             .mgem
             .forward(&hs.masked_select(&sel.unsqueeze(-1)).view([-1, hidden]));
         let proj = self.proj.forward(&cell);
-        let gepc = self.gepc_forward(&cell);
+        let gepc = self.gepc_forward(&cell, x.detected.as_ref());
         TrainOutputs {
             mgem,
             cell,

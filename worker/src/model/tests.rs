@@ -46,6 +46,7 @@ fn shapes_and_exact_parameter_count() {
         "",
         "expression: continuous\npositional: sinusoidal\npooling: mean",
         "positional: learned",
+        "w_gepc: 1.0\ngepc_detected: true",
     ] {
         let cfg = small(extra);
         let vs = nn::VarStore::new(Device::Cpu);
@@ -273,4 +274,49 @@ fn training_forward_equals_full_forward() {
         let d = (&g_full - &p.grad).abs().max().double_value(&[]);
         assert!(d < 1e-5, "gradients differ by {d} ({extra})");
     }
+}
+
+/// `gepc_detected` adds one slope per gene times each cell's genes-detected covariate
+/// (computed from the clean profile's values above 0) to the decoder's predictions, and
+/// without the flag the model has no slopes.
+#[test]
+fn gepc_detected_shifts_predictions_by_the_cells_covariate() {
+    use scfm_common::tokenizer::Profiles;
+    assert!(
+        (heads::detected_covariate(&[0.0, 1.5, 0.2]) - ((3.0f64).ln() - 5.0) as f32).abs() < 1e-7
+    );
+    let n_genes = 12;
+    let names = |extra: &str| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = ScfmModel::new(&vs, &small(extra), n_genes).unwrap();
+        vs.variables().contains_key("gepc.detected")
+    };
+    assert!(!names("pooling: mean\nw_gepc: 1.0"));
+    assert!(names("pooling: mean\nw_gepc: 1.0\ngepc_detected: true"));
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = ScfmModel::new(
+        &vs,
+        &small("pooling: mean\nw_gepc: 1.0\ngepc_detected: true"),
+        n_genes,
+    )
+    .unwrap();
+    let mut b = batch(&[&[1, 3, 4, 5], &[1, 6, 7]]);
+    let (g0, v0): (&[u32], &[f32]) = (&[1, 2, 3], &[0.5, 1.0, 2.0]);
+    let (g1, v1): (&[u32], &[f32]) = (&[4], &[0.7]);
+    b.set_profiles(Profiles::from_rows([(g0, v0), (g1, v1)]));
+    let x = Inputs::from_batch_with_profiles(&b, Device::Cpu, Some(n_genes));
+    let d = x.detected.as_ref().expect("covariates with the profiles");
+    let want = [(4.0f64).ln() - 5.0, (2.0f64).ln() - 5.0];
+    for (i, w) in want.iter().enumerate() {
+        assert!((d.double_value(&[i as i64]) - w).abs() < 1e-6);
+    }
+    let before = model.forward(&x, false).gepc.unwrap();
+    let mut slopes = vs.variables()["gepc.detected"].shallow_clone();
+    tch::no_grad(|| {
+        let _ = slopes.copy_(&Tensor::arange(n_genes as i64, (Kind::Float, Device::Cpu)));
+    });
+    let after = model.forward(&x, false).gepc.unwrap();
+    let want = d.unsqueeze(-1) * slopes.unsqueeze(0);
+    assert!((after - before - want).abs().max().double_value(&[]) < 1e-5);
 }
