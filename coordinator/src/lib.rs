@@ -55,19 +55,26 @@ pub struct Finished {
 
 /// Asks the job to checkpoint and stop when this process gets SIGTERM or SIGINT.
 pub fn preempt_on_signals(shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Both handlers are installed here, before the caller announces its address, so a
+    // signal sent as soon as the address is printed cannot kill the process (a handler
+    // first installed inside the spawned task could come too late).
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM/SIGINT");
+            return;
+        }
+    };
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
         loop {
             tokio::select! {
-                _ = term.recv() => {}
-                r = tokio::signal::ctrl_c() => if r.is_err() { return },
+                Some(()) = term.recv() => {}
+                Some(()) = int.recv() => {}
+                else => return,
             }
             shared.preempt();
         }
