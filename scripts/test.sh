@@ -34,6 +34,10 @@ cargo build --release --workspace --all-targets
 cargo clippy --release --workspace --all-targets -- -D warnings
 # The NCCL path (feature `nccl`) cannot run without a GPU, but it must keep compiling.
 cargo clippy --release -p scfm-worker --features nccl --all-targets -- -D warnings
+# Reduced object-store backends (features s3, gcs, azure; all on by default) must keep
+# compiling too: none at all, and S3 only.
+cargo clippy --release -p scfm-common --no-default-features --all-targets -- -D warnings
+cargo clippy --release -p scfm-coordinator --no-default-features --features s3 --all-targets -- -D warnings
 cargo test --release --workspace
 # The NCCL loader and backend choice as built with `nccl`: the torch wheel's real
 # libnccl.so.2 is found next to torch and loads (no GPU needed), CUDA's absence is named.

@@ -162,7 +162,7 @@ pub struct Manifest {
     pub data: DataConfig,
     /// `preset:` plus overrides.
     #[serde(default)]
-    pub model: serde_yaml::Value,
+    pub model: serde_norway::Value,
     /// Optimisation settings (`batch_size` is per worker).
     #[serde(default)]
     pub training: TrainingConfig,
@@ -203,7 +203,7 @@ impl Manifest {
 
     /// Parses YAML text; `path` names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        serde_yaml::from_str(text).map_err(|e| Error::Parse {
+        serde_norway::from_str(text).map_err(|e| Error::Parse {
             path: path.into(),
             message: e.to_string(),
         })
@@ -321,7 +321,7 @@ impl Manifest {
 
     /// Serializes back to YAML (what the coordinator hands to workers).
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("manifest serializes")
+        serde_norway::to_string(self).expect("manifest serializes")
     }
 }
 
@@ -376,6 +376,38 @@ mod tests {
         }
         let again = Manifest::parse(&m.to_yaml(), Path::new("x")).unwrap();
         assert_eq!(again, m);
+    }
+
+    /// YAML that does not parse, or a field in the wrong place: the error names the file,
+    /// the line and column, and (for a field) its section and name.
+    #[test]
+    fn malformed_yaml_names_the_file_and_location() {
+        // An unclosed flow mapping that starts on line 2.
+        let text = "run_id: t1\ndata: {path: d.h5ad\nmodel: {preset: minimal}\n";
+        let e = check(text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot parse ")
+                && e.contains("job.yaml: did not find expected ',' or '}' at line 3 column 6")
+                && e.ends_with("while parsing a flow mapping at line 2 column 7"),
+            "{e}"
+        );
+        let e = check("run_id: t1\n  data: x\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot parse ")
+                && e.ends_with(
+                    "job.yaml: mapping values are not allowed in this context at line 2 column 7"
+                ),
+            "{e}"
+        );
+        // deny_unknown_fields: the section, the field, what is allowed and where.
+        let e = check(&manifest("  bogus: 1", "d.h5ad"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("job.yaml: cluster: unknown field `bogus`, expected one of `min_workers`")
+                && e.ends_with("at line 6 column 3"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! configured from the environment as those clients document (`AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` + `AWS_ALLOW_HTTP=true` for an
 //! S3-compatible server; `GOOGLE_SERVICE_ACCOUNT`; `AZURE_STORAGE_ACCOUNT_NAME`,
-//! `AZURE_STORAGE_ACCOUNT_KEY`, …).
+//! `AZURE_STORAGE_ACCOUNT_KEY`, …). Each cloud backend is a cargo feature (`s3`, `gcs`,
+//! `azure`, all on by default; [`backend_feature`]): a URL whose backend a build leaves out
+//! is refused, naming the feature.
 //!
 //! Every request has a deadline, and an operation that fails transiently (a server that
 //! refuses connections, a 5xx answer, a timeout) is retried with exponential backoff and
@@ -192,10 +194,10 @@ fn io_runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Chooses rustls' crypto provider for the process (ring, as tonic's TLS uses): with
-/// more than one provider compiled in (object_store's cloud clients bring aws-lc-rs),
-/// rustls refuses to pick one and TLS servers and clients fail to build. Called by every
-/// entry point that may use TLS; idempotent.
+/// Installs rustls' crypto provider for the process: ring, the only one compiled in
+/// (tonic's `tls-ring`; object_store's `ring`; reqwest's `rustls-no-provider`, which uses
+/// the process default and panics without one). Called by every entry point that may use
+/// TLS and before a cloud store is built; idempotent.
 pub fn install_crypto_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -204,6 +206,7 @@ pub fn install_crypto_provider() {
     });
 }
 
+#[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -214,6 +217,29 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+/// The cargo feature that compiles in the backend of an object-store URL scheme (`s3` →
+/// `s3`, `gs` → `gcs`, `az` → `azure`; features of scfm-common, and of `scfm` and
+/// `scfm-worker`, which forward them), and whether this build has it. `None` for a scheme
+/// that no feature provides.
+pub fn backend_feature(scheme: &str) -> Option<(&'static str, bool)> {
+    match scheme {
+        "s3" => Some(("s3", cfg!(feature = "s3"))),
+        "gs" => Some(("gcs", cfg!(feature = "gcs"))),
+        "az" => Some(("azure", cfg!(feature = "azure"))),
+        _ => None,
+    }
+}
+
+/// The error for `url`, whose `scheme`'s backend (cargo feature `feature`) this build lacks.
+fn compiled_out(url: &str, scheme: &str, feature: &str) -> Error {
+    Error::config(
+        "url",
+        format!(
+            "`{url}`: this build has no `{scheme}://` backend; build scfm and scfm-worker with the cargo feature `{feature}` (on by default)"
+        ),
+    )
 }
 
 impl Store {
@@ -254,19 +280,23 @@ impl Store {
     }
 
     /// Checks that `url` names a store this build can open (without contacting it):
-    /// a local path, `file://`, `s3://`, `gs://` or `az://` with a bucket.
+    /// a local path, `file://`, or `s3://`, `gs://` or `az://` with a bucket and the
+    /// backend compiled in ([`backend_feature`]).
     pub fn check_url(url: &str) -> Result<()> {
         if url.starts_with("file://") || !url.contains("://") {
             return Ok(());
         }
         let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));
-        if !matches!(scheme, "s3" | "gs" | "az") {
+        let Some((feature, compiled)) = backend_feature(scheme) else {
             return Err(Error::config(
                 "url",
                 format!(
                     "`{url}`: object-store scheme `{scheme}://` is not supported (local paths, file://, s3://, gs:// and az:// are)"
                 ),
             ));
+        };
+        if !compiled {
+            return Err(compiled_out(url, scheme, feature));
         }
         if rest.split('/').next().unwrap_or("").is_empty() {
             return Err(Error::config(
@@ -280,6 +310,7 @@ impl Store {
     /// Opens an `s3://`, `gs://` or `az://` URL with credentials and endpoint from the
     /// environment, request deadlines and retries (a few quick ones per request in the
     /// client; the time-based window is [`Store::retry`]'s).
+    #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
     fn open_cloud(url: &str) -> Result<Store> {
         Self::check_url(url)?;
         install_crypto_provider();
@@ -310,6 +341,7 @@ impl Store {
             source,
         };
         let inner: Arc<dyn ObjectStore> = match scheme {
+            #[cfg(feature = "s3")]
             "s3" => Arc::new(
                 timeouts
                     .into_iter()
@@ -324,6 +356,7 @@ impl Store {
                     .build()
                     .map_err(err)?,
             ),
+            #[cfg(feature = "gcs")]
             "gs" => Arc::new(
                 timeouts
                     .into_iter()
@@ -336,7 +369,8 @@ impl Store {
                     .build()
                     .map_err(err)?,
             ),
-            _ => Arc::new(
+            #[cfg(feature = "azure")]
+            "az" => Arc::new(
                 timeouts
                     .into_iter()
                     .fold(
@@ -350,6 +384,7 @@ impl Store {
                     .build()
                     .map_err(err)?,
             ),
+            _ => unreachable!("check_url refuses the schemes this build lacks"),
         };
         let prefix = prefix.trim_matches('/');
         Ok(Store::from_backend(
@@ -357,6 +392,13 @@ impl Store {
             prefix,
             format!("{base}/{prefix}").trim_end_matches('/'),
         ))
+    }
+
+    /// A build without object-store backends: every cloud URL is refused by name.
+    #[cfg(not(any(feature = "s3", feature = "gcs", feature = "azure")))]
+    fn open_cloud(url: &str) -> Result<Store> {
+        Self::check_url(url)?;
+        unreachable!("check_url refuses every cloud scheme in a build without backends")
     }
 
     /// The local file of `key` when this store is a local directory (objects can then be
@@ -627,6 +669,7 @@ mod tests {
     /// A server that refuses every connection: the operation is retried for the store's
     /// window (not a fixed number of quick attempts), and the error names the object, the
     /// attempts and the setting.
+    #[cfg(feature = "s3")]
     #[tokio::test]
     async fn a_refusing_server_is_retried_for_the_window_then_named() {
         // A port nobody listens on.
@@ -681,5 +724,39 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    /// Each cloud scheme maps to its cargo feature; a URL whose backend is compiled out is
+    /// refused naming the scheme and the feature (in this build or one without it).
+    #[test]
+    fn compiled_out_backends_name_their_feature() {
+        assert_eq!(backend_feature("s3"), Some(("s3", cfg!(feature = "s3"))));
+        assert_eq!(backend_feature("gs"), Some(("gcs", cfg!(feature = "gcs"))));
+        assert_eq!(
+            backend_feature("az"),
+            Some(("azure", cfg!(feature = "azure")))
+        );
+        assert_eq!(backend_feature("ftp"), None);
+        assert_eq!(
+            compiled_out("gs://b/run", "gs", "gcs").to_string(),
+            "invalid config `url`: `gs://b/run`: this build has no `gs://` backend; build scfm and scfm-worker with the cargo feature `gcs` (on by default)"
+        );
+        for scheme in ["s3", "gs", "az"] {
+            let (feature, compiled) = backend_feature(scheme).unwrap();
+            let url = format!("{scheme}://bucket/run");
+            match Store::check_url(&url) {
+                Ok(()) => assert!(compiled, "{url}"),
+                Err(e) => {
+                    assert!(!compiled, "{url}: {e}");
+                    assert_eq!(
+                        e.to_string(),
+                        compiled_out(&url, scheme, feature).to_string()
+                    );
+                    // Opening it fails the same way, before any client is built.
+                    let e = Store::open(&url).map(|_| ()).unwrap_err().to_string();
+                    assert!(e.contains(&format!("cargo feature `{feature}`")), "{e}");
+                }
+            }
+        }
     }
 }

@@ -83,7 +83,7 @@ impl PrepareArgs {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?;
-                serde_yaml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+                serde_norway::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
             }
             None => PrepareSettings::default(),
         };

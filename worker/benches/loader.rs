@@ -179,7 +179,10 @@ fn prepared(dir: &Path, src: &Path, codec: Codec, shuffle: bool, name: &str) -> 
 }
 
 fn data_config(path: &Path) -> Result<DataConfig> {
-    Ok(serde_yaml::from_str(&format!("path: {}", path.display()))?)
+    Ok(serde_norway::from_str(&format!(
+        "path: {}",
+        path.display()
+    ))?)
 }
 
 fn order_of(shard_cells: &[usize]) -> SampleOrder {

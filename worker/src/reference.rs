@@ -89,7 +89,7 @@ pub fn export(out: &Path) -> Result<()> {
         let dir = out.join(name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| WorkerError::Internal(format!("{}: {e}", dir.display())))?;
-        let spec: serde_yaml::Value = serde_yaml::from_str(yaml).expect("case yaml");
+        let spec: serde_norway::Value = serde_norway::from_str(yaml).expect("case yaml");
         let cfg = ModelConfig::from_spec(&spec)?;
         tch::manual_seed(1234);
         let vs = nn::VarStore::new(Device::Cpu);

@@ -895,7 +895,7 @@ mod tests {
     #[test]
     fn accumulation_averages_micro_batch_gradients() {
         let y = "hidden: 16\nn_layers: 1\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 8\nn_bins: 11\ndropout: 0.0";
-        let cfg = ModelConfig::from_spec(&serde_yaml::from_str(y).unwrap()).unwrap();
+        let cfg = ModelConfig::from_spec(&serde_norway::from_str(y).unwrap()).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
         let model = ScfmModel::new(&vs, &cfg, 24).unwrap();
         let mut p = FlatParams::new(&vs);

@@ -144,7 +144,7 @@ pub struct TrainFile {
     pub data: DataConfig,
     /// `preset:` plus overrides; resolved with [`ModelConfig::from_spec`].
     #[serde(default)]
-    pub model: serde_yaml::Value,
+    pub model: serde_norway::Value,
     /// Optimisation settings.
     #[serde(default)]
     pub training: TrainingConfig,
@@ -200,7 +200,7 @@ impl TrainSpec {
             path: path.into(),
             source,
         })?;
-        let file: TrainFile = serde_yaml::from_str(&text).map_err(|e| Error::Parse {
+        let file: TrainFile = serde_norway::from_str(&text).map_err(|e| Error::Parse {
             path: path.into(),
             message: e.to_string(),
         })?;
@@ -260,7 +260,7 @@ mod tests {
     use super::*;
 
     fn parse(y: &str) -> Result<TrainSpec> {
-        let f: TrainFile = serde_yaml::from_str(y).map_err(|e| Error::Parse {
+        let f: TrainFile = serde_norway::from_str(y).map_err(|e| Error::Parse {
             path: "t.yaml".into(),
             message: e.to_string(),
         })?;

@@ -157,7 +157,7 @@ impl ModelConfig {
                 format!("unknown preset `{name}`; choose one of {PRESETS:?}"),
             )
         })?;
-        let cfg: ModelConfig = serde_yaml::from_str(yaml).map_err(|e| {
+        let cfg: ModelConfig = serde_norway::from_str(yaml).map_err(|e| {
             Error::config("model.preset", format!("preset `{name}` is malformed: {e}"))
         })?;
         Ok(cfg)
@@ -165,10 +165,10 @@ impl ModelConfig {
 
     /// Resolves a `model:` section: `preset` (default `minimal`) with any other keys
     /// overriding the preset's values. Unknown keys are rejected by name.
-    pub fn from_spec(spec: &serde_yaml::Value) -> Result<Self> {
+    pub fn from_spec(spec: &serde_norway::Value) -> Result<Self> {
         let mut overrides = match spec {
-            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
-            serde_yaml::Value::Mapping(m) => m.clone(),
+            serde_norway::Value::Null => serde_norway::Mapping::new(),
+            serde_norway::Value::Mapping(m) => m.clone(),
             other => {
                 return Err(Error::config(
                     "model",
@@ -178,7 +178,7 @@ impl ModelConfig {
         };
         let preset = match overrides.remove("preset") {
             None => "minimal".to_string(),
-            Some(serde_yaml::Value::String(s)) => s,
+            Some(serde_norway::Value::String(s)) => s,
             Some(v) => {
                 return Err(Error::config(
                     "model.preset",
@@ -192,7 +192,7 @@ impl ModelConfig {
                 format!("unknown preset `{preset}`; choose one of {PRESETS:?}"),
             )
         })?;
-        let mut merged: serde_yaml::Mapping = serde_yaml::from_str(base).map_err(|e| {
+        let mut merged: serde_norway::Mapping = serde_norway::from_str(base).map_err(|e| {
             Error::config(
                 "model.preset",
                 format!("preset `{preset}` is malformed: {e}"),
@@ -201,7 +201,7 @@ impl ModelConfig {
         for (k, v) in overrides {
             merged.insert(k, v);
         }
-        let cfg: ModelConfig = serde_yaml::from_value(serde_yaml::Value::Mapping(merged))
+        let cfg: ModelConfig = serde_norway::from_value(serde_norway::Value::Mapping(merged))
             .map_err(|e| Error::config("model", e.to_string()))?;
         Ok(cfg)
     }
@@ -375,8 +375,8 @@ mod tests {
         );
     }
 
-    fn spec(y: &str) -> serde_yaml::Value {
-        serde_yaml::from_str(y).unwrap()
+    fn spec(y: &str) -> serde_norway::Value {
+        serde_norway::from_str(y).unwrap()
     }
 
     #[test]

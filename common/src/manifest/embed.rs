@@ -105,7 +105,7 @@ pub struct EmbedManifest {
 
 /// Whether the manifest YAML `text` has a top-level `embed:` section.
 pub fn is_embed_yaml(text: &str) -> bool {
-    serde_yaml::from_str::<serde_yaml::Value>(text)
+    serde_norway::from_str::<serde_norway::Value>(text)
         .ok()
         .and_then(|v| v.as_mapping().map(|m| m.contains_key("embed")))
         .unwrap_or(false)
@@ -118,8 +118,8 @@ impl EmbedManifest {
             path: path.into(),
             message,
         };
-        let v: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        let v: serde_norway::Value =
+            serde_norway::from_str(text).map_err(|e| parse_err(e.to_string()))?;
         if let Some(m) = v.as_mapping() {
             for s in TRAINING_ONLY {
                 if m.contains_key(s) {
@@ -133,7 +133,7 @@ impl EmbedManifest {
                 }
             }
         }
-        serde_yaml::from_value(v).map_err(|e| parse_err(e.to_string()))
+        serde_norway::from_value(v).map_err(|e| parse_err(e.to_string()))
     }
 
     /// Reads a manifest, makes local paths absolute (relative to the file) and validates it.
@@ -241,7 +241,7 @@ impl EmbedManifest {
 
     /// Serializes back to YAML.
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("manifest serializes")
+        serde_norway::to_string(self).expect("manifest serializes")
     }
 }
 

@@ -40,8 +40,8 @@ impl ConfigFile {
             path: path.into(),
             message,
         };
-        let v: serde_yaml::Value =
-            serde_yaml::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+        let v: serde_norway::Value =
+            serde_norway::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
         let Some(map) = v.as_mapping() else {
             return Err(parse_err(
                 "expected a mapping of sections (a job manifest, an embed job, a training file or prepare settings)".into(),
@@ -64,7 +64,7 @@ impl ConfigFile {
             }
             return Ok(ConfigFile::Training(Box::new(spec)));
         }
-        let settings: PrepareSettings = serde_yaml::from_value(v.clone()).map_err(|e| {
+        let settings: PrepareSettings = serde_norway::from_value(v.clone()).map_err(|e| {
             parse_err(format!(
                 "{e}; not a job manifest (`run_id`, `cluster`), an embed job (`embed`), a training file (`data`, `checkpoint`) or prepare settings"
             ))
@@ -95,13 +95,13 @@ impl ConfigFile {
             ConfigFile::Training(s) => {
                 let file = TrainFile {
                     data: s.data.clone(),
-                    model: serde_yaml::to_value(&s.model).expect("model config serializes"),
+                    model: serde_norway::to_value(&s.model).expect("model config serializes"),
                     training: s.training.clone(),
                     checkpoint: s.checkpoint.clone(),
                 };
-                serde_yaml::to_string(&file).expect("training file serializes")
+                serde_norway::to_string(&file).expect("training file serializes")
             }
-            ConfigFile::Prepare(s) => serde_yaml::to_string(s).expect("settings serialize"),
+            ConfigFile::Prepare(s) => serde_norway::to_string(s).expect("settings serialize"),
         }
     }
 }
@@ -129,7 +129,7 @@ mod tests {
         assert!(s.data.path.is_absolute() && s.data.path.ends_with("d.h5ad"));
         assert!(f.kind().starts_with("a training file"), "{}", f.kind());
         // The resolved file reads back as the same training file.
-        let again: TrainFile = serde_yaml::from_str(&f.to_yaml()).unwrap();
+        let again: TrainFile = serde_norway::from_str(&f.to_yaml()).unwrap();
         assert_eq!(TrainSpec::from_file(again, Path::new("/")).unwrap(), **s);
         let e = load("train.yaml", &train.replace("d.h5ad", "nope.h5ad"))
             .unwrap_err()

@@ -197,7 +197,7 @@ fn prepared(dir: &Path) -> PathBuf {
 }
 
 fn data_config(path: &Path) -> DataConfig {
-    serde_yaml::from_str(&format!("path: {}", path.display())).unwrap()
+    serde_norway::from_str(&format!("path: {}", path.display())).unwrap()
 }
 
 /// On a prepared real dataset (4 shards): exactly once for every world size and resume,

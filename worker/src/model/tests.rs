@@ -11,7 +11,7 @@ fn small(extra: &str) -> ModelConfig {
     let y = format!(
         "hidden: 16\nn_layers: 2\nn_heads: 4\nffn_dim: 32\nmax_seq_len: 10\nn_bins: 7\ndropout: 0.0\n{extra}"
     );
-    ModelConfig::from_spec(&serde_yaml::from_str(&y).unwrap()).unwrap()
+    ModelConfig::from_spec(&serde_norway::from_str(&y).unwrap()).unwrap()
 }
 
 fn batch(rows: &[&[i64]]) -> Batch {
