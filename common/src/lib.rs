@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod metrics_log;
 pub mod rng;
 pub mod rpc;
+pub mod runtime;
 pub mod storage;
 pub mod telemetry;
 #[cfg(test)]

@@ -181,8 +181,16 @@ fn storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// The process-wide runtime all store operations run on (2 threads).
-fn io_runtime() -> &'static tokio::runtime::Runtime {
+/// The runtime a store operation runs on: the caller's when it is a multi-thread runtime
+/// (a binary's one runtime, see [`crate::runtime::Rt`]: its workers keep driving the
+/// pooled connections between calls), else a fallback runtime of 2 threads started on
+/// first use (callers on a current-thread runtime, which drives nothing while idle).
+fn io_handle() -> tokio::runtime::Handle {
+    if let Ok(h) = tokio::runtime::Handle::try_current()
+        && h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        return h;
+    }
     static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -192,6 +200,8 @@ fn io_runtime() -> &'static tokio::runtime::Runtime {
             .build()
             .expect("cannot start the storage I/O runtime")
     })
+    .handle()
+    .clone()
 }
 
 /// Installs rustls' crypto provider for the process: ring, the only one compiled in
@@ -466,9 +476,10 @@ impl Store {
     /// past the window's end. An attempt under way when the window ends is not cut short:
     /// each request has its own deadline.
     ///
-    /// Every operation runs on one process-wide runtime whatever runtime the caller is on:
-    /// the HTTP clients pool connections, and a pooled connection is driven by the runtime
-    /// that opened it — used from another, idle runtime it would hang until its deadline.
+    /// Every operation runs on a multi-thread runtime whatever runtime the caller is on
+    /// (the caller's own when it is one, see `io_handle`): the HTTP clients pool
+    /// connections, and a pooled connection is driven by the runtime that opened it — used
+    /// from another, idle runtime it would hang until its deadline.
     async fn retry<T, F, Fut>(&self, key: &str, what: &'static str, op: F) -> Result<T>
     where
         T: Send + 'static,
@@ -477,7 +488,7 @@ impl Store {
     {
         let (inner, path, url) = (self.inner.clone(), self.path(key), self.url_of(key));
         let window = self.window;
-        let task = io_runtime().spawn(async move {
+        let task = io_handle().spawn(async move {
             let start = tokio::time::Instant::now();
             let deadline = start + window;
             let mut backoff = Backoff::new(FIRST_WAIT, MAX_WAIT);

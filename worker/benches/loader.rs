@@ -474,7 +474,7 @@ fn main() -> Result<()> {
             continue;
         }
         let src = with_hdf5_decoding(hdf5_decode, || -> Result<_> {
-            let src = open_source(&data_config(p)?)?;
+            let src = open_source(&data_config(p)?, &scfm_common::runtime::Rt::new()?)?;
             for s in 0..src.shard_cells().len() as u32 {
                 src.read(s, 0, 1)?; // opens and verifies every shard before timing
             }

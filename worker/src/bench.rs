@@ -181,7 +181,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
             let t0 = Instant::now();
             params.zero_grad();
             let t1 = Instant::now();
-            forward_backward(&model, &micro, 0, step, false, &mut single)
+            forward_backward(&model, &micro, 0, step, false, false, &mut single)
                 .expect("a local step cannot fail");
             let t2 = Instant::now();
             clip_grad_norm(params, Some(1.0));

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use scfm_common::config::{ExpressionEncoding, ModelConfig};
 use scfm_common::data::CsrMatrix;
 use scfm_common::data::prepared::VocabEntry;
+use scfm_common::runtime::Rt;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -160,8 +161,8 @@ fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> WorkerEr
 }
 
 /// All cells of `data` in memory (the file is read once, outside any timing).
-fn read_counts(data: &Path) -> Result<(CsrMatrix, Vec<String>)> {
-    let input = CellInput::open(&data.to_string_lossy(), &InputOptions::default())?;
+fn read_counts(data: &Path, rt: &Rt) -> Result<(CsrMatrix, Vec<String>)> {
+    let input = CellInput::open(&data.to_string_lossy(), &InputOptions::default(), rt)?;
     let n_cols = input.var_names.len();
     let mut all = CsrMatrix {
         n_rows: 0,
@@ -318,8 +319,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     })
 }
 
-/// Runs the benchmark, prints the markdown table on stdout and returns the results.
-pub fn run(args: &EmbedBenchArgs) -> Result<EmbedBenchReport> {
+/// Runs the benchmark (reading its input on `rt`), prints the markdown table on stdout
+/// and returns the results.
+pub fn run(args: &EmbedBenchArgs, rt: &Rt) -> Result<EmbedBenchReport> {
     let bad = |m: &str| Err(WorkerError::Data(format!("bench-embed: {m}")));
     if args.threads == 0 || args.rounds == 0 || args.batch_size == 0 || args.cells == Some(0) {
         return bad("--threads, --rounds, --batch-size and --cells must be at least 1");
@@ -330,7 +332,7 @@ pub fn run(args: &EmbedBenchArgs) -> Result<EmbedBenchReport> {
         .map(|p| Ok((p.clone(), ModelConfig::preset(p)?)))
         .collect::<Result<Vec<_>>>()?;
     tch::set_num_threads(args.threads as i32);
-    let (all, genes) = read_counts(&args.data)?;
+    let (all, genes) = read_counts(&args.data, rt)?;
     if all.n_rows == 0 {
         return bad(&format!("{} holds no cells", args.data.display()));
     }
@@ -368,9 +370,9 @@ pub fn run(args: &EmbedBenchArgs) -> Result<EmbedBenchReport> {
     for (preset, cfg) in cfgs {
         let dir = tempfile::tempdir().map_err(|e| internal("temporary directory", e))?;
         let random = ModelBundle::random_init(&cfg, vocab.clone(), 1e4, Device::Cpu, SEED)?;
-        write_export(&random, dir.path(), None)?;
+        write_export(&random, dir.path(), None, rt)?;
         drop(random);
-        let bundle = ModelBundle::load(&dir.path().to_string_lossy(), Device::Cpu, None)?;
+        let bundle = ModelBundle::load(&dir.path().to_string_lossy(), Device::Cpu, None, rt)?;
         let params: usize = bundle.vs.variables().values().map(|t| t.numel()).sum();
         let emb = Embedder::new(&bundle, args.batch_size);
         let a = align(&genes, &bundle.vocab);

@@ -16,8 +16,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::collective::{RingAbort, RingCollective, RingConfig, RingKey};
+use crate::control::Control;
+use scfm_common::runtime::Rt;
 
 mod backend;
+mod heartbeat;
 
 /// The ring of the current generation, breakable from the heartbeat task.
 type AbortSlot = Arc<std::sync::Mutex<Option<(u64, RingAbort)>>>;
@@ -64,6 +67,11 @@ const DONE_RETRY: Duration = Duration::from_secs(60);
 const MAX_UNACKED: usize = 20_000;
 /// How long a worker that finished waits for the acknowledgement of its last reports.
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a worker whose job ended waits for the last metrics acknowledgements.
+const ENDED_ACK_WAIT: Duration = Duration::from_secs(3);
+/// How long a worker whose job ended waits for a checkpoint upload under way to land
+/// (at most its checkpoint grace).
+const ENDED_UPLOAD_WAIT: Duration = Duration::from_secs(10);
 
 /// Reports sent or to send, oldest first, until acknowledged.
 #[derive(Default)]
@@ -339,6 +347,12 @@ async fn await_assignment(
                 // Not a busy loop when the coordinator answers "not yet" at once.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            Ok(Err(s)) if s.code() == Code::NotFound => {
+                return Err(WorkerError::Ended(format!(
+                    "the coordinator dropped this worker: {}",
+                    s.message()
+                )));
+            }
             Ok(Err(s)) => return Err(status_err("no assignment", s)),
             Err(_) if Instant::now() < deadline => {
                 tracing::warn!("assignment request timed out; retrying")
@@ -395,14 +409,13 @@ fn ring_key(m: &Manifest, token: Option<&str>, run_id: &str) -> Result<RingKey> 
     }
 }
 
-/// Joins the cluster and trains until the job ends.
-pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
+/// Joins the cluster and trains until the job ends; the coordinator connection, the
+/// heartbeat and the metrics stream run on `rt`, and `control` carries the stop requests
+/// (signals, the coordinator's orders). [`WorkerError::Ended`] when the coordinator ended
+/// the job or dropped this worker (after the normal shutdown: the last checkpoint upload
+/// waited for briefly, the metrics stream closed).
+pub fn join(args: &JoinArgs, rt: &Rt, control: &Control) -> Result<Option<RunSummary>> {
     scfm_common::install_crypto_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| WorkerError::Internal(e.to_string()))?;
     let listener = TcpListener::bind((args.bind.as_str(), 0)).map_err(|e| {
         WorkerError::Coordinator(format!("cannot bind a ring socket on {}: {e}", args.bind))
     })?;
@@ -440,65 +453,18 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
     let step = Arc::new(AtomicU64::new(0));
     let generation = Arc::new(AtomicU64::new(0));
     let abort: AbortSlot = Arc::default();
-    let hb = {
-        let (mut c, id, step, generation, abort) = (
-            client.clone(),
-            id.clone(),
-            step.clone(),
-            generation.clone(),
-            abort.clone(),
-        );
-        let every = Duration::from_millis(reg.heartbeat_ms.max(50));
-        rt.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let req_generation = generation.load(Ordering::Relaxed);
-                let req = pb::HeartbeatRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    worker_id: id.clone(),
-                    generation: req_generation,
-                    step: step.load(Ordering::Relaxed),
-                };
-                match tokio::time::timeout(every * 5, c.heartbeat(req)).await {
-                    Ok(Ok(r)) if r.get_ref().order == pb::Order::Stop as i32 => {
-                        tracing::error!("the coordinator ended the job; stopping");
-                        std::process::exit(3);
-                    }
-                    Ok(Ok(r)) if r.get_ref().order == pb::Order::Reform as i32 => {
-                        crate::preempt::request_reform(req_generation);
-                    }
-                    Ok(Ok(r)) if r.get_ref().order == pb::Order::Abort as i32 => {
-                        // A member is gone: collectives of this generation cannot complete,
-                        // so break the ring now rather than wait for their deadline.
-                        crate::preempt::request_reform(req_generation);
-                        let mut slot = abort.lock().unwrap_or_else(|p| p.into_inner());
-                        if slot.as_ref().is_some_and(|(g, _)| *g == req_generation)
-                            && let Some((g, h)) = slot.take()
-                        {
-                            tracing::warn!(generation = g, "a member was lost: abandoning the generation");
-                            h.abort();
-                        }
-                    }
-                    Ok(Err(s)) if s.code() == Code::NotFound => {
-                        tracing::error!(error = %s.message(), "the coordinator dropped this worker; stopping");
-                        std::process::exit(3);
-                    }
-                    Ok(Ok(r)) if r.get_ref().order == pb::Order::Preempt as i32 => {
-                        if !crate::preempt::requested() {
-                            tracing::warn!(
-                                "the coordinator asks to checkpoint and stop (preemption)"
-                            );
-                        }
-                        crate::preempt::request();
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(s)) => tracing::warn!(error = %s.message(), "heartbeat refused"),
-                    Err(_) => tracing::warn!("heartbeat timed out"),
-                }
-            }
-        })
-    };
+    let hb = heartbeat::spawn(
+        rt,
+        heartbeat::Beat {
+            client: client.clone(),
+            id: id.clone(),
+            every: Duration::from_millis(reg.heartbeat_ms.max(50)),
+            step: step.clone(),
+            generation: generation.clone(),
+            abort: abort.clone(),
+            control: control.clone(),
+        },
+    );
 
     // Metrics: the trainer sends on a std channel; a task streams them to the coordinator.
     let (tx, rx) = std::sync::mpsc::channel::<StepReport>();
@@ -518,7 +484,8 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
     let wait_for = Duration::from_secs(manifest.cluster.join_timeout_s + 60);
     let timeout = Duration::from_secs(manifest.cluster.collective_timeout_s);
     let outcome = run_generations(
-        &rt,
+        rt,
+        control,
         &mut client,
         &id,
         &spec,
@@ -538,10 +505,35 @@ pub fn join(args: &JoinArgs) -> Result<Option<RunSummary>> {
             )),
         },
     );
+    // Once the job ended, any failure on the way out is that end.
+    let outcome = match (outcome, control.ended()) {
+        (Err(e), Some(reason)) => {
+            if !matches!(e, WorkerError::Ended(_)) {
+                tracing::debug!(error = %e, "after the job ended");
+            }
+            Err(WorkerError::Ended(reason))
+        }
+        (o, _) => o,
+    };
     let _ = fwd.join();
-    let _ = rt.block_on(async {
-        tokio::time::timeout(FINAL_ACK_WAIT + Duration::from_secs(15), stream).await
-    });
+    // The coordinator that ended the job is going away: a short wait for the last acks.
+    let ack_wait = if control.ended().is_some() {
+        ENDED_ACK_WAIT
+    } else {
+        FINAL_ACK_WAIT + Duration::from_secs(15)
+    };
+    let abort_stream = stream.abort_handle();
+    if rt
+        .block_on(async { tokio::time::timeout(ack_wait, stream).await })
+        .is_err()
+    {
+        abort_stream.abort();
+    }
+    if let Err(WorkerError::Ended(reason)) = &outcome {
+        hb.abort();
+        tracing::info!(reason = %reason, "the job ended for this worker: shut down (nothing reported)");
+        return Err(WorkerError::Ended(reason.clone()));
+    }
     let outcome = match outcome {
         Ok(None) => {
             hb.abort();
@@ -621,7 +613,8 @@ fn checkpoint_grace(preempt_grace: Duration) -> Duration {
 /// asks to re-form (a worker joins); then waits for the next generation. `Ok(None)`: the
 /// run was already complete.
 fn run_generations(
-    rt: &tokio::runtime::Runtime,
+    rt: &Rt,
+    control: &Control,
     client: &mut Client,
     id: &str,
     spec: &scfm_common::config::TrainSpec,
@@ -648,6 +641,8 @@ fn run_generations(
         spec.clone(),
         &RunOptions::default(),
         placeholder,
+        rt,
+        control,
     )?);
     if let Some(t) = trainer.as_mut() {
         t.set_checkpoint_grace(g.checkpoint_grace);
@@ -658,6 +653,12 @@ fn run_generations(
     let mut live = 0u64;
     let mut after = 0u64;
     loop {
+        if let Err(e) = control.check() {
+            if let Some(t) = trainer.as_mut() {
+                t.set_checkpoint_grace(g.checkpoint_grace.min(ENDED_UPLOAD_WAIT));
+            }
+            return Err(e);
+        }
         let a = rt.block_on(await_assignment(
             client,
             id,
@@ -740,6 +741,10 @@ fn run_generations(
         if a.generation > 1
             && let Err(e) = t.sync_state(live)
         {
+            if control.ended().is_some() {
+                trainer = Some(t);
+                continue;
+            }
             let WorkerError::Collective(_) = e else {
                 return Err(e);
             };
@@ -766,7 +771,14 @@ fn run_generations(
             trainer = Some(t);
             continue;
         }
-        match t.run(&RunOptions::default()) {
+        let ran = t.run(&RunOptions::default());
+        if control.ended().is_some() {
+            // The job ended: an upload under way may land, but not for minutes.
+            t.set_checkpoint_grace(g.checkpoint_grace.min(ENDED_UPLOAD_WAIT));
+            trainer = Some(t);
+            continue;
+        }
+        match ran {
             Ok(s) if s.reform => {}
             Ok(s) => return Ok(Some(s)),
             Err(WorkerError::Collective(e)) => {

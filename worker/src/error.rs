@@ -44,6 +44,10 @@ pub enum WorkerError {
     /// The training data could not be read (the message names the shard or file).
     #[error("data: {0}")]
     Data(String),
+    /// The job is over for this worker: the coordinator ended it (its Stop order) or
+    /// dropped this worker. The binary exits with code 3 after its normal shutdown.
+    #[error("{0}")]
+    Ended(String),
     /// An invariant of the worker was broken (a bug).
     #[error("internal error: {0}")]
     Internal(String),

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use scfm_common::config::TrainSpec;
 use scfm_worker::trainer::{RunOptions, Trainer};
+use scfm_worker::{Control, Rt};
 
 #[derive(Parser)]
 #[command(
@@ -393,7 +394,27 @@ fn matrix_source(layer: Option<String>, raw: bool) -> scfm_common::data::h5ad::M
     }
 }
 
-fn main() -> Result<()> {
+/// Exit code of a worker whose job the coordinator ended (or that it dropped).
+const EXIT_ENDED: u8 = 3;
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(scfm_worker::WorkerError::Ended(reason)) =
+                e.downcast_ref::<scfm_worker::WorkerError>()
+            {
+                eprintln!("worker stopped: {reason}");
+                return std::process::ExitCode::from(EXIT_ENDED);
+            }
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command line's subcommand on the process's one tokio runtime.
+fn run() -> Result<()> {
     scfm_common::alloc::tune();
     let cli = Cli::parse();
     scfm_common::telemetry::init_logging(&cli.log_format);
@@ -409,6 +430,9 @@ fn main() -> Result<()> {
     }
     // Before anything runs on libtorch: a different libtorch computes wrong results.
     scfm_worker::libtorch::check()?;
+    // The one tokio runtime of the process, and what stops its work.
+    let rt = Rt::new().context("starting the tokio runtime")?;
+    let control = Control::new();
     match cli.cmd {
         Cmd::Train {
             config,
@@ -419,7 +443,7 @@ fn main() -> Result<()> {
         } => {
             let spec = TrainSpec::load(&config)
                 .with_context(|| format!("loading {}", config.display()))?;
-            scfm_worker::preempt::install_signal_handlers()?;
+            control.install_signal_handlers()?;
             let opts = RunOptions {
                 resume,
                 fresh,
@@ -427,7 +451,7 @@ fn main() -> Result<()> {
                 json,
                 ..RunOptions::default()
             };
-            let mut trainer = Trainer::new(spec, &opts)?;
+            let mut trainer = Trainer::with_runtime(spec, &opts, &rt, &control)?;
             let summary = trainer.run(&opts)?;
             let s = serde_json::to_value(&summary)?;
             if json {
@@ -466,7 +490,7 @@ fn main() -> Result<()> {
                 cache_dir: None,
                 progress: true,
             };
-            let s = scfm_worker::infer::run::run_embed(&args)?;
+            let s = scfm_worker::infer::run::run_embed(&args, &rt)?;
             if e.json {
                 println!("{}", serde_json::to_string(&s)?);
             }
@@ -479,7 +503,7 @@ fn main() -> Result<()> {
             if let Some(t) = e.threads {
                 tch::set_num_threads(t as i32);
             }
-            scfm_worker::preempt::install_signal_handlers()?;
+            control.install_signal_handlers()?;
             let args = scfm_worker::infer::shards::ShardsArgs {
                 model: e.model,
                 dataset: e.dataset,
@@ -492,7 +516,7 @@ fn main() -> Result<()> {
                 vocab: e.vocab,
                 cache_dir: e.cache_dir,
             };
-            let s = scfm_worker::infer::shards::run_embed_shards(&args)?;
+            let s = scfm_worker::infer::shards::run_embed_shards(&args, &rt, &control)?;
             if e.json {
                 println!("{}", serde_json::to_string(&s)?);
             }
@@ -539,7 +563,7 @@ fn main() -> Result<()> {
                     n_pcs: e.n_pcs,
                 },
             };
-            let ev = run_evaluate(&args)?;
+            let ev = run_evaluate(&args, &rt)?;
             if e.json {
                 println!("{}", serde_json::to_string_pretty(&ev)?);
             } else {
@@ -557,6 +581,7 @@ fn main() -> Result<()> {
                 &out,
                 eval.as_deref(),
                 vocab.as_deref(),
+                &rt,
             )?;
             eprintln!(
                 "exported {} (step {}, {} genes) to {}",
@@ -573,7 +598,7 @@ fn main() -> Result<()> {
             tls_ca,
             tls_domain,
         } => {
-            scfm_worker::preempt::install_signal_handlers()?;
+            control.install_signal_handlers()?;
             let args = scfm_worker::dist::JoinArgs {
                 coordinator,
                 token,
@@ -581,7 +606,7 @@ fn main() -> Result<()> {
                 tls_ca,
                 tls_domain,
             };
-            match scfm_worker::dist::join(&args)? {
+            match scfm_worker::dist::join(&args, &rt, &control)? {
                 Some(s) => eprintln!(
                     "worker done: {} steps, last MGEM loss {:.4}, parameter fingerprint {}",
                     s.steps, s.last_mgem, s.fingerprint
@@ -641,7 +666,7 @@ fn main() -> Result<()> {
                 python,
                 repo,
             };
-            let report = scfm_worker::bench_embed::run(&args)?;
+            let report = scfm_worker::bench_embed::run(&args, &rt)?;
             write_json(json.as_deref(), &report)?;
         }
         Cmd::BenchStep {
@@ -741,6 +766,7 @@ fn main() -> Result<()> {
                 &input,
                 matrix_source(layer, raw),
                 &out,
+                &rt,
             )?;
             eprintln!("wrote the tokens of {n} cells to {}", out.display());
         }

@@ -42,13 +42,15 @@ pub struct StepLosses {
 
 /// Forward and backward over one step's micro-batches, gradients accumulated (each loss
 /// scaled by 1/k) into the flat gradient. libtorch's generator is re-seeded from
-/// `(seed, step, micro-batch, rank)` first, so dropout is reproducible. `reform` is this
-/// worker's vote to stop for a new generation (agreed on with the preemption vote).
+/// `(seed, step, micro-batch, rank)` first, so dropout is reproducible. `stop` is this
+/// worker's vote to stop after the step (a preemption, see [`crate::Control`]), `reform`
+/// its vote to stop for a new generation; both are agreed on inside the first all-reduce.
 pub fn forward_backward(
     model: &ScfmModel,
     micro: &[Inputs],
     seed: u64,
     step: u64,
+    stop: bool,
     reform: bool,
     coll: &mut dyn Collective,
 ) -> Result<StepLosses> {
@@ -61,11 +63,7 @@ pub fn forward_backward(
         .map(|x| x.masked.sum(Kind::Int64).int64_value(&[]) as f64)
         .collect();
     // The last entries carry this worker's stop and re-form requests, so all agree.
-    counts.push(if crate::preempt::requested() {
-        1.0
-    } else {
-        0.0
-    });
+    counts.push(if stop { 1.0 } else { 0.0 });
     counts.push(if reform { 1.0 } else { 0.0 });
     coll.all_reduce_sum_f64(&mut counts)?;
     let reform = counts.pop().is_some_and(|s| s > 0.0);

@@ -8,6 +8,7 @@ use std::time::Instant;
 use scfm_common::config::TrainSpec;
 use scfm_common::config::model::GepcTarget;
 use scfm_common::rng::derive_seed;
+use scfm_common::runtime::Rt;
 use scfm_common::storage::{Store, sha256_hex};
 use scfm_common::tokenizer::Batch;
 use scfm_common::tokenizer::Tokenizer;
@@ -16,6 +17,7 @@ use tch::{Device, Kind, nn};
 
 use crate::checkpoint::{self, TrainState};
 use crate::collective::{Collective, LocalCollective};
+use crate::control::Control;
 use crate::data::gene_stats::{GeneScale, SAMPLE_CELLS, SAMPLE_RUN, gene_stats};
 use crate::data::{
     Blocks, CellSource, Keyed, Loader, LoaderConfig, OrderConfig, SampleOrder, StepData, advance,
@@ -102,7 +104,10 @@ pub struct Trainer {
     source: Arc<dyn CellSource>,
     order: SampleOrder,
     store: Store,
-    rt: tokio::runtime::Runtime,
+    /// The process's runtime (storage calls block on it from this thread).
+    rt: Rt,
+    /// Stop, re-form and end requests.
+    control: Control,
     _vs: nn::VarStore,
     device: Device,
     /// The metrics log a single process writes (a cluster's coordinator writes its own).
@@ -188,13 +193,32 @@ fn model_json(spec: &TrainSpec) -> serde_json::Value {
 }
 
 impl Trainer {
-    /// A single-process trainer (see [`Trainer::with_context`]).
+    /// A single-process trainer with a runtime of its own and no stop requests (tests and
+    /// benchmarks; a binary uses [`Trainer::with_runtime`]).
     pub fn new(spec: TrainSpec, opts: &RunOptions) -> Result<Self> {
-        Self::with_context(spec, opts, WorkerContext::single())
+        let rt = Rt::new().map_err(|e| WorkerError::Internal(format!("tokio runtime: {e}")))?;
+        Self::with_runtime(spec, opts, &rt, &Control::new())
     }
 
-    /// Loads the data, builds the model, and resumes when asked.
-    pub fn with_context(spec: TrainSpec, opts: &RunOptions, ctx: WorkerContext) -> Result<Self> {
+    /// A single-process trainer on the process's runtime `rt`, stopped by `control`.
+    pub fn with_runtime(
+        spec: TrainSpec,
+        opts: &RunOptions,
+        rt: &Rt,
+        control: &Control,
+    ) -> Result<Self> {
+        Self::with_context(spec, opts, WorkerContext::single(), rt, control)
+    }
+
+    /// Loads the data, builds the model, and resumes when asked; storage calls block on
+    /// `rt`, and `control` says when to stop, re-form or leave.
+    pub fn with_context(
+        spec: TrainSpec,
+        opts: &RunOptions,
+        ctx: WorkerContext,
+        rt: &Rt,
+        control: &Control,
+    ) -> Result<Self> {
         let t = &spec.training;
         tch::set_num_threads(
             t.threads
@@ -202,7 +226,7 @@ impl Trainer {
                 as i32,
         );
         let device = select_device(t.device)?;
-        let source = open_source(&spec.data)?;
+        let source = open_source(&spec.data, rt)?;
         let n_genes = source.n_genes();
         let source_vocab = source.vocab();
         let order = SampleOrder::new(
@@ -268,10 +292,7 @@ impl Trainer {
                 ),
             )));
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let rt = rt.clone();
         let identity = rt.block_on(data_identity(&spec.data.path))?;
         let settings = run_settings(&spec.model, &spec.data, &identity, t);
         let digest = sha256_hex(settings.to_string().as_bytes());
@@ -292,7 +313,7 @@ impl Trainer {
         // The end of a single-process run waits for its last checkpoint as long as one
         // store operation is retried; a cluster worker waits its preemption grace
         // (`set_checkpoint_grace`).
-        let uploader = Uploader::new(store.retry_window());
+        let uploader = Uploader::new(store.retry_window(), rt.clone());
         if opts.fresh {
             let n = rt.block_on(discard_all(&store))?;
             tracing::info!(url = %store.url(), objects = n, "--fresh: discarded earlier checkpoints");
@@ -314,6 +335,7 @@ impl Trainer {
             order,
             store,
             rt,
+            control: control.clone(),
             _vs: vs,
             device,
             log,
@@ -419,7 +441,8 @@ impl Trainer {
             &inputs,
             t.seed,
             step,
-            crate::preempt::reform_requested(self.ctx.generation),
+            self.control.stop_requested(),
+            self.control.reform_requested(self.ctx.generation),
             self.ctx.collective.as_mut(),
         )?;
         let (loss, mgem, con) = (l.total, l.mgem, l.contrastive);
@@ -613,6 +636,8 @@ impl Trainer {
         let mut reform = false;
         let run_start = Instant::now();
         while self.state.step < self.total_steps {
+            // The job ended for this worker (the coordinator's order): leave at once.
+            self.control.check()?;
             if opts
                 .stop_after
                 .is_some_and(|n| self.state.step - start_step >= n)
@@ -917,8 +942,16 @@ mod tests {
                     detected: x.detected.as_ref().map(|t| t.shallow_clone()),
                 })
                 .collect();
-            let l =
-                forward_backward(&model, &owned, 0, 0, false, &mut LocalCollective::new()).unwrap();
+            let l = forward_backward(
+                &model,
+                &owned,
+                0,
+                0,
+                false,
+                false,
+                &mut LocalCollective::new(),
+            )
+            .unwrap();
             (l.total, p.grad.copy())
         };
         let (la, ga) = grad_of(&[&a]);

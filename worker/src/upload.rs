@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use scfm_common::metrics_log::MetricsLog;
+use scfm_common::runtime::Rt;
 use scfm_common::storage::{Backoff, Store};
 
 use crate::checkpoint::{self, Encoded, Snapshot};
@@ -122,11 +123,14 @@ pub struct Uploader {
     grace: Duration,
     /// Whether everything handed over was flushed since.
     flushed: bool,
+    /// The process's runtime, which the upload thread blocks on.
+    rt: Rt,
 }
 
 impl Uploader {
-    /// An idle uploader whose [`Uploader::flush`] waits at most `grace`.
-    pub fn new(grace: Duration) -> Self {
+    /// An idle uploader whose [`Uploader::flush`] waits at most `grace`; its uploads run
+    /// on `rt`.
+    pub fn new(grace: Duration, rt: Rt) -> Self {
         Uploader {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
@@ -136,6 +140,7 @@ impl Uploader {
             encoding: None,
             grace,
             flushed: true,
+            rt,
         }
     }
 
@@ -240,10 +245,7 @@ impl Uploader {
             return Ok(());
         }
         let shared = self.shared.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the upload runtime: {e}"))?;
+        let rt = self.rt.clone();
         let h = std::thread::Builder::new()
             .name("scfm-ckpt-upload".into())
             .spawn(move || upload_loop(&shared, &rt))
@@ -324,7 +326,7 @@ fn what_stays(current: &Option<String>) -> String {
 
 /// The upload thread: takes the newest waiting checkpoint, uploads it, and on failure
 /// puts it back to be tried again unless a newer one arrived meanwhile.
-fn upload_loop(shared: &Shared, rt: &tokio::runtime::Runtime) {
+fn upload_loop(shared: &Shared, rt: &Rt) {
     loop {
         let mut job = {
             let mut s = shared.lock();
@@ -513,7 +515,7 @@ mod tests {
             keep_last: 10,
             keep_also: None,
         };
-        let mut up = Uploader::new(Duration::from_secs(1));
+        let mut up = Uploader::new(Duration::from_secs(1), Rt::new().unwrap());
         up.start(store.clone(), Snapshot::of(&p, &opt, &state), after.clone());
         let e = up.flush().unwrap_err().to_string();
         assert!(

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use scfm_common::data::prepared::ShardInfo;
+use scfm_common::runtime::Rt;
 use scfm_common::storage::{Store, sha256_hex};
 use sha2::{Digest, Sha256};
 
@@ -22,17 +23,20 @@ pub struct ShardCache {
     shards: Vec<ShardInfo>,
     dir: PathBuf,
     ready: Vec<Mutex<Option<PathBuf>>>,
+    /// The process's runtime, which downloads block on (from plain threads).
+    rt: Rt,
 }
 
 impl ShardCache {
-    /// A cache for `shards` of `store`, downloading remote shards into `dir`.
-    pub fn new(store: Store, shards: Vec<ShardInfo>, dir: &Path) -> ShardCache {
+    /// A cache for `shards` of `store`, downloading remote shards into `dir` on `rt`.
+    pub fn new(store: Store, shards: Vec<ShardInfo>, dir: &Path, rt: Rt) -> ShardCache {
         let ready = shards.iter().map(|_| Mutex::new(None)).collect();
         ShardCache {
             store,
             shards,
             dir: dir.to_path_buf(),
             ready,
+            rt,
         }
     }
 
@@ -86,10 +90,7 @@ impl ShardCache {
         }
         let io = |e: std::io::Error| WorkerError::Data(format!("{}: {e}", self.dir.display()));
         std::fs::create_dir_all(&self.dir).map_err(io)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let rt = &self.rt;
         let mut last = String::new();
         for attempt in 1..=2 {
             let bytes = rt.block_on(self.store.get(&info.path))?;

@@ -11,6 +11,7 @@ use scfm_common::data::h5ad::rows::H5adRows;
 use scfm_common::data::prepared::{PreparedDataset, VocabEntry};
 use scfm_common::data::preprocess::{check_counts, normalize_log1p};
 use scfm_common::data::read::{ReadOptions, read_any};
+use scfm_common::runtime::Rt;
 use scfm_common::storage::sha256_hex;
 
 use super::cache::ShardCache;
@@ -68,11 +69,11 @@ impl Block {
 }
 
 /// Opens the data of `cfg`: a prepared dataset when the path is a URL or a directory
-/// with `dataset.json`, else one input file read into memory.
-pub fn open_source(cfg: &DataConfig) -> Result<Arc<dyn CellSource>> {
+/// with `dataset.json` (its I/O on `rt`), else one input file read into memory.
+pub fn open_source(cfg: &DataConfig, rt: &Rt) -> Result<Arc<dyn CellSource>> {
     let p = &cfg.path;
     if scfm_common::config::is_url(p) || p.is_dir() && PreparedDataset::is_prepared_dir(p) {
-        return Ok(Arc::new(PreparedSource::open(cfg)?));
+        return Ok(Arc::new(PreparedSource::open(cfg, rt)?));
     }
     Ok(Arc::new(MemorySource::load(cfg)?))
 }
@@ -181,13 +182,9 @@ pub struct PreparedSource {
 }
 
 impl PreparedSource {
-    /// Opens the prepared dataset at `cfg.path`.
-    pub fn open(cfg: &DataConfig) -> Result<PreparedSource> {
+    /// Opens the prepared dataset at `cfg.path`; its shards are fetched on `rt`.
+    pub fn open(cfg: &DataConfig, rt: &Rt) -> Result<PreparedSource> {
         let url = cfg.path.to_string_lossy().into_owned();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| WorkerError::Internal(e.to_string()))?;
         let dataset = rt.block_on(PreparedDataset::open(&url))?;
         let cache_dir = cfg
             .cache_dir
@@ -197,6 +194,7 @@ impl PreparedSource {
             dataset.store.clone(),
             dataset.manifest.shards.clone(),
             &cache_dir,
+            rt.clone(),
         ));
         Ok(PreparedSource {
             dataset,

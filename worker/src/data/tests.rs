@@ -206,11 +206,19 @@ fn data_config(path: &Path) -> DataConfig {
 fn prepared_shards_exactly_once_and_equal_to_source() {
     let dir = tempfile::tempdir().unwrap();
     let out = prepared(dir.path());
-    let src = open_source(&data_config(&out)).unwrap();
+    let src = open_source(
+        &data_config(&out),
+        &scfm_common::runtime::Rt::new().unwrap(),
+    )
+    .unwrap();
     assert_eq!(src.shard_cells().len(), 4);
     check_exactly_once(src.clone(), 16);
     // Row r of shard s is cell 2500 s + r of the file, minus QC-removed cells: compare a block.
-    let mem = open_source(&data_config(&data("mouse10k.h5ad"))).unwrap();
+    let mem = open_source(
+        &data_config(&data("mouse10k.h5ad")),
+        &scfm_common::runtime::Rt::new().unwrap(),
+    )
+    .unwrap();
     let m = src.read(0, 0, 100).unwrap();
     let whole = mem.read(0, 0, 400).unwrap();
     let hits = (0..100)
@@ -230,7 +238,11 @@ fn a_damaged_shard_is_reported_and_never_read() {
         .open(&shard)
         .unwrap();
     f.set_len(len / 2).unwrap();
-    let src = open_source(&data_config(&out)).unwrap();
+    let src = open_source(
+        &data_config(&out),
+        &scfm_common::runtime::Rt::new().unwrap(),
+    )
+    .unwrap();
     assert!(src.read(0, 0, 10).is_ok());
     let e = src.read(2, 0, 10).unwrap_err().to_string();
     assert!(
@@ -244,7 +256,11 @@ fn a_damaged_shard_is_reported_and_never_read() {
 /// source read are those of the file, and `downsample: 0` leaves the batch as before.
 #[test]
 fn downsampled_views_are_thinned_real_counts() {
-    let src = open_source(&data_config(&data("pbmc68k_counts.h5ad"))).unwrap();
+    let src = open_source(
+        &data_config(&data("pbmc68k_counts.h5ad")),
+        &scfm_common::runtime::Rt::new().unwrap(),
+    )
+    .unwrap();
     let m = src.read(0, 0, 32).unwrap();
     assert!(m.depth.iter().all(|d| d.is_finite() && *d > 0.0));
     let rows: Vec<Row> = (0..32u32)

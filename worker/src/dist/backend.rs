@@ -153,7 +153,7 @@ fn attach(
 /// coordinator, asking again until `deadline` while rank 0 has not published it.
 #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
 pub(super) fn exchange_nccl_id(
-    rt: &tokio::runtime::Runtime,
+    rt: &scfm_common::runtime::Rt,
     client: &mut Client,
     worker_id: &str,
     generation: u64,

@@ -20,17 +20,25 @@ use super::load::ModelBundle;
 use super::run::check_alignment;
 use crate::checkpoint::tensors_to_safetensors;
 use crate::error::{Result, WorkerError};
+use scfm_common::runtime::Rt;
 
 /// Writes the padded inference tokens of every cell of `input` under `model` to `out`;
 /// returns the number of cells.
-pub fn run_tokens(model: &str, input: &str, source: MatrixSource, out: &Path) -> Result<usize> {
-    let bundle = ModelBundle::load(model, Device::Cpu, None)?;
+pub fn run_tokens(
+    model: &str,
+    input: &str,
+    source: MatrixSource,
+    out: &Path,
+    rt: &Rt,
+) -> Result<usize> {
+    let bundle = ModelBundle::load(model, Device::Cpu, None, rt)?;
     let cells = CellInput::open(
         input,
         &InputOptions {
             source,
             ..InputOptions::default()
         },
+        rt,
     )?;
     let a = check_alignment(&cells, &bundle)?;
     let emb = Embedder::new(&bundle, 1);

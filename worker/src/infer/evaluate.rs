@@ -12,6 +12,7 @@ use scfm_common::config::Device as DeviceChoice;
 use scfm_common::data::CsrMatrix;
 use scfm_common::data::h5ad::MatrixSource;
 use scfm_common::eval::{Metrics as EvalMetrics, evaluate_embedding};
+use scfm_common::runtime::Rt;
 use serde::Serialize;
 
 use super::embed::Embedder;
@@ -100,11 +101,11 @@ pub struct Evaluation {
     pub seconds: f64,
 }
 
-/// Runs `scfm evaluate`.
-pub fn run_evaluate(args: &EvaluateArgs) -> Result<Evaluation> {
+/// Runs `scfm evaluate` (its storage calls on `rt`).
+pub fn run_evaluate(args: &EvaluateArgs, rt: &Rt) -> Result<Evaluation> {
     let t0 = Instant::now();
     let device = select_device(args.device)?;
-    let bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref())?;
+    let bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref(), rt)?;
     let input = CellInput::open(
         &args.data,
         &InputOptions {
@@ -114,6 +115,7 @@ pub fn run_evaluate(args: &EvaluateArgs) -> Result<Evaluation> {
             cache_dir: None,
             transpose: args.transpose,
         },
+        rt,
     )?;
     let a = check_alignment(&input, &bundle)?;
     let labels = input.labels.clone().expect("asked for labels");

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use scfm_common::runtime::Rt;
 use scfm_common::storage::{Store, sha256_hex};
 use tch::Device;
 
@@ -26,19 +27,26 @@ pub fn run_export(
     out: &Path,
     eval: Option<&Path>,
     vocab: Option<&Path>,
+    rt: &Rt,
 ) -> Result<ExportConfig> {
-    let b = ModelBundle::load(model, Device::Cpu, vocab)?;
+    let b = ModelBundle::load(model, Device::Cpu, vocab, rt)?;
     let io = |p: &Path, e: std::io::Error| WorkerError::Data(format!("{}: {e}", p.display()));
     let eval_md = match eval {
         Some(p) => Some(std::fs::read_to_string(p).map_err(|e| io(p, e))?),
         None => None,
     };
-    write_export(&b, out, eval_md.as_deref())
+    write_export(&b, out, eval_md.as_deref(), rt)
 }
 
 /// Writes the export of the loaded model `b` into `out` (created if missing); `eval_md` is
-/// an evaluation table for the model card. The folder is read back through the loader.
-pub fn write_export(b: &ModelBundle, out: &Path, eval_md: Option<&str>) -> Result<ExportConfig> {
+/// an evaluation table for the model card (the run's last losses are read on `rt`). The
+/// folder is read back through the loader.
+pub fn write_export(
+    b: &ModelBundle,
+    out: &Path,
+    eval_md: Option<&str>,
+    rt: &Rt,
+) -> Result<ExportConfig> {
     let io = |p: &Path, e: std::io::Error| WorkerError::Data(format!("{}: {e}", p.display()));
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let mut named: Vec<(String, tch::Tensor)> = b.vs.variables().into_iter().collect();
@@ -57,7 +65,7 @@ pub fn write_export(b: &ModelBundle, out: &Path, eval_md: Option<&str>) -> Resul
         source: b.origin.clone(),
         model_sha256: sha256_hex(&weights),
     };
-    let card = model_card(b, &cfg, eval_md);
+    let card = model_card(b, &cfg, eval_md, rt);
     let files: [(&str, Vec<u8>); 4] = [
         ("model.safetensors", weights),
         (
@@ -82,12 +90,8 @@ pub fn write_export(b: &ModelBundle, out: &Path, eval_md: Option<&str>) -> Resul
 }
 
 /// The last training and validation losses in the run's metrics log, if readable.
-fn last_losses(run_url: Option<&str>) -> Option<String> {
+fn last_losses(run_url: Option<&str>, rt: &Rt) -> Option<String> {
     let url = run_url?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .ok()?;
     let store = Store::open(url).ok()?;
     let lines = rt
         .block_on(scfm_common::metrics_log::read_effective(&store))
@@ -119,7 +123,7 @@ fn last_losses(run_url: Option<&str>) -> Option<String> {
     ))
 }
 
-fn model_card(b: &ModelBundle, cfg: &ExportConfig, eval: Option<&str>) -> String {
+fn model_card(b: &ModelBundle, cfg: &ExportConfig, eval: Option<&str>, rt: &Rt) -> String {
     let m = &cfg.model;
     let mut s = format!(
         "# scfm model\n\nA single-cell RNA-seq transformer trained with scfm (masked gene-expression modelling{}{}).\n\n",
@@ -160,7 +164,7 @@ fn model_card(b: &ModelBundle, cfg: &ExportConfig, eval: Option<&str>) -> String
             serde_json::to_string_pretty(&b.settings).expect("serializes")
         ));
     }
-    if let Some(t) = last_losses(b.run_url.as_deref()) {
+    if let Some(t) = last_losses(b.run_url.as_deref(), rt) {
         s.push_str("## Last losses\n\n");
         s.push_str(&t);
         s.push('\n');

@@ -11,6 +11,7 @@ use scfm_common::data::h5ad::{H5adOptions, MatrixSource, read_h5ad_header};
 use scfm_common::data::prepared::{PreparedDataset, is_prepared};
 use scfm_common::data::preprocess::check_counts_at;
 use scfm_common::data::read::{InputFormat, ReadOptions, detect_format, read_any};
+use scfm_common::runtime::Rt;
 
 use crate::data::cache::ShardCache;
 use crate::error::{Result, WorkerError};
@@ -61,11 +62,11 @@ fn data_err(path: &Path, m: impl std::fmt::Display) -> WorkerError {
 }
 
 impl CellInput {
-    /// Opens `input`.
-    pub fn open(input: &str, opts: &InputOptions) -> Result<Self> {
+    /// Opens `input` (a prepared dataset's shards are fetched on `rt`).
+    pub fn open(input: &str, opts: &InputOptions, rt: &Rt) -> Result<Self> {
         let path = PathBuf::from(input);
         if is_prepared(&path) {
-            return Self::open_prepared(input, opts);
+            return Self::open_prepared(input, opts, rt);
         }
         if !path.exists() {
             return Err(data_err(&path, "no such file or directory"));
@@ -144,22 +145,23 @@ impl CellInput {
         })
     }
 
-    fn open_prepared(url: &str, opts: &InputOptions) -> Result<Self> {
+    fn open_prepared(url: &str, opts: &InputOptions, rt: &Rt) -> Result<Self> {
         if opts.label_key.is_some() || opts.batch_key.is_some() {
             return Err(WorkerError::Data(format!(
                 "{url}: a prepared dataset has no label columns; evaluate on an .h5ad input"
             )));
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| WorkerError::Internal(e.to_string()))?;
         let ds = rt.block_on(PreparedDataset::open(url))?;
         let cache_dir = opts
             .cache_dir
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("scfm-cache"));
-        let cache = ShardCache::new(ds.store.clone(), ds.manifest.shards.clone(), &cache_dir);
+        let cache = ShardCache::new(
+            ds.store.clone(),
+            ds.manifest.shards.clone(),
+            &cache_dir,
+            rt.clone(),
+        );
         let mut parts = Vec::new();
         let mut obs_names = Vec::new();
         for s in 0..ds.manifest.shards.len() {

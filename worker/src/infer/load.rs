@@ -8,6 +8,7 @@ use std::path::Path;
 use scfm_common::checkpoint::{select_verified, step_of, verify_dir};
 use scfm_common::config::ModelConfig;
 use scfm_common::data::prepared::{VocabEntry, parse_vocab_tsv};
+use scfm_common::runtime::Rt;
 use scfm_common::storage::{Store, sha256_hex};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor, nn};
@@ -83,15 +84,12 @@ impl ModelBundle {
     /// Loads `spec`: an export folder (with `config.json`), a run's checkpoint URL (the
     /// newest checkpoint that verifies), or one checkpoint directory (`…/ckpt-000000200`).
     /// `vocab` replaces a missing vocabulary (checkpoints written before it was stored).
-    pub fn load(spec: &str, device: Device, vocab: Option<&Path>) -> Result<Self> {
+    /// Checkpoints are read on `rt`.
+    pub fn load(spec: &str, device: Device, vocab: Option<&Path>, rt: &Rt) -> Result<Self> {
         let local = Path::new(spec);
         if local.join("config.json").is_file() {
             return Self::load_export(local, device);
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| WorkerError::Internal(e.to_string()))?;
         let trimmed = spec.trim_end_matches('/');
         let (base, last) = trimmed.rsplit_once('/').unwrap_or((".", trimmed));
         let (store, verified) = if step_of(last).is_some() {

@@ -10,6 +10,7 @@
 //! Concatenating the parts in index order gives the cells of the dataset in its order.
 
 use bytes::Bytes;
+use scfm_common::runtime::Rt;
 use scfm_common::storage::{Store, sha256_hex};
 use serde::{Deserialize, Serialize};
 
@@ -126,18 +127,14 @@ pub struct EmbeddingIndex {
     pub parts: Vec<IndexPart>,
 }
 
-/// Blocks on a store operation from synchronous code.
-pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| WorkerError::Internal(e.to_string()))?;
+/// Blocks on a store operation from synchronous code (a plain thread), on `rt`.
+pub fn block_on<T>(rt: &Rt, f: impl std::future::Future<Output = T>) -> Result<T> {
     Ok(rt.block_on(f))
 }
 
 /// The record of shard `s`'s part, if one parses.
-pub fn read_record(out: &Store, s: usize) -> Result<Option<PartRecord>> {
-    let Some(b) = block_on(out.get_opt(&record_key(s)))?? else {
+pub fn read_record(rt: &Rt, out: &Store, s: usize) -> Result<Option<PartRecord>> {
+    let Some(b) = block_on(rt, out.get_opt(&record_key(s)))?? else {
         return Ok(None);
     };
     match serde_json::from_slice::<PartRecord>(&b) {
@@ -151,14 +148,14 @@ pub fn read_record(out: &Store, s: usize) -> Result<Option<PartRecord>> {
 
 /// Whether shard `s`'s part is done for `id`: its record matches and the part's bytes
 /// have the recorded SHA-256.
-pub fn part_verified(out: &Store, s: usize, id: &PartIdentity) -> Result<bool> {
-    let Some(rec) = read_record(out, s)? else {
+pub fn part_verified(rt: &Rt, out: &Store, s: usize, id: &PartIdentity) -> Result<bool> {
+    let Some(rec) = read_record(rt, out, s)? else {
         return Ok(false);
     };
     if !rec.matches(id) {
         return Ok(false);
     }
-    let Some(bytes) = block_on(out.get_opt(&rec.path))?? else {
+    let Some(bytes) = block_on(rt, out.get_opt(&rec.path))?? else {
         return Ok(false);
     };
     Ok(bytes.len() as u64 == rec.bytes && sha256_hex(&bytes) == rec.sha256)
@@ -166,15 +163,21 @@ pub fn part_verified(out: &Store, s: usize, id: &PartIdentity) -> Result<bool> {
 
 /// Uploads `bytes` as shard `s`'s part, reads it back to check its SHA-256, then writes
 /// its record. The old record goes first, so a record always describes its part.
-pub fn upload_part(out: &Store, s: usize, bytes: Bytes, id: &PartIdentity) -> Result<PartRecord> {
+pub fn upload_part(
+    rt: &Rt,
+    out: &Store,
+    s: usize,
+    bytes: Bytes,
+    id: &PartIdentity,
+) -> Result<PartRecord> {
     let key = part_key(s);
     let sha = sha256_hex(&bytes);
     let len = bytes.len() as u64;
-    block_on(out.delete(&record_key(s)))??;
+    block_on(rt, out.delete(&record_key(s)))??;
     let mut last = String::new();
     for attempt in 1..=2 {
-        block_on(out.put(&key, bytes.clone()))??;
-        let back = block_on(out.get(&key))??;
+        block_on(rt, out.put(&key, bytes.clone()))??;
+        let back = block_on(rt, out.get(&key))??;
         let got = sha256_hex(&back);
         if got == sha {
             let rec = PartRecord {
@@ -190,7 +193,7 @@ pub fn upload_part(out: &Store, s: usize, bytes: Bytes, id: &PartIdentity) -> Re
                 dim: id.dim,
             };
             let json = serde_json::to_vec_pretty(&rec).expect("record serializes");
-            block_on(out.put(&record_key(s), Bytes::from(json)))??;
+            block_on(rt, out.put(&record_key(s), Bytes::from(json)))??;
             return Ok(rec);
         }
         last = format!("read back sha256 {got} ({} bytes)", back.len());
@@ -206,17 +209,20 @@ pub fn upload_part(out: &Store, s: usize, bytes: Bytes, id: &PartIdentity) -> Re
 /// stored object has the recorded size (parts this process verified are in `checked`;
 /// each worker verified its own parts' bytes). `Err(missing)` lists the shards without one.
 pub fn collect_parts(
+    rt: &Rt,
     out: &Store,
     ids: &[PartIdentity],
     checked: &[bool],
 ) -> Result<std::result::Result<Vec<IndexPart>, Vec<usize>>> {
     let (mut parts, mut missing) = (Vec::new(), Vec::new());
     for (s, id) in ids.iter().enumerate() {
-        let rec = read_record(out, s)?.filter(|r| r.matches(id));
+        let rec = read_record(rt, out, s)?.filter(|r| r.matches(id));
         let ok = match &rec {
             None => false,
             Some(_) if checked.get(s).copied().unwrap_or(false) => true,
-            Some(r) => block_on(out.get_tail_opt(&r.path, 1))??.is_some_and(|t| t.size == r.bytes),
+            Some(r) => {
+                block_on(rt, out.get_tail_opt(&r.path, 1))??.is_some_and(|t| t.size == r.bytes)
+            }
         };
         match rec {
             Some(r) if ok => parts.push(IndexPart {
@@ -237,15 +243,15 @@ pub fn collect_parts(
 }
 
 /// Writes `index.json` (the same bytes whoever writes it).
-pub fn write_index(out: &Store, index: &EmbeddingIndex) -> Result<()> {
+pub fn write_index(rt: &Rt, out: &Store, index: &EmbeddingIndex) -> Result<()> {
     let json = serde_json::to_vec_pretty(index).expect("index serializes");
-    block_on(out.put(INDEX_JSON, Bytes::from(json)))??;
+    block_on(rt, out.put(INDEX_JSON, Bytes::from(json)))??;
     Ok(())
 }
 
 /// Reads `index.json`, if present and well-formed.
-pub fn read_index(out: &Store) -> Result<Option<EmbeddingIndex>> {
-    let Some(b) = block_on(out.get_opt(INDEX_JSON))?? else {
+pub fn read_index(rt: &Rt, out: &Store) -> Result<Option<EmbeddingIndex>> {
+    let Some(b) = block_on(rt, out.get_opt(INDEX_JSON))?? else {
         return Ok(None);
     };
     Ok(serde_json::from_slice(&b).ok())

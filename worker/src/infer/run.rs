@@ -8,6 +8,7 @@ use std::time::Instant;
 use scfm_common::config::Device as DeviceChoice;
 use scfm_common::data::h5ad::MatrixSource;
 use scfm_common::data::h5ad::embedding::{EmbeddingWriter, Frame, UnsValue};
+use scfm_common::runtime::Rt;
 use serde::Serialize;
 
 use super::align::{GeneAlignment, align};
@@ -119,11 +120,11 @@ pub fn progress_bar(n: usize, show: bool) -> indicatif::ProgressBar {
     pb
 }
 
-/// Runs `scfm embed`.
-pub fn run_embed(args: &EmbedArgs) -> Result<EmbedSummary> {
+/// Runs `scfm embed` (its storage calls on `rt`).
+pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
     let t0 = Instant::now();
     let device = select_device(args.device)?;
-    let bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref())?;
+    let bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref(), rt)?;
     let input = CellInput::open(
         &args.input,
         &InputOptions {
@@ -132,6 +133,7 @@ pub fn run_embed(args: &EmbedArgs) -> Result<EmbedSummary> {
             transpose: args.transpose,
             ..InputOptions::default()
         },
+        rt,
     )?;
     eprintln!(
         "model: {} (step {}, {} pooling, {} genes); input: {}",

@@ -19,6 +19,7 @@ use scfm_common::data::h5ad::embedding::{EmbeddingWriter, Frame, UnsValue};
 use scfm_common::data::h5ad::rows::{H5adRows, read_obs_names};
 use scfm_common::data::prepared::PreparedDataset;
 use scfm_common::data::preprocess::check_counts_at;
+use scfm_common::runtime::Rt;
 use scfm_common::storage::Store;
 use serde::Serialize;
 
@@ -28,6 +29,7 @@ use super::input::BLOCK_ROWS;
 use super::load::ModelBundle;
 use super::parts::{self, EmbeddingIndex, INDEX_FORMAT, INDEX_JSON, PartIdentity};
 use super::run::pooling_name;
+use crate::control::Control;
 use crate::data::cache::ShardCache;
 use crate::error::{Result, WorkerError};
 use crate::step::select_device;
@@ -172,8 +174,9 @@ impl Job<'_> {
     }
 }
 
-/// Runs one worker's share; a preempted worker returns with `preempted` set.
-pub fn run_embed_shards(args: &ShardsArgs) -> Result<ShardsSummary> {
+/// Runs one worker's share, its storage calls on `rt`; a worker asked to stop (`control`)
+/// returns after the part under way with `preempted` set.
+pub fn run_embed_shards(args: &ShardsArgs, rt: &Rt, control: &Control) -> Result<ShardsSummary> {
     let t0 = Instant::now();
     if args.world == 0 || args.rank >= args.world {
         return Err(WorkerError::Data(format!(
@@ -181,12 +184,13 @@ pub fn run_embed_shards(args: &ShardsArgs) -> Result<ShardsSummary> {
             args.rank, args.world
         )));
     }
-    let ds = parts::block_on(PreparedDataset::open(&args.dataset))??;
+    let ds = parts::block_on(rt, PreparedDataset::open(&args.dataset))??;
     let out = Store::open(&args.out)?;
     let bundle = ModelBundle::load(
         &args.model,
         select_device(args.device)?,
         args.vocab.as_deref(),
+        rt,
     )?;
     let var_names: Vec<String> = ds.vocab.iter().map(|e| e.gene_id.clone()).collect();
     let al = align(&var_names, &bundle.vocab);
@@ -232,7 +236,12 @@ pub fn run_embed_shards(args: &ShardsArgs) -> Result<ShardsSummary> {
         .cache_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("scfm-cache"));
-    let cache = ShardCache::new(ds.store.clone(), ds.manifest.shards.clone(), &cache_dir);
+    let cache = ShardCache::new(
+        ds.store.clone(),
+        ds.manifest.shards.clone(),
+        &cache_dir,
+        rt.clone(),
+    );
     let mut s = ShardsSummary {
         rank: args.rank,
         world: args.world,
@@ -247,22 +256,22 @@ pub fn run_embed_shards(args: &ShardsArgs) -> Result<ShardsSummary> {
     };
     let mut checked = vec![false; n_shards];
     for &shard in &mine {
-        if crate::preempt::requested() {
+        if control.stop_requested() {
             s.preempted = true;
             break;
         }
         let id = job.identity(shard);
         let url = job.out.url_of(&parts::part_key(shard));
-        if parts::part_verified(&job.out, shard, &id)? {
+        if parts::part_verified(rt, &job.out, shard, &id)? {
             eprintln!("rank {}: skipping verified part {url}", args.rank);
             s.skipped.push(shard);
         } else {
             let t = Instant::now();
             let local = cache.ensure(shard as u32)?;
             // A complete index must not outlive a part it lists being rewritten.
-            parts::block_on(job.out.delete(INDEX_JSON))??;
+            parts::block_on(rt, job.out.delete(INDEX_JSON))??;
             let bytes = job.embed_shard(shard, &local)?;
-            let rec = parts::upload_part(&job.out, shard, bytes, &id)?;
+            let rec = parts::upload_part(rt, &job.out, shard, bytes, &id)?;
             eprintln!(
                 "rank {}: wrote part {url} ({} cells, {} bytes, {:.1} s)",
                 args.rank,
@@ -277,7 +286,7 @@ pub fn run_embed_shards(args: &ShardsArgs) -> Result<ShardsSummary> {
     }
     if !s.preempted {
         let ids: Vec<PartIdentity> = (0..n_shards).map(|i| job.identity(i)).collect();
-        match parts::collect_parts(&job.out, &ids, &checked)? {
+        match parts::collect_parts(rt, &job.out, &ids, &checked)? {
             Ok(list) => {
                 let index = EmbeddingIndex {
                     format: INDEX_FORMAT.into(),
@@ -291,7 +300,7 @@ pub fn run_embed_shards(args: &ShardsArgs) -> Result<ShardsSummary> {
                     key: args.key.clone(),
                     parts: list,
                 };
-                parts::write_index(&job.out, &index)?;
+                parts::write_index(rt, &job.out, &index)?;
                 s.index = Some(job.out.url_of(INDEX_JSON));
             }
             Err(missing) => s.missing = missing,

@@ -314,7 +314,7 @@ fn gepc_detected_shifts_predictions_by_the_cells_covariate() {
     let before = model.forward(&x, false).gepc.unwrap();
     let mut slopes = vs.variables()["gepc.detected"].shallow_clone();
     tch::no_grad(|| {
-        let _ = slopes.copy_(&Tensor::arange(n_genes as i64, (Kind::Float, Device::Cpu)));
+        slopes.copy_(&Tensor::arange(n_genes as i64, (Kind::Float, Device::Cpu)));
     });
     let after = model.forward(&x, false).gepc.unwrap();
     let want = d.unsqueeze(-1) * slopes.unsqueeze(0);

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::prepare::{PrepareProgress, PrepareSettings, prepare};
+pub use self::prepare::{PrepareProgress, PrepareSettings, prepare, prepare_on};
 use crate::config::model::special;
 use crate::error::{Error, Result};
 use crate::storage::Store;

@@ -37,6 +37,7 @@ use crate::data::preprocess::qc::{CellFilter, filter_cells};
 use crate::data::preprocess::vocab::{ColumnRemap, GeneSource, VocabMode, build_vocab};
 use crate::data::read::{GeneIdColumn, InputFormat, ReadOptions, names_look_swapped};
 use crate::error::{Error, Result};
+use crate::runtime::Rt;
 use crate::storage::{Store, sha256_hex};
 
 /// How `scfm prepare` reads, filters and shards its inputs (recorded in `dataset.json`).
@@ -197,9 +198,25 @@ struct Source {
 }
 
 /// Runs `scfm prepare`: reads `inputs` in order and writes the prepared dataset at `out`
-/// (a local path or object-store URL). Creates its own I/O runtime: call it from a plain
-/// thread, not from inside an async task.
+/// (a local path or object-store URL). Builds a runtime for its I/O (see
+/// [`prepare_on`] to use the caller's): call it from a plain thread, not from inside an
+/// async task.
 pub fn prepare(
+    inputs: &[PathBuf],
+    out: &str,
+    settings: &PrepareSettings,
+    progress: &mut dyn FnMut(&PrepareProgress),
+) -> Result<DatasetManifest> {
+    let rt = Rt::new().map_err(|source| Error::Io {
+        path: out.into(),
+        source,
+    })?;
+    prepare_on(&rt, inputs, out, settings, progress)
+}
+
+/// [`prepare`] with its I/O on `rt` (the process's runtime); call it from a plain thread.
+pub fn prepare_on(
+    rt: &Rt,
     inputs: &[PathBuf],
     out: &str,
     settings: &PrepareSettings,
@@ -209,13 +226,6 @@ pub fn prepare(
     if inputs.is_empty() {
         return Err(Error::config("inputs", "no input files given"));
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            path: out.into(),
-            source,
-        })?;
     let store = Store::open(out)?;
     rt.block_on(store.delete(DATASET_JSON))?;
     let opts = settings.read_options();
@@ -330,7 +340,7 @@ pub fn prepare(
     let entries = vocab_entries(&vocab, &sources);
 
     // Pass 4: shards.
-    let mut w = ShardWriter::new(&rt, &store, settings, &vocab, &entries);
+    let mut w = ShardWriter::new(rt, &store, settings, &vocab, &entries);
     let mut read = 0;
     let mut obs_names = obs_names;
     for i in 0..sources.len() {
@@ -640,7 +650,7 @@ pub(crate) fn file_sha256(path: &Path) -> Result<String> {
 
 /// Fills shards and writes them.
 struct ShardWriter<'a> {
-    rt: &'a tokio::runtime::Runtime,
+    rt: &'a Rt,
     store: &'a Store,
     settings: &'a PrepareSettings,
     var_names: &'a [String],
@@ -659,7 +669,7 @@ struct ShardWriter<'a> {
 
 impl<'a> ShardWriter<'a> {
     fn new(
-        rt: &'a tokio::runtime::Runtime,
+        rt: &'a Rt,
         store: &'a Store,
         settings: &'a PrepareSettings,
         var_names: &'a [String],
