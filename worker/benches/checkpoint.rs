@@ -6,10 +6,10 @@
 //! encoding, one put and one read-back per part, every part downloaded and decoded whole
 //! by the coordinator's choice and again by the worker, as that code did).
 //!
-//! Each (path, store) runs in a child process of its own; within it each phase — save,
-//! the coordinator's choice, the worker's load — is measured from a reset high-water mark
+//! Each phase — save, the coordinator's choice, the worker's load — of each (path, store)
+//! runs in a child process of its own, measured from a reset high-water mark
 //! (`/proc/self/clear_refs`), so "extra" is the phase's peak RSS (`VmHWM`) minus the RSS
-//! before it (the model, its moments and a second copy to load into are allocated first).
+//! before it (the model and its moments, or the model to load into, are allocated first).
 //!
 //! Environment: `SCFM_CKPT_BENCH_PARAMS` (parameters, default the `large` preset with a
 //! 20,000-gene vocabulary), `SCFM_CKPT_BENCH_ONLY` (`local` or `s3`), `SCFM_S3S_FS`.
@@ -187,62 +187,48 @@ async fn legacy_load(store: &Store, p: &FlatParams, opt: &AdamW) -> Result<()> {
     Ok(())
 }
 
-fn run_case(case: &str, url: &str, n: i64) -> Result<()> {
+fn run_case(case: &str, phase: &str, url: &str, n: i64) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let store = Store::open(url)?;
-    let (_vs, p, opt) = model(n, 1);
-    let (_vs2, p2, mut opt2) = model(n, 2);
+    let (_vs, p, mut opt) = model(n, if phase == "save" { 1 } else { 2 });
     let st = state();
     let legacy = case == "legacy";
-    let ((), save_s, save_mb) = measure(|| {
+    let ((), secs, extra) = measure(|| {
         rt.block_on(async {
-            match legacy {
-                true => legacy_save(&store, &p, &opt, &st).await,
-                false => checkpoint::save(&store, &p, &opt, &st)
+            match (phase, legacy) {
+                ("save", true) => legacy_save(&store, &p, &opt, &st).await,
+                ("save", false) => checkpoint::save(&store, &p, &opt, &st)
                     .await
                     .map(|_| ())
                     .map_err(Into::into),
-            }
-        })
-    })?;
-    let ((), choose_s, choose_mb) = measure(|| {
-        rt.block_on(async {
-            match legacy {
-                true => legacy_download(&store).await.map(|_| ()),
-                false => select_verified(&store)
+                ("choose", true) => legacy_download(&store).await.map(|_| ()),
+                ("choose", false) => select_verified(&store)
                     .await
                     .map(|_| ())
                     .map_err(Into::into),
-            }
-        })
-    })?;
-    let ((), load_s, load_mb) = measure(|| {
-        rt.block_on(async {
-            match legacy {
-                true => legacy_load(&store, &p2, &opt2).await,
-                false => {
+                (_, true) => legacy_load(&store, &p, &opt).await,
+                (_, false) => {
                     let dir = checkpoint::dir_for(st.step);
                     let v = verify_dir(&store, &dir, None).await?;
-                    checkpoint::load_into(&store, &v, &p2, &mut opt2).await?;
+                    checkpoint::load_into(&store, &v, &p, &mut opt).await?;
                     Ok(())
                 }
             }
         })
     })?;
-    anyhow::ensure!(p2.flat.equal(&p.flat), "loaded parameters differ");
-    anyhow::ensure!(
-        opt2.exp_avg_sq.equal(&opt.exp_avg_sq),
-        "loaded moments differ"
-    );
-    let bytes: u64 = walk_size(url);
+    if phase == "load" {
+        let (_vs1, p1, opt1) = model(n, 1);
+        anyhow::ensure!(p.flat.equal(&p1.flat), "loaded parameters differ");
+        anyhow::ensure!(
+            opt.exp_avg_sq.equal(&opt1.exp_avg_sq),
+            "loaded moments differ"
+        );
+    }
     println!(
         "{}",
-        serde_json::json!({"case": case, "url": url, "bytes": bytes,
-            "save_s": save_s, "save_extra_mib": save_mb,
-            "choose_s": choose_s, "choose_extra_mib": choose_mb,
-            "load_s": load_s, "load_extra_mib": load_mb})
+        serde_json::json!({"s": secs, "extra_mib": extra, "bytes": walk_size(url)})
     );
     Ok(())
 }
@@ -302,7 +288,8 @@ fn main() -> Result<()> {
         Err(_) => ModelConfig::preset("large")?.param_count(20_000) as i64,
     };
     if let Ok(case) = std::env::var(CASE) {
-        return run_case(&case, &std::env::var("SCFM_CKPT_BENCH_URL")?, n);
+        let phase = std::env::var("SCFM_CKPT_BENCH_PHASE")?;
+        return run_case(&case, &phase, &std::env::var("SCFM_CKPT_BENCH_URL")?, n);
     }
     let only = std::env::var("SCFM_CKPT_BENCH_ONLY").ok();
     let tmp = tempfile::tempdir()?;
@@ -335,27 +322,24 @@ fn main() -> Result<()> {
                     .to_string(),
                 _ => format!("s3://bench/{case}"),
             };
-            let out = Command::new(std::env::current_exe()?)
-                .env(CASE, case)
-                .env("SCFM_CKPT_BENCH_URL", &url)
-                .env("SCFM_CKPT_BENCH_PARAMS", n.to_string())
-                .envs(s3_env.iter().cloned())
-                .stderr(Stdio::inherit())
-                .output()?;
-            anyhow::ensure!(out.status.success(), "{case} on {store} failed");
-            let line = String::from_utf8_lossy(&out.stdout);
-            let j: serde_json::Value = serde_json::from_str(line.trim())
-                .with_context(|| format!("child output: {line}"))?;
-            let f = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
-            println!(
-                "| {case} | {store} | {:.1} | {:.0} | {:.2} | {:.0} | {:.1} | {:.0} |",
-                f("save_s"),
-                f("save_extra_mib"),
-                f("choose_s"),
-                f("choose_extra_mib"),
-                f("load_s"),
-                f("load_extra_mib")
-            );
+            let mut row = format!("| {case} | {store} |");
+            for phase in ["save", "choose", "load"] {
+                let out = Command::new(std::env::current_exe()?)
+                    .env(CASE, case)
+                    .env("SCFM_CKPT_BENCH_PHASE", phase)
+                    .env("SCFM_CKPT_BENCH_URL", &url)
+                    .env("SCFM_CKPT_BENCH_PARAMS", n.to_string())
+                    .envs(s3_env.iter().cloned())
+                    .stderr(Stdio::inherit())
+                    .output()?;
+                anyhow::ensure!(out.status.success(), "{case} {phase} on {store} failed");
+                let line = String::from_utf8_lossy(&out.stdout);
+                let j: serde_json::Value = serde_json::from_str(line.trim())
+                    .with_context(|| format!("child output: {line}"))?;
+                let f = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+                row += &format!(" {:.2} | {:.0} |", f("s"), f("extra_mib"));
+            }
+            println!("{row}");
             // Free the disk for the next case.
             if store == "local" {
                 let _ = std::fs::remove_dir_all(&url);

@@ -20,6 +20,11 @@ use tch::{Device, Tensor};
 
 use crate::error::{Result, WorkerError};
 
+// The values are copied between the tensors' memory and the files as raw bytes, which
+// are the little-endian fp32 that safetensors stores only on a little-endian machine.
+#[cfg(target_endian = "big")]
+compile_error!("checkpoint streaming assumes a little-endian machine");
+
 /// Values copied out of (or into) a tensor at a time: 4 MiB of fp32.
 pub const BLOCK_ELEMS: i64 = 1 << 20;
 
@@ -184,20 +189,15 @@ pub fn encode_part(
         },
     );
     w.write_all(&header).map_err(spill_err)?;
-    let mut vals = vec![0f32; BLOCK_ELEMS as usize];
-    let mut bytes = Vec::with_capacity(4 * BLOCK_ELEMS as usize);
+    let mut bytes = vec![0u8; 4 * BLOCK_ELEMS as usize];
     tch::no_grad(|| -> Result<()> {
         for r in order {
             let mut done = 0;
             while done < r.numel {
                 let n = BLOCK_ELEMS.min(r.numel - done);
                 let block = r.flat.narrow(0, r.offset + done, n).to_device(Device::Cpu);
-                block.f_copy_data(&mut vals[..n as usize], n as usize)?;
-                bytes.clear();
-                for v in &vals[..n as usize] {
-                    bytes.extend_from_slice(&v.to_le_bytes());
-                }
-                w.write_all(&bytes).map_err(spill_err)?;
+                block.f_copy_data_u8(&mut bytes[..4 * n as usize], n as usize)?;
+                w.write_all(&bytes[..4 * n as usize]).map_err(spill_err)?;
                 done += n;
             }
         }
@@ -370,6 +370,14 @@ struct Feed<'a> {
 }
 
 impl Feed<'_> {
+    /// Writes whole little-endian fp32 values into `t` after those already written.
+    fn write(&mut self, t: &Target, raw: &[u8]) {
+        let n = (raw.len() / 4) as i64;
+        let src = Tensor::from_data_size(raw, &[n], tch::Kind::Float).to_device(t.flat.device());
+        t.flat.narrow(0, t.offset + self.written, n).copy_(&src);
+        self.written += n;
+    }
+
     fn push(&mut self, mut bytes: &[u8]) -> std::result::Result<(), String> {
         while !bytes.is_empty() {
             while self.idx < self.spans.len() && self.pos == self.spans[self.idx].end {
@@ -381,19 +389,21 @@ impl Feed<'_> {
             };
             let k = ((span.end - self.pos) as usize).min(bytes.len());
             if let Some(t) = self.targets.get(&span.name) {
-                self.carry.extend_from_slice(&bytes[..k]);
-                let whole = self.carry.len() / 4 * 4;
-                let vals: Vec<f32> = self.carry[..whole]
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                self.carry.drain(..whole);
-                let n = vals.len() as i64;
-                if n > 0 {
-                    let src = Tensor::from_slice(&vals).to_device(t.flat.device());
-                    t.flat.narrow(0, t.offset + self.written, n).copy_(&src);
-                    self.written += n;
+                let mut chunk = &bytes[..k];
+                if !self.carry.is_empty() {
+                    let need = (4 - self.carry.len()).min(chunk.len());
+                    self.carry.extend_from_slice(&chunk[..need]);
+                    chunk = &chunk[need..];
+                    if self.carry.len() == 4 {
+                        let value = std::mem::take(&mut self.carry);
+                        self.write(t, &value);
+                    }
                 }
+                let whole = chunk.len() / 4 * 4;
+                if whole > 0 {
+                    self.write(t, &chunk[..whole]);
+                }
+                self.carry.extend_from_slice(&chunk[whole..]);
             }
             self.pos += k as u64;
             bytes = &bytes[k..];
