@@ -217,10 +217,11 @@ async fn produce_from(store: &Store, key: &str, offset: u64, tx: &Sender) -> Res
                     Some(Ok(b)) => {
                         offset += b.len() as u64;
                         block.extend_from_slice(&b);
-                        if block.len() >= READ_BLOCK
-                            && tx.send(Ok(block.split().freeze())).await.is_err()
-                        {
-                            return Ok(None);
+                        while block.len() >= READ_BLOCK {
+                            let full = block.split_to(READ_BLOCK).freeze();
+                            if tx.send(Ok(full)).await.is_err() {
+                                return Ok(None);
+                            }
                         }
                     }
                     None => {
