@@ -427,3 +427,74 @@ fn prepare_on_a_full_disk_fails_cleanly() {
         "temporary files left behind: {left:?}"
     );
 }
+
+/// On the S3 server: a 20 MiB object goes up as a multipart upload with no request over one
+/// part, and comes back once, in blocks, with the SHA-256 of what went up.
+#[test]
+fn s3_streams_large_objects_in_parts_and_reads_them_once() {
+    use scfm_common::storage::{PART_BYTES, READ_BLOCK, Store, sha256_hex};
+    use std::sync::Arc;
+    let d = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&d.path().join("s3"), "scfm");
+    scfm_common::install_crypto_provider();
+    let backend = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(format!("http://127.0.0.1:{}", s3.port))
+        .with_allow_http(true)
+        .with_bucket_name("scfm")
+        .with_region("us-east-1")
+        .with_access_key_id(S3Server::KEY)
+        .with_secret_access_key(S3Server::SECRET)
+        .build()
+        .unwrap();
+    let (store, rec) =
+        Store::from_backend(Arc::new(backend), "runs/a", "s3://scfm/runs/a").recorded();
+    let data: Vec<u8> = (0..20 << 20).map(|i: usize| (i * 31 % 253) as u8).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let copy = data.clone();
+    let put = rt
+        .block_on(
+            store.put_streamed("ckpt-000000001/model.safetensors", move || {
+                Ok(std::io::Cursor::new(copy.clone()))
+            }),
+        )
+        .unwrap();
+    assert_eq!(
+        (put.size, put.sha256.as_str()),
+        (data.len() as u64, sha256_hex(&data).as_str())
+    );
+    let seen = rec.requests();
+    assert_eq!(seen.multipart_uploads, 1, "{seen:?}");
+    assert!(
+        seen.parts >= 3 && seen.largest_payload() <= PART_BYTES,
+        "{seen:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(
+            d.path()
+                .join("s3/scfm/runs/a/ckpt-000000001/model.safetensors")
+        )
+        .unwrap()
+        .len(),
+        data.len() as u64
+    );
+    rec.reset();
+    let mut reader = store.get_streamed("ckpt-000000001/model.safetensors");
+    let back = rt
+        .block_on(async {
+            while let Some(b) = reader.next().await? {
+                assert!(b.len() <= READ_BLOCK);
+            }
+            reader.finish().await
+        })
+        .unwrap();
+    assert_eq!(back, put);
+    assert_eq!(rec.requests().gets_of("model.safetensors"), 1);
+    assert_eq!(
+        rt.block_on(store.size_opt("ckpt-000000001/model.safetensors"))
+            .unwrap(),
+        Some(data.len() as u64)
+    );
+}

@@ -3,20 +3,25 @@
 //!
 //! ```text
 //! <url>/ckpt-<step:09>/<part>        parts (model.safetensors, optimizer.safetensors)
-//! <url>/ckpt-<step:09>/state.json    {"state": …, "files": {part: sha256}}
+//! <url>/ckpt-<step:09>/state.json    {"state": …, "files": {part: sha256}, "sizes": {part: bytes}}
 //! <url>/latest.json                  {"step", "dir", "state_sha256"}, written last
 //! ```
-//! A checkpoint is used only when its `state.json` and every part match their SHA-256.
-//! [`select_verified`] tries `latest.json`'s checkpoint first, then older ones, newest
-//! first; directories newer than `latest.json` are unfinished uploads and never used.
+//! `state.json` is written only after every part was uploaded and read back matching its
+//! SHA-256, so it is a verified manifest: [`select_verified`] trusts it and checks each
+//! part's size (one HEAD request) instead of downloading the parts; the part's bytes are
+//! checked against their SHA-256 where they are read, once ([`PartReader`]). Checkpoints
+//! of older scfm releases, whose `state.json` lists no sizes, are hashed whole (streamed)
+//! when they are chosen. [`select_verified`] tries `latest.json`'s checkpoint first, then
+//! older ones, newest first; directories newer than `latest.json` are unfinished uploads
+//! and never used.
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::storage::{Store, sha256_hex};
+use crate::storage::{ObjectReader, Store, sha256_hex};
 
 /// Key of the pointer to the current checkpoint.
 pub const LATEST: &str = "latest.json";
@@ -35,13 +40,17 @@ pub struct Latest {
     pub state_sha256: String,
 }
 
-/// `state.json` of a checkpoint: the trainer's state (opaque here) and the parts' sha256.
+/// `state.json` of a checkpoint: the trainer's state (opaque here) and the parts' sha256
+/// and sizes, written after the parts were stored and read back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateFile {
     /// The trainer's state (step, data cursor, settings, …).
     pub state: serde_json::Value,
     /// sha256 of each part, by file name.
     pub files: HashMap<String, String>,
+    /// Size in bytes of each part, by file name (empty in older checkpoints).
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub sizes: HashMap<String, u64>,
 }
 
 /// Directory key of the checkpoint at `step`.
@@ -69,29 +78,41 @@ pub async fn checkpoint_dirs(store: &Store) -> Result<Vec<String>> {
     Ok(dirs)
 }
 
-/// A checkpoint whose state and parts all matched their checksums.
+/// A checkpoint whose `state.json` matched and whose parts are all present with their
+/// recorded sizes (or, for an older checkpoint without sizes, matched their SHA-256).
 #[derive(Debug, Clone)]
 pub struct Verified {
     /// Its directory key.
     pub dir: String,
     /// Its `state.json`.
     pub state: StateFile,
-    /// The parts' bytes, by file name.
-    pub parts: HashMap<String, Bytes>,
     /// Newer checkpoints passed over, each with the reason.
     pub skipped: Vec<String>,
 }
 
-/// Reads and verifies the checkpoint in `dir`; `state_sha` (from `latest.json`) is
-/// checked when given.
-pub async fn verify_dir(store: &Store, dir: &str, state_sha: Option<&str>) -> Result<Verified> {
-    let corrupt = |key: &str, message: String| Error::Corrupt {
+fn corrupt(store: &Store, key: &str, message: String) -> Error {
+    Error::Corrupt {
         url: store.url_of(key),
         message,
-    };
+    }
+}
+
+fn mismatch(got: &crate::storage::Streamed, want: &str) -> String {
+    format!(
+        "sha256 {} ({} bytes) does not match state.json's {want} (truncated or corrupt)",
+        got.sha256, got.size
+    )
+}
+
+/// Checks the checkpoint in `dir` without downloading its parts: `state.json` (against
+/// `state_sha`, from `latest.json`, when given) and each part's presence and size (HEAD
+/// requests). A checkpoint whose `state.json` records no sizes (an older scfm) has its
+/// parts hashed instead, streamed.
+pub async fn verify_dir(store: &Store, dir: &str, state_sha: Option<&str>) -> Result<Verified> {
     let state_key = format!("{dir}/state.json");
     let Some(sb) = store.get_opt(&state_key).await? else {
         return Err(corrupt(
+            store,
             &state_key,
             "missing (an unfinished checkpoint)".into(),
         ));
@@ -100,6 +121,7 @@ pub async fn verify_dir(store: &Store, dir: &str, state_sha: Option<&str>) -> Re
         && sha256_hex(&sb) != want
     {
         return Err(corrupt(
+            store,
             &state_key,
             format!(
                 "sha256 {} differs from latest.json's {want}",
@@ -107,34 +129,124 @@ pub async fn verify_dir(store: &Store, dir: &str, state_sha: Option<&str>) -> Re
             ),
         ));
     }
-    let state: StateFile =
-        serde_json::from_slice(&sb).map_err(|e| corrupt(&state_key, format!("malformed: {e}")))?;
+    let state: StateFile = serde_json::from_slice(&sb)
+        .map_err(|e| corrupt(store, &state_key, format!("malformed: {e}")))?;
     let mut names: Vec<&String> = state.files.keys().collect();
     names.sort();
-    let mut parts = HashMap::new();
     for name in names {
         let key = format!("{dir}/{name}");
-        let Some(b) = store.get_opt(&key).await? else {
-            return Err(corrupt(&key, "missing".into()));
-        };
-        let (got, want) = (sha256_hex(&b), &state.files[name]);
-        if &got != want {
-            return Err(corrupt(
-                &key,
-                format!(
-                    "sha256 {got} ({} bytes) does not match state.json's {want} (truncated or corrupt)",
-                    b.len()
-                ),
-            ));
+        match state.sizes.get(name) {
+            Some(&want) => match store.size_opt(&key).await? {
+                None => return Err(corrupt(store, &key, "missing".into())),
+                Some(got) if got != want => {
+                    return Err(corrupt(
+                        store,
+                        &key,
+                        format!(
+                            "{got} bytes, but state.json records {want} (truncated or overwritten)"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            },
+            None => {
+                let got = open_part(store, dir, &state, name)?.reader.finish().await;
+                let got = match got {
+                    Err(Error::Store {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => return Err(corrupt(store, &key, "missing".into())),
+                    r => r?,
+                };
+                if got.sha256 != state.files[name] {
+                    return Err(corrupt(store, &key, mismatch(&got, &state.files[name])));
+                }
+            }
         }
-        parts.insert(name.clone(), b);
     }
     Ok(Verified {
         dir: dir.to_string(),
         state,
-        parts,
         skipped: Vec::new(),
     })
+}
+
+/// A part of a checkpoint being read once, in blocks, and checked against `state.json`
+/// as it is read ([`open_part`]).
+#[derive(Debug)]
+pub struct PartReader {
+    reader: ObjectReader,
+    sha256: String,
+    size: Option<u64>,
+    read: u64,
+}
+
+/// Starts reading the part `name` of the checkpoint in `dir` whose `state.json` is
+/// `state`; an error when `state.json` does not list it.
+pub fn open_part(store: &Store, dir: &str, state: &StateFile, name: &str) -> Result<PartReader> {
+    let Some(sha) = state.files.get(name) else {
+        return Err(corrupt(
+            store,
+            &format!("{dir}/state.json"),
+            format!("lists no {name}"),
+        ));
+    };
+    Ok(PartReader {
+        reader: store.get_streamed(&format!("{dir}/{name}")),
+        sha256: sha.clone(),
+        size: state.sizes.get(name).copied(),
+        read: 0,
+    })
+}
+
+impl PartReader {
+    /// The next block of the part; `None` at its end, once its size and SHA-256 matched
+    /// `state.json` (an error naming the part when they do not).
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        let url = self.reader.url().to_string();
+        let err = |message: String| Error::Corrupt {
+            url: url.clone(),
+            message,
+        };
+        match self.reader.next().await {
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Err(err("missing".into())),
+            Err(e) => Err(e),
+            Ok(Some(b)) => {
+                self.read += b.len() as u64;
+                match self.size {
+                    Some(want) if self.read > want => Err(err(format!(
+                        "longer than the {want} bytes state.json records"
+                    ))),
+                    _ => Ok(Some(b)),
+                }
+            }
+            Ok(None) => {
+                let got = self.reader.finish().await?;
+                if got.sha256 != self.sha256 {
+                    return Err(err(mismatch(&got, &self.sha256)));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The part's URL.
+    pub fn url(&self) -> &str {
+        self.reader.url()
+    }
+
+    /// Reads the whole part into memory, checked (for small parts, and for inference,
+    /// which needs the model whole).
+    pub async fn read_all(mut self) -> Result<Bytes> {
+        let mut all = BytesMut::with_capacity(self.size.unwrap_or(0) as usize);
+        while let Some(b) = self.next().await? {
+            all.extend_from_slice(&b);
+        }
+        Ok(all.freeze())
+    }
 }
 
 /// The newest checkpoint that verifies: `latest.json`'s, else the previous ones, newest
@@ -278,14 +390,28 @@ mod tests {
     use super::*;
 
     async fn put_ckpt(store: &Store, step: u64, model: &[u8]) -> Latest {
+        put_ckpt_sized(store, step, model, false).await
+    }
+
+    /// A checkpoint with one part, `model.bin`, written streamed; `state.json` records its
+    /// size when `sized` (an older scfm's does not).
+    async fn put_ckpt_sized(store: &Store, step: u64, model: &[u8], sized: bool) -> Latest {
         let dir = dir_for(step);
-        store
-            .put(&format!("{dir}/model.bin"), Bytes::copy_from_slice(model))
+        let bytes = model.to_vec();
+        let put = store
+            .put_streamed(&format!("{dir}/model.bin"), move || {
+                Ok(std::io::Cursor::new(bytes.clone()))
+            })
             .await
             .unwrap();
+        assert_eq!(put.sha256, sha256_hex(model));
         let sf = StateFile {
             state: serde_json::json!({"step": step}),
-            files: HashMap::from([("model.bin".to_string(), sha256_hex(model))]),
+            files: HashMap::from([("model.bin".to_string(), put.sha256)]),
+            sizes: match sized {
+                true => HashMap::from([("model.bin".to_string(), put.size)]),
+                false => HashMap::new(),
+            },
         };
         let sb = serde_json::to_vec(&sf).unwrap();
         let l = Latest {
@@ -316,7 +442,8 @@ mod tests {
         std::fs::write(d.path().join("ckpt-000000020/model.bin"), b"twen").unwrap();
         let v = select_verified(&s).await.unwrap().unwrap();
         assert_eq!(v.dir, dir_for(10));
-        assert_eq!(&v.parts["model.bin"][..], b"ten");
+        let part = open_part(&s, &v.dir, &v.state, "model.bin").unwrap();
+        assert_eq!(&part.read_all().await.unwrap()[..], b"ten");
         assert!(
             v.skipped[0].contains("ckpt-000000020/model.bin"),
             "{:?}",
@@ -342,6 +469,67 @@ mod tests {
         assert!(select_verified(&s).await.unwrap().is_none());
         assert!(s.list("metrics").await.unwrap().is_empty());
     }
+
+    /// A part larger than one upload part is never sent whole, choosing the checkpoint
+    /// downloads no part, and reading it downloads it once, checking it as it passes.
+    #[tokio::test]
+    async fn parts_stream_in_bounded_requests_and_are_read_once() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, rec) = Store::open(d.path().to_str().unwrap()).unwrap().recorded();
+        let model: Vec<u8> = (0..(2 * crate::storage::PART_BYTES + 12345))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        put_ckpt_sized(&s, 10, b"ten", true).await;
+        put_ckpt_sized(&s, 20, &model, true).await;
+        let seen = rec.requests();
+        assert_eq!(seen.multipart_uploads, 1, "{seen:?}");
+        assert!(
+            seen.largest_payload() <= crate::storage::PART_BYTES,
+            "{seen:?}"
+        );
+        rec.reset();
+        let v = select_verified(&s).await.unwrap().unwrap();
+        assert_eq!(v.dir, dir_for(20));
+        let seen = rec.requests();
+        assert_eq!(seen.gets_of("model.bin"), 0, "{seen:?}");
+        let mut part = open_part(&s, &v.dir, &v.state, "model.bin").unwrap();
+        let mut n = 0;
+        while let Some(b) = part.next().await.unwrap() {
+            assert!(b.len() <= crate::storage::READ_BLOCK);
+            n += b.len();
+        }
+        assert_eq!(n, model.len());
+        assert_eq!(rec.requests().gets_of("ckpt-000000020/model.bin"), 1);
+        // The same size with other bytes: found where it is read, naming the part.
+        let path = d.path().join("ckpt-000000020/model.bin");
+        let mut bad = model.clone();
+        bad[PART_MID] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let v = select_verified(&s).await.unwrap().unwrap();
+        let e = open_part(&s, &v.dir, &v.state, "model.bin")
+            .unwrap()
+            .read_all()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ckpt-000000020/model.bin") && e.contains("does not match"),
+            "{e}"
+        );
+        // Truncated: its size gives it away without a download; step 10 is chosen.
+        std::fs::write(&path, &model[..1000]).unwrap();
+        rec.reset();
+        let v = select_verified(&s).await.unwrap().unwrap();
+        assert_eq!(v.dir, dir_for(10));
+        assert!(
+            v.skipped[0].contains("1000 bytes, but state.json records"),
+            "{:?}",
+            v.skipped
+        );
+        assert_eq!(rec.requests().gets_of(".bin"), 0);
+    }
+
+    const PART_MID: usize = crate::storage::PART_BYTES + 3;
 
     #[test]
     fn json_diff_names_changed_fields() {

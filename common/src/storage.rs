@@ -31,6 +31,11 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+pub mod recording;
+mod stream;
+
+pub use stream::{BLOCKS_AHEAD, ObjectReader, PART_BYTES, PARTS_IN_FLIGHT, READ_BLOCK, Streamed};
+
 /// A place to put and get objects.
 #[derive(Clone)]
 pub struct Store {
@@ -431,6 +436,17 @@ impl Store {
             local: None,
             window: default_retry_window(),
         }
+    }
+
+    /// The same store seen through a [`recording::Recording`] of its backend (tests and
+    /// benchmarks count its requests with the handle returned).
+    pub fn recorded(&self) -> (Store, Arc<recording::Recording>) {
+        let rec = Arc::new(recording::Recording::new(self.inner.clone()));
+        let store = Store {
+            inner: rec.clone(),
+            ..self.clone()
+        };
+        (store, rec)
     }
 
     /// The same store with another retry window (e.g. a short one for best-effort

@@ -7,26 +7,35 @@
 //! ckpt-<step:09>/state.json             step, data cursor, RNG seed, digests, sha256 of each part
 //! latest.json                           {"step", "dir", "state_sha256"}, written last
 //! ```
-//! Every part is uploaded and read back for its checksum before `state.json`, and
+//! Every part is uploaded (streamed, a multipart upload) and read back (streamed) for its
+//! checksum before `state.json`, which records each part's SHA-256 and size, and
 //! `latest.json` is written only after that, so a crash mid-save leaves the previous
-//! checkpoint current. Saving is two halves: [`encode`] copies the tensors on the training
-//! thread (fast), [`upload`] stores them (slow; run in the background by
-//! [`crate::upload::Uploader`]). Which checkpoint a resume uses is decided by
-//! [`scfm_common::checkpoint::select_verified`]: the newest that verifies.
+//! checkpoint current. Saving is two halves: [`Snapshot::encode`] writes the tensors in
+//! blocks into spill files (next to training), [`upload`] streams those to the store
+//! (slow; run in the background by [`crate::upload::Uploader`]); neither holds the encoded
+//! model in memory. Which checkpoint a resume uses is decided by
+//! [`scfm_common::checkpoint::select_verified`] (the newest whose manifest and part sizes
+//! check out); [`load_into`] then reads each part once, streamed into the tensors, and
+//! checks its SHA-256 as it reads.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
 use safetensors::tensor::{Dtype, TensorView};
-use scfm_common::checkpoint::{LATEST, StateFile, Verified, checkpoint_dirs, verify_dir};
+use scfm_common::checkpoint::{LATEST, StateFile, Verified, checkpoint_dirs, open_part};
 pub use scfm_common::checkpoint::{Latest, dir_for};
-use scfm_common::storage::{Store, sha256_hex};
+use scfm_common::storage::Store;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::error::{Result, WorkerError};
 use crate::optim::AdamW;
 use crate::params::{FlatParams, Slot};
+
+mod stream;
+
+pub use stream::{BLOCK_ELEMS, Body, Part};
+use stream::{Range, Target, encode_part, read_part_into};
 
 /// Everything besides tensors that a resume needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,14 +135,15 @@ pub fn safetensors_to_vecs(bytes: &[u8], what: &str) -> Result<NamedVecs> {
     Ok(out)
 }
 
-fn slot_tensors(slots: &[Slot], flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
+fn slot_ranges(slots: &[Slot], flat: &Tensor, prefix: &str) -> Vec<Range> {
     slots
         .iter()
-        .map(|s| {
-            (
-                format!("{prefix}{}", s.name),
-                flat.narrow(0, s.offset, s.numel).view(s.shape.as_slice()),
-            )
+        .map(|s| Range {
+            name: format!("{prefix}{}", s.name),
+            flat: flat.shallow_clone(),
+            offset: s.offset,
+            numel: s.numel,
+            shape: s.shape.iter().map(|&d| d as usize).collect(),
         })
         .collect()
 }
@@ -141,15 +151,15 @@ fn slot_tensors(slots: &[Slot], flat: &Tensor, prefix: &str) -> Vec<(String, Ten
 /// The checkpoint part holding the gene vocabulary (`token_id  gene_id  gene_symbol`).
 pub const VOCAB_PART: &str = "vocab.tsv";
 
-/// A checkpoint serialized in memory, ready to upload.
+/// A checkpoint serialized (the tensors into spill files), ready to upload.
 #[derive(Debug, Clone)]
 pub struct Encoded {
     /// Its directory key.
     pub dir: String,
     /// Its state.
     pub state: TrainState,
-    /// Parts by file name.
-    pub parts: Vec<(String, Bytes)>,
+    /// Its parts.
+    pub parts: Vec<Part>,
 }
 
 /// The tensors and state a checkpoint is made of, shared with training (no copy): the
@@ -193,7 +203,8 @@ impl Snapshot {
         self
     }
 
-    /// Serializes it (copies the tensors out).
+    /// Serializes it: the tensors are copied out in blocks of [`BLOCK_ELEMS`] values into
+    /// spill files (anonymous temporary files in `TMPDIR`, gone with the last handle).
     pub fn encode(&self) -> Result<Encoded> {
         let mut enc = encode_parts(
             &self.slots,
@@ -202,7 +213,7 @@ impl Snapshot {
             &self.state,
         )?;
         if let Some(v) = &self.vocab {
-            enc.parts.push((VOCAB_PART.into(), v.clone()));
+            enc.parts.push(Part::memory(VOCAB_PART, v.clone()));
         }
         Ok(enc)
     }
@@ -220,25 +231,29 @@ fn encode_parts(
     let scfm =
         serde_json::json!({"model": state.model, "n_genes": state.n_genes, "step": state.step});
     let meta = HashMap::from([("scfm".to_string(), scfm.to_string())]);
-    let model = tensors_to_safetensors(&slot_tensors(slots, flat, ""), Some(meta))?;
-    let mut opt_named = slot_tensors(slots, exp_avg, "exp_avg.");
-    opt_named.extend(slot_tensors(slots, exp_avg_sq, "exp_avg_sq."));
-    let optim = tensors_to_safetensors(
-        &opt_named,
+    let model = encode_part(
+        "model.safetensors",
+        &slot_ranges(slots, flat, ""),
+        Some(meta),
+    )?;
+    let mut opt_ranges = slot_ranges(slots, exp_avg, "exp_avg.");
+    opt_ranges.extend(slot_ranges(slots, exp_avg_sq, "exp_avg_sq."));
+    let optim = encode_part(
+        "optimizer.safetensors",
+        &opt_ranges,
         Some(HashMap::from([("step".to_string(), opt_step.to_string())])),
     )?;
     Ok(Encoded {
         dir: dir_for(state.step),
         state: state.clone(),
-        parts: vec![
-            ("model.safetensors".into(), Bytes::from(model)),
-            ("optimizer.safetensors".into(), Bytes::from(optim)),
-        ],
+        parts: vec![model, optim],
     })
 }
 
-/// Uploads an encoded checkpoint: every part, read back and verified; then `state.json`;
-/// then `latest.json`. Returns the directory key.
+/// Uploads an encoded checkpoint: every part streamed (a multipart upload in parts of
+/// [`scfm_common::storage::PART_BYTES`]), read back streamed and verified; then
+/// `state.json` with the parts' SHA-256 and sizes; then `latest.json`. Returns the
+/// directory key.
 ///
 /// If a part or `state.json` cannot be written (a full disk, a refused upload), what was
 /// written of this checkpoint is deleted again (best effort), so nothing half-written
@@ -308,26 +323,40 @@ pub async fn try_upload(
 async fn upload_files(store: &Store, enc: &Encoded, written: &mut Vec<String>) -> Result<String> {
     let dir = &enc.dir;
     let mut files = HashMap::new();
-    for (name, bytes) in &enc.parts {
-        let key = format!("{dir}/{name}");
-        let sha = sha256_hex(bytes);
-        store.put(&key, bytes.clone()).await?;
+    let mut sizes = HashMap::new();
+    for part in &enc.parts {
+        let key = format!("{dir}/{}", part.name);
+        let put = store.put_streamed(&key, part.opener()).await?;
         written.push(key.clone());
-        let back = store.get(&key).await?;
-        if sha256_hex(&back) != sha {
+        if put.sha256 != part.sha256 || put.size != part.size {
             return Err(WorkerError::Checkpoint {
                 url: store.url_of(&key),
-                message: "read-back checksum differs from what was written".into(),
+                message: format!(
+                    "the bytes uploaded (sha256 {}, {} bytes) are not those encoded (sha256 {}, {} bytes): the spill file changed",
+                    put.sha256, put.size, part.sha256, part.size
+                ),
             });
         }
-        files.insert(name.clone(), sha);
+        let back = store.get_streamed(&key).finish().await?;
+        if back != put {
+            return Err(WorkerError::Checkpoint {
+                url: store.url_of(&key),
+                message: format!(
+                    "read-back checksum differs from what was written (sha256 {}, {} bytes read back)",
+                    back.sha256, back.size
+                ),
+            });
+        }
+        files.insert(part.name.clone(), put.sha256);
+        sizes.insert(part.name.clone(), put.size);
     }
     let state_bytes = serde_json::to_vec_pretty(&StateFile {
         state: serde_json::to_value(&enc.state).expect("state serializes"),
         files,
+        sizes,
     })
     .expect("state serializes");
-    let state_sha = sha256_hex(&state_bytes);
+    let state_sha = scfm_common::storage::sha256_hex(&state_bytes);
     let key = format!("{dir}/state.json");
     store.put(&key, Bytes::from(state_bytes)).await?;
     written.push(key);
@@ -344,19 +373,6 @@ pub async fn save(
     upload(store, &Snapshot::of(params, opt, state).encode()?).await
 }
 
-/// A verified checkpoint read back from storage.
-#[derive(Debug)]
-pub struct Loaded {
-    /// Its state.
-    pub state: TrainState,
-    /// Parameters by name.
-    pub model: NamedVecs,
-    /// Optimizer moments by `exp_avg.<name>` / `exp_avg_sq.<name>`.
-    pub optimizer: NamedVecs,
-    /// Optimizer step count.
-    pub opt_step: u64,
-}
-
 /// Reads `latest.json`, if any.
 pub async fn latest(store: &Store) -> Result<Option<Latest>> {
     match store.get_opt(LATEST).await? {
@@ -370,86 +386,58 @@ pub async fn latest(store: &Store) -> Result<Option<Latest>> {
     }
 }
 
-/// Loads and verifies the checkpoint in `dir` (checksums of every part).
-pub async fn load(store: &Store, dir: &str, expect_state_sha: Option<&str>) -> Result<Loaded> {
-    let v = verify_dir(store, dir, expect_state_sha).await?;
-    decode(store, v)
-}
-
-/// Decodes a verified checkpoint.
-pub fn decode(store: &Store, v: Verified) -> Result<Loaded> {
-    let dir = v.dir.as_str();
-    let err = |key: &str, message: String| WorkerError::Checkpoint {
-        url: store.url_of(key),
-        message,
-    };
-    let state_key = format!("{dir}/state.json");
-    let state: TrainState = serde_json::from_value(v.state.state.clone())
-        .map_err(|e| err(&state_key, format!("malformed state: {e}")))?;
-    let part = |name: &str| {
-        v.parts
-            .get(name)
-            .ok_or_else(|| err(&state_key, format!("lists no {name}")))
-    };
-    let opt_bytes = part("optimizer.safetensors")?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(opt_bytes).map_err(|e| err(dir, e.to_string()))?;
-    let opt_step = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("step"))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| err(dir, "optimizer.safetensors has no `step` metadata".into()))?;
-    Ok(Loaded {
-        model: safetensors_to_vecs(
-            part("model.safetensors")?,
-            &store.url_of(&format!("{dir}/model.safetensors")),
-        )?,
-        optimizer: safetensors_to_vecs(
-            opt_bytes,
-            &store.url_of(&format!("{dir}/optimizer.safetensors")),
-        )?,
-        opt_step,
-        state,
+/// The trainer's state in a checkpoint's `state.json`.
+pub fn state_of(store: &Store, v: &Verified) -> Result<TrainState> {
+    serde_json::from_value(v.state.state.clone()).map_err(|e| WorkerError::Checkpoint {
+        url: store.url_of(&format!("{}/state.json", v.dir)),
+        message: format!("malformed state: {e}"),
     })
 }
 
-/// Copies a loaded checkpoint's tensors into the flat buffers; every parameter must be
-/// present with its shape.
-pub fn restore(loaded: &Loaded, params: &FlatParams, opt: &mut AdamW) -> Result<()> {
-    let n = params.numel() as usize;
-    let mut p = vec![0f32; n];
-    let mut m = vec![0f32; n];
-    let mut v = vec![0f32; n];
-    for s in &params.slots {
-        let want: Vec<usize> = s.shape.iter().map(|&d| d as usize).collect();
-        for (map, key, dst) in [
-            (&loaded.model, s.name.clone(), &mut p),
-            (&loaded.optimizer, format!("exp_avg.{}", s.name), &mut m),
-            (&loaded.optimizer, format!("exp_avg_sq.{}", s.name), &mut v),
-        ] {
-            let (shape, vals) = map.get(&key).ok_or_else(|| WorkerError::Checkpoint {
-                url: key.clone(),
-                message: "missing from checkpoint".into(),
-            })?;
-            if shape != &want {
-                return Err(WorkerError::Checkpoint {
-                    url: key,
-                    message: format!("shape {shape:?} but model has {want:?}"),
-                });
-            }
-            dst[s.offset as usize..(s.offset + s.numel) as usize].copy_from_slice(vals);
-        }
-    }
-    params.load_vec(&p);
-    tch::no_grad(|| {
-        opt.exp_avg
-            .copy_(&Tensor::from_slice(&m).to_device(params.device()));
-        opt.exp_avg_sq
-            .copy_(&Tensor::from_slice(&v).to_device(params.device()));
-    });
-    opt.step = loaded.opt_step;
-    Ok(())
+fn targets(slots: &[Slot], flat: &Tensor, prefix: &str) -> HashMap<String, Target> {
+    slots
+        .iter()
+        .map(|s| {
+            (
+                format!("{prefix}{}", s.name),
+                Target {
+                    flat: flat.shallow_clone(),
+                    offset: s.offset,
+                    shape: s.shape.iter().map(|&d| d as usize).collect(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Loads the checkpoint `v` (chosen by
+/// [`scfm_common::checkpoint::select_verified`] or checked by
+/// [`scfm_common::checkpoint::verify_dir`]) into the flat parameters and AdamW's moments
+/// and step; returns its state. Each part is downloaded once, in blocks written straight
+/// into the tensors, and checked against its SHA-256 and size as it is read; every
+/// parameter must be present with its shape (checked before any value is written). On an
+/// error (naming the part) the tensors may hold a mix of old and new values.
+pub async fn load_into(
+    store: &Store,
+    v: &Verified,
+    params: &FlatParams,
+    opt: &mut AdamW,
+) -> Result<TrainState> {
+    let state = state_of(store, v)?;
+    let mut part = open_part(store, &v.dir, &v.state, "model.safetensors")?;
+    read_part_into(&mut part, &targets(&params.slots, &params.flat, "")).await?;
+    let mut want = targets(&params.slots, &opt.exp_avg, "exp_avg.");
+    want.extend(targets(&params.slots, &opt.exp_avg_sq, "exp_avg_sq."));
+    let mut part = open_part(store, &v.dir, &v.state, "optimizer.safetensors")?;
+    let meta = read_part_into(&mut part, &want).await?;
+    opt.step = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| WorkerError::Checkpoint {
+            url: part.url().to_string(),
+            message: "has no `step` metadata".into(),
+        })?;
+    Ok(state)
 }
 
 /// Deletes all but the newest `keep_last` checkpoints and `keep_also` (the best).
@@ -476,10 +464,15 @@ pub(crate) mod tests {
 
     /// A two-tensor model with an updated optimizer and a state at step 7.
     pub(crate) fn setup() -> (nn::VarStore, FlatParams, AdamW, TrainState) {
+        setup_with(&[3, 2])
+    }
+
+    /// [`setup`] with a weight of shape `weight`.
+    fn setup_with(weight: &[i64]) -> (nn::VarStore, FlatParams, AdamW, TrainState) {
         let vs = nn::VarStore::new(Device::Cpu);
         let _a = (&vs.root() / "layer").var(
             "weight",
-            &[3, 2],
+            weight,
             nn::Init::Randn {
                 mean: 0.0,
                 stdev: 1.0,
@@ -517,26 +510,42 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn save_load_restore_roundtrip_and_corruption_is_detected() {
+        use scfm_common::checkpoint::verify_dir;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().to_str().unwrap()).unwrap();
         let (_vs, p, opt, state) = setup();
         let d = save(&store, &p, &opt, &state).await.unwrap();
         let latest = latest(&store).await.unwrap().unwrap();
         assert_eq!((latest.step, latest.dir.as_str()), (7, d.as_str()));
-        let loaded = load(&store, &d, Some(&latest.state_sha256)).await.unwrap();
-        assert_eq!(loaded.state, state);
-        assert_eq!(loaded.opt_step, 1);
-        let (_vs2, p2, mut opt2, _) = setup();
-        let _ = p2.flat.shallow_clone().fill_(0.0);
-        restore(&loaded, &p2, &mut opt2).unwrap();
-        assert_eq!(p2.to_vec(), p.to_vec());
-        assert!(opt2.exp_avg_sq.equal(&opt.exp_avg_sq) && opt2.step == 1);
-
-        // A truncated part fails its checksum and names the file.
+        // The bytes are those safetensors::serialize writes for the same tensors.
+        let named: Vec<(String, Tensor)> = p
+            .slots
+            .iter()
+            .map(|s| (s.name.clone(), p.view(s)))
+            .collect();
+        let scfm =
+            serde_json::json!({"model": state.model, "n_genes": state.n_genes, "step": state.step});
+        let meta = HashMap::from([("scfm".to_string(), scfm.to_string())]);
         let path = dir.path().join(&d).join("model.safetensors");
         let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
-        let e = load(&store, &d, Some(&latest.state_sha256))
+        assert_eq!(bytes, tensors_to_safetensors(&named, Some(meta)).unwrap());
+        let v = verify_dir(&store, &d, Some(&latest.state_sha256))
+            .await
+            .unwrap();
+        let (_vs2, p2, mut opt2, _) = setup();
+        let _ = p2.flat.shallow_clone().fill_(0.0);
+        let loaded = load_into(&store, &v, &p2, &mut opt2).await.unwrap();
+        assert_eq!(loaded, state);
+        assert_eq!(p2.to_vec(), p.to_vec());
+        assert!(opt2.exp_avg_sq.equal(&opt.exp_avg_sq) && opt2.exp_avg.equal(&opt.exp_avg));
+        assert_eq!(opt2.step, 1);
+
+        // Other bytes of the same size fail their checksum where they are read, naming
+        // the part.
+        let mut bad = bytes.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let e = load_into(&store, &v, &p2, &mut opt2)
             .await
             .unwrap_err()
             .to_string();
@@ -544,12 +553,55 @@ pub(crate) mod tests {
             e.contains("model.safetensors") && e.contains("does not match"),
             "{e}"
         );
+        // A truncated part fails its size check without being downloaded.
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        let e = verify_dir(&store, &d, Some(&latest.state_sha256))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("state.json records"),
+            "{e}"
+        );
         // A state.json that is not the one latest.json names is refused.
-        let e = load(&store, &d, Some("0000"))
+        let e = verify_dir(&store, &d, Some("0000"))
             .await
             .unwrap_err()
             .to_string();
         assert!(e.contains("differs from latest.json"), "{e}");
+    }
+
+    /// A checkpoint larger than one upload part: no request carries more than a part,
+    /// choosing it downloads no part, and loading it downloads each part once.
+    #[tokio::test]
+    async fn a_large_checkpoint_streams_in_parts_and_each_part_is_read_once() {
+        use scfm_common::checkpoint::select_verified;
+        use scfm_common::storage::PART_BYTES;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rec) = Store::open(dir.path().to_str().unwrap())
+            .unwrap()
+            .recorded();
+        // 3 M values: a 12 MB model part and a 24 MB optimizer part.
+        let (_vs, p, opt, state) = setup_with(&[3000, 1000]);
+        let d = save(&store, &p, &opt, &state).await.unwrap();
+        let seen = rec.requests();
+        assert!(seen.multipart_uploads >= 2, "{seen:?}");
+        assert!(seen.largest_payload() <= PART_BYTES, "{seen:?}");
+        let size = std::fs::metadata(dir.path().join(&d).join("optimizer.safetensors"))
+            .unwrap()
+            .len();
+        assert!(size > 2 * PART_BYTES as u64, "{size}");
+        rec.reset();
+        let v = select_verified(&store).await.unwrap().unwrap();
+        assert_eq!(rec.requests().gets_of(".safetensors"), 0);
+        let (_vs2, p2, mut opt2, _) = setup_with(&[3000, 1000]);
+        load_into(&store, &v, &p2, &mut opt2).await.unwrap();
+        let seen = rec.requests();
+        for part in ["model.safetensors", "optimizer.safetensors"] {
+            assert_eq!(seen.gets_of(&format!("{d}/{part}")), 1, "{part}: {seen:?}");
+        }
+        assert_eq!(p2.to_vec(), p.to_vec());
+        assert!(opt2.exp_avg_sq.equal(&opt.exp_avg_sq));
     }
 
     #[test]

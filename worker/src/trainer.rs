@@ -385,9 +385,9 @@ impl Trainer {
                 })?,
         };
         let dir = verified.dir.clone();
-        let loaded = checkpoint::decode(&self.store, verified)?;
-        if loaded.state.config_digest != self.state.config_digest {
-            let diff = json_diff("", &loaded.state.settings, &self.state.settings);
+        let stored = checkpoint::state_of(&self.store, &verified)?;
+        if stored.config_digest != self.state.config_digest {
+            let diff = json_diff("", &stored.settings, &self.state.settings);
             return Err(WorkerError::Checkpoint {
                 url: self.store.url_of(&dir),
                 message: format!(
@@ -401,8 +401,12 @@ impl Trainer {
             });
         }
         self.wait_snapshot();
-        checkpoint::restore(&loaded, &self.params, &mut self.opt)?;
-        self.state = loaded.state;
+        self.state = self.rt.block_on(checkpoint::load_into(
+            &self.store,
+            &verified,
+            &self.params,
+            &mut self.opt,
+        ))?;
         self.uploader.set_current(Some(self.store.url_of(&dir)));
         if self.log.is_some() {
             self.best = self

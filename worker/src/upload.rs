@@ -12,7 +12,7 @@
 //! verified), `state.json`, then `latest.json`, then the metrics log's new lines and retention — so if
 //! it fails, `latest.json` still names the checkpoint before it. A checkpoint handed over
 //! while another is being uploaded waits; a newer one supersedes it (at most two encoded
-//! checkpoints are held: the one being uploaded and the newest waiting). A failed upload
+//! checkpoints are held, in spill files: the one being uploaded and the newest waiting). A failed upload
 //! (each store operation was retried for the store's retry window first) is retried as a
 //! whole in the background, with backoff, until it lands or a newer checkpoint supersedes
 //! it; training is not held up. A failure that time does not cure (a full disk, a refused

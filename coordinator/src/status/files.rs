@@ -202,6 +202,7 @@ mod tests {
             let sf = StateFile {
                 state: serde_json::json!({"step": c, "epoch": 3, "position": 0, "val_loss": 4.75}),
                 files: HashMap::new(),
+                sizes: HashMap::new(),
             };
             let sb = serde_json::to_vec(&sf).unwrap();
             let l = Latest {

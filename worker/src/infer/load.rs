@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use scfm_common::checkpoint::{select_verified, step_of, verify_dir};
+use scfm_common::checkpoint::{open_part, select_verified, step_of, verify_dir};
 use scfm_common::config::ModelConfig;
 use scfm_common::data::prepared::{VocabEntry, parse_vocab_tsv};
 use scfm_common::runtime::Rt;
@@ -113,7 +113,13 @@ impl ModelBundle {
         let cfg: ModelConfig = serde_json::from_value(state.model.clone())
             .map_err(|e| ckpt_err(&state_url, format!("malformed model config: {e}")))?;
         let target_sum = state.settings["data"]["target_sum"].as_f64().unwrap_or(1e4);
-        let vocab = match (verified.parts.get(VOCAB_PART), vocab) {
+        let read =
+            |name: &str| rt.block_on(open_part(&store, &dir, &verified.state, name)?.read_all());
+        let stored_vocab = match vocab.is_none() && verified.state.files.contains_key(VOCAB_PART) {
+            true => Some(read(VOCAB_PART)?),
+            false => None,
+        };
+        let vocab = match (stored_vocab.as_ref(), vocab) {
             (_, Some(file)) => read_vocab_file(file)?,
             (Some(b), None) => parse_vocab_tsv(
                 &String::from_utf8_lossy(b),
@@ -127,11 +133,8 @@ impl ModelBundle {
             }
         };
         let model_url = store.url_of(&format!("{dir}/model.safetensors"));
-        let bytes = verified
-            .parts
-            .get("model.safetensors")
-            .ok_or_else(|| ckpt_err(&state_url, "lists no model.safetensors"))?;
-        let named = safetensors_to_vecs(bytes, &model_url)?;
+        let bytes = read("model.safetensors")?;
+        let named = safetensors_to_vecs(&bytes, &model_url)?;
         let mut b = Self::build(&cfg, vocab, target_sum, device, 0)?;
         if b.vocab.len() != state.n_genes {
             return Err(ckpt_err(
@@ -144,7 +147,7 @@ impl ModelBundle {
             ));
         }
         load_weights(&b.vs, &named, &model_url)?;
-        b.digest = sha256_hex(bytes);
+        b.digest = sha256_hex(&bytes);
         b.step = state.step;
         b.origin = store.url_of(&dir);
         b.settings = state.settings.clone();
