@@ -449,10 +449,7 @@ fn s3_streams_large_objects_in_parts_and_reads_them_once() {
     let (store, rec) =
         Store::from_backend(Arc::new(backend), "runs/a", "s3://scfm/runs/a").recorded();
     let data: Vec<u8> = (0..20 << 20).map(|i: usize| (i * 31 % 253) as u8).collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = scfm_common::runtime::Rt::new().unwrap();
     let copy = data.clone();
     let put = rt
         .block_on(

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStoreExt, WriteMultipart};
 use sha2::{Digest, Sha256};
 
-use super::{Store, io_runtime, transient};
+use super::{Store, io_handle, transient};
 use crate::error::{Error, Result};
 
 /// The size of one part of a multipart upload (S3 wants at least 5 MiB but the last).
@@ -158,7 +158,7 @@ impl Store {
         let (tx, rx) = tokio::sync::mpsc::channel(BLOCKS_AHEAD);
         let store = self.clone();
         let key_owned = key.to_string();
-        io_runtime().spawn(async move { produce(store, key_owned, tx).await });
+        io_handle().spawn(async move { produce(store, key_owned, tx).await });
         ObjectReader {
             rx,
             hasher: Sha256::new(),
