@@ -6,30 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use scfm_tests::{TINY, bin, launch_coordinator, wait_exit, write_manifest};
-
-/// Waits for a log line containing `needle`, keeping every line seen.
-fn wait_log(
-    log: &std::sync::mpsc::Receiver<String>,
-    seen: &mut Vec<String>,
-    needle: &str,
-    timeout: Duration,
-) {
-    let end = Instant::now() + timeout;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        let line = log
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no `{needle}` within {timeout:?}:\n{}", seen.join("\n")));
-        let hit = line.contains(needle);
-        seen.push(line);
-        if hit {
-            return;
-        }
-    }
-}
+use scfm_tests::{TINY, bin, launch_coordinator, wait_exit, wait_log, write_manifest};
 
 /// The names of the threads of process `pid`, with how many carry each.
 fn thread_names(pid: u32) -> BTreeMap<String, usize> {

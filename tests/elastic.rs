@@ -8,28 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use scfm_tests::{TINY, bin, launch_coordinator, metric_steps, wait_exit, write_manifest};
-
-/// Waits for a coordinator log line containing `needle`, keeping every line seen.
-fn wait_log(
-    log: &std::sync::mpsc::Receiver<String>,
-    seen: &mut Vec<String>,
-    needle: &str,
-    timeout: Duration,
-) {
-    let end = Instant::now() + timeout;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        let line = log
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no `{needle}` within {timeout:?}:\n{}", seen.join("\n")));
-        let hit = line.contains(needle);
-        seen.push(line);
-        if hit {
-            return;
-        }
-    }
-}
+use scfm_tests::{
+    TINY, bin, launch_coordinator, metric_steps, wait_exit, wait_log, write_manifest,
+};
 
 /// The manifest of an elastic job (2 to 3 workers, 16 cells per worker and step, the tiny
 /// model) with `length` (`epochs` or `max_steps`); returns the checkpoint dir and manifest.

@@ -148,6 +148,28 @@ pub fn lines(
     (rx, h)
 }
 
+/// Waits up to `timeout` for a line of `log` containing `needle`, keeping every line seen
+/// in `seen` (the panic message shows them).
+pub fn wait_log(
+    log: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    needle: &str,
+    timeout: Duration,
+) {
+    let end = Instant::now() + timeout;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no `{needle}` within {timeout:?}:\n{}", seen.join("\n")));
+        let hit = line.contains(needle);
+        seen.push(line);
+        if hit {
+            return;
+        }
+    }
+}
+
 /// Waits for `child` to exit; kills it and panics (naming `what`) after `timeout`.
 pub fn wait_exit(
     child: &mut std::process::Child,
