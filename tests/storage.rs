@@ -86,6 +86,19 @@ fn s3_checkpoints_resume_bitwise_like_local_disk() {
 }
 
 fn corrupt_latest_falls_back(url: &str, part_path: &Path, env: &[(String, String)], d: &Path) {
+    corrupt_latest_falls_back_with(url, part_path, env, d, false);
+}
+
+/// Two runs leave checkpoints at steps 4 and 6; the model part of step 6 is damaged
+/// (truncated, or with `same_size` its second half's bytes changed, which only the hash
+/// read while loading can tell), and `--resume` continues from step 4 to the same end.
+fn corrupt_latest_falls_back_with(
+    url: &str,
+    part_path: &Path,
+    env: &[(String, String)],
+    d: &Path,
+    same_size: bool,
+) {
     let cfg = config(d, "run", url, 2, 8);
     let reference = config(d, "ref", d.join("ref").to_str().unwrap(), 100, 8);
     let (_, fp) = outcome(&train(&reference, &[], &[]));
@@ -94,9 +107,17 @@ fn corrupt_latest_falls_back(url: &str, part_path: &Path, env: &[(String, String
     // superseded by the next).
     ok(&train(&cfg, &["--stop-after", "4"], env));
     ok(&train(&cfg, &["--resume", "--stop-after", "2"], env));
-    // Truncate the model of the newest checkpoint (step 6).
-    let bytes = std::fs::read(part_path).unwrap();
-    std::fs::write(part_path, &bytes[..bytes.len() / 2]).unwrap();
+    // Damage the model of the newest checkpoint (step 6).
+    let mut bytes = std::fs::read(part_path).unwrap();
+    if same_size {
+        let n = bytes.len();
+        for b in &mut bytes[n / 2..] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(part_path, &bytes).unwrap();
+    } else {
+        std::fs::write(part_path, &bytes[..bytes.len() / 2]).unwrap();
+    }
     let o = train(&cfg, &["--resume"], env);
     let err = ok(&o);
     assert!(err.contains("ckpt-000000004 at step 4"), "{err}");
@@ -113,6 +134,17 @@ fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_on_local_disk() {
     let ck = d.path().join("ck");
     let part = ck.join("ckpt-000000006/model.safetensors");
     corrupt_latest_falls_back(ck.to_str().unwrap(), &part, &[], d.path());
+}
+
+/// A part of the right size with other bytes passes the size check and fails only as it
+/// loads (its hash is known at its end, after values were written): the previous
+/// checkpoint is loaded over them and the run ends as an undamaged one.
+#[test]
+fn a_same_size_corrupt_part_falls_back_to_the_previous_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("ck");
+    let part = ck.join("ckpt-000000006/model.safetensors");
+    corrupt_latest_falls_back_with(ck.to_str().unwrap(), &part, &[], d.path(), true);
 }
 
 #[test]

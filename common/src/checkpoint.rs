@@ -253,6 +253,13 @@ impl PartReader {
 /// first. `Ok(None)` when there is no checkpoint at all; an error when there are some but
 /// none verifies (the reasons are named; nothing is silently restarted from scratch).
 pub async fn select_verified(store: &Store) -> Result<Option<Verified>> {
+    select_verified_below(store, u64::MAX).await
+}
+
+/// As [`select_verified`], among the checkpoints of steps below `below` only: a process
+/// whose load of a verified checkpoint failed (a part of the right size whose bytes do not
+/// hash as recorded) falls back to the ones before it.
+pub async fn select_verified_below(store: &Store, below: u64) -> Result<Option<Verified>> {
     let mut skipped = Vec::new();
     let latest = match store.get_opt(LATEST).await? {
         None => None,
@@ -267,11 +274,11 @@ pub async fn select_verified(store: &Store) -> Result<Option<Verified>> {
     let dirs = checkpoint_dirs(store).await?;
     let mut candidates: Vec<(String, Option<String>)> = Vec::new();
     let newest = match &latest {
-        Some(l) => {
+        Some(l) if l.step < below => {
             candidates.push((l.dir.clone(), Some(l.state_sha256.clone())));
             l.step
         }
-        None => u64::MAX,
+        _ => below,
     };
     for d in dirs.iter().rev() {
         if step_of(d).is_some_and(|s| s < newest) {

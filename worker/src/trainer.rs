@@ -31,7 +31,9 @@ use crate::step::{
     all_reduce_grads, check_params_identical, compute_kind, forward_backward, select_device,
 };
 use crate::upload::{AfterUpload, Uploader};
-use scfm_common::checkpoint::{discard_all, json_diff, select_verified, verify_dir};
+use scfm_common::checkpoint::{
+    discard_all, json_diff, select_verified, select_verified_below, step_of, verify_dir,
+};
 use scfm_common::config::run_settings;
 use scfm_common::data::prepared::data_identity;
 use scfm_common::metrics_log::{self, MetricsLog, PartWriter, Record, StepLine};
@@ -371,10 +373,15 @@ impl Trainer {
         Ok(())
     }
 
-    /// Restores the checkpoint in `dir`, or else the newest one that verifies; returns its
-    /// URL.
+    /// Restores the checkpoint in `dir`, or else the newest one that verifies and loads;
+    /// returns its URL.
+    ///
+    /// Parts are streamed into the tensors and their hashes known only at the end, so a
+    /// part of the right size with other bytes fails the load after some values were
+    /// written; without `dir`, the checkpoint before it is then loaded, overwriting every
+    /// value (the first error is returned when none loads).
     fn load_checkpoint(&mut self, dir: Option<&str>) -> Result<String> {
-        let verified = match dir {
+        let mut verified = match dir {
             Some(d) => self.rt.block_on(verify_dir(&self.store, d, None))?,
             None => self
                 .rt
@@ -384,29 +391,50 @@ impl Trainer {
                     message: "--resume given but there is no checkpoint".into(),
                 })?,
         };
-        let dir = verified.dir.clone();
-        let stored = checkpoint::state_of(&self.store, &verified)?;
-        if stored.config_digest != self.state.config_digest {
-            let diff = json_diff("", &stored.settings, &self.state.settings);
-            return Err(WorkerError::Checkpoint {
-                url: self.store.url_of(&dir),
-                message: format!(
-                    "was written with other settings ({}); start over with --fresh or use another checkpoint URL",
-                    if diff.is_empty() {
-                        "from an older scfm".to_string()
-                    } else {
-                        diff.join(", ")
+        let mut first_error: Option<WorkerError> = None;
+        let state = loop {
+            let stored = checkpoint::state_of(&self.store, &verified)?;
+            if stored.config_digest != self.state.config_digest {
+                let diff = json_diff("", &stored.settings, &self.state.settings);
+                return Err(WorkerError::Checkpoint {
+                    url: self.store.url_of(&verified.dir),
+                    message: format!(
+                        "was written with other settings ({}); start over with --fresh or use another checkpoint URL",
+                        if diff.is_empty() {
+                            "from an older scfm".to_string()
+                        } else {
+                            diff.join(", ")
+                        }
+                    ),
+                });
+            }
+            self.wait_snapshot();
+            let loaded = self.rt.block_on(checkpoint::load_into(
+                &self.store,
+                &verified,
+                &self.params,
+                &mut self.opt,
+            ));
+            match loaded {
+                Ok(state) => break state,
+                Err(e) if dir.is_none() => {
+                    tracing::warn!(checkpoint = %self.store.url_of(&verified.dir), error = %e, "the checkpoint failed verification while it loaded; trying the one before it");
+                    let below = step_of(&verified.dir).unwrap_or(0);
+                    let before = self.rt.block_on(select_verified_below(&self.store, below));
+                    let first = first_error.take().unwrap_or(e);
+                    match before {
+                        Ok(Some(v)) => {
+                            verified = v;
+                            first_error = Some(first);
+                        }
+                        _ => return Err(first),
                     }
-                ),
-            });
-        }
-        self.wait_snapshot();
-        self.state = self.rt.block_on(checkpoint::load_into(
-            &self.store,
-            &verified,
-            &self.params,
-            &mut self.opt,
-        ))?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.state = state;
+        let dir = verified.dir.clone();
         self.uploader.set_current(Some(self.store.url_of(&dir)));
         if self.log.is_some() {
             self.best = self
