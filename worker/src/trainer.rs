@@ -417,7 +417,7 @@ impl Trainer {
             ));
             match loaded {
                 Ok(state) => break state,
-                Err(e) if dir.is_none() => {
+                Err(e) if dir.is_none() && is_damaged_checkpoint(&e) => {
                     tracing::warn!(checkpoint = %self.store.url_of(&verified.dir), error = %e, "the checkpoint failed verification while it loaded; trying the one before it");
                     let below = step_of(&verified.dir).unwrap_or(0);
                     let before = self.rt.block_on(select_verified_below(&self.store, below));
@@ -914,6 +914,16 @@ fn loader_config(spec: &TrainSpec, ctx: &WorkerContext) -> LoaderConfig {
         rank: ctx.collective.rank(),
         world: ctx.collective.world_size(),
     }
+}
+
+/// Whether a failed load says the checkpoint's bytes are damaged (a part whose content or
+/// hash is wrong), as opposed to the store failing: only damage makes a resume fall back
+/// to an older checkpoint (a store outage would fail there too, after its retries).
+fn is_damaged_checkpoint(e: &WorkerError) -> bool {
+    matches!(
+        e,
+        WorkerError::Checkpoint { .. } | WorkerError::Common(scfm_common::Error::Corrupt { .. })
+    )
 }
 
 #[cfg(test)]
