@@ -35,3 +35,131 @@ pub fn tune() {
         }
     }
 }
+
+/// A fixed-size byte buffer in an anonymous memory mapping of its own, for the large
+/// transfer buffers of checkpoint uploads and reads. Its pages go back to the kernel when
+/// it is dropped, whichever thread drops it: a few MB buffers from glibc's heap stay
+/// resident in the arena of the thread that freed them (above all with [`tune`]'s raised
+/// thresholds), so a stream of them would leave tens of MB per thread behind.
+pub struct PageBuf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: a PageBuf owns its mapping exclusively (like a Vec<u8>); nothing in it is tied
+// to a thread.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access only reads the bytes (`as_ref`); mutation needs `&mut self`.
+unsafe impl Sync for PageBuf {}
+
+impl PageBuf {
+    /// An empty buffer with room for `cap` bytes (its pages are mapped, and zeroed, as
+    /// they are first written).
+    pub fn with_capacity(cap: usize) -> std::io::Result<PageBuf> {
+        if cap == 0 {
+            return Ok(PageBuf {
+                ptr: std::ptr::NonNull::dangling(),
+                cap: 0,
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh private anonymous mapping (no address hint, no file); the result
+        // is checked against MAP_FAILED before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null mapping"))?;
+        Ok(PageBuf { ptr, cap, len: 0 })
+    }
+
+    /// Reads from `r` until the buffer is full or `r` ends; returns the bytes added.
+    pub fn fill_from(&mut self, r: &mut impl std::io::Read) -> std::io::Result<usize> {
+        let start = self.len;
+        while self.len < self.cap {
+            // SAFETY: `len..cap` lies inside the mapping, which is readable and writable
+            // and (anonymous) always initialised to zero, so a `&mut [u8]` over it is
+            // valid; no other reference to those bytes exists while `&mut self` is held.
+            let spare = unsafe {
+                std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.len), self.cap - self.len)
+            };
+            match r.read(spare) {
+                Ok(0) => break,
+                Ok(n) => self.len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.len - start)
+    }
+
+    /// The bytes written so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl AsRef<[u8]> for PageBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes of the mapping were written by `fill_from` (for an
+        // empty buffer the pointer is dangling but aligned and the length zero).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        if self.cap > 0 {
+            // SAFETY: the mapping was made by `with_capacity` with exactly this address and
+            // length, and no reference to it outlives `self`.
+            unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), self.cap);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageBuf;
+
+    #[test]
+    fn a_page_buffer_fills_up_to_its_capacity_and_reads_back() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let mut r = std::io::Cursor::new(&data);
+        let mut b = PageBuf::with_capacity(4096).unwrap();
+        assert_eq!(b.fill_from(&mut r).unwrap(), 4096);
+        assert_eq!(b.as_ref(), &data[..4096]);
+        assert_eq!(b.fill_from(&mut r).unwrap(), 0, "full");
+        let mut rest = PageBuf::with_capacity(8192).unwrap();
+        assert_eq!(rest.fill_from(&mut r).unwrap(), 10_000 - 4096);
+        assert_eq!(rest.as_ref(), &data[4096..]);
+        let empty = PageBuf::with_capacity(0).unwrap();
+        assert!(empty.is_empty() && empty.as_ref().is_empty());
+    }
+}

@@ -477,6 +477,29 @@ mod tests {
         assert!(s.list("metrics").await.unwrap().is_empty());
     }
 
+    /// With one part in flight, a part is read only once the one before it is stored:
+    /// the store never has two parts of an upload at once, and the object is whole.
+    #[tokio::test]
+    async fn one_part_in_flight_uploads_one_part_at_a_time() {
+        let d = tempfile::tempdir().unwrap();
+        let base = Store::open(d.path().to_str().unwrap()).unwrap();
+        let (s, rec) = base.with_parts_in_flight(1).recorded();
+        assert_eq!(s.parts_in_flight(), 1);
+        let n = 3 * crate::storage::PART_BYTES + 999;
+        let body: Vec<u8> = (0..n).map(|i| (i * 13 % 251) as u8).collect();
+        let b = bytes::Bytes::from(body.clone());
+        let put = s
+            .put_streamed("big", move || Ok(std::io::Cursor::new(b.clone())))
+            .await
+            .unwrap();
+        assert_eq!(put.size, n as u64);
+        assert_eq!(put.sha256, crate::storage::sha256_hex(&body));
+        let seen = rec.requests();
+        assert_eq!(seen.parts, 4, "{seen:?}");
+        assert_eq!(seen.most_parts_uploading, 1, "{seen:?}");
+        assert_eq!(s.get("big").await.unwrap(), body);
+    }
+
     /// A part larger than one upload part is never sent whole, choosing the checkpoint
     /// downloads no part, and reading it downloads it once, checking it as it passes.
     #[tokio::test]

@@ -46,6 +46,8 @@ pub struct Store {
     local: Option<std::path::PathBuf>,
     /// How long one operation is retried when it fails transiently.
     window: Duration,
+    /// Parts of one streamed upload held at a time ([`Store::parts_in_flight`]).
+    parts: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -73,6 +75,26 @@ pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(60);
 pub const FIRST_WAIT: Duration = Duration::from_millis(250);
 /// The longest wait between two attempts of an operation.
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The parts in flight of this process's stores ([`Store::parts_in_flight`]):
+/// `SCFM_STORE_PARTS_IN_FLIGHT` (a whole number from 1), else [`PARTS_IN_FLIGHT`]. Read
+/// once; another value is reported and the default used.
+pub fn default_parts_in_flight() -> usize {
+    static PARTS: OnceLock<usize> = OnceLock::new();
+    *PARTS.get_or_init(|| match std::env::var("SCFM_STORE_PARTS_IN_FLIGHT") {
+        Err(_) => PARTS_IN_FLIGHT,
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                tracing::warn!(
+                    value = %v,
+                    "SCFM_STORE_PARTS_IN_FLIGHT is not a whole number from 1; using {PARTS_IN_FLIGHT}"
+                );
+                PARTS_IN_FLIGHT
+            }
+        },
+    })
+}
 
 /// The retry window of this process's stores: `SCFM_STORE_RETRY_TIMEOUT_S` seconds, else
 /// [`DEFAULT_RETRY_WINDOW`]. Read once; a value that is not a whole number of seconds is
@@ -291,6 +313,7 @@ impl Store {
             url: format!("file://{}", abs.display()),
             local: Some(abs),
             window: default_retry_window(),
+            parts: default_parts_in_flight(),
         })
     }
 
@@ -435,6 +458,7 @@ impl Store {
             url: url.to_string(),
             local: None,
             window: default_retry_window(),
+            parts: default_parts_in_flight(),
         }
     }
 
@@ -459,6 +483,21 @@ impl Store {
     /// How long an operation on this store is retried when it fails transiently.
     pub fn retry_window(&self) -> Duration {
         self.window
+    }
+
+    /// The same store holding at most `parts` (at least 1) parts of a streamed upload at
+    /// a time.
+    pub fn with_parts_in_flight(mut self, parts: usize) -> Store {
+        self.parts = parts.max(1);
+        self
+    }
+
+    /// How many parts of one streamed upload ([`Store::put_streamed`]) this store holds
+    /// in memory at a time: the parts uploading and the one being read, [`PART_BYTES`]
+    /// each. 1 reads a part only when the previous one is stored (the least memory); 2
+    /// (the default) reads the next while one uploads.
+    pub fn parts_in_flight(&self) -> usize {
+        self.parts
     }
 
     /// The store's URL.

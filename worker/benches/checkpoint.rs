@@ -6,6 +6,10 @@
 //! encoding, one put and one read-back per part, every part downloaded and decoded whole
 //! by the coordinator's choice and again by the worker, as that code did).
 //!
+//! `streamed` holds the default two upload parts in flight, `streamed-1` one
+//! (`SCFM_STORE_PARTS_IN_FLIGHT=1`). Each child tunes glibc's allocator as the worker
+//! binary does (`alloc::tune`).
+//!
 //! Each phase — save, the coordinator's choice, the worker's load — of each (path, store)
 //! runs in a child process of its own, measured from a reset high-water mark
 //! (`/proc/self/clear_refs`), so "extra" is the phase's peak RSS (`VmHWM`) minus the RSS
@@ -188,10 +192,15 @@ async fn legacy_load(store: &Store, p: &FlatParams, opt: &AdamW) -> Result<()> {
 }
 
 fn run_case(case: &str, phase: &str, url: &str, n: i64) -> Result<()> {
+    // The allocator settings of the worker binary, whose memory this stands for.
+    scfm_common::alloc::tune();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let store = Store::open(url)?;
+    let store = match case {
+        "streamed-1" => Store::open(url)?.with_parts_in_flight(1),
+        _ => Store::open(url)?,
+    };
     let (_vs, p, mut opt) = model(n, if phase == "save" { 1 } else { 2 });
     let st = state();
     let legacy = case == "legacy";
@@ -313,7 +322,7 @@ fn main() -> Result<()> {
         if only.as_deref().is_some_and(|o| o != store) {
             continue;
         }
-        for case in ["legacy", "streamed"] {
+        for case in ["legacy", "streamed", "streamed-1"] {
             let url = match store {
                 "local" => tmp
                     .path()

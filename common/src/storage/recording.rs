@@ -30,6 +30,10 @@ pub struct Requests {
     pub parts: usize,
     /// The largest multipart part, in bytes.
     pub largest_part: usize,
+    /// Multipart parts being uploaded now.
+    pub parts_uploading: usize,
+    /// The most multipart parts uploading at the same time.
+    pub most_parts_uploading: usize,
 }
 
 impl Requests {
@@ -98,8 +102,18 @@ impl MultipartUpload for RecordingUpload {
             let mut s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
             s.parts += 1;
             s.largest_part = s.largest_part.max(data.content_length());
+            s.parts_uploading += 1;
+            s.most_parts_uploading = s.most_parts_uploading.max(s.parts_uploading);
         }
-        self.inner.put_part(data)
+        let upload = self.inner.put_part(data);
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let r = upload.await;
+            seen.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .parts_uploading -= 1;
+            r
+        })
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {

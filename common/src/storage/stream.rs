@@ -2,8 +2,10 @@
 //! streamed in blocks, both hashed (SHA-256) as the bytes pass.
 //!
 //! [`Store::put_streamed`] reads the object from a reader in parts of [`PART_BYTES`] and
-//! uploads at most [`PARTS_IN_FLIGHT`] of them at once, so a writer holds at most
-//! `PARTS_IN_FLIGHT + 1` parts whatever the object's size. An attempt that fails aborts
+//! holds at most the store's parts in flight ([`Store::parts_in_flight`], default
+//! [`PARTS_IN_FLIGHT`]) at once — the parts uploading and the one being read — whatever
+//! the object's size. Each part lives in a mapping of its own ([`PageBuf`]), returned to
+//! the kernel when its upload is done. An attempt that fails aborts
 //! its multipart upload (the store keeps nothing of it) and a transient failure starts the
 //! object again from a fresh reader, within the store's retry window.
 //!
@@ -20,11 +22,13 @@ use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStoreExt, Write
 use sha2::{Digest, Sha256};
 
 use super::{Store, io_handle, transient};
+use crate::alloc::PageBuf;
 use crate::error::{Error, Result};
 
 /// The size of one part of a multipart upload (S3 wants at least 5 MiB but the last).
 pub const PART_BYTES: usize = 8 << 20;
-/// Parts of one object uploading at the same time.
+/// Parts of one object held at the same time by default (`SCFM_STORE_PARTS_IN_FLIGHT`):
+/// one uploading while the next is read.
 pub const PARTS_IN_FLIGHT: usize = 2;
 /// The largest block [`ObjectReader::next`] returns.
 pub const READ_BLOCK: usize = 1 << 20;
@@ -43,13 +47,10 @@ pub struct Streamed {
 }
 
 /// Reads up to [`PART_BYTES`] from `reader` on a blocking thread.
-async fn read_part<R: Read + Send + 'static>(mut reader: R) -> object_store::Result<(R, Vec<u8>)> {
+async fn read_part<R: Read + Send + 'static>(mut reader: R) -> object_store::Result<(R, PageBuf)> {
     tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::with_capacity(PART_BYTES);
-        (&mut reader)
-            .take(PART_BYTES as u64)
-            .read_to_end(&mut buf)
-            .map(|_| (reader, buf))
+        let mut buf = PageBuf::with_capacity(PART_BYTES)?;
+        buf.fill_from(&mut reader).map(|_| (reader, buf))
     })
     .await
     .map_err(|source| object_store::Error::JoinError { source })?
@@ -68,6 +69,7 @@ async fn put_once<F, R>(
     s: Arc<dyn object_store::ObjectStore>,
     p: object_store::path::Path,
     open: Arc<F>,
+    in_flight: usize,
 ) -> object_store::Result<Streamed>
 where
     F: Fn() -> std::io::Result<R> + Send + Sync + 'static,
@@ -80,10 +82,10 @@ where
     let mut hasher = Sha256::new();
     let (mut reader, mut part) = read_part(reader).await?;
     let mut size = part.len() as u64;
-    hasher.update(&part);
+    hasher.update(part.as_ref());
     if part.len() < PART_BYTES {
         // It fits one part: one plain put.
-        s.put(&p, Bytes::from(part).into()).await?;
+        s.put(&p, Bytes::from_owner(part).into()).await?;
         return Ok(Streamed {
             size,
             sha256: hex::encode(hasher.finalize()),
@@ -92,11 +94,12 @@ where
     let upload = s.put_multipart(&p).await?;
     let mut w = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
     loop {
-        if let Err(e) = w.wait_for_capacity(PARTS_IN_FLIGHT).await {
+        w.put(Bytes::from_owner(part));
+        // The next part is read only once at most `in_flight - 1` are uploading.
+        if let Err(e) = w.wait_for_capacity(in_flight - 1).await {
             let _ = w.abort().await;
             return Err(e);
         }
-        w.put(Bytes::from(part));
         (reader, part) = match read_part(reader).await {
             Ok(r) => r,
             Err(e) => {
@@ -108,7 +111,7 @@ where
             break;
         }
         size += part.len() as u64;
-        hasher.update(&part);
+        hasher.update(part.as_ref());
     }
     // `finish` aborts the upload itself when a part or the completion fails.
     w.finish().await?;
@@ -136,8 +139,8 @@ impl Store {
 
     /// Writes the bytes that `open()`'s reader yields at `key`, atomically (readers see the
     /// old object or the new one), in bounded memory: a multipart upload of
-    /// [`PART_BYTES`] parts, [`PARTS_IN_FLIGHT`] at a time (one put when the object fits one
-    /// part). Returns the size and SHA-256 of what was written, hashed while streaming.
+    /// [`PART_BYTES`] parts, holding at most [`Store::parts_in_flight`] parts at a time (one
+    /// put when the object fits one part). Returns the size and SHA-256 of what was written, hashed while streaming.
     ///
     /// An attempt that fails aborts its multipart upload; a transient failure starts the
     /// whole object again with a new reader from `open`, within the store's retry window,
@@ -148,8 +151,11 @@ impl Store {
         R: Read + Send + 'static,
     {
         let open = Arc::new(open);
-        self.retry(key, "put", move |s, p| put_once(s, p, open.clone()))
-            .await
+        let in_flight = self.parts_in_flight();
+        self.retry(key, "put", move |s, p| {
+            put_once(s, p, open.clone(), in_flight)
+        })
+        .await
     }
 
     /// Reads `key` as a stream of blocks (see [`ObjectReader`]). A missing object is an
@@ -188,8 +194,9 @@ async fn produce_from(store: &Store, key: &str, offset: u64, tx: &Sender) -> Res
                 let block = tokio::task::spawn_blocking(move || {
                     use std::io::{Seek, SeekFrom};
                     f.seek(SeekFrom::Start(offset))?;
-                    let mut buf = Vec::with_capacity(READ_BLOCK);
-                    (&mut f).take(READ_BLOCK as u64).read_to_end(&mut buf)?;
+                    // A mapping of its own: the consumer's thread frees it to the kernel.
+                    let mut buf = PageBuf::with_capacity(READ_BLOCK)?;
+                    buf.fill_from(&mut f)?;
                     Ok::<_, std::io::Error>((f, buf))
                 })
                 .await;
@@ -204,7 +211,7 @@ async fn produce_from(store: &Store, key: &str, offset: u64, tx: &Sender) -> Res
                     return Ok(None);
                 }
                 offset += buf.len() as u64;
-                if tx.send(Ok(Bytes::from(buf))).await.is_err() {
+                if tx.send(Ok(Bytes::from_owner(buf))).await.is_err() {
                     return Ok(None);
                 }
                 file = Some(f);

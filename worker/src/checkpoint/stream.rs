@@ -25,8 +25,8 @@ use crate::error::{Result, WorkerError};
 #[cfg(target_endian = "big")]
 compile_error!("checkpoint streaming assumes a little-endian machine");
 
-/// Values copied out of (or into) a tensor at a time: 4 MiB of fp32.
-pub const BLOCK_ELEMS: i64 = 1 << 20;
+/// Values copied out of (or into) a tensor at a time: 1 MiB of fp32.
+pub const BLOCK_ELEMS: i64 = 1 << 18;
 
 /// One tensor of a part: `numel` values of the flat buffer `flat` from `offset`, of shape
 /// `shape`.
@@ -180,8 +180,9 @@ pub fn encode_part(
     let mut order: Vec<&Range> = ranges.iter().collect();
     order.sort_by(|a, b| a.name.cmp(&b.name));
     let file = tempfile::tempfile().map_err(spill_err)?;
+    // Blocks are written whole; the buffer only gathers the header's small writes.
     let mut w = BufWriter::with_capacity(
-        1 << 20,
+        64 << 10,
         Hashing {
             inner: file,
             hasher: Sha256::new(),
