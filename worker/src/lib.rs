@@ -23,6 +23,7 @@ pub use scfm_common::runtime::Rt;
 pub mod bench;
 pub mod bench_device;
 pub mod bench_embed;
+pub mod bench_protocol;
 pub mod reference;
 
 #[cfg(test)]

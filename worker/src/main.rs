@@ -79,15 +79,23 @@ enum Cmd {
         /// Threads for both sides.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Timed steps per round.
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Warm-up steps per round.
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        /// Interleaved rounds.
-        #[arg(long, default_value_t = 3)]
+        /// Timed rounds per side (the order of the sides rotates every round).
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Minimum seconds of one round.
+        #[arg(long, default_value_t = 10.0)]
+        round_seconds: f64,
+        /// Untimed seconds each side runs first (PyTorch's compile happens here).
+        #[arg(long, default_value_t = 10.0)]
+        warmup_seconds: f64,
+        /// Largest spread, (max - min) / median of a side's rounds, at which a ratio is
+        /// printed.
+        #[arg(long, default_value_t = 0.25)]
+        max_spread: f64,
+        /// PyTorch baselines: plain (the package's model, default AdamW), tuned (the same
+        /// shortcuts as scfm, fused AdamW, SDPA), compiled (tuned under torch.compile).
+        #[arg(long, value_delimiter = ',', default_value = "plain,tuned,compiled")]
+        baselines: Vec<String>,
         /// Python with torch (default: $SCFM_PYTHON or .venv/bin/python).
         #[arg(long)]
         python: Option<PathBuf>,
@@ -620,23 +628,35 @@ fn run() -> Result<()> {
             seq_len,
             genes,
             threads,
-            steps,
-            warmup,
             rounds,
+            round_seconds,
+            warmup_seconds,
+            max_spread,
+            baselines,
             python,
             out,
         } => {
             let repo = std::env::current_dir()?;
             let python = bench_python(python, &repo);
+            for b in &baselines {
+                anyhow::ensure!(
+                    ["plain", "tuned", "compiled"].contains(&b.as_str()),
+                    "--baselines: unknown baseline {b:?} (plain, tuned, compiled)"
+                );
+            }
             let args = scfm_worker::bench::BenchArgs {
                 presets,
                 cells,
                 seq_len,
                 genes,
                 threads,
-                steps,
-                warmup,
-                rounds,
+                protocol: scfm_worker::bench_protocol::Protocol {
+                    rounds,
+                    round_s: round_seconds,
+                    warmup_s: warmup_seconds,
+                    max_spread,
+                },
+                baselines,
                 python,
                 repo,
             };
