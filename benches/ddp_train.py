@@ -41,6 +41,7 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from scfm_ref import ScfmRef, adamw_param_groups  # noqa: E402
+from torch_train import query_index, tuned_losses  # noqa: E402
 
 #: Tokenizer constants (common/src/config/model.rs): PAD 0, [CLS] 1, genes from 2.
 PAD, CLS, OFFSET = 0, 1, 2
@@ -49,14 +50,19 @@ GENE_DROPOUT = 0.1
 
 
 class Losses(nn.Module):
-    """Wraps the model so that DDP's forward returns the losses of ``ScfmRef.losses``."""
+    """Wraps the model so that DDP's forward returns the losses: ``ScfmRef.losses``
+    (``plain``) or ``torch_train.tuned_losses`` (``tuned``: only what the losses use)."""
 
-    def __init__(self, model: ScfmRef):
+    def __init__(self, model: ScfmRef, tuned: bool):
         super().__init__()
         self.model = model
+        self.tuned = tuned
 
     def forward(self, batch: dict) -> tuple:
-        losses = self.model.losses(batch)
+        if self.tuned:
+            losses = tuned_losses(self.model, batch, batch["idx"], batch["sel"])
+        else:
+            losses = self.model.losses(batch)
         return losses["total"], losses["mgem"], losses["contrastive"]
 
 
@@ -93,7 +99,12 @@ def make_batch(rng: np.random.Generator, nnz: np.ndarray, cells: int, cfg, n_gen
         masked[i, 1 + rng.choice(n, size=k, replace=False)] = True
     target_bins = torch.from_numpy(bins)
     values = target_bins.float() * 0.1
+    # The GEPC decoder's target: each row's dense profile over the vocabulary.
+    profile = torch.zeros(rows, n_genes)
+    profile.scatter_(1, (torch.from_numpy(genes[:, 1:]) - OFFSET).clamp_min(0), values[:, 1:])
+    profile[:, 0] = 0.0
     return {
+        "profile": profile,
         "genes": torch.from_numpy(genes),
         "bins": target_bins.masked_fill(torch.from_numpy(masked), cfg.n_bins),
         "values": values.masked_fill(torch.from_numpy(masked), 0.0),
@@ -112,6 +123,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="untimed first steps")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--variant",
+        choices=["plain", "tuned"],
+        default="tuned",
+        help="plain: the package's model and default AdamW; tuned: PyTorch written as well as scfm "
+        "(see benches/torch_train.py) with fused AdamW",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
@@ -124,14 +142,19 @@ def main() -> None:
     model = ScfmRef.from_config(model_cfg, n_genes)
     cfg = model.cfg
     model.train()
-    ddp = DistributedDataParallel(Losses(model))
-    opt = torch.optim.AdamW(adamw_param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    tuned = args.variant == "tuned"
+    ddp = DistributedDataParallel(Losses(model, tuned))
+    opt = torch.optim.AdamW(
+        adamw_param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=True if tuned else None
+    )
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
 
     nnz = genes_per_cell(args.prepared)
     rng = np.random.default_rng([args.seed, rank])
     batches = [make_batch(rng, nnz, args.batch, cfg, n_genes) for _ in range(args.steps)]
+    for b in batches:
+        b["idx"], b["sel"] = query_index(b["masked"])
     lengths = [b["genes"].shape[1] for b in batches]
 
     phases = np.zeros(3)  # forward + losses, backward (with DDP's all-reduce), clip + AdamW

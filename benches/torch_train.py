@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from scfm_ref import PAD, ScfmRef, adamw_param_groups, nt_xent  # noqa: E402
+from scfm_ref import PAD, ScfmRef, adamw_param_groups, detected_covariate, gepc_mse, nt_xent  # noqa: E402
 
 
 def last_block_queries(block, x, attend, idx):
@@ -60,7 +60,7 @@ def last_block_queries(block, x, attend, idx):
 
 
 def tuned_losses(model, batch, idx, sel):
-    """``ScfmModel.losses`` (without GEPC) computing only what the losses use."""
+    """``ScfmModel.losses`` computing only what the losses use."""
     cfg = model.cfg
     genes, masked = batch["genes"], batch["masked"]
     attend = (genes != PAD)[:, None, None, :]
@@ -85,7 +85,16 @@ def tuned_losses(model, batch, idx, sel):
     else:
         mgem = F.mse_loss(out.squeeze(-1), batch["target_values"][masked])
     con = nt_xent(model.contrastive(cell), cfg.temperature)
-    return {"total": mgem * cfg.w_mgem + con * cfg.w_contrastive, "mgem": mgem, "contrastive": con}
+    res = {"mgem": mgem, "contrastive": con}
+    total = mgem * cfg.w_mgem + con * cfg.w_contrastive
+    if model.gepc is not None and "profile" in batch:
+        detected = batch.get("detected")
+        if detected is None and cfg.gepc_detected and cfg.gepc_target == "log1p":
+            detected = detected_covariate(batch["profile"])
+        res["gepc"] = gepc_mse(model.gepc_forward(cell, detected), batch["profile"])
+        total = total + res["gepc"] * cfg.w_gepc
+    res["total"] = total
+    return res
 
 
 def query_index(masked):

@@ -19,8 +19,8 @@
 //!   overhead all count). The coordinator's metrics log gives the per-step breakdown:
 //!   `step_s` (slowest worker), `allreduce_s` and `data_wait_s` (means over workers).
 //! - **PyTorch DDP**: `python -m torch.distributed.run --standalone --nproc-per-node P
-//!   benches/ddp_train.py`: the reference model `tests/python/scfm_ref.py` (the one
-//!   `scfm-worker bench` compares against), the same preset and vocabulary, per-rank
+//!   benches/ddp_train.py`: the reference model `tests/python/scfm_ref.py` written as
+//!   well as scfm (`--variant tuned`, the `tuned` baseline of `scfm-worker bench`), the same preset and vocabulary, per-rank
 //!   batches of the same shapes drawn from the same prepared dataset, 1 intra-op thread,
 //!   the same steps and warm-up; it reports global cells/s over the same steps (slowest rank).
 //!
@@ -28,8 +28,16 @@
 //! (wanted) during the timed steps, which tells a CPU share taken by other jobs (used <
 //! wanted) from threads blocked on each other (wanted < threads), and cells per CPU-second.
 //!
-//! Settings from the environment: `SCFM_BENCH_ROUNDS` (3), `SCFM_BENCH_STEPS` (60),
-//! `SCFM_BENCH_WARMUP` (10), `SCFM_BENCH_BATCH` (32), `SCFM_BENCH_TIMEOUT_S` (600 per run).
+//! The protocol of `scfm-worker bench` (`worker/src/bench_protocol.rs`) as far as whole
+//! jobs allow: every run warms up untimed before its timed steps (a job cannot stay warm
+//! between rounds), the order of the four runs is reversed every other round, the medians
+//! come with their min–max, the load average is recorded, and a ratio is left out where
+//! either run's spread exceeds the bound.
+//!
+//! Settings from the environment: `SCFM_BENCH_ROUNDS` (5), `SCFM_BENCH_STEPS` (60),
+//! `SCFM_BENCH_WARMUP` (10), `SCFM_BENCH_BATCH` (32), `SCFM_BENCH_TIMEOUT_S` (600 per run),
+//! `SCFM_BENCH_DDP_VARIANT` (`tuned`: PyTorch written as well as scfm, fused AdamW; or
+//! `plain`), `SCFM_BENCH_MAX_SPREAD` (0.25).
 
 #[path = "scaling/procs.rs"]
 mod procs;
@@ -45,6 +53,10 @@ use procs::{Finished, load_avg, run_logged};
 /// Benchmark settings (see the module doc for the environment variables).
 struct Settings {
     rounds: usize,
+    /// `tuned` (default) or `plain`: benches/ddp_train.py's model.
+    ddp_variant: String,
+    /// The largest (max − min) / median of a run's cells/s at which a ratio is printed.
+    max_spread: f64,
     steps: u64,
     warmup: u64,
     batch: usize,
@@ -239,6 +251,7 @@ fn run_ddp(s: &Settings, e: &Env, procs: usize) -> Result<Run> {
         .args(["--batch", &s.batch.to_string()])
         .args(["--steps", &s.steps.to_string()])
         .args(["--warmup", &s.warmup.to_string()])
+        .args(["--variant", &s.ddp_variant])
         .args(["--threads", "1"])
         .env("OMP_NUM_THREADS", "1");
     let marks = Some(["timing: start", "timing: end"]);
@@ -294,7 +307,9 @@ const CONFIGS: [(&str, usize, bool); 4] = [
 
 fn main() -> Result<()> {
     let s = Settings {
-        rounds: env_or("SCFM_BENCH_ROUNDS", 3),
+        rounds: env_or("SCFM_BENCH_ROUNDS", 5),
+        ddp_variant: std::env::var("SCFM_BENCH_DDP_VARIANT").unwrap_or_else(|_| "tuned".into()),
+        max_spread: env_or("SCFM_BENCH_MAX_SPREAD", 0.25),
         steps: env_or("SCFM_BENCH_STEPS", 60),
         warmup: env_or("SCFM_BENCH_WARMUP", 10),
         batch: env_or("SCFM_BENCH_BATCH", 32),
@@ -375,9 +390,18 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
     let cps: Vec<f64> = (0..CONFIGS.len())
         .map(|i| med(i, |r| r.cells_per_s))
         .collect();
+    let spread = |i: usize| {
+        let v: Vec<f64> = runs[i].iter().map(|r| r.cells_per_s).collect();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        (lo, hi, (hi - lo) / cps[i])
+    };
     println!(
         "\nGlobal cells/s over steps {}..={}:\n\n\
-         | run | cells/s per round | median |\n|---|---|---|",
+         | run | cells/s per round | median (min–max) | spread |\n|---|---|---|---|",
         s.warmup + 1,
         s.steps
     );
@@ -386,7 +410,13 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
             .iter()
             .map(|r| format!("{:.1}", r.cells_per_s))
             .collect();
-        println!("| {label} | {} | **{:.1}** |", per_round.join(" "), cps[i]);
+        let (lo, hi, sp) = spread(i);
+        println!(
+            "| {label} | {} | **{:.1}** ({lo:.1}–{hi:.1}) | {:.0}% |",
+            per_round.join(" "),
+            cps[i],
+            100.0 * sp
+        );
     }
     println!("\n| ratio | per round | of medians | target | met |\n|---|---|---|---|---|");
     // (numerator, denominator, target) as indices into CONFIGS.
@@ -397,12 +427,27 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
             .map(|(x, y)| format!("{:.2}", x.cells_per_s / y.cells_per_s))
             .collect();
         let ratio = cps[a] / cps[b];
+        let wide: Vec<String> = [a, b]
+            .iter()
+            .filter(|&&i| spread(i).2.is_nan() || spread(i).2 > s.max_spread)
+            .map(|&i| format!("{} spread {:.0}%", CONFIGS[i].0, 100.0 * spread(i).2))
+            .collect();
+        let shown = if wide.is_empty() {
+            format!("**{ratio:.2}×**")
+        } else {
+            format!(
+                "no ratio: {} > {:.0}%",
+                wide.join(", "),
+                100.0 * s.max_spread
+            )
+        };
         let (target, met) = match target {
             t if t.is_nan() => (String::new(), ""),
+            _ if !wide.is_empty() => (format!("≥ {target}×"), "not measured"),
             t => (format!("≥ {t}×"), if ratio >= t { "yes" } else { "no" }),
         };
         println!(
-            "| {} / {} | {} | **{ratio:.2}×** | {target} | {met} |",
+            "| {} / {} | {} | {shown} | {target} | {met} |",
             CONFIGS[a].0,
             CONFIGS[b].0,
             per_round.join(" ")
