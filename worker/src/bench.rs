@@ -431,6 +431,7 @@ pub fn print_report(r: &BenchReport) {
         for s in &p.sides {
             let r = &s.steps_per_s;
             let ratio = match &s.scfm_ratio {
+                _ if r.name == "scfm" => "-".to_string(),
                 Ok(x) => format!("{x:.2}x"),
                 Err(e) => e.clone(),
             };
