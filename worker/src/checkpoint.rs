@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::error::{Result, WorkerError};
+use crate::fence::Fence;
 use crate::optim::AdamW;
 use crate::params::{FlatParams, Slot};
 
@@ -260,7 +261,9 @@ fn encode_parts(
 /// stays behind and a full disk gets its space back; `latest.json` still names the
 /// previous checkpoint.
 pub async fn upload(store: &Store, enc: &Encoded) -> Result<String> {
-    try_upload(store, store, enc).await.map_err(|f| f.error)
+    try_upload(store, store, enc, None)
+        .await
+        .map_err(|f| f.error)
 }
 
 /// A failed [`try_upload`]: the error, and the keys it wrote that could not be removed.
@@ -279,10 +282,29 @@ pub async fn try_upload(
     store: &Store,
     cleanup: &Store,
     enc: &Encoded,
+    fence: Option<&Fence>,
 ) -> std::result::Result<String, UploadFailed> {
     let dir = &enc.dir;
+    let fenced = async || match fence {
+        Some(f) => f.check(store).await,
+        None => None,
+    };
+    if let Some(reason) = fenced().await {
+        return Err(UploadFailed {
+            error: WorkerError::Ended(reason),
+            left: Vec::new(),
+        });
+    }
     let mut written = Vec::new();
-    let state_sha = match upload_files(store, enc, &mut written).await {
+    let uploaded = match upload_files(store, enc, &mut written).await {
+        // Checked again just before `latest.json` would name it: the upload takes time.
+        Ok(sha) => match fenced().await {
+            Some(reason) => Err(WorkerError::Ended(reason)),
+            None => Ok(sha),
+        },
+        Err(e) => Err(e),
+    };
+    let state_sha = match uploaded {
         Ok(sha) => sha,
         Err(error) => {
             // Only what was written (a dead store is not asked again for the rest).

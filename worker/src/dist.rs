@@ -497,6 +497,7 @@ pub fn join(args: &JoinArgs, rt: &Rt, control: &Control) -> Result<Option<RunSum
             checksum_every: manifest.cluster.checksum_every,
             generation: generation.clone(),
             checkpoint_url: manifest.checkpoint.url.clone(),
+            run_id: reg.run_id.clone(),
             abort,
             collective: manifest.cluster.collective,
             ring_key,
@@ -590,6 +591,8 @@ struct Gen {
     checksum_every: u64,
     generation: Arc<AtomicU64>,
     checkpoint_url: String,
+    /// The run id the coordinator assigned.
+    run_id: String,
     abort: AbortSlot,
     /// `cluster.collective`.
     collective: scfm_common::manifest::CollectiveBackend,
@@ -636,6 +639,7 @@ fn run_generations(
         reporter: Some(g.reporter.clone()),
         checksum_every: g.checksum_every,
         generation: 0,
+        fence: None,
     };
     let mut trainer = Some(Trainer::with_context(
         spec.clone(),
@@ -714,6 +718,12 @@ fn run_generations(
             reporter: Some(g.reporter.clone()),
             checksum_every: g.checksum_every,
             generation: a.generation,
+            fence: Some(crate::fence::Fence {
+                run_id: g.run_id.clone(),
+                worker_id: id.to_string(),
+                generation: a.generation,
+                control: control.clone(),
+            }),
         };
         let mut t = trainer
             .take()

@@ -7,6 +7,7 @@ pub mod control;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod fence;
 pub mod infer;
 pub mod libtorch;
 pub mod model;

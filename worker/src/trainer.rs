@@ -137,6 +137,9 @@ pub struct WorkerContext {
     pub checksum_every: u64,
     /// Membership generation of the collective (0 for a single process).
     pub generation: u64,
+    /// In a cluster: the check rank 0 makes before writing a checkpoint, that the
+    /// coordinator has not formed a newer generation without this worker.
+    pub fence: Option<crate::fence::Fence>,
 }
 
 impl WorkerContext {
@@ -147,6 +150,7 @@ impl WorkerContext {
             reporter: None,
             checksum_every: u64::MAX,
             generation: 0,
+            fence: None,
         }
     }
 }
@@ -574,6 +578,7 @@ impl Trainer {
             metrics: self.log.clone(),
             keep_last: self.spec.checkpoint.keep_last,
             keep_also: self.best_dir(),
+            fence: self.ctx.fence.clone(),
         };
         self.uploader.start(self.store.clone(), snap, after);
         let stall = t.elapsed().as_secs_f64();

@@ -49,6 +49,8 @@ pub struct AfterUpload {
     pub keep_last: usize,
     /// A checkpoint directory to keep besides them (the best).
     pub keep_also: Option<String>,
+    /// A cluster worker's check that it is still a member (see [`crate::fence`]).
+    pub fence: Option<crate::fence::Fence>,
 }
 
 /// The outcome of one upload.
@@ -424,18 +426,19 @@ async fn upload_once(
     let store = &job.store;
     let t = Instant::now();
     let cleanup = store.clone().with_retry_window(CLEANUP_WINDOW);
-    let dir = match checkpoint::try_upload(store, &cleanup, &job.enc).await {
-        Ok(dir) => dir,
-        Err(checkpoint::UploadFailed { error, left }) => {
-            let mut all = orphans;
-            all.extend(left);
-            return Err(Failed {
-                error,
-                orphans: all,
-                landed: None,
-            });
-        }
-    };
+    let dir =
+        match checkpoint::try_upload(store, &cleanup, &job.enc, job.after.fence.as_ref()).await {
+            Ok(dir) => dir,
+            Err(checkpoint::UploadFailed { error, left }) => {
+                let mut all = orphans;
+                all.extend(left);
+                return Err(Failed {
+                    error,
+                    orphans: all,
+                    landed: None,
+                });
+            }
+        };
     let mut left = Vec::new();
     for key in orphans {
         if key.starts_with(&format!("{dir}/")) {
@@ -514,6 +517,7 @@ mod tests {
             metrics: None,
             keep_last: 10,
             keep_also: None,
+            fence: None,
         };
         let mut up = Uploader::new(Duration::from_secs(1), Rt::new().unwrap());
         up.start(store.clone(), Snapshot::of(&p, &opt, &state), after.clone());
@@ -563,6 +567,56 @@ mod tests {
         assert!(
             e.contains(&dir_for(9)) && e.contains(&format!("{url}/{} stays current", dir_for(8))),
             "{e}"
+        );
+    }
+
+    /// A worker the coordinator replaced by a newer generation commits nothing: the
+    /// checkpoint's parts are removed, `latest.json` keeps naming the one before, and
+    /// the worker's job ends.
+    #[test]
+    fn a_fenced_worker_commits_no_checkpoint_and_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().to_str().unwrap()).unwrap();
+        let (_vs, p, opt, mut state) = setup();
+        let control = crate::Control::default();
+        let fence = crate::fence::Fence {
+            run_id: "run-x".into(),
+            worker_id: "w0".into(),
+            generation: 2,
+            control: control.clone(),
+        };
+        let after = AfterUpload {
+            metrics: None,
+            keep_last: 10,
+            keep_also: None,
+            fence: Some(fence),
+        };
+        let mut up = Uploader::new(Duration::from_secs(10), Rt::new().unwrap());
+        up.start(store.clone(), Snapshot::of(&p, &opt, &state), after.clone());
+        assert_eq!(
+            up.flush().unwrap().unwrap().step,
+            7,
+            "no coordinator.json: lands"
+        );
+        // The coordinator formed generation 3 of this run with other workers.
+        let persisted = serde_json::json!({"run_id": "run-x", "generation": 3,
+            "members": [{"id": "w5"}, {"id": "w6"}]});
+        std::fs::write(
+            d.path().join(crate::fence::COORDINATOR_KEY),
+            serde_json::to_vec(&persisted).unwrap(),
+        )
+        .unwrap();
+        state.step = 8;
+        up.start(store, Snapshot::of(&p, &opt, &state), after);
+        let e = up.flush().unwrap_err().to_string();
+        assert!(e.contains("generation 3 without this worker"), "{e}");
+        assert!(control.ended().is_some());
+        let latest: Latest =
+            serde_json::from_slice(&std::fs::read(d.path().join("latest.json")).unwrap()).unwrap();
+        assert_eq!(latest.dir, dir_for(7));
+        assert!(
+            !d.path().join(dir_for(8)).exists(),
+            "the fenced checkpoint's parts stay"
         );
     }
 }
