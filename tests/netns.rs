@@ -56,6 +56,12 @@ fn the_harness_cuts_links_and_removes_its_namespaces() {
     assert!(!net.can_connect(1, to, 1), "host 1 cut outbound");
     net.heal(1).unwrap();
     assert!(net.can_connect(1, to, 5));
+    // From some hosts only: host 1 cut from host 0, not from host 2.
+    net.partition_from(1, &[2], Direction::Both).unwrap();
+    assert!(net.can_connect(1, to, 5), "cut from host 2 only");
+    net.partition_from(1, &[0, 2], Direction::Both).unwrap();
+    assert!(!net.can_connect(1, to, 1), "cut from hosts 0 and 2");
+    net.heal(1).unwrap();
 
     // Loss: all of host 1's packets dropped, and counted.
     net.drop_packets(1, 100.0).unwrap();

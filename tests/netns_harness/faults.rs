@@ -177,14 +177,47 @@ impl Net {
     /// link are dropped, not refused, as on a broken cable. Replaces an earlier partition
     /// of the host.
     pub fn partition(&self, i: usize, dir: Direction) -> Result<(), FaultError> {
-        let input = "chain in {\ntype filter hook input priority 0; policy accept;\n\
-                     iifname \"eth0\" drop\n}\n";
-        let output = "chain out {\ntype filter hook output priority 0; policy accept;\n\
-                      oifname \"eth0\" drop\n}\n";
+        self.cut(i, "iifname \"eth0\"", "oifname \"eth0\"", dir)
+    }
+
+    /// Cuts host `i` off from the hosts `peers` only (`Both` ways, or one way, as seen
+    /// from host `i`); it still reaches the others. Replaces an earlier partition of the
+    /// host.
+    pub fn partition_from(
+        &self,
+        i: usize,
+        peers: &[usize],
+        dir: Direction,
+    ) -> Result<(), FaultError> {
+        let set = peers
+            .iter()
+            .map(|&p| self.host(p).ip.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let from = format!("ip saddr {{ {set} }}");
+        let to = format!("ip daddr {{ {set} }}");
+        self.cut(i, &from, &to, dir)
+    }
+
+    /// The partition table of host `i`: packets in that match `inbound` and packets out
+    /// that match `outbound` are dropped (as `dir` says).
+    fn cut(
+        &self,
+        i: usize,
+        inbound: &str,
+        outbound: &str,
+        dir: Direction,
+    ) -> Result<(), FaultError> {
+        let input = format!(
+            "chain in {{\ntype filter hook input priority 0; policy accept;\n{inbound} drop\n}}\n"
+        );
+        let output = format!(
+            "chain out {{\ntype filter hook output priority 0; policy accept;\n{outbound} drop\n}}\n"
+        );
         let body = match dir {
             Direction::Both => format!("{input}{output}"),
-            Direction::Inbound => input.to_string(),
-            Direction::Outbound => output.to_string(),
+            Direction::Inbound => input,
+            Direction::Outbound => output,
         };
         self.nft_table(i, PARTITION, &body)
     }
