@@ -152,13 +152,19 @@ fn a_coordinator_cut_off_past_the_timeout_drops_every_worker_and_new_ones_resume
                 .and_then(|l| l.split(" step=").nth(1)?.split(' ').next()?.parse().ok())
         })
         .collect();
+    // A new worker that joins after the others started loads a newer checkpoint (theirs).
     assert_eq!(resumed.len(), 3, "{}", job.worker_logs());
-    let from = resumed[0];
-    assert!(resumed.iter().all(|&s| s == from), "{resumed:?}");
-    assert!(from.is_multiple_of(25) && from >= 25, "resumed at {from}");
+    let from = *resumed.iter().min().unwrap();
+    assert!(
+        resumed.iter().all(|s| s.is_multiple_of(25)) && from >= 25,
+        "resumed at {resumed:?}"
+    );
     let trained_to = *unheard.iter().max().unwrap();
     let lines = job.metrics();
-    assert_eq!(generations(&lines), vec![(2, 3)], "{text}");
+    // The new workers form one generation, or (one was ready sooner) a smaller one first;
+    // the last has all three.
+    let gens = generations(&lines);
+    assert_eq!(gens.last(), Some(&(gens.len() as u64 + 1, 3)), "{text}");
     let (steps, _, _) = accounting(&lines, BATCH);
     assert_eq!(*steps.keys().last().unwrap(), 400);
     let prints = job.fingerprints(&[3, 4, 5]);
