@@ -3,13 +3,14 @@
 //! a peer; the coordinator's accounting (its metrics log) shows every cell of the epoch
 //! consumed exactly once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use scfm_tests::{
-    TINY, bin, launch_coordinator, metric_steps, wait_exit, wait_log, write_manifest,
+    TINY, accounting, bin, generations, launch_coordinator, metric_steps, wait_exit, wait_log,
+    write_manifest,
 };
 
 /// The manifest of an elastic job (2 to 3 workers, 16 cells per worker and step, the tiny
@@ -85,7 +86,7 @@ fn a_killed_worker_is_replaced_by_a_new_generation_and_every_cell_is_used_once()
     assert_eq!(recovered.len(), 2, "{lines:?}");
     eprintln!("first step of a new generation after: {recovered:?} s");
 
-    let (steps, mgem, worlds) = accounting(&lines);
+    let (steps, mgem, worlds) = accounting(&lines, 16);
     let last = *steps.keys().last().unwrap();
     let next = steps[&last].0 + steps[&last].1;
     assert_eq!(worlds, BTreeSet::from([2, 3]));
@@ -116,58 +117,6 @@ fn a_killed_worker_is_replaced_by_a_new_generation_and_every_cell_is_used_once()
         ckpt.join(format!("ckpt-{last:09}/model.safetensors"))
             .is_file()
     );
-}
-
-/// Per committed step `(offset, step_cells, world_size, ranks)`, the MGEM loss per step,
-/// and the world sizes seen, from the coordinator's metrics log; asserts that the
-/// workers that reported a step agree on its place in the data stream and its size, that
-/// ranks are distinct and in range, and that the steps tile the stream from 0 without gap
-/// or overlap.
-#[allow(clippy::type_complexity)]
-fn accounting(
-    lines: &[serde_json::Value],
-) -> (
-    BTreeMap<u64, (u64, u64, u64, BTreeSet<u64>)>,
-    BTreeMap<u64, f64>,
-    BTreeSet<u64>,
-) {
-    let mut steps: BTreeMap<u64, (u64, u64, u64, BTreeSet<u64>)> = BTreeMap::new();
-    let mut mgem: BTreeMap<u64, f64> = BTreeMap::new();
-    for l in lines.iter().filter(|l| l["event"] == "step") {
-        let step = l["step"].as_u64().unwrap();
-        let key = (
-            l["offset"].as_u64().unwrap(),
-            l["step_cells"].as_u64().unwrap(),
-            l["world_size"].as_u64().unwrap(),
-        );
-        let e = steps
-            .entry(step)
-            .or_insert((key.0, key.1, key.2, BTreeSet::new()));
-        assert_eq!((e.0, e.1, e.2), key, "step {step} reported differently");
-        assert!(
-            e.3.insert(l["rank"].as_u64().unwrap()),
-            "rank twice in step {step}"
-        );
-        mgem.insert(step, l["mgem"].as_f64().unwrap());
-    }
-    let last = *steps.keys().last().unwrap();
-    assert_eq!(
-        steps.keys().copied().collect::<Vec<_>>(),
-        (1..=last).collect::<Vec<_>>()
-    );
-    let mut next = 0;
-    let mut worlds = BTreeSet::new();
-    for (step, (offset, cells, world, ranks)) in &steps {
-        assert_eq!(
-            *offset, next,
-            "step {step} starts at {offset}, expected {next}"
-        );
-        assert_eq!(*cells, 16 * world);
-        assert!(ranks.iter().all(|r| r < world));
-        worlds.insert(*world);
-        next = offset + cells;
-    }
-    (steps, mgem, worlds)
 }
 
 /// A worker that hangs (SIGSTOP: its sockets stay open, so no collective fails) is lost
@@ -219,7 +168,7 @@ fn a_hung_worker_is_lost_after_the_heartbeat_timeout_and_its_peers_go_on() {
     assert!(took < Duration::from_secs(30), "recovered after {took:?}");
     let survivor = std::fs::read_to_string(wlog(0)).unwrap();
     assert!(survivor.contains("abandoning the generation"), "{survivor}");
-    let (steps, _, worlds) = accounting(&metric_steps(&ckpt));
+    let (steps, _, worlds) = accounting(&metric_steps(&ckpt), 16);
     assert_eq!(worlds, BTreeSet::from([2, 3]));
     assert_eq!(*steps.keys().last().unwrap(), 120);
 }
@@ -276,7 +225,7 @@ fn scfm_local_replaces_a_killed_worker_process() {
         "{generations:?}\n{text}"
     );
     eprintln!("generations: {generations:?}");
-    let (steps, _, _) = accounting(&lines);
+    let (steps, _, _) = accounting(&lines, 16);
     assert_eq!(*steps.keys().last().unwrap(), 400);
     // Each worker's lines carry the id the coordinator gave it (the replacement is the
     // third to register), and the coordinator names each worker's host.
@@ -304,18 +253,4 @@ fn scfm_local_replaces_a_killed_worker_process() {
         !replacement.iter().any(|l| l.contains("resumed from")),
         "{replacement:#?}"
     );
-}
-
-/// `(generation, world size)` of each new generation, from the coordinator's events.
-fn generations(lines: &[serde_json::Value]) -> Vec<(u64, u64)> {
-    lines
-        .iter()
-        .filter(|l| l["event"] == "generation")
-        .map(|l| {
-            (
-                l["generation"].as_u64().unwrap(),
-                l["world_size"].as_u64().unwrap(),
-            )
-        })
-        .collect()
 }

@@ -1,10 +1,13 @@
 //! Helpers for scfm's integration tests: locate the built binaries and the real
 //! datasets, and run processes with a deadline (nothing in a test waits forever).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod netns_harness;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -341,20 +344,39 @@ pub fn launch_coordinator(
     String,
     std::sync::mpsc::Receiver<String>,
 ) {
-    let mut coord = Command::new(bin("scfm"))
-        .arg("launch")
-        .arg(manifest)
+    let mut cmd = Command::new(bin("scfm"));
+    cmd.arg("launch").arg(manifest);
+    launch_coordinator_with(cmd)
+}
+
+/// Starts a coordinator with `cmd` (an `scfm launch` command line, possibly wrapped, as in
+/// [`netns_harness`]) and returns it with the address it printed and its stderr lines.
+pub fn launch_coordinator_with(
+    mut cmd: Command,
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut coord = cmd
         .env("RUST_BACKTRACE", "0")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let (out, _reader) = lines(coord.stdout.take().unwrap());
-    let line = out
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the coordinator printed no address");
+    let (err, err_reader) = lines(coord.stderr.take().unwrap());
+    let Ok(line) = out.recv_timeout(Duration::from_secs(60)) else {
+        let _ = coord.kill();
+        let _ = coord.wait();
+        let _ = err_reader.join();
+        let said: Vec<String> = err.try_iter().collect();
+        panic!(
+            "the coordinator printed no address ({cmd:?}):\n{}",
+            said.join("\n")
+        );
+    };
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    let (err, _r) = lines(coord.stderr.take().unwrap());
     (coord, addr, err)
 }
 
@@ -441,4 +463,71 @@ pub fn worker_versions(env: &[(&str, &Path)]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("versions --json prints JSON")
+}
+
+/// Per committed step `(offset, step_cells, world_size, ranks)`, the MGEM loss per step,
+/// and the world sizes seen, from the coordinator's metrics log of a job with `batch`
+/// cells per worker and step; asserts that the workers that reported a step agree on its
+/// place in the data stream and its size, that ranks are distinct and in range, and that
+/// the steps tile the stream from 0 without gap or overlap.
+#[allow(clippy::type_complexity)]
+pub fn accounting(
+    lines: &[serde_json::Value],
+    batch: u64,
+) -> (
+    BTreeMap<u64, (u64, u64, u64, BTreeSet<u64>)>,
+    BTreeMap<u64, f64>,
+    BTreeSet<u64>,
+) {
+    let mut steps: BTreeMap<u64, (u64, u64, u64, BTreeSet<u64>)> = BTreeMap::new();
+    let mut mgem: BTreeMap<u64, f64> = BTreeMap::new();
+    for l in lines.iter().filter(|l| l["event"] == "step") {
+        let step = l["step"].as_u64().unwrap();
+        let key = (
+            l["offset"].as_u64().unwrap(),
+            l["step_cells"].as_u64().unwrap(),
+            l["world_size"].as_u64().unwrap(),
+        );
+        let e = steps
+            .entry(step)
+            .or_insert((key.0, key.1, key.2, BTreeSet::new()));
+        assert_eq!((e.0, e.1, e.2), key, "step {step} reported differently");
+        assert!(
+            e.3.insert(l["rank"].as_u64().unwrap()),
+            "rank twice in step {step}"
+        );
+        mgem.insert(step, l["mgem"].as_f64().unwrap());
+    }
+    let last = *steps.keys().last().unwrap();
+    assert_eq!(
+        steps.keys().copied().collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>()
+    );
+    let mut next = 0;
+    let mut worlds = BTreeSet::new();
+    for (step, (offset, cells, world, ranks)) in &steps {
+        assert_eq!(
+            *offset, next,
+            "step {step} starts at {offset}, expected {next}"
+        );
+        assert_eq!(*cells, batch * world);
+        assert!(ranks.iter().all(|r| r < world));
+        worlds.insert(*world);
+        next = offset + cells;
+    }
+    (steps, mgem, worlds)
+}
+
+/// `(generation, world size)` of each new generation, from the coordinator's events.
+pub fn generations(lines: &[serde_json::Value]) -> Vec<(u64, u64)> {
+    lines
+        .iter()
+        .filter(|l| l["event"] == "generation")
+        .map(|l| {
+            (
+                l["generation"].as_u64().unwrap(),
+                l["world_size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
 }

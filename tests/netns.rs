@@ -1,0 +1,244 @@
+//! Many hosts on one machine (tests/netns_harness): a job's coordinator and workers each
+//! in their own network namespace with its own address. This file checks the harness
+//! itself, then a worker cut off by a partition and a worker paused past the heartbeat
+//! timeout; tests/netns_coordinator.rs partitions the coordinator, tests/netns_links.rs
+//! degrades the links (loss, latency, bandwidth). Without root or namespaces every test
+//! here skips loudly.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use scfm_tests::netns_harness::{Direction, FaultError, Job, Net, setup, write_job};
+use scfm_tests::{TINY, accounting, generations, skip};
+
+/// Cells per worker and step.
+const BATCH: u64 = 16;
+
+/// The training section: the tiny model's steps, `max_steps` of them.
+fn training(max_steps: u64) -> String {
+    format!(
+        "  seed: 7\n  batch_size: {BATCH}\n  max_steps: {max_steps}\n  threads: 1\n  log_every: 10\n  eval_every: 100000"
+    )
+}
+
+/// The cluster section: 2 to 3 workers, heartbeats every 200 ms, silence of
+/// `worker_timeout_s` loses a worker, parameter checksums compared every 10 steps.
+fn cluster(worker_timeout_s: u64) -> String {
+    format!(
+        "  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 200\n  worker_timeout_s: {worker_timeout_s}\n  collective_timeout_s: 10\n  join_timeout_s: 60\n  checksum_every: 10"
+    )
+}
+
+#[test]
+fn the_harness_cuts_links_and_removes_its_namespaces() {
+    let before = setup::ip(&["-o", "link", "show"]).unwrap_or_default();
+    let Some(net) = Net::start(3, "harness self-check") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A listener in host 0: a coordinator that waits for workers.
+    let job = write_job(dir.path(), &net, 0, TINY, &training(10), &cluster(5), 1000);
+    let (coord, addr, _log) = net.launch_coordinator(0, &job.1);
+    let to: SocketAddr = addr.parse().unwrap();
+    assert_eq!(to.ip().to_string(), "10.231.0.1");
+    assert!(net.can_connect(1, to, 5), "host 1 reaches host 0");
+
+    net.partition(1, Direction::Both).unwrap();
+    assert!(!net.can_connect(1, to, 1), "partitioned both ways");
+    assert!(net.can_connect(2, to, 5), "the others still reach host 0");
+    net.heal(1).unwrap();
+    assert!(net.can_connect(1, to, 5), "healed");
+    // One way: host 0 receives nothing; host 1 sends nothing.
+    net.partition(0, Direction::Inbound).unwrap();
+    assert!(!net.can_connect(1, to, 1), "host 0 cut inbound");
+    net.heal(0).unwrap();
+    net.partition(1, Direction::Outbound).unwrap();
+    assert!(!net.can_connect(1, to, 1), "host 1 cut outbound");
+    net.heal(1).unwrap();
+    assert!(net.can_connect(1, to, 5));
+    // From some hosts only: host 1 cut from host 0, not from host 2.
+    net.partition_from(1, &[2], Direction::Both).unwrap();
+    assert!(net.can_connect(1, to, 5), "cut from host 2 only");
+    net.partition_from(1, &[0, 2], Direction::Both).unwrap();
+    assert!(!net.can_connect(1, to, 1), "cut from hosts 0 and 2");
+    net.heal(1).unwrap();
+
+    // Loss: all of host 1's packets dropped, and counted.
+    net.drop_packets(1, 100.0).unwrap();
+    assert!(!net.can_connect(1, to, 1));
+    assert!(net.dropped_packets(1) > 0);
+    net.drop_packets(1, 0.0).unwrap();
+    assert!(net.can_connect(1, to, 5));
+    net.cap_bandwidth(1, 100).unwrap();
+    assert!(net.can_connect(1, to, 5), "capped, not cut");
+    net.clear_qdiscs(1);
+    match net.netem(1, 50, 10, 25) {
+        Ok(()) => {
+            assert!(net.can_connect(1, to, 5), "delayed, not cut");
+            net.clear_qdiscs(1);
+        }
+        Err(FaultError::Unsupported(why)) => skip(
+            "netem",
+            &format!("latency, jitter and reordering cannot be simulated: {why}"),
+        ),
+        Err(e) => panic!("netem: {e}"),
+    }
+    // The machine's own interfaces are as they were.
+    assert_eq!(
+        setup::ip(&["-o", "link", "show"]).unwrap_or_default(),
+        before,
+        "the harness changed the machine's own interfaces"
+    );
+
+    // Dropped, even by a panicking test, the net leaves no namespace behind.
+    drop(coord);
+    let name = net.name().to_string();
+    assert_eq!(
+        setup::namespaces()
+            .iter()
+            .filter(|n| n.starts_with(&name))
+            .count(),
+        4
+    );
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _net = net;
+        panic!("a failing test (on purpose)");
+    }));
+    assert!(r.is_err());
+    let left: Vec<String> = setup::namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&name))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // A namespace of a process that is gone (a pid above pid_max never lives) is removed
+    // by the next net; one of a live process stays.
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stale = format!("{}{}-0-h0", setup::PREFIX, pid_max + 1);
+    setup::ip(&["netns", "add", &stale]).unwrap();
+    let next = Net::new(1).unwrap();
+    let all = setup::namespaces();
+    assert!(!all.contains(&stale), "{stale} was not removed");
+    assert!(all.iter().any(|n| n.starts_with(next.name())));
+}
+
+/// A worker cut off from everyone (both ways) is lost after `worker_timeout_s`, and the
+/// other two go on as a new generation; once the partition heals, the cut-off worker
+/// hears that it was dropped and exits 3 (the design: a dropped worker leaves, it does
+/// not come back by itself). A replacement started on its host joins the next
+/// generation with a peer's state, and the job completes with one set of parameters.
+#[test]
+fn a_partitioned_worker_is_dropped_and_a_replacement_on_its_host_joins() {
+    let Some(net) = Net::start(4, "partitioned worker") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_job(dir.path(), &net, 0, TINY, &training(500), &cluster(3), 1000);
+    let mut job = Job::start(&net, dir.path(), files, 0, &[1, 2, 3]);
+    let t_start = Instant::now();
+    job.wait_log("train step=20 ", Duration::from_secs(120));
+
+    net.partition(3, Direction::Both).unwrap();
+    let t0 = Instant::now();
+    let lost = job.wait_log("worker lost", Duration::from_secs(30));
+    let lost_after = t0.elapsed();
+    job.wait_log("first step of the new generation", Duration::from_secs(30));
+    let recovered_after = t0.elapsed();
+    assert!(
+        lost.contains("no heartbeat for 3 s") && lost.contains("ring=10.231.0.4:"),
+        "{lost}"
+    );
+    // Lost after the timeout (3 s), not long after it; the others go on soon after.
+    assert!(
+        lost_after >= Duration::from_millis(2500) && lost_after < Duration::from_secs(8),
+        "lost after {lost_after:?}"
+    );
+    net.heal(3).unwrap();
+    let healed = Instant::now();
+    let status = job.wait_worker(2, Duration::from_secs(60));
+    let exit_after = healed.elapsed();
+    let cut = job.workers[2].1.log_text();
+    assert_eq!(status.code(), Some(3), "{cut}");
+    assert!(cut.contains("the coordinator dropped this worker"), "{cut}");
+
+    // A replacement on the same host joins the running job.
+    let r = job.add_worker(3);
+    job.wait_log("worker joined", Duration::from_secs(60));
+    let (status, text) = job.finish(Duration::from_secs(300));
+    assert!(status.success(), "{text}\n{}", job.worker_logs());
+    for i in [0, 1, r] {
+        let s = job.wait_worker(i, Duration::from_secs(60));
+        assert!(s.success(), "worker {i}: {s}\n{}", job.worker_logs());
+    }
+    let lines = job.metrics();
+    assert_eq!(generations(&lines), vec![(2, 2), (3, 3)], "{text}");
+    let (steps, _, worlds) = accounting(&lines, BATCH);
+    assert_eq!(*steps.keys().last().unwrap(), 500);
+    assert_eq!(worlds, [2, 3].into());
+    let prints = job.fingerprints(&[0, 1, r]);
+    assert!(prints.iter().all(|p| *p == prints[0]), "{prints:?}");
+    assert!(
+        job.workers[r]
+            .1
+            .log_text()
+            .contains("took the state of rank"),
+        "{}",
+        job.worker_logs()
+    );
+    eprintln!(
+        "partitioned worker: lost {lost_after:?} after the cut, next generation after {recovered_after:?}, \
+         the cut-off worker exited {exit_after:?} after the heal; {:?} in all",
+        t_start.elapsed()
+    );
+}
+
+/// A worker paused (SIGSTOP) past `worker_timeout_s` is lost and the other two go on as a
+/// new generation. Resumed (SIGCONT), it does not disturb them: the coordinator no longer
+/// knows it, so it exits 3; the survivors' generation is never re-formed, every step
+/// counts once, and they end with the same parameters.
+#[test]
+fn a_paused_worker_resumed_after_it_was_dropped_leaves_the_new_generation_alone() {
+    let Some(net) = Net::start(4, "paused worker") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_job(dir.path(), &net, 0, TINY, &training(400), &cluster(3), 1000);
+    let mut job = Job::start(&net, dir.path(), files, 0, &[1, 2, 3]);
+    let t_start = Instant::now();
+    job.wait_log("train step=20 ", Duration::from_secs(120));
+    job.workers[2].1.pause();
+    job.wait_log("no heartbeat for 3 s", Duration::from_secs(30));
+    job.wait_log("first step of the new generation", Duration::from_secs(30));
+    // Let the new generation train a while, then wake the old worker in the middle of it.
+    std::thread::sleep(Duration::from_secs(1));
+    job.workers[2].1.resume();
+    let status = job.wait_worker(2, Duration::from_secs(60));
+    let woke = job.workers[2].1.log_text();
+    assert_eq!(status.code(), Some(3), "{woke}");
+    assert!(
+        woke.contains("the coordinator dropped this worker"),
+        "{woke}"
+    );
+
+    let (status, text) = job.finish(Duration::from_secs(300));
+    assert!(status.success(), "{text}\n{}", job.worker_logs());
+    for i in [0, 1] {
+        let s = job.wait_worker(i, Duration::from_secs(60));
+        assert!(s.success(), "worker {i}: {s}\n{}", job.worker_logs());
+    }
+    let lines = job.metrics();
+    // One new generation (the two survivors) and no other: the woken worker broke nothing.
+    assert_eq!(generations(&lines), vec![(2, 2)], "{text}");
+    let (steps, _, worlds) = accounting(&lines, BATCH);
+    assert_eq!(*steps.keys().last().unwrap(), 400);
+    assert_eq!(worlds, [2, 3].into());
+    // The ranks compared parameter checksums every 10 steps during the run (a difference
+    // fails the job), and end with the same parameters.
+    let prints = job.fingerprints(&[0, 1]);
+    assert_eq!(prints[0], prints[1]);
+    eprintln!("paused worker: {:?} in all", t_start.elapsed());
+}
