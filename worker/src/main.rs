@@ -61,6 +61,13 @@ enum Cmd {
         /// Server name in the coordinator's certificate.
         #[arg(long)]
         tls_domain: Option<String>,
+        /// Certificate chain (PEM) this worker presents on its ring connections when the
+        /// job runs its ring over TLS (auth.tls.ring): the job's auth.tls.cert.
+        #[arg(long)]
+        ring_tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --ring-tls-cert: the job's auth.tls.key.
+        #[arg(long)]
+        ring_tls_key: Option<PathBuf>,
     },
     /// Training steps/s of scfm vs the same model in PyTorch eager, side by side.
     Bench {
@@ -597,6 +604,8 @@ fn run() -> Result<()> {
             bind,
             tls_ca,
             tls_domain,
+            ring_tls_cert,
+            ring_tls_key,
         } => {
             control.install_signal_handlers()?;
             let args = scfm_worker::dist::JoinArgs {
@@ -605,6 +614,8 @@ fn run() -> Result<()> {
                 bind,
                 tls_ca,
                 tls_domain,
+                ring_tls_cert,
+                ring_tls_key,
             };
             match scfm_worker::dist::join(&args, &rt, &control)? {
                 Some(s) => eprintln!(
