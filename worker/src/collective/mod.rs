@@ -40,7 +40,7 @@ mod tests;
 mod tls_tests;
 
 pub use auth::RingKey;
-pub use bench::{BenchRow, bench_bus_bandwidth};
+pub use bench::{BenchRow, TlsCostRound, bench_bus_bandwidth, bench_tls_cost};
 pub use ring::{DEFAULT_BUCKET_BYTES, RingCollective, RingConfig};
 pub use tls::RingTls;
 pub use wire::PROTOCOL_VERSION;
