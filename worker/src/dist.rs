@@ -416,8 +416,9 @@ fn ring_key(m: &Manifest, token: Option<&str>, run_id: &str) -> Result<RingKey> 
 
 /// The ring's TLS settings when the job runs its ring over TLS (`auth.tls.ring`): the
 /// certificate and key of `--ring-tls-cert` and `--ring-tls-key`, verified against
-/// `--tls-ca` for `--tls-domain` (default `localhost`). An error names the missing flag, or
-/// the flag whose file cannot be read or used.
+/// `--tls-ca` for `--tls-domain` (default: the manifest's `auth.tls.domain`, else
+/// `localhost`). An error names the missing flag, or the flag whose file cannot be read,
+/// or the files when they cannot be used.
 fn ring_tls(m: &Manifest, args: &JoinArgs) -> Result<Option<RingTls>> {
     let Some(tls) = m.auth.tls.as_ref().filter(|t| t.ring) else {
         return Ok(None);
@@ -446,7 +447,10 @@ fn ring_tls(m: &Manifest, args: &JoinArgs) -> Result<Option<RingTls>> {
     let tls = RingTls::from_pem(&cert, &key, &ca, domain).map_err(|e| {
         config(
             "auth.tls.ring",
-            format!("{e} (the files of --ring-tls-cert, --ring-tls-key and --tls-ca, server name {domain})"),
+            format!(
+                "{e} (the files of --ring-tls-cert, --ring-tls-key and --tls-ca, server \
+                 name {domain})"
+            ),
         )
     })?;
     Ok(Some(tls))

@@ -8,7 +8,8 @@
 //! rustls is driven here directly instead of through its `StreamOwned`: every socket call
 //! gets the time left until the caller's deadline as its timeout, so a TLS handshake with a
 //! silent peer, and every later read and write, ends by its deadline as on the plain path
-//! (`StreamOwned` may read inside a write and ignores a failed write of buffered records).
+//! (`StreamOwned`'s write may wait on a read, and reports a failed write of the records it
+//! buffered only on the next call).
 //! Each direction of a ring connection has one user after the handshake (the connecting
 //! rank only writes, the accepting rank only reads), so a stream is owned by one thread;
 //! a shutdown from another thread goes through a clone of its TCP socket. On the plain path
