@@ -135,6 +135,12 @@ pub struct TlsConfig {
     /// Server name in the certificate (default: `localhost`).
     #[serde(default)]
     pub domain: Option<String>,
+    /// Also run the workers' gradient ring over TLS 1.3 with the same files: the accepting
+    /// worker of every ring connection presents `cert` and `key`, the connecting one
+    /// verifies them against `ca` for `domain`. Workers then need `--ring-tls-cert` and
+    /// `--ring-tls-key` besides `--tls-ca` (`scfm local` passes them). Default `false`.
+    #[serde(default)]
+    pub ring: bool,
 }
 
 /// Who may join.
@@ -374,6 +380,20 @@ mod tests {
                 want
             );
         }
+        let again = Manifest::parse(&m.to_yaml(), Path::new("x")).unwrap();
+        assert_eq!(again, m);
+    }
+
+    /// `auth.tls.ring` is off unless set, and survives the round trip to the workers.
+    #[test]
+    fn the_ring_tls_switch_defaults_to_off() {
+        let tls = "auth:\n  tls: {cert: c.pem, key: k.pem, ca: ca.pem";
+        let base = manifest("", "d.h5ad");
+        let m = check(&format!("{base}{tls}}}\n")).unwrap();
+        let t = m.auth.tls.as_ref().unwrap();
+        assert!(!t.ring && t.cert.is_absolute());
+        let m = check(&format!("{base}{tls}, ring: true}}\n")).unwrap();
+        assert!(m.auth.tls.as_ref().unwrap().ring);
         let again = Manifest::parse(&m.to_yaml(), Path::new("x")).unwrap();
         assert_eq!(again, m);
     }

@@ -102,6 +102,13 @@ fn spawn_worker(
         cmd.arg("--tls-ca")
             .arg(&tls.ca)
             .args(["--tls-domain", tls.domain.as_deref().unwrap_or("localhost")]);
+        if tls.ring {
+            // The ring's TLS presents the same certificate and key as gRPC.
+            cmd.arg("--ring-tls-cert")
+                .arg(&tls.cert)
+                .arg("--ring-tls-key")
+                .arg(&tls.key);
+        }
     }
     let mut child = cmd
         .env("SCFM_TOKEN", token)

@@ -15,7 +15,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
-use crate::collective::{RingAbort, RingCollective, RingConfig, RingKey};
+use crate::collective::{RingAbort, RingCollective, RingConfig, RingKey, RingTls};
 use crate::control::Control;
 use scfm_common::runtime::Rt;
 
@@ -40,6 +40,11 @@ pub struct JoinArgs {
     pub tls_ca: Option<std::path::PathBuf>,
     /// Server name in the coordinator's certificate.
     pub tls_domain: Option<String>,
+    /// PEM certificate chain this worker presents to its left ring neighbour when the job
+    /// runs its ring over TLS (`auth.tls.ring`): the job's `auth.tls.cert`.
+    pub ring_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of [`JoinArgs::ring_tls_cert`]: the job's `auth.tls.key`.
+    pub ring_tls_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -409,6 +414,48 @@ fn ring_key(m: &Manifest, token: Option<&str>, run_id: &str) -> Result<RingKey> 
     }
 }
 
+/// The ring's TLS settings when the job runs its ring over TLS (`auth.tls.ring`): the
+/// certificate and key of `--ring-tls-cert` and `--ring-tls-key`, verified against
+/// `--tls-ca` for `--tls-domain` (default: the manifest's `auth.tls.domain`, else
+/// `localhost`). An error names the missing flag, or the flag whose file cannot be read,
+/// or the files when they cannot be used.
+fn ring_tls(m: &Manifest, args: &JoinArgs) -> Result<Option<RingTls>> {
+    let Some(tls) = m.auth.tls.as_ref().filter(|t| t.ring) else {
+        return Ok(None);
+    };
+    let config = |field: &str, message: String| scfm_common::Error::config(field, message);
+    let read = |path: &Option<std::path::PathBuf>, flag: &str| -> Result<Vec<u8>> {
+        let path = path.as_deref().ok_or_else(|| {
+            config(
+                flag,
+                "the job runs its ring over TLS (auth.tls.ring in its manifest) but this \
+                 worker was given none"
+                    .into(),
+            )
+        })?;
+        std::fs::read(path)
+            .map_err(|e| config(flag, format!("cannot read {}: {e}", path.display())).into())
+    };
+    let cert = read(&args.ring_tls_cert, "--ring-tls-cert")?;
+    let key = read(&args.ring_tls_key, "--ring-tls-key")?;
+    let ca = read(&args.tls_ca, "--tls-ca")?;
+    let domain = args
+        .tls_domain
+        .as_deref()
+        .or(tls.domain.as_deref())
+        .unwrap_or("localhost");
+    let tls = RingTls::from_pem(&cert, &key, &ca, domain).map_err(|e| {
+        config(
+            "auth.tls.ring",
+            format!(
+                "{e} (the files of --ring-tls-cert, --ring-tls-key and --tls-ca, server \
+                 name {domain})"
+            ),
+        )
+    })?;
+    Ok(Some(tls))
+}
+
 /// Joins the cluster and trains until the job ends; the coordinator connection, the
 /// heartbeat and the metrics stream run on `rt`, and `control` carries the stop requests
 /// (signals, the coordinator's orders). [`WorkerError::Ended`] when the coordinator ended
@@ -444,6 +491,7 @@ pub fn join(args: &JoinArgs, rt: &Rt, control: &Control) -> Result<Option<RunSum
     let manifest = Manifest::parse(&reg.manifest_yaml, std::path::Path::new("<coordinator>"))?;
     let spec = manifest.train_spec()?;
     let ring_key = ring_key(&manifest, args.token.as_deref(), &reg.run_id)?;
+    let ring_tls = ring_tls(&manifest, args)?;
     if !manifest.has_token() && !ring_addr.ip().is_loopback() {
         tracing::warn!(ring = %ring_addr, "the job has no token: the ring's key derives from the run id alone and is no secret to anyone who reaches this address; give the job a token (auth.token_env)");
     }
@@ -501,6 +549,7 @@ pub fn join(args: &JoinArgs, rt: &Rt, control: &Control) -> Result<Option<RunSum
             abort,
             collective: manifest.cluster.collective,
             ring_key,
+            ring_tls,
             checkpoint_grace: checkpoint_grace(Duration::from_secs(
                 manifest.cluster.preempt_grace_s,
             )),
@@ -598,6 +647,8 @@ struct Gen {
     collective: scfm_common::manifest::CollectiveBackend,
     /// The job's ring key.
     ring_key: RingKey,
+    /// The ring's TLS settings (`auth.tls.ring`), if it runs over TLS.
+    ring_tls: Option<RingTls>,
     /// How long the end of a run waits for its last checkpoint to land.
     checkpoint_grace: Duration,
 }
@@ -689,7 +740,8 @@ fn run_generations(
             listener
                 .try_clone()
                 .map_err(|e| WorkerError::Internal(format!("ring listener: {e}")))?,
-            RingConfig::new(g.ring_key.clone(), a.generation, g.timeout),
+            RingConfig::new(g.ring_key.clone(), a.generation, g.timeout)
+                .with_tls(g.ring_tls.clone()),
         );
         // Every rank agrees on the backend of this generation (and forms NCCL if chosen).
         let ring = match ring.map_err(Ok).and_then(|mut r| {

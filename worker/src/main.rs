@@ -61,6 +61,13 @@ enum Cmd {
         /// Server name in the coordinator's certificate.
         #[arg(long)]
         tls_domain: Option<String>,
+        /// Certificate chain (PEM) this worker presents on its ring connections when the
+        /// job runs its ring over TLS (auth.tls.ring): the job's auth.tls.cert.
+        #[arg(long)]
+        ring_tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --ring-tls-cert: the job's auth.tls.key.
+        #[arg(long)]
+        ring_tls_key: Option<PathBuf>,
     },
     /// Training steps/s of scfm vs the same model in PyTorch eager, side by side.
     Bench {
@@ -196,6 +203,22 @@ enum Cmd {
         /// Buffer sizes in MB.
         #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
         mb: Vec<usize>,
+        /// Instead, time the ring over TLS against the plain ring (alternated over
+        /// --rounds): the certificate chain (PEM) the accepting ranks present.
+        #[arg(long, requires_all = ["ring_tls_key", "tls_ca"])]
+        ring_tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --ring-tls-cert.
+        #[arg(long)]
+        ring_tls_key: Option<PathBuf>,
+        /// CA certificate (PEM) the connecting ranks verify --ring-tls-cert with.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// Server name in --ring-tls-cert.
+        #[arg(long, default_value = "localhost")]
+        tls_domain: String,
+        /// Rounds of the TLS comparison.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Cell embeddings of a trained model, written into a new .h5ad (obsm['X_scfm']).
     Embed(Box<EmbedCli>),
@@ -605,6 +628,8 @@ fn run() -> Result<()> {
             bind,
             tls_ca,
             tls_domain,
+            ring_tls_cert,
+            ring_tls_key,
         } => {
             control.install_signal_handlers()?;
             let args = scfm_worker::dist::JoinArgs {
@@ -613,6 +638,8 @@ fn run() -> Result<()> {
                 bind,
                 tls_ca,
                 tls_domain,
+                ring_tls_cert,
+                ring_tls_key,
             };
             match scfm_worker::dist::join(&args, &rt, &control)? {
                 Some(s) => eprintln!(
@@ -739,7 +766,25 @@ fn run() -> Result<()> {
                 anyhow::bail!("nccl-check: the all-reduce changed the values");
             }
         }
-        Cmd::BenchAllreduce { world, mb } => {
+        Cmd::BenchAllreduce {
+            world,
+            mb,
+            ring_tls_cert: Some(cert),
+            ring_tls_key: Some(key),
+            tls_ca: Some(ca),
+            tls_domain,
+            rounds,
+        } => {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));
+            let tls = scfm_worker::collective::RingTls::from_pem(
+                &read(&cert)?,
+                &read(&key)?,
+                &read(&ca)?,
+                &tls_domain,
+            )?;
+            bench_tls_cost(&world, &mb, rounds, &tls)?;
+        }
+        Cmd::BenchAllreduce { world, mb, .. } => {
             let sizes: Vec<usize> = mb.iter().map(|m| m << 20).collect();
             let rows = scfm_worker::collective::bench_bus_bandwidth(&world, &sizes);
             // Two bounds: one socket stream alone, and per stream with W streams at once.
@@ -792,6 +837,51 @@ fn run() -> Result<()> {
         }
         Cmd::Reference { out } => scfm_worker::reference::export(&out)?,
         Cmd::Versions { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// `bench-allreduce` with TLS: for every world size and buffer size, the plain and the TLS
+/// ring's time and bus bandwidth per round, then their medians and ratio.
+fn bench_tls_cost(
+    world: &[usize],
+    mb: &[usize],
+    rounds: usize,
+    tls: &scfm_worker::collective::RingTls,
+) -> Result<()> {
+    let rounds = rounds.max(1);
+    println!(
+        "{:>5} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12} {:>8}",
+        "ranks", "MB", "round", "plain ms", "TLS ms", "plain GB/s", "TLS GB/s", "TLS/plain"
+    );
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for &w in world {
+        for &m in mb {
+            let bytes = m << 20;
+            let iterations = ((512usize << 20) / bytes.max(1)).clamp(3, 50);
+            let r = scfm_worker::collective::bench_tls_cost(w, bytes, iterations, rounds, tls)
+                .map_err(anyhow::Error::msg)?;
+            let busbw = |s: f64| bytes as f64 / s * 2.0 * (w as f64 - 1.0) / w as f64 / 1e9;
+            let row = |round: &str, p: f64, t: f64| {
+                println!(
+                    "{w:>5} {m:>6} {round:>6} {:>10.2} {:>10.2} {:>12.3} {:>12.3} {:>9.2}",
+                    p * 1e3,
+                    t * 1e3,
+                    busbw(p),
+                    busbw(t),
+                    t / p
+                )
+            };
+            for (i, x) in r.iter().enumerate() {
+                row(&(i + 1).to_string(), x.plain, x.tls);
+            }
+            let p = median(r.iter().map(|x| x.plain).collect());
+            let t = median(r.iter().map(|x| x.tls).collect());
+            row("median", p, t);
+        }
     }
     Ok(())
 }

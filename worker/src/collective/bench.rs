@@ -3,7 +3,8 @@
 //! TCP bounds measured in the same run: one large socket copy between two threads (the
 //! single-stream bound), and the per-stream throughput of W such copies at once (the
 //! concurrent bound: on a ring all W ranks send and receive at the same time, and on
-//! loopback all W "links" share the same CPUs and memory bus).
+//! loopback all W "links" share the same CPUs and memory bus). [`bench_tls_cost`] puts the
+//! ring over TLS next to the plain ring.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,7 +12,7 @@ use std::sync::{Arc, Barrier, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{Collective, CollectiveError, RingCollective, RingConfig, RingKey};
+use super::{Collective, CollectiveError, RingCollective, RingConfig, RingKey, RingTls};
 
 /// One measurement of [`bench_bus_bandwidth`].
 #[derive(Debug, Clone, PartialEq)]
@@ -76,7 +77,7 @@ pub fn bench_bus_bandwidth(world_sizes: &[usize], sizes_bytes: &[usize]) -> Vec<
                 tcp_concurrent,
                 error: None,
             };
-            match time_all_reduce(w, n, iterations) {
+            match time_all_reduce(w, n, iterations, None) {
                 Ok(seconds) => {
                     row.seconds = seconds;
                     row.algbw = row.bytes as f64 / seconds;
@@ -90,8 +91,54 @@ pub fn bench_bus_bandwidth(world_sizes: &[usize], sizes_bytes: &[usize]) -> Vec<
     rows
 }
 
-/// Seconds per all-reduce of `n` f32 over `w` ranks, the slowest rank's average.
-fn time_all_reduce(w: usize, n: usize, iterations: usize) -> Result<f64, String> {
+/// One round of [`bench_tls_cost`]: seconds per all-reduce (the slowest rank's average).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TlsCostRound {
+    /// Over the plain ring.
+    pub plain: f64,
+    /// Over the ring with TLS.
+    pub tls: f64,
+}
+
+/// The cost of TLS on the ring: all-reduce (mean, default bucket size) of `bytes` (rounded
+/// down to whole f32) over `world` ranks on loopback, over the plain ring and over the
+/// ring with `tls`, in `rounds` rounds that time both with `iterations` all-reduces each
+/// (after a warm-up call), the plain ring first in even rounds and last in odd ones.
+/// Prints nothing.
+pub fn bench_tls_cost(
+    world: usize,
+    bytes: usize,
+    iterations: usize,
+    rounds: usize,
+    tls: &RingTls,
+) -> Result<Vec<TlsCostRound>, String> {
+    let n = bytes / size_of::<f32>();
+    let mut out = Vec::new();
+    for round in 0..rounds {
+        let (mut plain, mut over_tls) = (0.0, 0.0);
+        for tls_now in [round % 2 == 1, round % 2 == 0] {
+            if tls_now {
+                over_tls = time_all_reduce(world, n, iterations, Some(tls.clone()))?;
+            } else {
+                plain = time_all_reduce(world, n, iterations, None)?;
+            }
+        }
+        out.push(TlsCostRound {
+            plain,
+            tls: over_tls,
+        });
+    }
+    Ok(out)
+}
+
+/// Seconds per all-reduce of `n` f32 over `w` ranks (over TLS with `tls`), the slowest
+/// rank's average.
+fn time_all_reduce(
+    w: usize,
+    n: usize,
+    iterations: usize,
+    tls: Option<RingTls>,
+) -> Result<f64, String> {
     if w == 0 {
         return Err("world size 0".into());
     }
@@ -106,11 +153,11 @@ fn time_all_reduce(w: usize, n: usize, iterations: usize) -> Result<f64, String>
         .map_err(|e| format!("local_addr: {e}"))?;
     let (tx, rx) = mpsc::channel();
     for (rank, listener) in listeners.into_iter().enumerate() {
-        let (tx, peers) = (tx.clone(), peers.clone());
+        let (tx, peers, tls) = (tx.clone(), peers.clone(), tls.clone());
         thread::spawn(move || {
             let run = || -> Result<f64, CollectiveError> {
                 let key = RingKey::derive(None, "bench-allreduce");
-                let config = RingConfig::new(key, 0, Duration::from_secs(60));
+                let config = RingConfig::new(key, 0, Duration::from_secs(60)).with_tls(tls);
                 let mut ring = RingCollective::new(rank, w, peers, listener, config)?;
                 let mut buf = vec![1.0f32; n];
                 ring.all_reduce_mean(&mut buf)?;

@@ -16,6 +16,11 @@
 //! that sends nothing or garbage, a leftover of an earlier generation) is dropped and
 //! logged, and the left neighbour's connection is accepted meanwhile. Only a peer that
 //! authenticated and then disagrees on the generation, world size or rank fails the ring.
+//!
+//! With TLS (`RingConfig::tls`), each connection first completes a TLS 1.3 handshake
+//! (`super::tls`: the connector is the client, the acceptor the server) and the exchange
+//! above runs inside it; the accepting side's TLS handshake counts towards the
+//! connection's [`PEER_HANDSHAKE`].
 
 use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use super::auth::{self, MAC_LEN, RingKey, Role};
 use super::link::Peer;
-use super::wire::{self, HELLO_LEN, HELLO_PREFIX_LEN, Hello, PrefixError};
+use super::ring::RingConfig;
+use super::tls::{self, RingStream, RingTls};
+use super::wire::{self, HELLO_LEN, HELLO_PREFIX_LEN, Hello, PrefixError, TLS_RECORD_PREFIX_LEN};
 use super::{CollectiveError, Op};
 
 /// How long one incoming connection may take to complete its handshake (at most the
@@ -64,14 +71,15 @@ impl Me {
     }
 }
 
-/// Connects to the right neighbour and authenticates both ways before `deadline`.
+/// Connects to the right neighbour (over TLS when `config.tls` is set) and authenticates
+/// both ways before `deadline`.
 pub(super) fn connect_right(
     me: Me,
     right: Peer,
-    key: &RingKey,
+    config: &RingConfig,
     deadline: Instant,
-    timeout: Duration,
-) -> Result<TcpStream, CollectiveError> {
+) -> Result<RingStream, CollectiveError> {
+    let (key, timeout) = (&config.key, config.timeout);
     let io = |e| right.err(Op::Handshake, timeout, e);
     let refused = |reason: String| CollectiveError::Handshake {
         peer: right.rank,
@@ -79,16 +87,21 @@ pub(super) fn connect_right(
         reason,
     };
     let ours = me.hello().map_err(io)?;
-    let mut s = connect_by(right.addr, deadline).map_err(io)?;
+    let s = connect_by(right.addr, deadline).map_err(io)?;
     s.set_nodelay(true).map_err(io)?;
+    let mut s = match &config.tls {
+        None => RingStream::Plain(s),
+        Some(t) => tls::connect(s, t, deadline)
+            .map_err(|e| tls::refusal(&e).map_or_else(|| io(e), refused))?,
+    };
     let hc = ours.encode();
-    wire::write_all_by(&mut s, &hc, deadline).map_err(io)?;
+    s.write_all_by(&hc, deadline).map_err(io)?;
     let theirs = read_hello(&mut s, deadline)
         .map_err(io)?
         .map_err(|e| refused(e.to_string()))?;
     let ha = theirs.encode();
     let mut tag = [0u8; MAC_LEN];
-    wire::read_exact_by(&mut s, &mut tag, deadline).map_err(io)?;
+    s.read_exact_by(&mut tag, deadline).map_err(io)?;
     if !key.verify(Role::Acceptor, &hc, &ha, &tag) {
         return Err(refused(
             "authentication failed: the peer does not hold this job's ring key (is every \
@@ -96,10 +109,11 @@ pub(super) fn connect_right(
                 .into(),
         ));
     }
-    wire::write_all_by(&mut s, &key.tag(Role::Connector, &hc, &ha), deadline).map_err(io)?;
+    s.write_all_by(&key.tag(Role::Connector, &hc, &ha), deadline)
+        .map_err(io)?;
     theirs.check(&ours, right.rank).map_err(refused)?;
     let mut verdict = [0u8; 1];
-    wire::read_exact_by(&mut s, &mut verdict, deadline).map_err(io)?;
+    s.read_exact_by(&mut verdict, deadline).map_err(io)?;
     if verdict[0] != ACCEPTED {
         return Err(refused(
             "the peer refused our connection after authenticating it".into(),
@@ -111,25 +125,26 @@ pub(super) fn connect_right(
 /// What became of one incoming connection.
 enum Outcome {
     /// The left neighbour, authenticated and of this generation.
-    Accepted(TcpStream),
+    Accepted(RingStream),
     /// Dropped; `quiet` for the expected case of a leftover of an earlier generation.
     Dropped { reason: String, quiet: bool },
     /// An authenticated peer that disagrees on the generation, world size or rank.
     Fatal(String),
 }
 
-/// Accepts the left neighbour on `listener` before `deadline`, handshaking with every
-/// incoming connection on a thread of its own (see the module documentation). Gives up
-/// early when `cancel` is set (the other connection of this rank failed).
+/// Accepts the left neighbour on `listener` before `deadline` (over TLS when `config.tls`
+/// is set), handshaking with every incoming connection on a thread of its own (see the
+/// module documentation). Gives up early when `cancel` is set (the other connection of
+/// this rank failed).
 pub(super) fn accept_left(
     listener: &TcpListener,
     me: Me,
     left: Peer,
-    key: &RingKey,
+    config: &RingConfig,
     deadline: Instant,
-    timeout: Duration,
     cancel: &AtomicBool,
-) -> Result<TcpStream, CollectiveError> {
+) -> Result<RingStream, CollectiveError> {
+    let timeout = config.timeout;
     let io = |e| left.err(Op::Handshake, timeout, e);
     listener.set_nonblocking(true).map_err(io)?;
     let (tx, rx) = mpsc::channel::<(SocketAddr, Outcome)>();
@@ -150,12 +165,12 @@ pub(super) fn accept_left(
                 }
                 Err(e) => return Err(io(e)),
             };
-            let (tx, key) = (tx.clone(), key.clone());
+            let (tx, key, tls) = (tx.clone(), config.key.clone(), config.tls.clone());
             let by = deadline.min(Instant::now() + PEER_HANDSHAKE);
             thread::Builder::new()
                 .name(format!("ring-hello-{}", me.rank))
                 .spawn(move || {
-                    let out = handshake_incoming(s, me, left.rank, &key, by)
+                    let out = handshake_incoming(s, me, left.rank, &key, tls.as_ref(), by)
                         .unwrap_or_else(|e| Outcome::Dropped {
                             reason: io_reason(&e, by),
                             quiet: false,
@@ -207,16 +222,31 @@ pub(super) fn accept_left(
     }
 }
 
-/// The accepting side's handshake with one incoming connection, bounded by `deadline`.
+/// The accepting side's handshake with one incoming connection (TLS first when `tls` is
+/// set), bounded by `deadline`.
 fn handshake_incoming(
-    mut s: TcpStream,
+    s: TcpStream,
     me: Me,
     left_rank: usize,
     key: &RingKey,
+    tls: Option<&RingTls>,
     deadline: Instant,
 ) -> io::Result<Outcome> {
     s.set_nonblocking(false)?;
     s.set_nodelay(true)?;
+    let mut s = match tls {
+        None => RingStream::Plain(s),
+        Some(t) => match tls::accept(s, t, deadline) {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = tls::refusal(&e).ok_or(e)?;
+                return Ok(Outcome::Dropped {
+                    reason,
+                    quiet: false,
+                });
+            }
+        },
+    };
     let ours = me.hello()?;
     let ha = ours.encode();
     let theirs = match read_hello(&mut s, deadline)? {
@@ -224,7 +254,7 @@ fn handshake_incoming(
         Err(e) => {
             if let PrefixError::Version(_) = e {
                 // Our hello lets a peer of another build name the mismatch too.
-                let _ = wire::write_all_by(&mut s, &ha, deadline);
+                let _ = s.write_all_by(&ha, deadline);
             }
             return Ok(Outcome::Dropped {
                 reason: e.to_string(),
@@ -236,11 +266,11 @@ fn handshake_incoming(
     let mut answer = [0u8; HELLO_LEN + MAC_LEN];
     answer[..HELLO_LEN].copy_from_slice(&ha);
     answer[HELLO_LEN..].copy_from_slice(&key.tag(Role::Acceptor, &hc, &ha));
-    wire::write_all_by(&mut s, &answer, deadline)?;
+    s.write_all_by(&answer, deadline)?;
     let mut tag = [0u8; MAC_LEN];
-    wire::read_exact_by(&mut s, &mut tag, deadline)?;
-    let refuse = |s: &mut TcpStream, out: Outcome| -> io::Result<Outcome> {
-        let _ = wire::write_all_by(s, &[REFUSED], deadline);
+    s.read_exact_by(&mut tag, deadline)?;
+    let refuse = |s: &mut RingStream, out: Outcome| -> io::Result<Outcome> {
+        let _ = s.write_all_by(&[REFUSED], deadline);
         Ok(out)
     };
     if !key.verify(Role::Connector, &hc, &ha, &tag) {
@@ -273,7 +303,7 @@ fn handshake_incoming(
     if let Err(reason) = theirs.check(&ours, left_rank) {
         return refuse(&mut s, Outcome::Fatal(reason));
     }
-    wire::write_all_by(&mut s, &[ACCEPTED], deadline)?;
+    s.write_all_by(&[ACCEPTED], deadline)?;
     Ok(Outcome::Accepted(s))
 }
 
@@ -286,15 +316,21 @@ fn io_reason(e: &io::Error, deadline: Instant) -> String {
     }
 }
 
-/// Reads a hello: its first bytes (magic, version) are checked before the rest is read.
-fn read_hello(s: &mut TcpStream, deadline: Instant) -> io::Result<Result<Hello, PrefixError>> {
+/// Reads a hello: its first bytes (magic, version) are checked before the rest is read,
+/// and its first two alone (a TLS record's, such as the alert of a TLS peer that refuses
+/// our plain hello, before it closes the connection).
+fn read_hello(s: &mut RingStream, deadline: Instant) -> io::Result<Result<Hello, PrefixError>> {
     let mut b = [0u8; HELLO_LEN];
-    wire::read_exact_by(s, &mut b[..HELLO_PREFIX_LEN], deadline)?;
+    s.read_exact_by(&mut b[..TLS_RECORD_PREFIX_LEN], deadline)?;
+    if let Some(e) = wire::tls_record(&b) {
+        return Ok(Err(e));
+    }
+    s.read_exact_by(&mut b[TLS_RECORD_PREFIX_LEN..HELLO_PREFIX_LEN], deadline)?;
     let prefix: &[u8; HELLO_PREFIX_LEN] = b[..HELLO_PREFIX_LEN].try_into().expect("prefix");
     if let Err(e) = Hello::check_prefix(prefix) {
         return Ok(Err(e));
     }
-    wire::read_exact_by(s, &mut b[HELLO_PREFIX_LEN..], deadline)?;
+    s.read_exact_by(&mut b[HELLO_PREFIX_LEN..], deadline)?;
     Ok(Ok(Hello::decode(&b)))
 }
 

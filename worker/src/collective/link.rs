@@ -6,6 +6,9 @@
 //! Deadlines: every socket write is bounded by the remaining time of its ring step, the
 //! wait for every received message likewise, and every socket read by a backstop of
 //! `(POOL + 1)` timeouts (reads run ahead of the step they belong to).
+//!
+//! Both connections are [`RingStream`]s: plain TCP, or TLS over it when the ring's
+//! configuration has TLS settings (`super::tls`).
 
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 use super::handshake::{self, Me};
 use super::plan::{Action, Step};
 use super::ring::RingConfig;
+use super::tls::RingStream;
 use super::wire::{self, Elem, HEADER_LEN, Header};
 use super::{CollectiveError, Op};
 
@@ -68,8 +72,9 @@ pub(super) struct Link {
     left: Peer,
     right: Peer,
     timeout: Duration,
-    to_right: TcpStream,
-    /// Kept to shut the socket down; the receiver thread reads from a clone.
+    to_right: RingStream,
+    /// The socket of the connection from the left neighbour, kept to shut it down; the
+    /// receiver thread owns the connection.
     from_left: TcpStream,
     requests: Option<Sender<RecvReq>>,
     results: Receiver<RecvResult>,
@@ -80,8 +85,8 @@ pub(super) struct Link {
 
 impl Link {
     /// Connects to the right neighbour and accepts the left one at the same time, each
-    /// connection authenticated by the handshake of [`handshake`], and starts the
-    /// receiver thread.
+    /// connection authenticated by the handshake of [`handshake`] (inside TLS when
+    /// `config.tls` is set), and starts the receiver thread.
     pub(super) fn connect(
         rank: usize,
         world: usize,
@@ -111,10 +116,10 @@ impl Link {
             let accepting = thread::Builder::new()
                 .name(format!("ring-accept-{rank}"))
                 .spawn_scoped(scope, || {
-                    handshake::accept_left(listener, me, left, &config.key, deadline, t, &cancel)
+                    handshake::accept_left(listener, me, left, config, deadline, &cancel)
                 })
                 .map_err(|e| left.err(op, t, e))?;
-            let to_right = handshake::connect_right(me, right, &config.key, deadline, t);
+            let to_right = handshake::connect_right(me, right, config, deadline);
             if to_right.is_err() {
                 cancel.store(true, Ordering::Relaxed);
             }
@@ -130,7 +135,18 @@ impl Link {
             }
         })?;
 
-        let reader = from_left.try_clone().map_err(|e| left.err(op, t, e))?;
+        if config.tls.is_some() {
+            tracing::info!(
+                rank,
+                generation = config.generation,
+                "ring: {} to rank {} and from rank {}",
+                to_right.describe(),
+                right.rank,
+                left.rank
+            );
+        }
+        let reader = from_left;
+        let from_left = reader.tcp().try_clone().map_err(|e| left.err(op, t, e))?;
         let (req_tx, req_rx) = mpsc::channel();
         let (res_tx, res_rx) = mpsc::channel();
         let backstop = t * (POOL as u32 + 1);
@@ -223,19 +239,19 @@ impl Link {
         if cfg!(target_endian = "little") {
             if bytes <= SMALL_MSG {
                 self.scratch.extend_from_slice(wire::as_bytes(data));
-                return wire::write_all_by(&mut self.to_right, &self.scratch, deadline);
+                return self.to_right.write_all_by(&self.scratch, deadline);
             }
-            wire::write_all_by(&mut self.to_right, &self.scratch, deadline)?;
-            return wire::write_all_by(&mut self.to_right, wire::as_bytes(data), deadline);
+            self.to_right.write_all_by(&self.scratch, deadline)?;
+            return self.to_right.write_all_by(wire::as_bytes(data), deadline);
         }
-        wire::write_all_by(&mut self.to_right, &self.scratch, deadline)?;
+        self.to_right.write_all_by(&self.scratch, deadline)?;
         for block in data.chunks(SMALL_MSG / size_of::<T>()) {
             self.scratch.clear();
             for x in block {
                 self.scratch
                     .extend_from_slice(wire::as_bytes(std::slice::from_ref(&x.swap_le())));
             }
-            wire::write_all_by(&mut self.to_right, &self.scratch, deadline)?;
+            self.to_right.write_all_by(&self.scratch, deadline)?;
         }
         Ok(())
     }
@@ -281,7 +297,10 @@ impl Link {
     /// A handle that shuts both sockets down from another thread.
     pub(super) fn abort_handle(&self) -> io::Result<super::RingAbort> {
         Ok(super::RingAbort {
-            sockets: vec![self.to_right.try_clone()?, self.from_left.try_clone()?],
+            sockets: vec![
+                self.to_right.tcp().try_clone()?,
+                self.from_left.try_clone()?,
+            ],
             #[cfg(feature = "nccl")]
             nccl: None,
         })
@@ -289,7 +308,7 @@ impl Link {
 
     /// Shuts both sockets down: the receiver thread and both neighbours see it at once.
     pub(super) fn abort(&self) {
-        let _ = self.to_right.shutdown(Shutdown::Both);
+        let _ = self.to_right.tcp().shutdown(Shutdown::Both);
         let _ = self.from_left.shutdown(Shutdown::Both);
     }
 }
@@ -323,7 +342,7 @@ fn apply<T: Elem>(action: Action, dst: &mut [T], src: &[T], world: usize) {
 /// Body of the receiver thread: serves read requests in order until the collective is
 /// dropped or a read fails (after which the stream position is unknown).
 fn receive_loop(
-    mut s: TcpStream,
+    mut s: RingStream,
     peer: Peer,
     backstop: Duration,
     requests: Receiver<RecvReq>,
@@ -339,7 +358,7 @@ fn receive_loop(
 }
 
 fn receive_one(
-    s: &mut TcpStream,
+    s: &mut RingStream,
     peer: Peer,
     backstop: Duration,
     expect: &Header,
@@ -347,7 +366,8 @@ fn receive_one(
 ) -> Result<(), CollectiveError> {
     let deadline = Instant::now() + backstop;
     let mut head = [0u8; HEADER_LEN];
-    wire::read_exact_by(s, &mut head, deadline).map_err(|e| peer.err(expect.op, backstop, e))?;
+    s.read_exact_by(&mut head, deadline)
+        .map_err(|e| peer.err(expect.op, backstop, e))?;
     expect
         .check_received(&head)
         .map_err(|detail| CollectiveError::Mismatch {
@@ -360,6 +380,6 @@ fn receive_one(
     if buf.len() < wire::words_for(len) {
         buf.resize(wire::words_for(len), 0);
     }
-    wire::read_exact_by(s, &mut wire::words_bytes_mut(buf)[..len], deadline)
+    s.read_exact_by(&mut wire::words_bytes_mut(buf)[..len], deadline)
         .map_err(|e| peer.err(expect.op, backstop, e))
 }

@@ -10,7 +10,8 @@
 //! [`CollectiveError`] naming the peer and the operation, and the collective is then
 //! unusable ([`CollectiveError::Broken`]) until the ring is re-formed (new generation).
 //! Every ring connection is authenticated before any data crosses it, by a
-//! challenge–response handshake keyed by the job's [`RingKey`] (`handshake`).
+//! challenge–response handshake keyed by the job's [`RingKey`] (`handshake`), and
+//! optionally runs over TLS 1.3 with the job's certificates ([`RingTls`], `tls`).
 
 use std::fmt;
 use std::io;
@@ -28,16 +29,20 @@ pub mod nccl_check;
 pub mod nccl_lib;
 mod plan;
 mod ring;
+mod tls;
 mod wire;
 
 #[cfg(test)]
 mod auth_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 pub use auth::RingKey;
-pub use bench::{BenchRow, bench_bus_bandwidth};
+pub use bench::{BenchRow, TlsCostRound, bench_bus_bandwidth, bench_tls_cost};
 pub use ring::{DEFAULT_BUCKET_BYTES, RingCollective, RingConfig};
+pub use tls::RingTls;
 pub use wire::PROTOCOL_VERSION;
 
 /// A collective operation, named in errors and checked on the wire.
@@ -148,6 +153,13 @@ pub enum CollectiveError {
         op: Op,
         /// What differs.
         detail: String,
+    },
+    /// The ring's TLS settings cannot be used: a certificate, key or CA that is not valid
+    /// PEM or not usable, or a server name that is not one.
+    #[error("ring TLS: {reason}")]
+    Tls {
+        /// What is wrong.
+        reason: String,
     },
     /// The caller passed an impossible argument (root out of range, bad rank, ...).
     #[error("{op}: invalid argument: {reason}")]

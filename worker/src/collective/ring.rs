@@ -12,6 +12,7 @@ use std::time::Duration;
 use super::auth::RingKey;
 use super::link::Link;
 use super::plan::{self, Step};
+use super::tls::RingTls;
 use super::wire::{Elem, Header};
 use super::{Collective, CollectiveError, Op, check_root};
 
@@ -29,17 +30,27 @@ pub struct RingConfig {
     pub timeout: Duration,
     /// All-reduce bucket size in bytes (broadcast segments are a quarter of it).
     pub bucket_bytes: usize,
+    /// TLS for every connection of the ring (`None`: plain TCP). Every rank of a ring
+    /// must agree: a TLS rank and a plain one refuse each other.
+    pub tls: Option<RingTls>,
 }
 
 impl RingConfig {
-    /// A configuration with the default bucket size.
+    /// A configuration with the default bucket size, over plain TCP.
     pub fn new(key: RingKey, generation: u64, timeout: Duration) -> Self {
         RingConfig {
             key,
             generation,
             timeout,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            tls: None,
         }
+    }
+
+    /// Sets the TLS settings (`None`: plain TCP).
+    pub fn with_tls(mut self, tls: Option<RingTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sets the bucket size in bytes.
@@ -112,9 +123,9 @@ impl RingCollective {
     /// Forms the ring: connects to the right neighbour `peers[(rank + 1) % world_size]`
     /// and accepts the left neighbour on `listener` (already bound to `peers[rank]`),
     /// each connection authenticated with `config.key` both ways and its hello (protocol
-    /// version, rank, world size, generation) checked; other connections to `listener`
-    /// are refused and dropped. Retries refused connections until `config.timeout`. World
-    /// size 1 opens no sockets.
+    /// version, rank, world size, generation) checked, inside TLS 1.3 when `config.tls` is
+    /// set; other connections to `listener` are refused and dropped. Retries refused
+    /// connections until `config.timeout`. World size 1 opens no sockets.
     pub fn new(
         rank: usize,
         world_size: usize,

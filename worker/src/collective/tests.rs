@@ -63,7 +63,11 @@ where
 
 /// Runs `f(rank, ring)` on `w` ranks with per-rank generations, one thread each, and
 /// returns the results in rank order; panics if a rank does not finish within [`JOIN`].
-fn run_gens<R, F>(gens: &[u64], config: RingConfig, f: F) -> Vec<Result<R, CollectiveError>>
+pub(super) fn run_gens<R, F>(
+    gens: &[u64],
+    config: RingConfig,
+    f: F,
+) -> Vec<Result<R, CollectiveError>>
 where
     R: Send + 'static,
     F: Fn(usize, RingCollective) -> Result<R, CollectiveError> + Send + Sync + 'static,
@@ -278,8 +282,14 @@ fn assert_all_failed(results: &[Result<Duration, CollectiveError>], skip: usize)
 
 #[test]
 fn peer_dropping_sockets_mid_collective_fails_fast() {
+    peer_dropping_sockets_fails_fast(config());
+}
+
+/// A rank that drops its ring after a barrier makes its neighbours' all-reduce fail fast,
+/// naming it (with `config`, plain or TLS).
+pub(super) fn peer_dropping_sockets_fails_fast(config: RingConfig) {
     let start = Instant::now();
-    let results = run_gens(&[7; 4], config(), |rank, mut ring| {
+    let results = run_gens(&[7; 4], config, |rank, mut ring| {
         ring.barrier()?;
         if rank == 2 {
             // Handshake and barrier done: drop both sockets.
@@ -310,9 +320,16 @@ fn peer_dropping_sockets_mid_collective_fails_fast() {
 
 #[test]
 fn silent_peer_times_out_and_ring_stays_broken() {
+    silent_peer_times_out(config());
+}
+
+/// A rank that keeps its sockets open but never calls the collective makes the others
+/// time out within their deadlines, and their ring stays broken (with `config`, plain or
+/// TLS).
+pub(super) fn silent_peer_times_out(config: RingConfig) {
     let start = Instant::now();
     let done = Arc::new(Barrier::new(3));
-    let results = run_gens(&[7; 3], config(), move |rank, mut ring| {
+    let results = run_gens(&[7; 3], config, move |rank, mut ring| {
         if rank == 2 {
             // Keeps its sockets open but never calls the collective, until the others failed.
             done.wait();

@@ -154,6 +154,9 @@ impl Hello {
     /// Checks the first [`HELLO_PREFIX_LEN`] bytes of a hello (magic and version), before
     /// the rest is read: a peer of another version sends a hello of another length.
     pub fn check_prefix(b: &[u8; HELLO_PREFIX_LEN]) -> Result<(), PrefixError> {
+        if let Some(e) = tls_record(b) {
+            return Err(e);
+        }
         let (magic, version) = (u32_at(b, 0), u32_at(b, 4));
         if magic != MAGIC {
             return Err(PrefixError::NotScfm(format!(
@@ -207,6 +210,25 @@ impl Hello {
         }
         Ok(())
     }
+}
+
+/// Bytes that begin every TLS record header a peer may send first: its content type
+/// (alert 21 or handshake 22) and the major version 3.
+pub(crate) const TLS_RECORD_PREFIX_LEN: usize = 2;
+
+/// The refusal of a peer whose first bytes are a TLS record (a ring that runs over TLS
+/// meeting one that does not), if they are one; only the first
+/// [`TLS_RECORD_PREFIX_LEN`] bytes are looked at.
+pub(crate) fn tls_record(b: &[u8]) -> Option<PrefixError> {
+    let what = match b.get(..TLS_RECORD_PREFIX_LEN)? {
+        [21, 3] => "a TLS alert",
+        [22, 3] => "a TLS handshake",
+        _ => return None,
+    };
+    Some(PrefixError::NotScfm(format!(
+        "the peer sent {what} instead of a ring hello: its ring runs over TLS and this \
+         one's does not (auth.tls.ring must be the same for every worker of a job)"
+    )))
 }
 
 /// Why the first bytes of a hello were refused.
@@ -311,7 +333,7 @@ pub(crate) fn is_timeout(e: &io::Error) -> bool {
 }
 
 /// Time left until `deadline`, or a `TimedOut` error when it has passed.
-fn left(deadline: Instant) -> io::Result<std::time::Duration> {
+pub(crate) fn left(deadline: Instant) -> io::Result<std::time::Duration> {
     let d = deadline.saturating_duration_since(Instant::now());
     if d.is_zero() {
         Err(ErrorKind::TimedOut.into())
