@@ -104,6 +104,26 @@ impl PageBuf {
         Ok(self.len - start)
     }
 
+    /// Copies as much of `bytes` as fits; returns how many were copied.
+    pub fn push(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.cap - self.len);
+        if n > 0 {
+            // SAFETY: `len..len + n` lies inside the mapping (n <= cap - len), which is
+            // writable; `bytes` cannot overlap it (the mapping is only reachable through
+            // `&mut self`).
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr().add(self.len), n);
+            }
+            self.len += n;
+        }
+        n
+    }
+
+    /// Whether the buffer is full.
+    pub fn is_full(&self) -> bool {
+        self.len == self.cap
+    }
+
     /// The bytes written so far.
     pub fn len(&self) -> usize {
         self.len
@@ -160,6 +180,12 @@ mod tests {
         assert_eq!(rest.fill_from(&mut r).unwrap(), 10_000 - 4096);
         assert_eq!(rest.as_ref(), &data[4096..]);
         let empty = PageBuf::with_capacity(0).unwrap();
-        assert!(empty.is_empty() && empty.as_ref().is_empty());
+        assert!(empty.is_empty() && empty.as_ref().is_empty() && empty.is_full());
+        let mut p = PageBuf::with_capacity(5).unwrap();
+        assert_eq!(p.push(b"abc"), 3);
+        assert_eq!(p.push(b"defg"), 2);
+        assert!(p.is_full());
+        assert_eq!(p.push(b"h"), 0);
+        assert_eq!(p.as_ref(), b"abcde");
     }
 }

@@ -273,6 +273,9 @@ pub struct UploadFailed {
     pub error: WorkerError,
     /// Keys of this checkpoint that are still in the store.
     pub left: Vec<String>,
+    /// The write of `latest.json` naming it failed without an answer (a store that died
+    /// mid-request): it may have taken effect.
+    pub unsure: bool,
 }
 
 /// [`upload`], removing what a failed upload wrote through `cleanup` (the same store,
@@ -293,6 +296,7 @@ pub async fn try_upload(
         return Err(UploadFailed {
             error: WorkerError::Ended(reason),
             left: Vec::new(),
+            unsure: false,
         });
     }
     let mut written = Vec::new();
@@ -315,7 +319,11 @@ pub async fn try_upload(
                     left.push(key);
                 }
             }
-            return Err(UploadFailed { error, left });
+            return Err(UploadFailed {
+                error,
+                left,
+                unsure: false,
+            });
         }
     };
     let latest = Latest {
@@ -336,6 +344,7 @@ pub async fn try_upload(
         Err(e) => Err(UploadFailed {
             error: e.into(),
             left: Vec::new(),
+            unsure: true,
         }),
     }
 }

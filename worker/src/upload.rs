@@ -95,6 +95,8 @@ struct State {
     landed: Option<(u64, Uploaded)>,
     /// The checkpoint `latest.json` names as far as this process knows.
     current: Option<String>,
+    /// A checkpoint `latest.json` may name instead: its write got no answer.
+    unsure: Option<String>,
     /// The last failure, with the `seq` of its checkpoint.
     failure: Option<(u64, String)>,
     /// Keys of failed uploads that could not be removed yet.
@@ -292,12 +294,12 @@ impl Uploader {
             None => "still being uploaded".into(),
         };
         let message = if settled {
-            format!("could not be stored ({why}); {}", what_stays(&s.current))
+            format!("could not be stored ({why}); {}", what_stays(&s))
         } else {
             format!(
                 "not stored within {:.0} s ({why}); {}",
                 self.grace.as_secs_f64(),
-                what_stays(&s.current)
+                what_stays(&s)
             )
         };
         Err(WorkerError::Checkpoint {
@@ -319,10 +321,16 @@ fn may_pass(e: &WorkerError) -> bool {
 }
 
 /// What a resume would use while the newest checkpoint has not landed.
-fn what_stays(current: &Option<String>) -> String {
-    match current {
+fn what_stays(s: &State) -> String {
+    let stays = match &s.current {
         Some(dir) => format!("{dir} stays current"),
         None => "there is no earlier checkpoint (a resume would start from scratch)".into(),
+    };
+    match &s.unsure {
+        Some(u) if s.current.as_ref() != Some(u) => format!(
+            "{stays}, unless the write of latest.json naming {u}, which got no answer, took effect"
+        ),
+        _ => stays,
     }
 }
 
@@ -372,6 +380,7 @@ fn upload_loop(shared: &Shared, rt: &Rt) {
                 }
                 tracing::info!(step, url = %job.store.url_of(&u.dir), seconds = t.elapsed().as_secs_f64(), "checkpoint saved");
                 s.current = Some(job.store.url_of(&u.dir));
+                s.unsure = None;
                 if s.failure.as_ref().is_some_and(|(q, _)| *q <= job.seq) {
                     s.failure = None;
                 }
@@ -381,13 +390,17 @@ fn upload_loop(shared: &Shared, rt: &Rt) {
                 error: e,
                 orphans,
                 landed,
+                unsure,
             }) => {
                 s.orphans.extend(orphans);
                 if landed.is_some() {
                     s.current = landed;
                 }
+                if unsure.is_some() {
+                    s.unsure = unsure;
+                }
                 job.failures += 1;
-                let stays = what_stays(&s.current);
+                let stays = what_stays(&s);
                 s.failure = Some((job.seq, e.to_string()));
                 if s.pending.is_some() || s.encoding > 0 {
                     tracing::error!(step, error = %e, "checkpoint upload failed; {stays}; a newer checkpoint supersedes it");
@@ -414,6 +427,8 @@ struct Failed {
     orphans: Vec<String>,
     /// The checkpoint's URL when it did become current (what failed came after).
     landed: Option<String>,
+    /// The checkpoint's URL when the write of `latest.json` naming it got no answer.
+    unsure: Option<String>,
 }
 
 /// One try of a job: the checkpoint, then the metrics log and retention; then the
@@ -429,13 +444,18 @@ async fn upload_once(
     let dir =
         match checkpoint::try_upload(store, &cleanup, &job.enc, job.after.fence.as_ref()).await {
             Ok(dir) => dir,
-            Err(checkpoint::UploadFailed { error, left }) => {
+            Err(checkpoint::UploadFailed {
+                error,
+                left,
+                unsure,
+            }) => {
                 let mut all = orphans;
                 all.extend(left);
                 return Err(Failed {
                     error,
                     orphans: all,
                     landed: None,
+                    unsure: unsure.then(|| store.url_of(&job.enc.dir)),
                 });
             }
         };
@@ -460,6 +480,7 @@ async fn upload_once(
             error,
             orphans: left,
             landed: Some(store.url_of(&dir)),
+            unsure: None,
         });
     }
     Ok((

@@ -16,7 +16,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStoreExt, WriteMultipart};
 use sha2::{Digest, Sha256};
@@ -218,28 +218,39 @@ async fn produce_from(store: &Store, key: &str, offset: u64, tx: &Sender) -> Res
             }
         }
         GetResultPayload::Stream(mut stream) => {
-            let mut block = BytesMut::new();
+            // Blocks in mappings of their own, as for a local file (see `PageBuf`).
+            let new_block = || {
+                PageBuf::with_capacity(READ_BLOCK).map_err(|source| Error::Io {
+                    path: key.into(),
+                    source,
+                })
+            };
+            let mut block = new_block()?;
             loop {
                 match stream.next().await {
                     Some(Ok(b)) => {
                         offset += b.len() as u64;
-                        block.extend_from_slice(&b);
-                        while block.len() >= READ_BLOCK {
-                            let full = block.split_to(READ_BLOCK).freeze();
-                            if tx.send(Ok(full)).await.is_err() {
-                                return Ok(None);
+                        let mut rest: &[u8] = &b;
+                        while !rest.is_empty() {
+                            rest = &rest[block.push(rest)..];
+                            if block.is_full() {
+                                let full = std::mem::replace(&mut block, new_block()?);
+                                if tx.send(Ok(Bytes::from_owner(full))).await.is_err() {
+                                    return Ok(None);
+                                }
                             }
                         }
                     }
                     None => {
                         if !block.is_empty() {
-                            let _ = tx.send(Ok(block.freeze())).await;
+                            let _ = tx.send(Ok(Bytes::from_owner(block))).await;
                         }
                         return Ok(None);
                     }
                     Some(Err(e)) if transient(&e) => {
                         tracing::warn!(url = %store.url_of(key), offset, error = %e, "read failed mid-way; resuming where it stopped");
-                        if !block.is_empty() && tx.send(Ok(block.freeze())).await.is_err() {
+                        if !block.is_empty() && tx.send(Ok(Bytes::from_owner(block))).await.is_err()
+                        {
                             return Ok(None);
                         }
                         return Ok(Some(offset));
