@@ -231,10 +231,9 @@ pub fn run(
     let work = tempfile::tempdir()?;
     let cells_file = work.path().join("cells.u32");
     println!(
-        "\nside by side on {} ({}; Python {}: numpy {}, h5py {}, anndata {}), {} rounds, \
-         {} timed cells per run ({} for the per-cell anndata side):",
+        "\nside by side on {} (same cells, same order, same blocks; Python {}: numpy {}, h5py \
+         {}, anndata {}), {} rounds, {} timed cells per run ({} for the per-cell anndata side):",
         dir.display(),
-        "same cells, same order, same blocks",
         s.python.display(),
         ready["numpy"].as_str().unwrap_or("?"),
         ready["h5py"].as_str().unwrap_or("?"),
