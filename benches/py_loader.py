@@ -197,9 +197,12 @@ def tokenise(g, c, lens, rng):
     # normalised again.
     p = 1.0 - DOWNSAMPLE * rng.random(n_views)
     k = rng.binomial(c.astype(np.int64), p[seg])
+    total = np.bincount(seg, weights=k, minlength=n_views)
+    if (total == 0).any():  # a view left without counts is the cell as it is
+        k = np.where((total == 0)[seg], c.astype(np.int64), k)
+        total = np.bincount(seg, weights=k, minlength=n_views)
     kept = k > 0
     g, k, seg = g[kept], k[kept], seg[kept]
-    total = np.bincount(seg, weights=k, minlength=n_views)
     v = np.log1p(k / (total / TARGET_SUM)[seg]).astype(np.float32)
     # Gene dropout; a view that would lose every gene keeps them all.
     drop = rng.random(len(v)) < GENE_DROPOUT
