@@ -1,49 +1,73 @@
 //! `cargo bench -p scfm-worker --bench loader`: how fast the training loader delivers
-//! shuffled, tokenised two-view batches, compared with anndata's backed mode, and whether
-//! it keeps the `default` model fed.
+//! shuffled, tokenised two-view batches, side by side with Python baselines over the same
+//! shards in the same order, and whether it keeps the `default` model fed on a GPU.
 //!
-//! 1. Makes (once, cached under `.cache/bench/loader/`) a synthetic 100k cells × 20k
-//!    genes source of integer counts (~2k expressed genes per cell, skewed detection and
+//! 1. Makes (once, cached under `.cache/bench/loader/`) a synthetic source of integer
+//!    counts, 100k cells × 20k genes (~2k expressed genes per cell, skewed detection and
 //!    geometric counts), written by Python anndata with `compression="gzip"`, and
-//!    prepares it with `scfm_common::data::prepared::prepare` into shards with codec
+//!    prepares it with `scfm_common::data::prepared::prepare` into 5 shards with codec
 //!    `lzf` after HDF5's byte shuffle (the default), plain `lzf`, and `none`.
-//! 2. Runs the real [`Loader`] (one thread, `tch::set_num_threads(1)`, the `default`
-//!    preset's tokenizer, batch 64, block/window 64/64) on each, interleaved over rounds,
-//!    and reports cells/s of wall time, per CPU-second of the loader thread and per
-//!    CPU-second of the whole process (the shard reader may decode chunks on a helper
-//!    thread). The default shards are also read with `SCFM_H5AD_RAW_CHUNKS=0` (libhdf5 decodes
-//!    on the loader thread) to compare both read paths.
-//! 3. Times each stage of the loader's work single-threaded (block read + decompression,
-//!    normalise, tokenise, collate) on the same cells.
-//! 4. Times anndata backed-mode random single-cell access (`a.X[i]`) on the gzip source.
-//! 5. Trains the `default` preset for a few steps on CPU fed by the loader and prints the
+//! 2. Codecs: runs the real [`Loader`] (one thread, `tch::set_num_threads(1)`, the
+//!    `default` preset's tokenizer and the default augmentations, batch 64, block/window
+//!    64/64) on each set, and on the default set with `SCFM_H5AD_RAW_CHUNKS=0` (libhdf5
+//!    decodes), in interleaved rounds: cells/s of wall time, per CPU-second of the loader
+//!    thread and of the whole process.
+//! 3. Side by side (`side_by_side.rs`), on the default shards, the same cells in the same
+//!    order: scfm's read stage, read + normalise stage and whole loader against
+//!    `benches/py_loader.py` (h5py reads, h5py + numpy normalisation, anndata backed
+//!    `X[a:a+64]` blocks, a numpy loader doing the loader's work, anndata backed `X[i]`
+//!    per cell with `X` hoisted), warm in one Python process; per wall second and per
+//!    CPU-second of each process, rounds interleaved in rotated/alternated order, medians
+//!    with min–max, ratios scfm / each baseline.
+//! 4. Times each stage of the loader's work single-threaded (`stages.rs`: block read +
+//!    decompression, normalise, block lookup, thinning, tokenise, collate with the GEPC
+//!    profiles) on the same cells.
+//! 5. Data wait at GPU step rates (`gpu_wait.rs`): a consumer sleeping for what a
+//!    `default` step of the bench's batch takes at an assumed sustained bf16 rate, fed by
+//!    the loader with `data.loader_threads` 1, 2, 3, 4.
+//! 6. Trains the `default` preset for a few steps on CPU fed by the loader and prints the
 //!    data-wait fraction (and the first step's wait, which includes opening and
 //!    checksumming the shards).
 //!
-//! Environment: `SCFM_BENCH_CELLS` (cells per loader run, default 25,600),
-//! `SCFM_BENCH_ROUNDS` (3), `SCFM_BENCH_ANNDATA_CELLS` (2,000), `SCFM_BENCH_TRAIN_STEPS`
-//! (20), `SCFM_BENCH_TRAIN_BATCH` (8), `SCFM_BENCH_TRAIN_THREADS` (1), `SCFM_PYTHON`;
-//! `SCFM_BENCH_ONLY=PREFIX` measures only the shard sets whose name starts with it.
+//! The load average (`/proc/loadavg`) is printed at the start and at the end.
+//!
+//! Environment: `SCFM_BENCH_SOURCE_CELLS` (cells of the synthetic source, default 100,000;
+//! a smaller source gets its own cached files, `source / 5` cells per shard — for
+//! development), `SCFM_BENCH_CELLS` (timed cells per run, default 25,600),
+//! `SCFM_BENCH_ROUNDS` (5), `SCFM_BENCH_ANNDATA_CELLS` (timed cells of the per-cell
+//! anndata side, 2,000), `SCFM_BENCH_MAX_SPREAD` (0.25: no ratio where a side's rounds
+//! spread more), `SCFM_BENCH_GPU_THREADS` (`1,2,3,4`), `SCFM_BENCH_GPU_PEAK_TFLOPS` (989,
+//! the H200's dense bf16 peak), `SCFM_BENCH_GPU_MFU` (0.4), `SCFM_BENCH_TRAIN_STEPS` (20;
+//! 0 skips the CPU training), `SCFM_BENCH_TRAIN_BATCH` (8), `SCFM_BENCH_TRAIN_THREADS`
+//! (1), `SCFM_PYTHON` (`.venv/bin/python`), `SCFM_BENCH_PYTHON=0` (no Python side);
+//! `SCFM_BENCH_ONLY=PREFIX` measures only the shard sets whose name starts with it (parts
+//! 3 and 5 need the default set). Each part prints how long it took.
+
+#[path = "loader/gpu_wait.rs"]
+mod gpu_wait;
+#[path = "loader/side_by_side.rs"]
+mod side_by_side;
+#[path = "loader/stages.rs"]
+mod stages;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use scfm_common::config::{Augment, DataConfig, ModelConfig, TrainSpec};
+use scfm_common::config::{DataConfig, ModelConfig, TrainSpec};
 use scfm_common::data::h5ad::MatrixSource;
 use scfm_common::data::h5ad::rows::H5adRows;
 use scfm_common::data::h5ad::write::Codec;
 use scfm_common::data::prepared::{PrepareSettings, PreparedDataset, prepare};
-use scfm_common::rng::Rng;
-use scfm_common::tokenizer::{Batch, Tokenizer};
+use scfm_worker::bench_protocol::{Rates, load_average, ratio, round_order};
 use scfm_worker::data::{
-    Block, Blocks, CellSource, Loader, LoaderConfig, OrderConfig, SampleOrder, open_source, stream,
+    CellSource, Keyed, Loader, LoaderConfig, OrderConfig, SampleOrder, open_source,
 };
 use scfm_worker::trainer::{RunOptions, Trainer};
 
+/// Cells of the full synthetic source (`SCFM_BENCH_SOURCE_CELLS` makes a smaller one).
 const CELLS: usize = 100_000;
 const GENES: usize = 20_000;
 const NNZ_PER_CELL: usize = 2_000;
@@ -87,19 +111,6 @@ a.write_h5ad(out, compression="gzip")
 print(json.dumps({"nnz": int(x.nnz), "mean_counts": float(x.sum() / n_cells)}))
 "#;
 
-/// Random single-cell reads in anndata's backed mode (args: file, cells).
-const ANNDATA_PY: &str = r#"
-import sys, time, json
-import numpy as np, anndata as ad
-a = ad.read_h5ad(sys.argv[1], backed="r")
-idx = np.random.default_rng(1).integers(0, a.n_obs, int(sys.argv[2]))
-nnz, w, c = 0, time.perf_counter(), time.process_time()
-for i in idx:
-    nnz += a.X[int(i)].nnz
-print(json.dumps({"cells": len(idx), "wall": time.perf_counter() - w,
-                  "cpu": time.process_time() - c, "nnz": nnz}))
-"#;
-
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -131,14 +142,18 @@ fn run_python(script: &str, args: &[&str]) -> Result<serde_json::Value> {
     serde_json::from_str(last).with_context(|| format!("python printed {text:?}"))
 }
 
-/// The gzip source, generated when absent.
-fn source(dir: &Path) -> Result<PathBuf> {
-    let path = dir.join("source-100k-gzip.h5ad");
+/// The gzip source of `cells` cells, generated when absent.
+fn source(dir: &Path, cells: usize) -> Result<PathBuf> {
+    let path = if cells == CELLS {
+        dir.join("source-100k-gzip.h5ad")
+    } else {
+        dir.join(format!("source-{cells}-gzip.h5ad"))
+    };
     if !path.is_file() {
         eprintln!("generating {} with anndata (once)...", path.display());
         let tmp = dir.join("source.tmp.h5ad");
         let t = Instant::now();
-        let a = [CELLS, GENES, NNZ_PER_CELL].map(|n| n.to_string());
+        let a = [cells, GENES, NNZ_PER_CELL].map(|n| n.to_string());
         let r = run_python(GEN_PY, &[&a[0], &a[1], &a[2], tmp.to_str().unwrap()])?;
         std::fs::rename(&tmp, &path)?;
         eprintln!("  {r} in {:.0} s", t.elapsed().as_secs_f64());
@@ -146,13 +161,26 @@ fn source(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The prepared dataset of `src` with `codec`, prepared when absent; prints its shards.
-fn prepared(dir: &Path, src: &Path, codec: Codec, shuffle: bool, name: &str) -> Result<PathBuf> {
-    let out = dir.join(format!("prepared-{name}"));
+/// The prepared dataset of `src` (`cells` cells) with `codec`, prepared when absent, in 5
+/// shards (20,000 cells each for the full source); prints its shards.
+fn prepared(
+    dir: &Path,
+    src: &Path,
+    cells: usize,
+    codec: Codec,
+    shuffle: bool,
+    name: &str,
+) -> Result<PathBuf> {
+    let out = if cells == CELLS {
+        dir.join(format!("prepared-{name}"))
+    } else {
+        dir.join(format!("prepared-{name}-{cells}"))
+    };
     if !PreparedDataset::is_prepared_dir(&out) {
         let s = PrepareSettings {
             codec,
             shuffle,
+            shard_cells: cells.div_ceil(5).max(1),
             ..PrepareSettings::default()
         };
         let t = Instant::now();
@@ -202,7 +230,7 @@ fn loader_config() -> LoaderConfig {
         seed: 0,
         batch_size: BATCH,
         grad_accum: 1,
-        augment: Augment::default(),
+        augment: scfm_common::config::Augment::default(),
         prefetch: 4,
         block_cells: BLOCK,
         window_units: WINDOW,
@@ -237,80 +265,39 @@ fn delta(a: Option<f64>, b: Option<f64>) -> f64 {
     a.zip(b).map_or(f64::NAN, |(a, b)| b - a)
 }
 
-/// One timed loader run of `cells` cells from `position`: wall seconds, CPU seconds of
-/// the loader thread, CPU seconds of the whole process (the loader and any helper
-/// threads; the main thread only waits).
+/// One timed loader run (`threads` tokenising threads) of `cells` cells from `position`,
+/// after an untimed start-up batch: wall seconds, CPU seconds of the loader thread, CPU
+/// seconds of the whole process (the loader and any helper threads; the main thread only
+/// waits). With `expect` (the run's cells, start-up batch first), checks that the loader
+/// delivers exactly those cells in that order.
 fn loader_run(
     src: &Arc<dyn CellSource>,
     model: &ModelConfig,
     position: usize,
     cells: usize,
+    expect: Option<&[Keyed]>,
 ) -> Result<[f64; 3]> {
     let order = order_of(&src.shard_cells());
     let l = Loader::start(src.clone(), order, model, loader_config(), 0, position);
-    l.next()?; // start-up (first blocks) not timed
-    let (t, c0, p0) = (Instant::now(), thread_cpu_s("scfm-loader"), process_cpu_s());
-    for _ in 0..cells / BATCH {
-        let d = l.next()?;
+    let check = |i: usize, d: &scfm_worker::data::StepData| {
         assert_eq!(d.micro[0].n, 2 * BATCH);
+        if let Some(e) = expect {
+            assert_eq!(d.cells[0][..], e[i * BATCH..(i + 1) * BATCH], "batch {i}");
+        }
+    };
+    check(0, &l.next()?); // start-up (first blocks) not timed
+    let (t, c0, p0) = (Instant::now(), thread_cpu_s("scfm-loader"), process_cpu_s());
+    for i in 1..=cells / BATCH {
+        check(i, &l.next()?);
     }
     let wall = t.elapsed().as_secs_f64();
     let (c1, p1) = (thread_cpu_s("scfm-loader"), process_cpu_s());
     Ok([wall, delta(c0, c1), delta(p0, p1)])
 }
 
-/// Shards read through [`H5adRows`] with the time of each stage counted.
-struct Timed {
-    rows: Vec<H5adRows>,
-    shard_cells: Vec<usize>,
-    n_genes: usize,
-    read_ns: AtomicU64,
-    norm_ns: AtomicU64,
-}
-
-impl CellSource for Timed {
-    fn shard_cells(&self) -> Vec<usize> {
-        self.shard_cells.clone()
-    }
-    fn n_genes(&self) -> usize {
-        self.n_genes
-    }
-    fn vocab(&self) -> Vec<scfm_common::data::prepared::VocabEntry> {
-        (0..self.n_genes)
-            .map(|c| scfm_common::data::prepared::VocabEntry {
-                gene_id: format!("gene{c}"),
-                symbol: format!("gene{c}"),
-            })
-            .collect()
-    }
-    fn identity(&self) -> String {
-        "timed".into()
-    }
-    fn read(&self, shard: u32, a: usize, b: usize) -> scfm_worker::Result<Block> {
-        let t = Instant::now();
-        let x = self.rows[shard as usize].read(a, b)?;
-        let t1 = Instant::now();
-        let x = Block::from_counts(x, 1e4);
-        self.read_ns
-            .fetch_add((t1 - t).as_nanos() as u64, Ordering::Relaxed);
-        self.norm_ns
-            .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(x)
-    }
-    fn describe(&self) -> String {
-        "timed".into()
-    }
-}
-
-/// Seconds per stage for `cells` cells, single-threaded, the loader's work done by hand:
-/// [read+decompress, normalise, block lookup, tokenise, collate].
-fn stages(
-    dir: &Path,
-    model: &ModelConfig,
-    position: usize,
-    cells: usize,
-    hdf5_decoding: bool,
-) -> Result<[f64; 5]> {
+/// The shards of the prepared dataset at `dir` opened as the loader's source opens them
+/// (one decoding thread: the reading thread), with their row counts and genes.
+fn open_rows(dir: &Path, hdf5_decoding: bool) -> Result<(Vec<H5adRows>, Vec<usize>, usize)> {
     let ds = tokio::runtime::Builder::new_current_thread()
         .build()?
         .block_on(PreparedDataset::open(dir.to_str().unwrap()))?;
@@ -326,44 +313,8 @@ fn stages(
             })
             .collect::<Result<Vec<_>>>()
     })?;
-    let timed = Arc::new(Timed {
-        rows,
-        shard_cells: ds.manifest.shards.iter().map(|s| s.n_cells).collect(),
-        n_genes: ds.manifest.n_genes,
-        read_ns: AtomicU64::new(0),
-        norm_ns: AtomicU64::new(0),
-    });
-    let mut order = order_of(&timed.shard_cells);
-    let src: Arc<dyn CellSource> = timed.clone();
-    let mut blocks = Blocks::new(src, BLOCK, loader_config().block_cache());
-    let (tok, aug) = (Tokenizer::new(model), Augment::default());
-    let (mut locate, mut tokenise, mut collate) = (0.0, 0.0, 0.0);
-    for s in 0..cells / BATCH {
-        let keyed = order.take(0, position + s * BATCH, BATCH);
-        let t = Instant::now();
-        let refs: Vec<_> = keyed.iter().map(|k| k.1).collect();
-        let located = blocks.locate(&refs)?;
-        let t1 = Instant::now();
-        let mut seqs = Vec::with_capacity(2 * BATCH);
-        for view in 0..2u64 {
-            for ((m, r), (e, c)) in located.iter().zip(&keyed) {
-                let key = [stream::VIEW, *e, c.shard.into(), c.row.into(), view];
-                let (g, v) = m.x.row(*r);
-                seqs.push(tok.tokenize(g, v, Some(&aug), true, &mut Rng::new(0, &key)));
-            }
-        }
-        let t2 = Instant::now();
-        let b = Batch::collate(&seqs);
-        std::hint::black_box(&b);
-        (locate, tokenise, collate) = (
-            locate + (t1 - t).as_secs_f64(),
-            tokenise + (t2 - t1).as_secs_f64(),
-            collate + t2.elapsed().as_secs_f64(),
-        );
-    }
-    let read = timed.read_ns.load(Ordering::Relaxed) as f64 * 1e-9;
-    let norm = timed.norm_ns.load(Ordering::Relaxed) as f64 * 1e-9;
-    Ok([read, norm, locate - read - norm, tokenise, collate])
+    let cells = ds.manifest.shards.iter().map(|s| s.n_cells).collect();
+    Ok((rows, cells, ds.manifest.n_genes))
 }
 
 /// Runs `f` with the raw-chunk reading path of `H5adRows` off when `hdf5_decoding`
@@ -382,12 +333,6 @@ fn with_hdf5_decoding<T>(hdf5_decoding: bool, f: impl FnOnce() -> T) -> T {
         unsafe { std::env::remove_var(VAR) };
     }
     out
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
 }
 
 /// Trains the `default` preset for `steps` steps on CPU from `dir`; prints the summary.
@@ -446,23 +391,68 @@ fn train(dir: &Path, work: &Path, steps: usize, batch: usize, threads: usize) ->
     Ok(s.data_wait_fraction)
 }
 
+/// `median (min–max)` of `r`, no decimals.
+fn mm(r: &Rates) -> String {
+    format!("{:.0} ({:.0}–{:.0})", r.median, r.min, r.max)
+}
+
+/// `a / b` of the medians, or why not (a spread beyond `bound`).
+fn ratio_text(a: &Rates, b: &Rates, bound: f64) -> String {
+    match ratio(a, b, bound) {
+        Ok(x) => format!("**{x:.2}×**"),
+        Err(e) => e,
+    }
+}
+
+/// The load average, as printed.
+fn load_text() -> String {
+    load_average().map_or_else(
+        || "unknown".into(),
+        |l| format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2]),
+    )
+}
+
+/// Prints how long a part took since `lap`, and restarts it.
+fn took(lap: &mut Instant, part: &str) {
+    println!("[{part}: {:.0} s]", lap.elapsed().as_secs_f64());
+    *lap = Instant::now();
+}
+
+/// The start position of round `r`: runs of `need` cells step through the epoch without
+/// wrapping into the next one.
+fn position(r: usize, cells: usize, need: usize, n_train: usize) -> usize {
+    match n_train.checked_sub(need) {
+        Some(room) => r * cells % (room + 1),
+        None => 0,
+    }
+}
+
 fn main() -> Result<()> {
     scfm_common::alloc::tune(); // as the scfm binaries do
+    let started = Instant::now();
+    let mut lap = started;
     println!("command: cargo bench -p scfm-worker --bench loader");
+    println!("load average at start: {}", load_text());
     tch::set_num_threads(1);
-    let cells = env_usize("SCFM_BENCH_CELLS", 25_600).max(BATCH);
-    let rounds = env_usize("SCFM_BENCH_ROUNDS", 3).max(1);
+    let source_cells = env_usize("SCFM_BENCH_SOURCE_CELLS", CELLS).max(10 * BLOCK);
+    let cells = (env_usize("SCFM_BENCH_CELLS", 25_600) / BATCH).max(1) * BATCH;
+    let rounds = env_usize("SCFM_BENCH_ROUNDS", 5).max(1);
+    let max_spread = std::env::var("SCFM_BENCH_MAX_SPREAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.25);
     let dir = repo().join(".cache/bench/loader");
     std::fs::create_dir_all(&dir)?;
-    let src_path = source(&dir)?;
+    let src_path = source(&dir, source_cells)?;
     println!(
-        "source: {} ({} MB, anndata gzip; {CELLS} cells x {GENES} genes, ~{NNZ_PER_CELL} nnz/cell)",
+        "source: {} ({} MB, anndata gzip; {source_cells} cells x {GENES} genes, ~{NNZ_PER_CELL} nnz/cell)",
         src_path.display(),
         std::fs::metadata(&src_path)?.len() >> 20
     );
-    let shuffled = prepared(&dir, &src_path, Codec::Lzf, true, "lzf-shuffle")?;
-    let lzf = prepared(&dir, &src_path, Codec::Lzf, false, "lzf")?;
-    let none = prepared(&dir, &src_path, Codec::None, false, "none")?;
+    let prep = |codec, shuffle, name| prepared(&dir, &src_path, source_cells, codec, shuffle, name);
+    let shuffled = prep(Codec::Lzf, true, "lzf-shuffle")?;
+    let lzf = prep(Codec::Lzf, false, "lzf")?;
+    let none = prep(Codec::None, false, "none")?;
     let mut sets = Vec::new();
     for (name, p, hdf5_decode) in [
         ("lzf + shuffle (default)", &shuffled, false),
@@ -482,75 +472,92 @@ fn main() -> Result<()> {
         })?;
         sets.push((name, p.clone(), hdf5_decode, src));
     }
+    took(&mut lap, "data made, prepared and opened");
     let model = ModelConfig::preset("default")?;
+    let n_train = sets
+        .first()
+        .map_or(0, |s| order_of(&s.3.shard_cells()).n_train());
+    let pos = |r: usize| position(r, cells, cells + BATCH, n_train);
     println!(
-        "\nloader: 1 thread, tch threads 1, preset `default` tokenizer (max_seq_len {}, {} bins), \
-         batch {BATCH} x 2 views, block/window {BLOCK}/{WINDOW}, {cells} cells per run, \
-         {rounds} interleaved rounds (round r starts at position r x {cells})",
-        model.max_seq_len, model.n_bins
+        "\nloader: 1 thread, tch threads 1, preset `default` tokenizer (max_seq_len {}, {} bins) and \
+         default augmentations, batch {BATCH} x 2 views, block/window {BLOCK}/{WINDOW}; per run one \
+         untimed start-up batch, then {cells} timed cells; {rounds} rounds, the order of the \
+         runs rotated and reversed every other round; round r starts at position {}",
+        model.max_seq_len,
+        model.n_bins,
+        (0..rounds.min(4))
+            .map(|r| pos(r).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+            + if rounds > 4 { ", ..." } else { "" },
     );
     let mut wall = vec![Vec::new(); sets.len()];
     let mut cpu = vec![Vec::new(); sets.len()];
     let mut proc = vec![Vec::new(); sets.len()];
     for r in 0..rounds {
-        for (i, (_, _, _, src)) in sets.iter().enumerate() {
-            let [w, c, p] = loader_run(src, &model, r * cells % 60_000, cells)?;
+        for i in round_order(sets.len(), r) {
+            let [w, c, p] = loader_run(&sets[i].3, &model, pos(r), cells, None)?;
             wall[i].push(cells as f64 / w);
             cpu[i].push(cells as f64 / c);
             proc[i].push(cells as f64 / p);
         }
     }
-    let n_ad = env_usize("SCFM_BENCH_ANNDATA_CELLS", 2_000);
-    let ad = run_python(ANNDATA_PY, &[src_path.to_str().unwrap(), &n_ad.to_string()])?;
-    let ad_wall = ad["cells"].as_f64().unwrap_or(0.0) / ad["wall"].as_f64().unwrap_or(1.0);
-    let ad_cpu = ad["cells"].as_f64().unwrap_or(0.0) / ad["cpu"].as_f64().unwrap_or(1.0);
-    let fmt = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.0}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    println!("\ncodecs: cells/s, median (min–max) of the rounds:");
     println!(
-        "\n| shards | cells/s, wall (rounds → median) | per CPU-s of the loader thread | \
-         per CPU-s of the process | vs anndata backed (wall) |"
+        "\n| shards | cells/s wall | per CPU-s of the loader thread | per CPU-s of the process |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|");
     for (i, (name, _, _, _)) in sets.iter().enumerate() {
         println!(
-            "| {name} | {} → **{:.0}** | {} → **{:.0}** | {} → **{:.0}** | **{:.0}×** |",
-            fmt(&wall[i]),
-            median(&wall[i]),
-            fmt(&cpu[i]),
-            median(&cpu[i]),
-            fmt(&proc[i]),
-            median(&proc[i]),
-            median(&wall[i]) / ad_wall
+            "| {name} | {} | {} | {} |",
+            mm(&Rates::new(name, wall[i].clone())),
+            mm(&Rates::new(name, cpu[i].clone())),
+            mm(&Rates::new(name, proc[i].clone())),
         );
     }
-    println!(
-        "| anndata backed `a.X[i]`, gzip source, {n_ad} random cells | {ad_wall:.0} | | \
-         {ad_cpu:.0} | 1× |"
-    );
+    took(&mut lap, "codecs");
+    let default_set = sets
+        .iter()
+        .find(|s| s.0.starts_with("lzf + shuffle (default)"));
+    if let Some((_, dir_default, _, src)) = default_set {
+        if std::env::var("SCFM_BENCH_PYTHON").is_ok_and(|v| v == "0") {
+            println!("\nside by side with Python: skipped (SCFM_BENCH_PYTHON=0)");
+        } else {
+            let s = side_by_side::Settings {
+                python: python(),
+                script: repo().join("benches/py_loader.py"),
+                cells,
+                rounds,
+                anndata_cells: env_usize("SCFM_BENCH_ANNDATA_CELLS", 2_000),
+                max_spread,
+            };
+            side_by_side::run(&s, dir_default, src, &model, &pos)?;
+            took(&mut lap, "side by side");
+        }
+    }
     println!(
         "\nwhere one loader thread's time goes (single-threaded replica, same cells, µs/cell):"
     );
     println!(
-        "| shards | read+decompress | normalise | block lookup | tokenise (2 views) | collate | total → cells/s |"
+        "| shards | read+decompress | normalise | block lookup | thinning (2 views) | \
+         tokenise (2 views) | collate + profiles | total → cells/s |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, p, hdf5_decoding, _) in &sets {
-        let s = stages(p, &model, 0, cells, *hdf5_decoding)?;
+        let s = stages::stages(p, &model, pos(0), cells, *hdf5_decoding)?;
         let us: Vec<f64> = s.iter().map(|x| x * 1e6 / cells as f64).collect();
         let total: f64 = us.iter().sum();
+        let cols: Vec<String> = us.iter().map(|u| format!("{u:.1}")).collect();
         println!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {total:.1} → {:.0} |",
-            us[0],
-            us[1],
-            us[2],
-            us[3],
-            us[4],
+            "| {name} | {} | {total:.1} → {:.0} |",
+            cols.join(" | "),
             1e6 / total
         );
+    }
+    took(&mut lap, "stages");
+    if let Some((_, _, _, src)) = default_set {
+        gpu_wait::run(src, &model, cells, rounds, &pos)?;
+        took(&mut lap, "data wait at GPU step rates");
     }
     let steps = env_usize("SCFM_BENCH_TRAIN_STEPS", 20);
     let batch = env_usize("SCFM_BENCH_TRAIN_BATCH", 8);
@@ -560,6 +567,9 @@ fn main() -> Result<()> {
         let work = tempfile::tempdir()?;
         let f = train(&shuffled, work.path(), steps, batch, threads)?;
         println!("  data-wait fraction: **{:.3}%** (target < 2%)", f * 100.0);
+        took(&mut lap, "training on CPU");
     }
+    println!("\nload average at end: {}", load_text());
+    println!("whole run: {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
