@@ -121,6 +121,7 @@ pub fn export(out: &Path) -> Result<()> {
                     genes,
                     values,
                     depth: f32::NAN,
+                    counts: None,
                 }
             })
             .collect();

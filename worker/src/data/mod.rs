@@ -47,6 +47,8 @@ pub struct Row<'a> {
     /// The cell's depth, `total counts / target_sum` (NaN when unknown): its counts are
     /// `expm1(value) * depth`.
     pub depth: f32,
+    /// Those counts, when the source kept them ([`Block::counts`]).
+    pub counts: Option<&'a [u32]>,
 }
 
 /// Builds the two-view batch of `rows`: rows `0..B` are view 0, rows `B..2B` view 1.
@@ -120,7 +122,7 @@ fn view_of(
     let thinned = (aug.downsample > 0.0 && r.depth.is_finite() && r.depth > 0.0)
         .then(|| {
             let p = 1.0 - aug.downsample * rng.uniform();
-            thin::thin(r.genes, r.values, r.depth, p, &mut rng)
+            thin::thin(r.genes, r.values, r.counts, r.depth, p, &mut rng)
         })
         .flatten();
     let (g, v) = match &thinned {
@@ -224,6 +226,7 @@ pub fn batch_of(
                 genes,
                 values,
                 depth: m.depth[*r],
+                counts: m.row_counts(*r),
             }
         })
         .collect();

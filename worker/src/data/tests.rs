@@ -271,6 +271,7 @@ fn downsampled_views_are_thinned_real_counts() {
                 genes,
                 values,
                 depth: m.depth[r as usize],
+                counts: m.row_counts(r as usize),
             }
         })
         .collect();
