@@ -46,6 +46,16 @@ impl Proc {
         self.signal("CONT");
     }
 
+    /// Asks it to stop (SIGTERM: a preemption for scfm's processes).
+    pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Its exit status if it has exited (reaped), else `None`; does not wait.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Kills it (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
