@@ -79,7 +79,14 @@ fn last_step(job: &mut Job<'_>) -> u64 {
     job.seen
         .iter()
         .rev()
-        .find_map(|l| l.split("train step=").nth(1)?.split(' ').next()?.parse().ok())
+        .find_map(|l| {
+            l.split("train step=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -132,7 +139,11 @@ fn inject(job: &mut Job<'_>, net: &Net, kind: Kind, rng: &mut Rng) -> Result<(),
         Kind::PauseShort | Kind::PauseLong => {
             if let Some(i) = live_on(job, host) {
                 job.workers[i].1.pause();
-                std::thread::sleep(if kind == Kind::PauseShort { short } else { long });
+                std::thread::sleep(if kind == Kind::PauseShort {
+                    short
+                } else {
+                    long
+                });
                 job.workers[i].1.resume();
             }
         }
@@ -184,13 +195,20 @@ fn inject(job: &mut Job<'_>, net: &Net, kind: Kind, rng: &mut Rng) -> Result<(),
 
 /// Checks that every part of the checkpoint `latest.json` names matches its SHA-256.
 fn final_checkpoint_verifies(ckpt: &std::path::Path) -> Result<(String, u64), String> {
-    let read = |p: std::path::PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    let read =
+        |p: std::path::PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
     let latest: serde_json::Value =
         serde_json::from_slice(&read(ckpt.join("latest.json"))?).map_err(|e| e.to_string())?;
-    let dir = latest["dir"].as_str().ok_or("latest.json has no dir")?.to_string();
+    let dir = latest["dir"]
+        .as_str()
+        .ok_or("latest.json has no dir")?
+        .to_string();
     let state: serde_json::Value =
-        serde_json::from_slice(&read(ckpt.join(&dir).join("state.json"))?).map_err(|e| e.to_string())?;
-    let files = state["files"].as_object().ok_or("state.json has no files")?;
+        serde_json::from_slice(&read(ckpt.join(&dir).join("state.json"))?)
+            .map_err(|e| e.to_string())?;
+    let files = state["files"]
+        .as_object()
+        .ok_or("state.json has no files")?;
     for (name, sha) in files {
         let got = scfm_common::storage::sha256_hex(&read(ckpt.join(&dir).join(name))?);
         if Some(got.as_str()) != sha.as_str() {
@@ -253,8 +271,7 @@ fn a_seeded_schedule_of_faults_loses_no_cell_and_leaves_one_model() {
             if s.success() {
                 finished.push(i);
             }
-        } else if scfm_tests::netns_harness::fingerprint(&job.workers[i].1.log_text()).is_some()
-        {
+        } else if scfm_tests::netns_harness::fingerprint(&job.workers[i].1.log_text()).is_some() {
             finished.push(i);
         }
     }
@@ -289,7 +306,10 @@ fn a_seeded_schedule_of_faults_loses_no_cell_and_leaves_one_model() {
     );
     let (ckpt, ckpt_step) = final_checkpoint_verifies(&job.ckpt).unwrap();
     let last = *steps.keys().last().unwrap();
-    assert_eq!(ckpt_step, last, "the final checkpoint is of step {ckpt_step}, the run ended at {last}");
+    assert_eq!(
+        ckpt_step, last,
+        "the final checkpoint is of step {ckpt_step}, the run ended at {last}"
+    );
     eprintln!(
         "soak: {last} steps accounted for, {} generations (world sizes {worlds:?}), final checkpoint {ckpt} verified, {} workers started, {} finished with fingerprint {}",
         gens.len(),

@@ -303,24 +303,28 @@ impl ScfmModel {
 
     /// The training forward: like [`ScfmModel::forward`] but the last block runs only for
     /// `[CLS]` and the masked tokens (with `cls` pooling), whose outputs are all the losses
-    /// use; the others are dead code there. Same values as the full forward.
+    /// use, and the MGEM head only for the masked tokens (either pooling); the rest is dead
+    /// code there. Same values as the full forward.
     pub fn forward_train(&self, x: &Inputs, train: bool) -> TrainOutputs {
         let Some((last, first)) = self
             .layers
             .split_last()
             .filter(|_| self.cfg.pooling == Pooling::Cls)
         else {
-            let out = self.forward(x, train);
-            let c = out.mgem.size()[2];
-            let mgem = out
+            // Mean pooling needs every token's last-layer output; the MGEM head still runs
+            // on the masked tokens only (it is per token, and the loss uses no other).
+            let (hidden, cell) = self.encode(x, train);
+            let h = hidden.size()[2];
+            let mgem = self
                 .mgem
-                .masked_select(&x.masked.unsqueeze(-1))
-                .view([-1, c]);
+                .forward(&hidden.masked_select(&x.masked.unsqueeze(-1)).view([-1, h]));
+            let proj = self.proj.forward(&cell);
+            let gepc = self.gepc_forward(&cell, x.detected.as_ref());
             return TrainOutputs {
                 mgem,
-                cell: out.cell,
-                proj: out.proj,
-                gepc: out.gepc,
+                cell,
+                proj,
+                gepc,
             };
         };
         let attend = x.genes.ne(special::PAD).unsqueeze(1).unsqueeze(1);

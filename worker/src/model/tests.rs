@@ -237,6 +237,9 @@ fn training_forward_equals_full_forward() {
         "",
         "expression: continuous",
         "positional: learned\nlabel_smoothing: 0.1",
+        "pooling: mean",
+        "pooling: cls",
+        "pooling: cls\nexpression: binned",
     ] {
         let cfg = small(extra);
         tch::manual_seed(9);
