@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use scfm_tests::{
-    TINY, bin, launch_coordinator, lines, metric_steps, run_with_timeout, sigterm, wait_exit,
-    write_manifest,
+    TINY, bin, launch_coordinator, lines, make_certificates, metric_steps, run_with_timeout,
+    sigterm, wait_exit, write_manifest,
 };
 
 fn local(manifest: &Path, workers: usize) -> String {
@@ -313,26 +313,7 @@ fn preempting_a_holding_job_stops_it_cleanly() {
 fn tls_cluster_trains() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sh = |args: &str| {
-        let out = run_with_timeout(
-            Command::new("sh").arg("-c").arg(args).current_dir(d),
-            Duration::from_secs(60),
-        );
-        assert!(
-            out.status.success(),
-            "{args}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    sh(
-        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=scfm-test-ca",
-    );
-    sh(
-        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
-    );
-    sh(
-        "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > ext.cnf && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile ext.cnf",
-    );
+    make_certificates(d);
     let training = "  batch_size: 8\n  max_steps: 3\n  eval_every: 100\n  threads: 1";
     let m = write_manifest(d, &d.join("ckpt"), TINY, training, "  max_workers: 2");
     let mut text = std::fs::read_to_string(&m).unwrap();

@@ -531,3 +531,28 @@ pub fn generations(lines: &[serde_json::Value]) -> Vec<(u64, u64)> {
         })
         .collect()
 }
+
+/// Makes `ca.pem`, and `server.pem` with `server.key` for `localhost` and 127.0.0.1 signed
+/// by it, in `d` (RSA 2048, with openssl; every command with a deadline).
+pub fn make_certificates(d: &Path) {
+    let sh = |args: &str| {
+        let out = run_with_timeout(
+            Command::new("sh").arg("-c").arg(args).current_dir(d),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "{args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=scfm-test-ca",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
+    );
+    sh(
+        "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > ext.cnf && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile ext.cnf",
+    );
+}

@@ -91,32 +91,29 @@ pub fn stages(
         let refs: Vec<_> = keyed.iter().map(|k| k.1).collect();
         let located = blocks.locate(&refs)?;
         let t_located = Instant::now();
-        // Not the loader's work: the same views from counts recovered from the values.
-        let t0 = Instant::now();
-        for view in 0..2u64 {
-            for ((m, r), (e, c)) in located.iter().zip(&keyed) {
-                let key = [stream::VIEW, *e, c.shard.into(), c.row.into(), view];
-                let mut rng = Rng::new(cfg.seed, &key);
-                let (g, v) = m.x.row(*r);
-                let p = 1.0 - aug.downsample * rng.uniform();
-                std::hint::black_box(thin::thin(g, v, None, m.depth[*r], p, &mut rng));
+        // As `data::view_of` (no CellMix: off by default): thinning, then the tokenizer,
+        // on one stream per view; `kept`: from the block's counts (the loader's way), else
+        // from counts recovered from the values (not the loader's work: the old way).
+        let views_of = |kept: bool| {
+            let mut views = Vec::with_capacity(2 * BATCH);
+            for view in 0..2u64 {
+                for ((m, r), (e, c)) in located.iter().zip(&keyed) {
+                    let key = [stream::VIEW, *e, c.shard.into(), c.row.into(), view];
+                    let mut rng = Rng::new(cfg.seed, &key);
+                    let (g, v) = m.x.row(*r);
+                    let p = 1.0 - aug.downsample * rng.uniform();
+                    let counts = if kept { m.row_counts(*r) } else { None };
+                    let thinned = thin::thin(g, v, counts, m.depth[*r], p, &mut rng);
+                    views.push((thinned, rng, (g, v)));
+                }
             }
-        }
+            views
+        };
+        let t0 = Instant::now();
+        std::hint::black_box(views_of(false));
         recovered += t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        // As `data::view_of` (no CellMix: off by default): thinning, then the tokenizer,
-        // on one stream per view.
-        let mut views = Vec::with_capacity(2 * BATCH);
-        for view in 0..2u64 {
-            for ((m, r), (e, c)) in located.iter().zip(&keyed) {
-                let key = [stream::VIEW, *e, c.shard.into(), c.row.into(), view];
-                let mut rng = Rng::new(cfg.seed, &key);
-                let (g, v) = m.x.row(*r);
-                let p = 1.0 - aug.downsample * rng.uniform();
-                let thinned = thin::thin(g, v, m.row_counts(*r), m.depth[*r], p, &mut rng);
-                views.push((thinned, rng, (g, v)));
-            }
-        }
+        let mut views = views_of(true);
         let t2 = Instant::now();
         let seqs: Vec<_> = views
             .iter_mut()
