@@ -15,7 +15,9 @@ t0=$(date +%s)
 
 # 1. Debian packages --------------------------------------------------------------
 need=()
-for p in libhdf5-dev pkg-config protobuf-compiler chromium slurm-wlm; do
+# iproute2 and nftables: the network-namespace tests (tests/netns_harness) make hosts
+# with `ip`, cut and degrade their links with `nft` and `tc`.
+for p in libhdf5-dev pkg-config protobuf-compiler chromium slurm-wlm iproute2 nftables; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

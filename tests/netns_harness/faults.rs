@@ -84,6 +84,18 @@ impl Net {
         .map_err(classify)
     }
 
+    /// Checks, on host 0, that the faults every netns test relies on can be set here:
+    /// nftables rules (partitions, loss) with `numgen`, and a `tbf` bandwidth cap. A
+    /// machine with `ip` but without `nft`, or a kernel without these, fails here, so
+    /// the tests skip loudly instead of failing half-way.
+    pub(super) fn probe(&self) -> Result<(), FaultError> {
+        self.drop_packets(0, 1.0)?;
+        self.drop_packets(0, 0.0)?;
+        self.cap_bandwidth(0, 1000)?;
+        self.clear_qdiscs(0);
+        Ok(())
+    }
+
     /// Limits host `i`'s link to `mbit` Mbit/s in both directions: a token bucket on its
     /// `eth0` (what it sends) and on the bridge's port to it (what it receives).
     pub fn cap_bandwidth(&self, i: usize, mbit: u32) -> Result<(), FaultError> {

@@ -83,6 +83,8 @@ impl Net {
         // On an error, `net` is dropped and removes what was made.
         net.build(n)
             .map_err(|e| format!("cannot make network namespaces here: {e}"))?;
+        net.probe()
+            .map_err(|e| format!("cannot filter or shape links here (nftables, tc tbf): {e}"))?;
         Ok(net)
     }
 
