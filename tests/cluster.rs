@@ -760,3 +760,39 @@ fn a_job_killed_whole_restarts_with_new_workers() {
     }
     assert!(d.join("ckpt/ckpt-000000400/model.safetensors").is_file());
 }
+
+/// A coordinator started with `--fresh` over a checkpoint URL that still holds another
+/// coordinator's `coordinator.json` (a killed coordinator of the same run id) removes it
+/// before any worker joins: left there, its newer generation would fence the new job's
+/// checkpoints (worker/src/fence.rs).
+#[test]
+fn a_fresh_coordinator_removes_a_stale_coordinator_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ckpt = d.join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let stale = serde_json::json!({
+        "run_id": "test", "generation": 7,
+        "members": [{"id": "w99", "ring_addr": "127.0.0.1:9", "hostname": "gone", "device": "cpu"}],
+        "step": 40, "epoch": 0, "position": 640, "resume_dir": null, "next_id": 100
+    });
+    std::fs::write(
+        ckpt.join("coordinator.json"),
+        serde_json::to_vec(&stale).unwrap(),
+    )
+    .unwrap();
+    let m = write_manifest(
+        d,
+        &ckpt,
+        TINY,
+        "  max_steps: 3\n  threads: 1",
+        "  max_workers: 2",
+    );
+    let mut cmd = Command::new(bin("scfm"));
+    cmd.arg("launch").arg(&m).arg("--fresh");
+    let (mut coord, _addr, _log) = scfm_tests::launch_coordinator_with(cmd);
+    let gone = !ckpt.join("coordinator.json").exists();
+    let _ = coord.kill();
+    let _ = wait_exit(&mut coord, Duration::from_secs(30), "coordinator");
+    assert!(gone, "the stale coordinator.json is still there");
+}

@@ -172,7 +172,18 @@ impl Coordinator {
         let recovered = match persist::load(&store).await? {
             Some(p) if p.run_id == manifest.run_id && !opts.fresh => Some(p),
             Some(p) => {
-                tracing::warn!(run = %p.run_id, "ignoring the coordinator state of another run");
+                if p.run_id == manifest.run_id {
+                    tracing::info!(
+                        generation = p.generation,
+                        "--fresh: not adopting the workers of the coordinator state found"
+                    );
+                } else {
+                    tracing::warn!(run = %p.run_id, "ignoring the coordinator state of another run");
+                }
+                // Removed, not only ignored: a stale file naming a newer generation would
+                // fence this job's own workers' checkpoints until this coordinator
+                // persisted its first generation over it.
+                persist::clear(&store).await?;
                 None
             }
             None => None,
