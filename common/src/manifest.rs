@@ -55,6 +55,11 @@ pub struct ClusterConfig {
     /// Check that all workers hold identical parameters every this many steps.
     #[serde(default = "default_checksum_every")]
     pub checksum_every: u64,
+    /// All-reduce the gradients block by block while the backward pass still runs (as
+    /// PyTorch DDP's buckets do), instead of all at once after it. CPU gradients over the
+    /// ring only; CUDA gradients are all-reduced after the backward pass either way.
+    #[serde(default = "yes")]
+    pub overlap_allreduce: bool,
     /// After SIGTERM, how long workers get to checkpoint and stop before the job fails.
     #[serde(default = "default_grace")]
     pub preempt_grace_s: u64,
@@ -90,6 +95,9 @@ fn default_grace() -> u64 {
 
 fn one() -> usize {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn default_listen() -> String {
     "127.0.0.1:0".into()

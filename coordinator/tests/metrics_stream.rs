@@ -42,6 +42,7 @@ fn report(worker: &str, step: u64) -> pb::StepMetrics {
         cells_per_s: 1234.5,
         data_wait_s: 0.001,
         allreduce_s: 0.002,
+        allreduce_wait_s: 0.001,
         step_s: 0.1,
         epoch: step / 1000,
         val_loss: f64::NAN,

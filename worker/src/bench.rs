@@ -340,7 +340,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         let mut step = 0u64;
         let one_step = || {
             params.zero_grad();
-            forward_backward(&model, &micro, 0, step, false, false, &mut single)
+            forward_backward(&model, &micro, 0, step, false, false, &mut single, None)
                 .expect("a local step cannot fail");
             clip_grad_norm(&params, Some(1.0));
             opt.update(&params, 1e-4);

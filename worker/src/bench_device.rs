@@ -264,7 +264,7 @@ fn bench_preset(args: &StepBenchArgs, preset: &str, peak_tflops: f64) -> Result<
     let mut single = LocalCollective::new();
     let mut one_step = |step: u64| -> Result<f64> {
         params.zero_grad();
-        let l = forward_backward(&model, &micro, 0, step, false, false, &mut single)?;
+        let l = forward_backward(&model, &micro, 0, step, false, false, &mut single, None)?;
         clip_grad_norm(&params, Some(1.0));
         opt.update(&params, 1e-4);
         Ok(l.total)

@@ -386,6 +386,7 @@ fn to_pb(worker_id: &str, r: StepReport) -> pb::StepMetrics {
         cells_per_s: s.cells_per_s,
         data_wait_s: s.data_wait_s,
         allreduce_s: s.allreduce_s,
+        allreduce_wait_s: s.allreduce_wait_s,
         step_s: s.compute_s + s.data_wait_s,
         epoch: r.epoch,
         val_loss: r.val_loss.unwrap_or(f64::NAN),
@@ -543,6 +544,7 @@ pub fn join(args: &JoinArgs, rt: &Rt, control: &Control) -> Result<Option<RunSum
             wait_for,
             reporter: tx,
             checksum_every: manifest.cluster.checksum_every,
+            overlap: manifest.cluster.overlap_allreduce,
             generation: generation.clone(),
             checkpoint_url: manifest.checkpoint.url.clone(),
             run_id: reg.run_id.clone(),
@@ -638,6 +640,8 @@ struct Gen {
     wait_for: Duration,
     reporter: std::sync::mpsc::Sender<StepReport>,
     checksum_every: u64,
+    /// `cluster.overlap_allreduce`.
+    overlap: bool,
     generation: Arc<AtomicU64>,
     checkpoint_url: String,
     /// The run id the coordinator assigned.
@@ -691,6 +695,7 @@ fn run_generations(
         checksum_every: g.checksum_every,
         generation: 0,
         fence: None,
+        overlap: false,
     };
     let mut trainer = Some(Trainer::with_context(
         spec.clone(),
@@ -770,6 +775,7 @@ fn run_generations(
             reporter: Some(g.reporter.clone()),
             checksum_every: g.checksum_every,
             generation: a.generation,
+            overlap: g.overlap,
             fence: Some(crate::fence::Fence {
                 run_id: g.run_id.clone(),
                 worker_id: id.to_string(),

@@ -12,6 +12,7 @@ pub mod infer;
 pub mod libtorch;
 pub mod model;
 pub mod optim;
+pub mod overlap;
 pub mod params;
 pub mod step;
 pub mod trainer;

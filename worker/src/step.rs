@@ -19,7 +19,9 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::Collective;
 use crate::data::stream;
 use crate::error::{Result, WorkerError};
+use crate::model::stages::Cuts;
 use crate::model::{Inputs, ScfmModel, loss};
+use crate::overlap::{self, AllReduceTimes, Buckets};
 use crate::params::FlatParams;
 
 /// Mean losses of one step over the micro-batches (global values, equal on all workers).
@@ -38,6 +40,9 @@ pub struct StepLosses {
     /// Some worker was asked to leave for the next generation (a worker joins): every
     /// worker stops after this step and re-forms.
     pub reform: bool,
+    /// The gradient all-reduce's times when it ran during the backward pass (`overlap`);
+    /// `None`: the gradients are not reduced yet ([`all_reduce_grads`]).
+    pub overlapped: Option<AllReduceTimes>,
 }
 
 /// Forward and backward over one step's micro-batches, gradients accumulated (each loss
@@ -45,6 +50,11 @@ pub struct StepLosses {
 /// `(seed, step, micro-batch, rank)` first, so dropout is reproducible. `stop` is this
 /// worker's vote to stop after the step (a preemption, see [`crate::Control`]), `reform`
 /// its vote to stop for a new generation; both are agreed on inside the first all-reduce.
+///
+/// With `overlap` (the gradient buckets of `grad`, the flat gradient), more than one
+/// worker and a CPU gradient, the last micro-batch's backward pass runs in stages and the
+/// gradients are all-reduced while it runs ([`crate::overlap`]); the result says so.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     model: &ScfmModel,
     micro: &[Inputs],
@@ -53,7 +63,9 @@ pub fn forward_backward(
     stop: bool,
     reform: bool,
     coll: &mut dyn Collective,
+    overlap: Option<(&Buckets, &Tensor)>,
 ) -> Result<StepLosses> {
+    let overlap = overlap.filter(|(_, g)| coll.world_size() > 1 && overlap::supported(g));
     let k = micro.len() as f64;
     let w = coll.world_size() as f64;
     let rank = coll.rank() as i64;
@@ -71,9 +83,13 @@ pub fn forward_backward(
     let mut mgem_sums = Vec::with_capacity(micro.len() + 1);
     let mut con_total = 0.0;
     let mut gepc_total = 0.0;
+    let mut overlapped = None;
     for (i, x) in micro.iter().enumerate() {
         tch::manual_seed(derive_seed(seed, &[stream::TORCH, step, i as u64, rank as u64]) as i64);
-        let out = model.forward_train(x, true);
+        // The last micro-batch's backward completes the gradients: it runs in stages.
+        let staged = overlap.filter(|_| i + 1 == micro.len());
+        let mut cuts = Cuts::new();
+        let out = model.forward_train_cut(x, true, staged.map(|_| &mut cuts));
         let m_global = counts[i].max(1.0);
         let mgem_sum = model.mgem_loss_train(&out, x, tch::Reduction::Sum);
         let z = &out.proj;
@@ -106,7 +122,18 @@ pub fn forward_backward(
             gepc_total += g.double_value(&[]) / (k * w);
             total += g * cfg.w_gepc;
         }
-        (total / k).backward();
+        match staged {
+            Some((buckets, grad)) => {
+                overlapped = Some(overlap::backward_overlapped(
+                    &(total / k),
+                    cuts,
+                    buckets,
+                    grad,
+                    coll,
+                )?);
+            }
+            None => (total / k).backward(),
+        }
         mgem_sums.push(mgem_sum.double_value(&[]) / m_global);
         con_total += con.double_value(&[]) / k;
     }
@@ -121,6 +148,7 @@ pub fn forward_backward(
         gepc,
         stop,
         reform,
+        overlapped,
     })
 }
 

@@ -26,6 +26,7 @@ use crate::data::{
 use crate::error::{Result, WorkerError};
 use crate::model::{Inputs, ScfmModel};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::overlap::{AllReduceTimes, Buckets};
 use crate::params::FlatParams;
 use crate::step::{
     all_reduce_grads, check_params_identical, compute_kind, forward_backward, select_device,
@@ -85,6 +86,9 @@ pub struct StepStats {
     pub compute_s: f64,
     /// Seconds of the gradient all-reduce.
     pub allreduce_s: f64,
+    /// Seconds the step waited for the gradient all-reduce: all of it when it runs after
+    /// the backward pass, the part the backward pass did not hide when overlapped.
+    pub allreduce_wait_s: f64,
     /// Cells per second for this step (including data wait).
     pub cells_per_s: f64,
 }
@@ -124,6 +128,8 @@ pub struct Trainer {
     vocab_tsv: bytes::Bytes,
     /// What the GEPC targets are standardised by (`model.gepc_target: scaled`).
     gepc_scale: Option<GeneScale>,
+    /// The gradient buckets of the overlapped all-reduce.
+    buckets: Buckets,
 }
 
 /// How this trainer fits in a cluster.
@@ -140,6 +146,8 @@ pub struct WorkerContext {
     /// In a cluster: the check rank 0 makes before writing a checkpoint, that the
     /// coordinator has not formed a newer generation without this worker.
     pub fence: Option<crate::fence::Fence>,
+    /// All-reduce gradient buckets during the backward pass (`cluster.overlap_allreduce`).
+    pub overlap: bool,
 }
 
 impl WorkerContext {
@@ -151,6 +159,7 @@ impl WorkerContext {
             checksum_every: u64::MAX,
             generation: 0,
             fence: None,
+            overlap: false,
         }
     }
 }
@@ -330,6 +339,9 @@ impl Trainer {
         } else {
             None
         };
+        let n_layers = model.cfg.n_layers;
+        let params_for_buckets = &params;
+        let buckets = Buckets::new(params_for_buckets, n_layers);
         let mut tr = Trainer {
             spec,
             model,
@@ -351,6 +363,7 @@ impl Trainer {
             tainted: false,
             vocab_tsv: bytes::Bytes::from(scfm_common::data::prepared::vocab_tsv(&source_vocab)),
             gepc_scale,
+            buckets,
         };
         if opts.resume || opts.resume_dir.is_some() {
             tr.resume(opts.resume_dir.as_deref())?;
@@ -480,6 +493,9 @@ impl Trainer {
             self.control.stop_requested(),
             self.control.reform_requested(self.ctx.generation),
             self.ctx.collective.as_mut(),
+            self.ctx
+                .overlap
+                .then_some((&self.buckets, &self.params.grad)),
         )?;
         let (loss, mgem, con) = (l.total, l.mgem, l.contrastive);
         if !loss.is_finite() {
@@ -488,7 +504,16 @@ impl Trainer {
                 message: format!("loss is {loss} (mgem {mgem}, contrastive {con})"),
             });
         }
-        let allreduce_s = all_reduce_grads(&self.params, self.ctx.collective.as_mut())?;
+        let allreduce = match l.overlapped {
+            Some(t) => t,
+            None => {
+                let s = all_reduce_grads(&self.params, self.ctx.collective.as_mut())?;
+                AllReduceTimes {
+                    busy_s: s,
+                    wait_s: s,
+                }
+            }
+        };
         let grad_norm = clip_grad_norm(&self.params, t.clip_grad_norm);
         let lr = t.lr_at(step, self.total_steps);
         self.wait_snapshot();
@@ -506,7 +531,8 @@ impl Trainer {
             lr,
             data_wait_s: 0.0,
             compute_s,
-            allreduce_s,
+            allreduce_s: allreduce.busy_s,
+            allreduce_wait_s: allreduce.wait_s,
             cells_per_s: cells as f64 / compute_s,
             stop: l.stop,
             reform: l.reform,
@@ -721,6 +747,7 @@ impl Trainer {
                 data_wait_s: s.data_wait_s,
                 compute_s: s.compute_s,
                 allreduce_s: s.allreduce_s,
+                allreduce_wait_s: s.allreduce_wait_s,
                 step_s: s.data_wait_s + s.compute_s,
                 val_loss: None,
                 offset: data.epoch * n_train as u64 + data.position as u64,
@@ -997,6 +1024,7 @@ mod tests {
                 false,
                 false,
                 &mut LocalCollective::new(),
+                None,
             )
             .unwrap();
             (l.total, p.grad.copy())

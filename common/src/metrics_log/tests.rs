@@ -22,6 +22,7 @@ fn step(worker: &str, generation: u64, step: u64) -> Record {
         data_wait_s: 0.0,
         compute_s: 0.1,
         allreduce_s: 0.0,
+        allreduce_wait_s: 0.0,
         step_s: 0.1,
         val_loss: None,
         offset: 0,

@@ -135,6 +135,7 @@ fn step_line(m: &pb::StepMetrics) -> Record {
         data_wait_s: m.data_wait_s,
         compute_s: m.step_s - m.data_wait_s,
         allreduce_s: m.allreduce_s,
+        allreduce_wait_s: m.allreduce_wait_s,
         step_s: m.step_s,
         val_loss: Some(m.val_loss).filter(|v| !v.is_nan()),
         offset: m.offset,

@@ -9,6 +9,7 @@ pub mod encoder;
 pub mod heads;
 pub mod init;
 pub mod loss;
+pub mod stages;
 
 use scfm_common::config::model::special;
 use scfm_common::config::{ExpressionEncoding, ModelConfig, Pooling};
@@ -233,15 +234,28 @@ impl ScfmModel {
     /// The encoder's output after the final LayerNorm `[N, L, H]` and the pooled cell
     /// embeddings `[N, H]` (not normalised); `train` enables dropout.
     pub fn encode(&self, x: &Inputs, train: bool) -> (Tensor, Tensor) {
+        self.encode_cut(x, train, None)
+    }
+
+    /// [`ScfmModel::encode`], cutting the residual stream after the embeddings and after
+    /// every block when `cuts` is given (see [`stages`]).
+    fn encode_cut(
+        &self,
+        x: &Inputs,
+        train: bool,
+        mut cuts: Option<&mut stages::Cuts>,
+    ) -> (Tensor, Tensor) {
         let valid = x.genes.ne(special::PAD);
         let attend = valid.unsqueeze(1).unsqueeze(1);
         let mut h = self
             .embed
             .forward(&x.genes, &x.bins, &x.values, &x.masked, train);
         for layer in &self.layers {
+            // After the embeddings and after every block.
+            h = stages::cut(h, &mut cuts);
             h = layer.forward(&h, &attend, train, self.compute);
         }
-        let hidden = h.apply(&self.norm);
+        let hidden = stages::cut(h, &mut cuts).apply(&self.norm);
         let cell = match self.cfg.pooling {
             Pooling::Cls => hidden.select(1, 0),
             Pooling::Mean => {
@@ -306,6 +320,17 @@ impl ScfmModel {
     /// use, and the MGEM head only for the masked tokens (either pooling); the rest is dead
     /// code there. Same values as the full forward.
     pub fn forward_train(&self, x: &Inputs, train: bool) -> TrainOutputs {
+        self.forward_train_cut(x, train, None)
+    }
+
+    /// [`ScfmModel::forward_train`], cutting the residual stream for a staged backward
+    /// ([`stages::backward_staged`]) when `cuts` is given. Same values either way.
+    pub fn forward_train_cut(
+        &self,
+        x: &Inputs,
+        train: bool,
+        mut cuts: Option<&mut stages::Cuts>,
+    ) -> TrainOutputs {
         let Some((last, first)) = self
             .layers
             .split_last()
@@ -313,7 +338,7 @@ impl ScfmModel {
         else {
             // Mean pooling needs every token's last-layer output; the MGEM head still runs
             // on the masked tokens only (it is per token, and the loss uses no other).
-            let (hidden, cell) = self.encode(x, train);
+            let (hidden, cell) = self.encode_cut(x, train, cuts);
             let h = hidden.size()[2];
             let mgem = self
                 .mgem
@@ -332,12 +357,13 @@ impl ScfmModel {
             .embed
             .forward(&x.genes, &x.bins, &x.values, &x.masked, train);
         for layer in first {
+            h = stages::cut(h, &mut cuts);
             h = layer.forward(&h, &attend, train, self.compute);
         }
+        let h = stages::cut(h, &mut cuts);
         let (idx, sel) = query_index(&x.masked);
-        let hs = last
-            .forward_queries(&h, &attend, train, self.compute, &idx)
-            .apply(&self.norm);
+        let hs = last.forward_queries(&h, &attend, train, self.compute, &idx);
+        let hs = stages::cut(hs, &mut cuts).apply(&self.norm);
         let hidden = hs.size()[2];
         let cell = hs.select(1, 0);
         let mgem = self

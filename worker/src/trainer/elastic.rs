@@ -42,6 +42,23 @@ impl Trainer {
     /// planned for its world size.
     pub fn set_context(&mut self, ctx: WorkerContext) {
         self.ctx = ctx;
+        if self.ctx.collective.world_size() > 1 {
+            if self.ctx.overlap && crate::overlap::supported(&self.params.grad) {
+                let sizes: Vec<usize> = (0..self.buckets.len())
+                    .map(|s| self.buckets.numel(s))
+                    .collect();
+                tracing::info!(
+                    generation = self.ctx.generation,
+                    "gradient all-reduce overlapped with the backward pass: buckets of {sizes:?} \
+                     parameters, in backward order"
+                );
+            } else {
+                tracing::info!(
+                    generation = self.ctx.generation,
+                    "gradient all-reduce after the backward pass (one flat buffer)"
+                );
+            }
+        }
         self.total_steps = self.plan_total_steps();
     }
 
