@@ -88,6 +88,9 @@ class ScfmConfig:
     # the GEPC decoder also sees each cell's genes-detected covariate (``detected_covariate``)
     # through one learned slope per gene (``gepc.detected``)
     gepc_detected: bool = False
+    # "all" | "unseen": the GEPC loss over every gene, or only over the genes a view does
+    # not show unmasked (``unseen_genes``)
+    gepc_genes: str = "all"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScfmConfig":
@@ -123,6 +126,8 @@ class ScfmConfig:
             raise ValueError(f"unknown subsample {self.subsample!r}")
         if self.gepc_target not in ("log1p", "scaled"):
             raise ValueError(f"unknown gepc_target {self.gepc_target!r}")
+        if self.gepc_genes not in ("all", "unseen"):
+            raise ValueError(f"unknown gepc_genes {self.gepc_genes!r}")
         if self.expression == "binned" and self.n_bins < 2:
             raise ValueError("binned expression needs n_bins >= 2")
         for name in ("w_mgem", "w_contrastive", "w_gepc"):
@@ -388,9 +393,21 @@ def nt_xent(z: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(sim, targets)
 
 
-def gepc_mse(pred: Tensor, profile: Tensor) -> Tensor:
-    """Mean squared error of the GEPC predictions ``[N, G]`` vs the dense profiles ``[N, G]``."""
-    return F.mse_loss(pred, profile)
+def gepc_mse(pred: Tensor, profile: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error of the GEPC predictions ``[N, G]`` vs the dense profiles ``[N, G]``;
+    with ``weight`` (0/1, ``[N, G]``) averaged over the entries it selects."""
+    if weight is None:
+        return F.mse_loss(pred, profile)
+    return ((pred - profile).square() * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def unseen_genes(genes: Tensor, masked: Tensor, n_genes: int) -> Tensor:
+    """``[N, n_genes]``: 1 where a vocabulary gene is not among the row's unmasked gene
+    tokens (masked, left out of the view, or not expressed), else 0 (``gepc_genes: unseen``)."""
+    visible = (genes >= OFFSET) & ~masked
+    idx = torch.where(visible, genes - OFFSET, torch.full_like(genes, n_genes))
+    w = torch.ones(genes.shape[0], n_genes + 1, device=genes.device)
+    return w.scatter(1, idx, 0.0)[:, :n_genes]
 
 
 # --------------------------------------------------------------------------------------
@@ -517,7 +534,10 @@ class ScfmModel(nn.Module):
         total = mgem * self.cfg.w_mgem + con * self.cfg.w_contrastive
         res: dict[str, Any] = {"mgem": mgem, "contrastive": con, "out": out}
         if out.gepc is not None and "profile" in batch:
-            gepc = gepc_mse(out.gepc, batch["profile"])
+            weight = None
+            if self.cfg.gepc_genes == "unseen":
+                weight = unseen_genes(batch["genes"], batch["masked"], out.gepc.shape[1])
+            gepc = gepc_mse(out.gepc, batch["profile"], weight)
             total = total + gepc * self.cfg.w_gepc
             res["gepc"] = gepc
         res["total"] = total

@@ -42,6 +42,7 @@ CASES = [
     "binned_learned",
     "binned_gepc",
     "continuous_gepc_scaled",
+    "continuous_gepc_unseen",
     "continuous_gepc_detected",
 ]
 ATOL = 1e-5

@@ -68,6 +68,26 @@ pub enum GepcTarget {
     Scaled,
 }
 
+/// Which genes of a cell the GEPC decoder's loss covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GepcGenes {
+    /// Every vocabulary gene (the decoder reconstructs the whole profile).
+    #[default]
+    All,
+    /// Only the genes the view does not show unmasked: masked, dropped by augmentation or
+    /// by the sequence limit, and not expressed. The cell embedding must then predict
+    /// what it did not see (scGPT's MVC predicts the masked genes the same way), not
+    /// repeat its input.
+    Unseen,
+}
+
+impl GepcGenes {
+    fn is_all(&self) -> bool {
+        *self == GepcGenes::All
+    }
+}
+
 /// The model architecture and its loss settings. See `configs/models/*.yaml` for the
 /// presets and a comment on every field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +142,9 @@ pub struct ModelConfig {
     /// library size the same way). Off (absent) by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gepc_detected: bool,
+    /// Which genes the GEPC loss covers (absent: `all`).
+    #[serde(default, skip_serializing_if = "GepcGenes::is_all")]
+    pub gepc_genes: GepcGenes,
     /// Cell-embedding pooling.
     pub pooling: Pooling,
 }

@@ -11,6 +11,7 @@ pub mod init;
 pub mod loss;
 pub mod stages;
 
+use scfm_common::config::model::GepcGenes;
 use scfm_common::config::model::special;
 use scfm_common::config::{ExpressionEncoding, ModelConfig, Pooling};
 use scfm_common::tokenizer::Batch;
@@ -151,6 +152,21 @@ fn query_index(masked: &Tensor) -> (Tensor, Tensor) {
             .to_kind(Kind::Bool)
             .to_device(dev),
     )
+}
+
+/// `[N, G]`: 1 where vocabulary gene `g` is not among row `n`'s unmasked gene tokens
+/// (masked, left out of the view, or not expressed), else 0.
+pub fn unseen_genes(x: &Inputs, g: i64) -> Tensor {
+    let visible = x
+        .genes
+        .ge(special::OFFSET)
+        .logical_and(&x.masked.logical_not());
+    // Hidden and special tokens all point at a spare column G, cut off at the end.
+    let idx = (&x.genes - special::OFFSET).where_scalarother(&visible, g);
+    let n = x.genes.size()[0];
+    Tensor::ones([n, g + 1], (Kind::Float, x.genes.device()))
+        .scatter_value(1, &idx, 0.0)
+        .narrow(1, 0, g)
 }
 
 /// The model.
@@ -307,10 +323,17 @@ impl ScfmModel {
     }
 
     /// The mean squared error of the GEPC predictions against the cell profiles, when the
-    /// model has the decoder and the batch its targets.
+    /// model has the decoder and the batch its targets: over every gene, or with
+    /// `gepc_genes: unseen` over the genes each view does not show unmasked.
     pub fn gepc_loss(&self, pred: Option<&Tensor>, x: &Inputs) -> Option<Tensor> {
         match (pred, &x.profile) {
-            (Some(p), Some(t)) => Some(p.mse_loss(t, Reduction::Mean)),
+            (Some(p), Some(t)) => Some(match self.cfg.gepc_genes {
+                GepcGenes::All => p.mse_loss(t, Reduction::Mean),
+                GepcGenes::Unseen => {
+                    let w = unseen_genes(x, self.n_genes as i64);
+                    ((p - t).square() * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0)
+                }
+            }),
             _ => None,
         }
     }

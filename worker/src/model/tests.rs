@@ -323,3 +323,48 @@ fn gepc_detected_shifts_predictions_by_the_cells_covariate() {
     let want = d.unsqueeze(-1) * slopes.unsqueeze(0);
     assert!((after - before - want).abs().max().double_value(&[]) < 1e-5);
 }
+
+/// `gepc_genes: unseen` scores only the genes a view does not show unmasked: `[CLS]`,
+/// padding and masked tokens hide nothing, and the loss is the squared error averaged
+/// over exactly those entries.
+#[test]
+fn unseen_gepc_genes_leave_out_the_visible_tokens() {
+    // Rows: tokens [CLS]=1, genes 5, 6 (masked: position 2), 7 / [CLS], 9, 3 (masked), pad.
+    let b = batch(&[&[1, 5, 6, 7], &[1, 9, 3, 0]]);
+    let x = Inputs::from_batch(&b, Device::Cpu);
+    let g = 12;
+    let w = unseen_genes(&x, g);
+    let w: Vec<f32> = Vec::<f32>::try_from(&w.reshape([-1])).unwrap();
+    let mut want = vec![1.0f32; 2 * g as usize];
+    // Visible: row 0 genes 5 and 7 (vocabulary 3 and 5); row 1 gene 9 (vocabulary 7).
+    for (r, tok) in [(0usize, 5i64), (0, 7), (1, 9)] {
+        want[r * g as usize + (tok - special::OFFSET) as usize] = 0.0;
+    }
+    assert_eq!(w, want);
+
+    let cfg = small("expression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_genes: unseen");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = ScfmModel::new(&vs, &cfg, g as usize).unwrap();
+    let mut x = x;
+    let target = Tensor::arange(2 * g, (Kind::Float, Device::Cpu)).view([2, g]) * 0.1;
+    x.profile = Some(target.shallow_clone());
+    let pred = target.ones_like();
+    let loss = m.gepc_loss(Some(&pred), &x).unwrap().double_value(&[]);
+    let t: Vec<f32> = Vec::<f32>::try_from(&target.reshape([-1])).unwrap();
+    let (mut sum, mut n) = (0.0f64, 0.0f64);
+    for (v, k) in t.iter().zip(&want) {
+        sum += (*k * (1.0 - v) * (1.0 - v)) as f64;
+        n += *k as f64;
+    }
+    assert!((loss - sum / n).abs() < 1e-6, "{loss} vs {}", sum / n);
+    // `all` averages over every entry.
+    let all = small("expression: continuous\npooling: mean\nw_gepc: 1.0");
+    let m = ScfmModel::new(&nn::VarStore::new(Device::Cpu), &all, g as usize).unwrap();
+    let full = m.gepc_loss(Some(&pred), &x).unwrap().double_value(&[]);
+    let mean: f64 = t
+        .iter()
+        .map(|v| ((1.0 - v) * (1.0 - v)) as f64)
+        .sum::<f64>()
+        / t.len() as f64;
+    assert!((full - mean).abs() < 1e-6);
+}
