@@ -312,6 +312,8 @@ impl MetricsSink {
             .set(m.data_wait_s);
         metrics::gauge!("scfm_worker_allreduce_seconds", "worker" => m.worker_id.clone())
             .set(m.allreduce_s);
+        metrics::gauge!("scfm_worker_allreduce_wait_seconds", "worker" => m.worker_id.clone())
+            .set(m.allreduce_wait_s);
         if first {
             metrics::gauge!("scfm_step").set(m.step as f64);
             metrics::gauge!("scfm_loss").set(m.loss);

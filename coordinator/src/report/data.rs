@@ -60,6 +60,9 @@ pub struct StepPoint {
     pub allreduce_max: Option<f64>,
     /// Gradient all-reduce, mean over ranks (seconds).
     pub allreduce_mean: Option<f64>,
+    /// The part of the all-reduce the step waited for after its backward pass (all of it
+    /// unless overlapped), maximum over ranks (seconds); `None` in logs without it.
+    pub allreduce_wait_max: Option<f64>,
     /// Step time (data wait + compute), maximum over ranks (seconds).
     pub step_s: Option<f64>,
 }
@@ -121,6 +124,7 @@ struct StepLine {
     cells_per_s: Option<f64>,
     data_wait_s: Option<f64>,
     allreduce_s: Option<f64>,
+    allreduce_wait_s: Option<f64>,
     step_s: Option<f64>,
 }
 
@@ -151,6 +155,7 @@ impl StepLine {
             cells_per_s: num(v, "cells_per_s"),
             data_wait_s,
             allreduce_s: num(v, "allreduce_s"),
+            allreduce_wait_s: num(v, "allreduce_wait_s"),
             step_s,
         }
     }
@@ -193,6 +198,7 @@ fn aggregate(mut lines: Vec<StepLine>) -> StepPoint {
         data_wait_mean: mean(all(|l| l.data_wait_s)),
         allreduce_max: max(all(|l| l.allreduce_s)),
         allreduce_mean: mean(all(|l| l.allreduce_s)),
+        allreduce_wait_max: max(all(|l| l.allreduce_wait_s)),
         step_s: max(all(|l| l.step_s)),
     }
 }
@@ -348,6 +354,7 @@ mod tests {
             "epoch": 0, "loss": 5.0 - step as f64 * 0.1, "mgem": 4.0, "contrastive": 1.0,
             "grad_norm": 2.0, "lr": 1e-3, "cells_per_s": 100.0 + rank as f64,
             "data_wait_s": 0.01 * (rank + 1) as f64, "allreduce_s": 0.002 * (rank + 1) as f64,
+            "allreduce_wait_s": 0.001 * (rank + 1) as f64,
             "step_s": 0.1 + 0.01 * rank as f64,
             "val_loss": if step == 2 { serde_json::json!(4.5) } else { Value::Null },
             "offset": 0, "step_cells": 16, "rank": rank, "world_size": world,
@@ -376,6 +383,7 @@ mod tests {
         assert_eq!(s.loss, Some(4.8));
         assert_eq!(s.cells_per_s, Some(100.0), "the slowest rank's rate");
         assert_eq!(s.data_wait_max, Some(0.02));
+        assert_eq!(s.allreduce_wait_max, Some(0.002));
         assert!((s.data_wait_mean.unwrap() - 0.015).abs() < 1e-12);
         assert_eq!(s.allreduce_max, Some(0.004));
         assert_eq!(s.step_s, Some(0.11));
