@@ -10,6 +10,10 @@ stdin line:
     run [PATH]   one untimed warm-up batch, then one timed `scfm_torch.embed` over all
                  cells; prints {"seconds": S, "cells": N}; with PATH, also writes the
                  embeddings there (safetensors, tensor `embeddings`, after the timing)
+    warm S       whole passes over all cells for at least S seconds, untimed; prints
+                 {"seconds": S', "cells": C}
+    for S        one untimed warm-up batch, then whole passes over all cells until at least
+                 S seconds have passed; prints {"seconds": S', "cells": C} (C: cells embedded)
     quit         exits (as does the end of stdin)
 """
 
@@ -66,6 +70,19 @@ def main() -> None:
         cmd, _, path = line.strip().partition(" ")
         if cmd == "quit":
             break
+        if cmd in ("warm", "for"):
+            if cmd == "for":
+                embed(warm)
+            seconds, done = float(path), 0
+            t = time.perf_counter()
+            while True:
+                embed(adata)
+                done += adata.n_obs
+                dt = time.perf_counter() - t
+                if dt >= seconds:
+                    break
+            print(json.dumps({"seconds": dt, "cells": done}), flush=True)
+            continue
         if cmd != "run":
             raise SystemExit(f"torch_embed.py: unknown command {line.strip()!r}")
         embed(warm)

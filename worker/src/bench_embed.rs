@@ -7,10 +7,12 @@
 //! Per preset a seeded random-init model over the data's genes is written as an export
 //! folder; the Rust side loads it through [`ModelBundle::load`], a single
 //! `benches/torch_embed.py` process through `scfm_torch.load`. That process loads model
-//! and cells once and then serves rounds over stdin/stdout, so both sides stay warm; each
-//! round runs one untimed warm-up batch and then one timed pass over all cells per side,
-//! alternating which side goes first. The two sides' embeddings of the first round must
-//! agree within [`MAX_ABS_DIFF`].
+//! and cells once and then serves requests over stdin/stdout, so both sides stay warm.
+//! One pass over all cells per side first checks that the two sides' embeddings agree
+//! within [`MAX_ABS_DIFF`]; then the sides are timed with the benchmark protocol
+//! ([`crate::bench_protocol`]): the same untimed warm-up, rounds of whole passes lasting at
+//! least the round length, the order alternating every round, medians with min–max, the
+//! load recorded, and no ratio where a side's spread is beyond the bound.
 //!
 //! The hardware bound: [`forward_flops`] per cell against the fp32 matmul peak of this
 //! machine at the same thread count ([`matmul_peak_gflops`]).
@@ -27,6 +29,7 @@ use scfm_common::runtime::Rt;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::bench_protocol::{self, Contender, Measured, Protocol, run_for};
 use crate::checkpoint::safetensors_to_vecs;
 use crate::error::{Result, WorkerError};
 use crate::infer::export::write_export;
@@ -55,8 +58,8 @@ pub struct EmbedBenchArgs {
     pub batch_size: usize,
     /// Intra-op threads of both sides.
     pub threads: usize,
-    /// Interleaved rounds.
-    pub rounds: usize,
+    /// Rounds, their length, the warm-up and the spread bound.
+    pub protocol: Protocol,
     /// Python interpreter with torch and anndata.
     pub python: PathBuf,
     /// Repository root (for `benches/torch_embed.py` and `python/`).
@@ -80,8 +83,10 @@ pub struct EmbedBenchResult {
     pub scfm: Vec<f64>,
     /// scfm_torch cells/s per round.
     pub torch: Vec<f64>,
-    /// median(scfm) / median(torch).
-    pub ratio: f64,
+    /// median(scfm) / median(torch), or why it is not given (a spread beyond the bound).
+    pub ratio: std::result::Result<f64, String>,
+    /// Load averages (1, 5, 15 min) before and after the timed rounds.
+    pub load: (Option<[f64; 3]>, Option<[f64; 3]>),
     /// Max absolute difference between the two sides' embeddings.
     pub max_abs_diff: f64,
 }
@@ -308,6 +313,77 @@ impl Drop for TorchSide {
     }
 }
 
+/// The scfm side: whole passes of [`scfm_pass`] over the cells, after one warm-up batch.
+struct ScfmSide<'a> {
+    bundle: &'a ModelBundle,
+    genes: &'a [String],
+    blocks: &'a [CsrMatrix],
+    warm: &'a [CsrMatrix],
+    batch_size: usize,
+    cells: usize,
+}
+
+impl ScfmSide<'_> {
+    fn pass(&self, blocks: &[CsrMatrix]) -> Result<()> {
+        scfm_pass(self.bundle, self.genes, blocks, self.batch_size).map(|_| ())
+    }
+}
+
+impl Contender for ScfmSide<'_> {
+    fn name(&self) -> &str {
+        "scfm"
+    }
+
+    fn warm(&mut self, seconds: f64) -> Result<()> {
+        let mut r = Ok(());
+        run_for(seconds, || {
+            if r.is_ok() {
+                r = self.pass(self.blocks);
+            }
+        });
+        r
+    }
+
+    fn round(&mut self, seconds: f64) -> Result<(u64, f64)> {
+        self.pass(self.warm)?;
+        let mut r = Ok(());
+        let (passes, dt) = run_for(seconds, || {
+            if r.is_ok() {
+                r = self.pass(self.blocks);
+            }
+        });
+        r.map(|_| (passes * self.cells as u64, dt))
+    }
+}
+
+/// The scfm_torch side: the same passes in `benches/torch_embed.py`.
+struct TorchContender<'a>(&'a mut TorchSide);
+
+impl TorchContender<'_> {
+    /// `(cells, seconds)` of a `warm S` or `for S` request.
+    fn timed(&mut self, cmd: &str) -> Result<(u64, f64)> {
+        let r = self.0.request(cmd)?;
+        match (r["cells"].as_u64(), r["seconds"].as_f64()) {
+            (Some(c), Some(s)) => Ok((c, s)),
+            _ => Err(WorkerError::Internal(format!("torch_embed.py replied {r}"))),
+        }
+    }
+}
+
+impl Contender for TorchContender<'_> {
+    fn name(&self) -> &str {
+        "scfm_torch"
+    }
+
+    fn warm(&mut self, seconds: f64) -> Result<()> {
+        self.timed(&format!("warm {seconds}")).map(|_| ())
+    }
+
+    fn round(&mut self, seconds: f64) -> Result<(u64, f64)> {
+        self.timed(&format!("for {seconds}"))
+    }
+}
+
 /// Max |a - b| (infinite when the lengths differ or a value is NaN).
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() {
@@ -323,7 +399,11 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 /// and returns the results.
 pub fn run(args: &EmbedBenchArgs, rt: &Rt) -> Result<EmbedBenchReport> {
     let bad = |m: &str| Err(WorkerError::Data(format!("bench-embed: {m}")));
-    if args.threads == 0 || args.rounds == 0 || args.batch_size == 0 || args.cells == Some(0) {
+    if args.threads == 0
+        || args.protocol.rounds == 0
+        || args.batch_size == 0
+        || args.cells == Some(0)
+    {
         return bad("--threads, --rounds, --batch-size and --cells must be at least 1");
     }
     let cfgs = args
@@ -397,54 +477,42 @@ pub fn run(args: &EmbedBenchArgs, rt: &Rt) -> Result<EmbedBenchReport> {
             report.torch_version,
             ready["threads"]
         );
+        // The same computation first: one pass each, embeddings compared.
         let check = dir.path().join("torch_embeddings.safetensors");
-        let (mut ours, mut theirs, mut diff) = (Vec::new(), Vec::new(), f64::NAN);
-        for round in 0..args.rounds {
-            let mut rust_out = Vec::new();
-            for side in [round % 2, 1 - round % 2] {
-                if side == 0 {
-                    scfm_pass(&bundle, &genes, &warm, args.batch_size)?;
-                    let t = Instant::now();
-                    rust_out = scfm_pass(&bundle, &genes, &blocks, args.batch_size)?;
-                    ours.push(n as f64 / t.elapsed().as_secs_f64());
-                } else {
-                    let cmd = if round == 0 {
-                        format!("run {}", check.display())
-                    } else {
-                        "run".to_string()
-                    };
-                    let r = torch.request(&cmd)?;
-                    let s = r["seconds"].as_f64().ok_or_else(|| {
-                        WorkerError::Internal(format!("torch_embed.py replied {r}"))
-                    })?;
-                    theirs.push(n as f64 / s);
-                }
-                // Let the other side's idle OpenMP threads stop spinning.
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            if round == 0 {
-                let bytes = std::fs::read(&check).map_err(|e| internal(check.display(), e))?;
-                let named = safetensors_to_vecs(&bytes, &check.display().to_string())?;
-                let (shape, py) = named.get("embeddings").ok_or_else(|| {
-                    WorkerError::Internal(format!("{}: no `embeddings`", check.display()))
-                })?;
-                diff = if shape[..] == [n, cfg.hidden] {
-                    max_abs_diff(&rust_out, py)
-                } else {
-                    f64::INFINITY
-                };
-                eprintln!("{preset}: max |scfm - scfm_torch| over the embeddings = {diff:.3e}");
-                if diff.is_nan() || diff > MAX_ABS_DIFF {
-                    return Err(WorkerError::Internal(format!(
-                        "{preset}: scfm and scfm_torch embeddings differ by {diff:.3e} (> {MAX_ABS_DIFF:e}): the two sides do not compute the same thing, the timings are not comparable"
-                    )));
-                }
-            }
-            eprintln!(
-                "  round {round}: scfm {:.1} cells/s, scfm_torch {:.1} cells/s",
-                ours[round], theirs[round]
-            );
+        let rust_out = scfm_pass(&bundle, &genes, &blocks, args.batch_size)?;
+        torch.request(&format!("run {}", check.display()))?;
+        let bytes = std::fs::read(&check).map_err(|e| internal(check.display(), e))?;
+        let named = safetensors_to_vecs(&bytes, &check.display().to_string())?;
+        let (shape, py) = named.get("embeddings").ok_or_else(|| {
+            WorkerError::Internal(format!("{}: no `embeddings`", check.display()))
+        })?;
+        let diff = if shape[..] == [n, cfg.hidden] {
+            max_abs_diff(&rust_out, py)
+        } else {
+            f64::INFINITY
+        };
+        eprintln!("{preset}: max |scfm - scfm_torch| over the embeddings = {diff:.3e}");
+        if diff.is_nan() || diff > MAX_ABS_DIFF {
+            return Err(WorkerError::Internal(format!(
+                "{preset}: scfm and scfm_torch embeddings differ by {diff:.3e} (> {MAX_ABS_DIFF:e}): the two sides do not compute the same thing, the timings are not comparable"
+            )));
         }
+        let measured: Measured = {
+            let mut sides: Vec<Box<dyn Contender + '_>> = vec![
+                Box::new(ScfmSide {
+                    bundle: &bundle,
+                    genes: &genes,
+                    blocks: &blocks,
+                    warm: &warm,
+                    batch_size: args.batch_size,
+                    cells: n,
+                }),
+                Box::new(TorchContender(&mut torch)),
+            ];
+            bench_protocol::measure(&args.protocol, &mut sides)?
+        };
+        let [ours, theirs] = [&measured.sides[0], &measured.sides[1]];
+        let ratio = bench_protocol::ratio(ours, theirs, args.protocol.max_spread);
         drop(torch);
         report.results.push(EmbedBenchResult {
             preset,
@@ -452,9 +520,10 @@ pub fn run(args: &EmbedBenchArgs, rt: &Rt) -> Result<EmbedBenchReport> {
             cells: n,
             mean_tokens,
             flops_per_cell,
-            ratio: median(&ours) / median(&theirs),
-            scfm: ours,
-            torch: theirs,
+            scfm: ours.rounds.clone(),
+            torch: theirs.rounds.clone(),
+            ratio,
+            load: (measured.load_before, measured.load_after),
             max_abs_diff: diff,
         });
     }
@@ -465,7 +534,8 @@ pub fn run(args: &EmbedBenchArgs, rt: &Rt) -> Result<EmbedBenchReport> {
 /// The report as a markdown table plus the hardware-bound lines.
 pub fn markdown(r: &EmbedBenchReport) -> String {
     let mut s = format!(
-        "CPU, {} threads, batch {}, torch {}; cells/s: median (min–max) over rounds\n\n\
+        "CPU, {} threads, batch {}, torch {}; cells/s: median (min–max) over rounds \
+         (both sides warm, order alternating, whole passes over the cells per round)\n\n\
          | preset | params | cells | tokens/cell | GFLOP/cell | scfm cells/s | torch cells/s | scfm/torch | scfm GFLOP/s (% peak) | torch GFLOP/s (% peak) | max abs diff |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.threads, r.batch_size, r.torch_version
@@ -477,8 +547,12 @@ pub fn markdown(r: &EmbedBenchReport) -> String {
     for x in &r.results {
         let g = |v: &[f64]| median(v) * x.flops_per_cell / 1e9;
         let (gs, gt) = (g(&x.scfm), g(&x.torch));
+        let ratio = match &x.ratio {
+            Ok(q) => format!("{q:.2}x"),
+            Err(why) => why.clone(),
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.4} | {} | {} | {:.2}x | {gs:.1} ({:.0}%) | {gt:.1} ({:.0}%) | {:.1e} |\n",
+            "| {} | {} | {} | {:.1} | {:.4} | {} | {} | {ratio} | {gs:.1} ({:.0}%) | {gt:.1} ({:.0}%) | {:.1e} |\n",
             x.preset,
             x.params,
             x.cells,
@@ -486,7 +560,6 @@ pub fn markdown(r: &EmbedBenchReport) -> String {
             x.flops_per_cell / 1e9,
             cps(&x.scfm),
             cps(&x.torch),
-            x.ratio,
             100.0 * gs / r.peak_gflops,
             100.0 * gt / r.peak_gflops,
             x.max_abs_diff
@@ -498,6 +571,15 @@ pub fn markdown(r: &EmbedBenchReport) -> String {
         r.peak_gflops, r.threads
     ));
     for x in &r.results {
+        let load = |l: Option<[f64; 3]>| l.map_or("?".into(), |l| format!("{:.2}", l[0]));
+        s.push_str(&format!(
+            "- {}: per round scfm {:?}, scfm_torch {:?} cells/s; load average {} before, {} after\n",
+            x.preset,
+            x.scfm.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            x.torch.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            load(x.load.0),
+            load(x.load.1)
+        ));
         s.push_str(&format!(
             "- {}: at 100% of peak {:.0} cells/s; scfm reaches {:.1}%, torch {:.1}%\n",
             x.preset,

@@ -128,9 +128,19 @@ enum Cmd {
         /// Intra-op threads for both sides.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Interleaved rounds (one timed pass per side each).
+        /// Timed rounds per side (the order of the sides alternates every round).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Minimum seconds of one round (whole passes over the cells).
+        #[arg(long, default_value_t = 10.0)]
+        round_seconds: f64,
+        /// Untimed seconds each side runs first.
+        #[arg(long, default_value_t = 10.0)]
+        warmup_seconds: f64,
+        /// Largest spread, (max - min) / median of a side's rounds, at which a ratio is
+        /// printed.
+        #[arg(long, default_value_t = 0.25)]
+        max_spread: f64,
         /// Python with torch and anndata (default: $SCFM_PYTHON or .venv/bin/python).
         #[arg(long)]
         python: Option<PathBuf>,
@@ -697,6 +707,9 @@ fn run() -> Result<()> {
             batch_size,
             threads,
             rounds,
+            round_seconds,
+            warmup_seconds,
+            max_spread,
             python,
             device: _,
             json,
@@ -709,7 +722,12 @@ fn run() -> Result<()> {
                 cells,
                 batch_size,
                 threads,
-                rounds,
+                protocol: scfm_worker::bench_protocol::Protocol {
+                    rounds,
+                    round_s: round_seconds,
+                    warmup_s: warmup_seconds,
+                    max_spread,
+                },
                 python,
                 repo,
             };
