@@ -86,19 +86,8 @@ enum Cmd {
         /// Threads for both sides.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Timed rounds per side (the order of the sides rotates every round).
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Minimum seconds of one round.
-        #[arg(long, default_value_t = 10.0)]
-        round_seconds: f64,
-        /// Untimed seconds each side runs first (PyTorch's compile happens here).
-        #[arg(long, default_value_t = 10.0)]
-        warmup_seconds: f64,
-        /// Largest spread, (max - min) / median of a side's rounds, at which a ratio is
-        /// printed.
-        #[arg(long, default_value_t = 0.25)]
-        max_spread: f64,
+        #[command(flatten)]
+        protocol: ProtocolArgs,
         /// PyTorch baselines: plain (the package's model, default AdamW), tuned (the same
         /// shortcuts as scfm, fused AdamW, SDPA), compiled (tuned under torch.compile).
         #[arg(long, value_delimiter = ',', default_value = "plain,tuned,compiled")]
@@ -128,19 +117,8 @@ enum Cmd {
         /// Intra-op threads for both sides.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Timed rounds per side (the order of the sides alternates every round).
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Minimum seconds of one round (whole passes over the cells).
-        #[arg(long, default_value_t = 10.0)]
-        round_seconds: f64,
-        /// Untimed seconds each side runs first.
-        #[arg(long, default_value_t = 10.0)]
-        warmup_seconds: f64,
-        /// Largest spread, (max - min) / median of a side's rounds, at which a ratio is
-        /// printed.
-        #[arg(long, default_value_t = 0.25)]
-        max_spread: f64,
+        #[command(flatten)]
+        protocol: ProtocolArgs,
         /// Python with torch and anndata (default: $SCFM_PYTHON or .venv/bin/python).
         #[arg(long)]
         python: Option<PathBuf>,
@@ -287,6 +265,35 @@ enum Cmd {
 }
 
 /// How a model runs over an input: shared by `embed` and `evaluate`.
+/// The benchmark protocol's settings (`scfm_worker::bench_protocol::Protocol`).
+#[derive(clap::Args)]
+struct ProtocolArgs {
+    /// Timed rounds per side (the order of the sides alternates every round).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Minimum seconds of one round (whole units of work: steps, passes over the cells).
+    #[arg(long, default_value_t = 10.0)]
+    round_seconds: f64,
+    /// Untimed seconds each side runs first (PyTorch's compile happens here).
+    #[arg(long, default_value_t = 10.0)]
+    warmup_seconds: f64,
+    /// Largest spread, (max - min) / median of a side's rounds, at which a ratio is
+    /// printed.
+    #[arg(long, default_value_t = 0.25)]
+    max_spread: f64,
+}
+
+impl ProtocolArgs {
+    fn protocol(&self) -> scfm_worker::bench_protocol::Protocol {
+        scfm_worker::bench_protocol::Protocol {
+            rounds: self.rounds,
+            round_s: self.round_seconds,
+            warmup_s: self.warmup_seconds,
+            max_spread: self.max_spread,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct ModelRunArgs {
     /// Cells per forward pass.
@@ -665,10 +672,7 @@ fn run() -> Result<()> {
             seq_len,
             genes,
             threads,
-            rounds,
-            round_seconds,
-            warmup_seconds,
-            max_spread,
+            protocol,
             baselines,
             python,
             out,
@@ -687,12 +691,7 @@ fn run() -> Result<()> {
                 seq_len,
                 genes,
                 threads,
-                protocol: scfm_worker::bench_protocol::Protocol {
-                    rounds,
-                    round_s: round_seconds,
-                    warmup_s: warmup_seconds,
-                    max_spread,
-                },
+                protocol: protocol.protocol(),
                 baselines,
                 python,
                 repo,
@@ -706,10 +705,7 @@ fn run() -> Result<()> {
             cells,
             batch_size,
             threads,
-            rounds,
-            round_seconds,
-            warmup_seconds,
-            max_spread,
+            protocol,
             python,
             device: _,
             json,
@@ -722,12 +718,7 @@ fn run() -> Result<()> {
                 cells,
                 batch_size,
                 threads,
-                protocol: scfm_worker::bench_protocol::Protocol {
-                    rounds,
-                    round_s: round_seconds,
-                    warmup_s: warmup_seconds,
-                    max_spread,
-                },
+                protocol: protocol.protocol(),
                 python,
                 repo,
             };

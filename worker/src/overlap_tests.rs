@@ -145,39 +145,52 @@ fn a_staged_backward_equals_one_backward_bitwise() {
 /// (forward, overlapped backward), and whether the overlapped step said so.
 type RankGrads = (Vec<f32>, Vec<f32>, bool);
 
-/// Runs both ways on `w` ranks of a real ring, rank `r` on its own cells.
-fn both_ways(w: usize, pooling: &'static str) -> Vec<RankGrads> {
+/// Runs `f(rank, ring)` on `w` ranks of a real TCP ring on 127.0.0.1 (receives time out
+/// after `timeout`), one thread each; the results in rank order. Panics if a rank hangs.
+fn on_ring<R, F>(w: usize, timeout: Duration, f: F) -> Vec<R>
+where
+    R: Send + 'static,
+    F: Fn(usize, RingCollective) -> R + Send + Sync + 'static,
+{
     let ls: Vec<TcpListener> = (0..w)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    let f = std::sync::Arc::new(f);
     let (tx, rx) = mpsc::channel();
     for (rank, l) in ls.into_iter().enumerate() {
-        let (tx, addrs) = (tx.clone(), addrs.clone());
+        let (tx, addrs, f) = (tx.clone(), addrs.clone(), f.clone());
         std::thread::spawn(move || {
             let key = RingKey::derive(Some("t"), "overlap");
-            let config = RingConfig::new(key, 1, Duration::from_secs(20)).with_bucket_bytes(256);
-            let mut ring = RingCollective::new(rank, w, addrs, l, config).unwrap();
-            // Every rank starts from the same parameters (seeded per model, not per rank).
-            let (_vs, m, p) = model(pooling, 5);
-            let x = [inputs(rank as i64)];
-            let b = Buckets::new(&p, 3);
-            p.zero_grad();
-            forward_backward(&m, &x, 9, 4, false, false, &mut ring, None).unwrap();
-            all_reduce_grads(&p, &mut ring).unwrap();
-            let flat = host(&p.grad);
-            p.zero_grad();
-            let l = forward_backward(&m, &x, 9, 4, false, false, &mut ring, Some((&b, &p.grad)))
-                .unwrap();
-            let _ = tx.send((rank, (flat, host(&p.grad), l.overlapped.is_some())));
+            let config = RingConfig::new(key, 1, timeout).with_bucket_bytes(256);
+            let ring = RingCollective::new(rank, w, addrs, l, config).unwrap();
+            let _ = tx.send((rank, f(rank, ring)));
         });
     }
-    let mut out: Vec<Option<RankGrads>> = (0..w).map(|_| None).collect();
+    let mut out: Vec<Option<R>> = (0..w).map(|_| None).collect();
     for _ in 0..w {
         let (rank, r) = rx.recv_timeout(JOIN).expect("a rank hung");
         out[rank] = Some(r);
     }
     out.into_iter().map(Option::unwrap).collect()
+}
+
+/// Runs both ways on `w` ranks of a real ring, rank `r` on its own cells.
+fn both_ways(w: usize, pooling: &'static str) -> Vec<RankGrads> {
+    on_ring(w, Duration::from_secs(20), move |rank, mut ring| {
+        // Every rank starts from the same parameters (set from the seed, not the rank).
+        let (_vs, m, p) = model(pooling, 5);
+        let x = [inputs(rank as i64)];
+        let b = Buckets::new(&p, 3);
+        p.zero_grad();
+        forward_backward(&m, &x, 9, 4, false, false, &mut ring, None).unwrap();
+        all_reduce_grads(&p, &mut ring).unwrap();
+        let flat = host(&p.grad);
+        p.zero_grad();
+        let l =
+            forward_backward(&m, &x, 9, 4, false, false, &mut ring, Some((&b, &p.grad))).unwrap();
+        (flat, host(&p.grad), l.overlapped.is_some())
+    })
 }
 
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
@@ -225,41 +238,24 @@ fn three_ranks_overlapped_agree_across_ranks() {
 /// not a hang or a panic, and the backward pass still completes.
 #[test]
 fn a_dead_peer_during_an_overlapped_all_reduce_is_an_error() {
-    let ls: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-    let (tx, rx) = mpsc::channel();
-    for (rank, l) in ls.into_iter().enumerate() {
-        let (tx, addrs) = (tx.clone(), addrs.clone());
-        std::thread::spawn(move || {
-            let key = RingKey::derive(Some("t"), "overlap");
-            let config = RingConfig::new(key, 1, Duration::from_secs(5));
-            let mut ring = RingCollective::new(rank, 2, addrs, l, config).unwrap();
-            let (_vs, m, p) = model("mean", 5);
-            let b = Buckets::new(&p, 3);
-            let x = [inputs(rank as i64)];
+    let r = on_ring(2, Duration::from_secs(5), |rank, mut ring| {
+        let (_vs, m, p) = model("mean", 5);
+        if rank == 1 {
             // Rank 1 leaves as soon as the ring formed.
-            let r = if rank == 1 {
-                drop(ring);
-                Ok(())
-            } else {
-                let mut cuts = Cuts::new();
-                let out = m.forward_train_cut(&x[0], true, Some(&mut cuts));
-                let loss = out.proj.sum(Kind::Float) + out.mgem.sum(Kind::Float);
-                backward_overlapped(&loss, cuts, &b, &p.grad, &mut ring).map(|_| ())
-            };
-            let _ = tx.send((rank, r.map_err(|e| e.to_string())));
-        });
-    }
-    let mut errs = Vec::new();
-    for _ in 0..2 {
-        let (rank, r) = rx.recv_timeout(JOIN).expect("a rank hung");
-        if rank == 0 {
-            errs.push(r.expect_err("rank 0 should fail"));
+            drop(ring);
+            return Ok(());
         }
-    }
-    assert!(errs[0].contains("rank 1"), "{}", errs[0]);
+        let b = Buckets::new(&p, 3);
+        let x = inputs(0);
+        let mut cuts = Cuts::new();
+        let out = m.forward_train_cut(&x, true, Some(&mut cuts));
+        let loss = out.proj.sum(Kind::Float) + out.mgem.sum(Kind::Float);
+        backward_overlapped(&loss, cuts, &b, &p.grad, &mut ring)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let e = r[0].clone().expect_err("rank 0 should fail");
+    assert!(e.contains("rank 1"), "{e}");
 }
 
 /// Each bucket's gradients are final when its stage is reported done: a copy taken then
