@@ -104,6 +104,62 @@ fn three_workers_train_and_end_with_identical_parameters() {
     assert!(ckpt.join("ckpt-000000080/model.safetensors").exists());
 }
 
+/// `cluster.overlap_allreduce` end to end: two workers with the gradient all-reduce
+/// overlapped with the backward pass (the default) end with the same parameters, bit for
+/// bit, as with one flat all-reduce after it (two ranks add each element once either
+/// way), dropout on; the overlapped run says so in its log, and every step line reports
+/// the all-reduce's time and what the step waited for: all of it without overlap; with
+/// it a time of its own (the unhidden part plus the thread hand-off, which on a loaded
+/// machine can exceed the all-reduce of this tiny model).
+#[test]
+fn two_workers_overlapped_all_reduce_equals_the_flat_one_bitwise() {
+    let training = "  seed: 11\n  batch_size: 8\n  max_steps: 12\n  eval_every: 100\n  log_every: 4\n  threads: 1";
+    let run = |overlap: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let m = write_manifest(
+            dir.path(),
+            &ckpt,
+            TINY,
+            training,
+            &format!("  max_workers: 2\n  overlap_allreduce: {overlap}"),
+        );
+        let err = local(&m, 2);
+        let model = std::fs::read(ckpt.join("ckpt-000000012/model.safetensors")).unwrap();
+        (dir, model, metric_steps(&ckpt), err)
+    };
+    let (_a, overlapped, lines, err) = run(true);
+    let (_b, flat, flat_lines, flat_err) = run(false);
+    assert!(
+        err.contains("overlapped with the backward pass"),
+        "the default run did not overlap:\n{err}"
+    );
+    assert!(
+        flat_err.contains("after the backward pass (one flat buffer)"),
+        "overlap_allreduce: false still overlapped:\n{flat_err}"
+    );
+    assert!(
+        overlapped == flat,
+        "overlapped and flat all-reduce ended with different parameters"
+    );
+    assert_eq!(lines.len(), 24, "12 steps from each of 2 workers");
+    assert_eq!(flat_lines.len(), 24);
+    let times = |l: &serde_json::Value| {
+        (
+            l["allreduce_s"].as_f64().unwrap(),
+            l["allreduce_wait_s"].as_f64().unwrap(),
+        )
+    };
+    for l in &lines {
+        let (busy, wait) = times(l);
+        assert!(busy > 0.0 && wait >= 0.0 && wait.is_finite(), "{l}");
+    }
+    for l in &flat_lines {
+        let (busy, wait) = times(l);
+        assert!(busy > 0.0 && wait == busy, "{l}");
+    }
+}
+
 /// Gradient-mean semantics: 2 workers with batch B take the same steps as 1 worker with
 /// batch 2B on the same data (dropout off; the loss is defined over the global batch).
 /// AdamW's `eps` is set to 1 so that the update is proportional to the gradient: with a

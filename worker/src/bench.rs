@@ -279,6 +279,7 @@ impl<F: FnMut()> Contender for ScfmSide<F> {
 
 /// Runs the benchmark and prints a table; returns the results.
 pub fn run(args: &BenchArgs) -> Result<BenchReport> {
+    args.protocol.validate()?;
     tch::set_num_threads(args.threads as i32);
     let peak_gflops = matmul_peak_gflops(1024);
     eprintln!(

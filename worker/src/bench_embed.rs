@@ -29,7 +29,7 @@ use scfm_common::runtime::Rt;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::bench_protocol::{self, Contender, Measured, Protocol, run_for};
+use crate::bench_protocol::{self, Contender, Measured, Protocol, Rates, run_for};
 use crate::checkpoint::safetensors_to_vecs;
 use crate::error::{Result, WorkerError};
 use crate::infer::export::write_export;
@@ -79,10 +79,10 @@ pub struct EmbedBenchResult {
     pub mean_tokens: f64,
     /// Mean forward FLOPs per cell ([`forward_flops`] of each cell's token count).
     pub flops_per_cell: f64,
-    /// scfm cells/s per round.
-    pub scfm: Vec<f64>,
-    /// scfm_torch cells/s per round.
-    pub torch: Vec<f64>,
+    /// scfm cells/s per round, with median and min–max.
+    pub scfm: Rates,
+    /// scfm_torch cells/s per round, with median and min–max.
+    pub torch: Rates,
     /// median(scfm) / median(torch), or why it is not given (a spread beyond the bound).
     pub ratio: std::result::Result<f64, String>,
     /// Load averages (1, 5, 15 min) before and after the timed rounds.
@@ -142,23 +142,6 @@ pub fn matmul_peak_gflops(n: i64) -> f64 {
             })
             .fold(0.0, f64::max)
     })
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
-    }
-}
-
-fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
-            (a.min(x), b.max(x))
-        })
 }
 
 fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> WorkerError {
@@ -327,6 +310,18 @@ impl ScfmSide<'_> {
     fn pass(&self, blocks: &[CsrMatrix]) -> Result<()> {
         scfm_pass(self.bundle, self.genes, blocks, self.batch_size).map(|_| ())
     }
+
+    /// Whole passes over all cells for at least `seconds`: (cells, seconds), or the first
+    /// error.
+    fn passes_for(&self, seconds: f64) -> Result<(u64, f64)> {
+        let mut r = Ok(());
+        let (passes, dt) = run_for(seconds, || {
+            if r.is_ok() {
+                r = self.pass(self.blocks);
+            }
+        });
+        r.map(|_| (passes * self.cells as u64, dt))
+    }
 }
 
 impl Contender for ScfmSide<'_> {
@@ -335,24 +330,12 @@ impl Contender for ScfmSide<'_> {
     }
 
     fn warm(&mut self, seconds: f64) -> Result<()> {
-        let mut r = Ok(());
-        run_for(seconds, || {
-            if r.is_ok() {
-                r = self.pass(self.blocks);
-            }
-        });
-        r
+        self.passes_for(seconds).map(|_| ())
     }
 
     fn round(&mut self, seconds: f64) -> Result<(u64, f64)> {
         self.pass(self.warm)?;
-        let mut r = Ok(());
-        let (passes, dt) = run_for(seconds, || {
-            if r.is_ok() {
-                r = self.pass(self.blocks);
-            }
-        });
-        r.map(|_| (passes * self.cells as u64, dt))
+        self.passes_for(seconds)
     }
 }
 
@@ -406,6 +389,7 @@ pub fn run(args: &EmbedBenchArgs, rt: &Rt) -> Result<EmbedBenchReport> {
     {
         return bad("--threads, --rounds, --batch-size and --cells must be at least 1");
     }
+    args.protocol.validate()?;
     let cfgs = args
         .presets
         .iter()
@@ -520,8 +504,8 @@ pub fn run(args: &EmbedBenchArgs, rt: &Rt) -> Result<EmbedBenchReport> {
             cells: n,
             mean_tokens,
             flops_per_cell,
-            scfm: ours.rounds.clone(),
-            torch: theirs.rounds.clone(),
+            scfm: ours.clone(),
+            torch: theirs.clone(),
             ratio,
             load: (measured.load_before, measured.load_after),
             max_abs_diff: diff,
@@ -540,12 +524,9 @@ pub fn markdown(r: &EmbedBenchReport) -> String {
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.threads, r.batch_size, r.torch_version
     );
-    let cps = |v: &[f64]| {
-        let (lo, hi) = min_max(v);
-        format!("{:.1} ({lo:.1}–{hi:.1})", median(v))
-    };
+    let cps = |v: &Rates| format!("{:.1} ({:.1}–{:.1})", v.median, v.min, v.max);
     for x in &r.results {
-        let g = |v: &[f64]| median(v) * x.flops_per_cell / 1e9;
+        let g = |v: &Rates| v.median * x.flops_per_cell / 1e9;
         let (gs, gt) = (g(&x.scfm), g(&x.torch));
         let ratio = match &x.ratio {
             Ok(q) => format!("{q:.2}x"),
@@ -575,8 +556,8 @@ pub fn markdown(r: &EmbedBenchReport) -> String {
         s.push_str(&format!(
             "- {}: per round scfm {:?}, scfm_torch {:?} cells/s; load average {} before, {} after\n",
             x.preset,
-            x.scfm.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
-            x.torch.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            x.scfm.rounds.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            x.torch.rounds.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
             load(x.load.0),
             load(x.load.1)
         ));
@@ -584,8 +565,8 @@ pub fn markdown(r: &EmbedBenchReport) -> String {
             "- {}: at 100% of peak {:.0} cells/s; scfm reaches {:.1}%, torch {:.1}%\n",
             x.preset,
             r.peak_gflops * 1e9 / x.flops_per_cell,
-            100.0 * median(&x.scfm) * x.flops_per_cell / 1e9 / r.peak_gflops,
-            100.0 * median(&x.torch) * x.flops_per_cell / 1e9 / r.peak_gflops
+            100.0 * x.scfm.median * x.flops_per_cell / 1e9 / r.peak_gflops,
+            100.0 * x.torch.median * x.flops_per_cell / 1e9 / r.peak_gflops
         ));
     }
     s
@@ -610,8 +591,8 @@ mod tests {
 
     #[test]
     fn median_and_diff() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(Rates::new("r", vec![3.0, 1.0, 2.0]).median, 2.0);
+        assert_eq!(Rates::new("r", vec![4.0, 1.0, 2.0, 3.0]).median, 2.5);
         assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
         assert!(max_abs_diff(&[1.0], &[f32::NAN]).is_infinite());
         assert!(max_abs_diff(&[1.0], &[]).is_infinite());

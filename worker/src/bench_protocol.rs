@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Result, WorkerError};
 
 /// How a side-by-side benchmark is run.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +31,32 @@ impl Default for Protocol {
             warmup_s: 10.0,
             max_spread: 0.25,
         }
+    }
+}
+
+impl Protocol {
+    /// Checks the settings: at least one round, finite non-negative round and warm-up
+    /// lengths, a finite positive spread bound; the error names the flag.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(WorkerError::Data(format!("benchmark protocol: {m}")));
+        if self.rounds == 0 {
+            return bad("--rounds must be at least 1".into());
+        }
+        for (flag, v) in [
+            ("--round-seconds", self.round_s),
+            ("--warmup-seconds", self.warmup_s),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{flag} must be a finite number >= 0, not {v}"));
+            }
+        }
+        if !(self.max_spread.is_finite() && self.max_spread > 0.0) {
+            return bad(format!(
+                "--max-spread must be a finite number > 0, not {}",
+                self.max_spread
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -147,6 +173,7 @@ pub fn round_order(sides: usize, r: usize) -> Vec<usize> {
 /// Warms every side, then runs `protocol.rounds` rounds in [`round_order`], printing
 /// each round's rates to stderr.
 pub fn measure(protocol: &Protocol, sides: &mut [Box<dyn Contender + '_>]) -> Result<Measured> {
+    protocol.validate()?;
     let load_before = load_average();
     for s in sides.iter_mut() {
         s.warm(protocol.warmup_s)?;
@@ -189,6 +216,44 @@ mod tests {
         assert!(e.contains("a spread 29%"), "{e}");
         let nan = Rates::new("n", vec![]);
         assert!(ratio(&a, &nan, 1.0).is_err());
+    }
+
+    #[test]
+    fn bad_settings_are_errors_naming_the_flag() {
+        assert!(Protocol::default().validate().is_ok());
+        for (p, flag) in [
+            (
+                Protocol {
+                    rounds: 0,
+                    ..Protocol::default()
+                },
+                "--rounds",
+            ),
+            (
+                Protocol {
+                    round_s: f64::NAN,
+                    ..Protocol::default()
+                },
+                "--round-seconds",
+            ),
+            (
+                Protocol {
+                    warmup_s: -1.0,
+                    ..Protocol::default()
+                },
+                "--warmup-seconds",
+            ),
+            (
+                Protocol {
+                    max_spread: 0.0,
+                    ..Protocol::default()
+                },
+                "--max-spread",
+            ),
+        ] {
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
     }
 
     #[test]

@@ -36,7 +36,9 @@ pub struct AllReduceTimes {
     /// Seconds the buckets' all-reduces ran (on the communication thread).
     pub busy_s: f64,
     /// Seconds the step waited for them after its backward pass ended: the part of the
-    /// all-reduce that computation did not hide.
+    /// all-reduce that computation did not hide, plus the hand-off to and from the
+    /// communication thread (a thread the scheduler has not run yet counts here, so on a
+    /// loaded machine this can exceed `busy_s`).
     pub wait_s: f64,
 }
 

@@ -22,16 +22,23 @@ const JOIN: Duration = Duration::from_secs(60);
 /// decoder (which shares the gene table with the embeddings), `pooling`. No dropout:
 /// libtorch's generator is global, and tests (and ranks) run on parallel threads.
 fn model(pooling: &str, seed: i64) -> (nn::VarStore, ScfmModel, FlatParams) {
+    model_with(
+        &format!("expression: continuous\npooling: {pooling}\nw_gepc: 1.0\ngepc_detected: true"),
+        seed,
+    )
+}
+
+/// A three-block model with `settings` (expression, pooling, decoder: YAML lines), its
+/// parameters set from `seed` alone (the global generator is shared with other threads).
+fn model_with(settings: &str, seed: i64) -> (nn::VarStore, ScfmModel, FlatParams) {
     let y = format!(
         "hidden: 16\nn_layers: 3\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 8\nn_bins: 11\n\
-         dropout: 0.0\nexpression: continuous\npooling: {pooling}\nw_gepc: 1.0\n\
-         gepc_detected: true\nw_contrastive: 0.5"
+         dropout: 0.0\nw_contrastive: 0.5\n{settings}"
     );
     let cfg = ModelConfig::from_spec(&serde_norway::from_str(&y).unwrap()).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let model = ScfmModel::new(&vs, &cfg, 24).unwrap();
     let mut p = FlatParams::new(&vs);
-    // Parameters from `seed` alone (the global generator is shared with other threads).
     let n = p.numel();
     let values = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * (0.7 + seed as f64)).sin() * 0.2;
     tch::no_grad(|| p.flat.shallow_clone().copy_(&values));
@@ -259,19 +266,30 @@ fn a_dead_peer_during_an_overlapped_all_reduce_is_an_error() {
 }
 
 /// Each bucket's gradients are final when its stage is reported done: a copy taken then
-/// equals the gradients at the end of the backward pass, and is not all zero.
+/// equals the gradients at the end of the backward pass, and is not all zero. For every
+/// kind of model the stages must hold for (which parameter goes in which bucket follows
+/// the parameter names): both expression encodings, both poolings, every positional
+/// encoding, with and without the GEPC decoder and its options.
 #[test]
 fn every_bucket_is_final_when_its_stage_is_reported() {
-    for pooling in ["mean", "cls"] {
-        let (_vs, m, p) = model(pooling, 2);
+    for settings in [
+        "expression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_detected: true",
+        "expression: continuous\npooling: cls\nw_gepc: 1.0\ngepc_detected: true",
+        "expression: binned\npooling: mean\npositional: learned\nw_gepc: 1.0",
+        "expression: binned\npooling: cls\npositional: sinusoidal\nw_gepc: 0.0",
+        "expression: continuous\npooling: mean\npositional: learned\nw_gepc: 1.0\ngepc_genes: unseen",
+    ] {
+        let (_vs, m, p) = model_with(settings, 2);
         let b = Buckets::new(&p, 3);
         let x = inputs(1);
         p.zero_grad();
         let mut cuts = Cuts::new();
         let out = m.forward_train_cut(&x, true, Some(&mut cuts));
-        let loss = m.mgem_loss_train(&out, &x, tch::Reduction::Mean)
-            + crate::model::loss::nt_xent(&out.proj, 0.2)
-            + m.gepc_loss(out.gepc.as_ref(), &x).unwrap();
+        let mut loss = m.mgem_loss_train(&out, &x, tch::Reduction::Mean)
+            + crate::model::loss::nt_xent(&out.proj, 0.2);
+        if let Some(g) = m.gepc_loss(out.gepc.as_ref(), &x) {
+            loss += g;
+        }
         let mut copies: Vec<(usize, Vec<f32>)> = Vec::new();
         let bucket = |s: usize, g: &[f32]| -> Vec<f32> {
             b.stages[s]
@@ -280,15 +298,16 @@ fn every_bucket_is_final_when_its_stage_is_reported() {
                 .collect()
         };
         backward_staged(&loss, cuts, |s| copies.push((s, bucket(s, &host(&p.grad)))));
+        assert_eq!(copies.len(), b.len(), "{settings}: a stage per bucket");
         let end = host(&p.grad);
         for (s, at_done) in &copies {
             assert!(
                 at_done.iter().any(|&g| g != 0.0),
-                "{pooling}: stage {s} empty"
+                "{settings}: stage {s} empty"
             );
             assert!(
                 same_bits(at_done, &bucket(*s, &end)),
-                "{pooling}: stage {s} changed after it was reported done"
+                "{settings}: stage {s} changed after it was reported done"
             );
         }
     }

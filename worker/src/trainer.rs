@@ -87,7 +87,8 @@ pub struct StepStats {
     /// Seconds of the gradient all-reduce.
     pub allreduce_s: f64,
     /// Seconds the step waited for the gradient all-reduce: all of it when it runs after
-    /// the backward pass, the part the backward pass did not hide when overlapped.
+    /// the backward pass; overlapped, the part the backward pass did not hide plus the
+    /// hand-off to the communication thread.
     pub allreduce_wait_s: f64,
     /// Cells per second for this step (including data wait).
     pub cells_per_s: f64,
@@ -339,9 +340,7 @@ impl Trainer {
         } else {
             None
         };
-        let n_layers = model.cfg.n_layers;
-        let params_for_buckets = &params;
-        let buckets = Buckets::new(params_for_buckets, n_layers);
+        let buckets = Buckets::new(&params, model.cfg.n_layers);
         let mut tr = Trainer {
             spec,
             model,

@@ -53,9 +53,11 @@ pub struct StepLine {
     /// Seconds of the gradient all-reduce.
     #[serde(deserialize_with = "num")]
     pub allreduce_s: f64,
-    /// Seconds the step waited for the gradient all-reduce: all of `allreduce_s` unless it
-    /// ran during the backward pass (`cluster.overlap_allreduce`), then the part the
-    /// backward pass did not hide. Absent in logs older than the field (read as 0).
+    /// Seconds the step waited for the gradient all-reduce after its backward pass: all of
+    /// `allreduce_s` unless it ran during the backward pass (`cluster.overlap_allreduce`),
+    /// then the part the backward pass did not hide plus the hand-off to and from the
+    /// communication thread (for a tiny model on a loaded machine that can exceed
+    /// `allreduce_s`). Absent in logs older than the field (read as 0).
     #[serde(default, deserialize_with = "num")]
     pub allreduce_wait_s: f64,
     /// Step time: data wait + compute.

@@ -60,7 +60,7 @@ pub struct StepPoint {
     pub allreduce_max: Option<f64>,
     /// Gradient all-reduce, mean over ranks (seconds).
     pub allreduce_mean: Option<f64>,
-    /// The part of the all-reduce the step waited for after its backward pass (all of it
+    /// The time the step waited for the all-reduce after its backward pass (all of it
     /// unless overlapped), maximum over ranks (seconds); `None` in logs without it.
     pub allreduce_wait_max: Option<f64>,
     /// Step time (data wait + compute), maximum over ranks (seconds).

@@ -212,10 +212,11 @@ pub fn charts(m: &Metrics, checkpoints: &[u64]) -> Vec<Chart> {
     if cluster {
         timing.push(noisy(m, "data wait (mean)", GREEN_, |s| s.data_wait_mean));
         timing.push(noisy(m, "all-reduce (mean)", RED_, |s| s.allreduce_mean));
-        // Overlapped with the backward pass, the step waits for part of it only.
-        if m.steps.iter().any(|s| {
-            matches!((s.allreduce_wait_max, s.allreduce_max), (Some(w), Some(a)) if w < 0.95 * a)
-        }) {
+        // Overlapped with the backward pass, the wait differs from the all-reduce (without
+        // overlap every rank logs the same value for both).
+        if m.steps.iter().any(
+            |s| matches!((s.allreduce_wait_max, s.allreduce_max), (Some(w), Some(a)) if w != a),
+        ) {
             timing.push(noisy(m, "all-reduce waited for (max)", PURPLE_, |s| {
                 s.allreduce_wait_max
             }));
