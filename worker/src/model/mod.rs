@@ -111,7 +111,8 @@ pub struct TrainOutputs {
     pub cell: Tensor,
     /// Contrastive projections `[N, projection_dim]`, unit rows.
     pub proj: Tensor,
-    /// GEPC predictions `[N, G]`.
+    /// GEPC predictions `[N, G]`; `None` without the decoder, and without the batch's
+    /// profiles (the decoder's only reader is its loss).
     pub gepc: Option<Tensor>,
 }
 
@@ -322,6 +323,15 @@ impl ScfmModel {
         })
     }
 
+    /// The training forward's GEPC predictions: only when the batch has the profiles its
+    /// loss needs (for a 20,000-gene vocabulary the decoder is ~10 GFLOP per step for
+    /// `default`, which a batch without profiles would spend for nothing).
+    fn gepc_train(&self, cell: &Tensor, x: &Inputs) -> Option<Tensor> {
+        x.profile
+            .as_ref()
+            .and_then(|_| self.gepc_forward(cell, x.detected.as_ref()))
+    }
+
     /// The mean squared error of the GEPC predictions against the cell profiles, when the
     /// model has the decoder and the batch its targets: over every gene, or with
     /// `gepc_genes: unseen` over the genes each view does not show unmasked.
@@ -367,7 +377,7 @@ impl ScfmModel {
                 .mgem
                 .forward(&hidden.masked_select(&x.masked.unsqueeze(-1)).view([-1, h]));
             let proj = self.proj.forward(&cell);
-            let gepc = self.gepc_forward(&cell, x.detected.as_ref());
+            let gepc = self.gepc_train(&cell, x);
             return TrainOutputs {
                 mgem,
                 cell,
@@ -393,7 +403,7 @@ impl ScfmModel {
             .mgem
             .forward(&hs.masked_select(&sel.unsqueeze(-1)).view([-1, hidden]));
         let proj = self.proj.forward(&cell);
-        let gepc = self.gepc_forward(&cell, x.detected.as_ref());
+        let gepc = self.gepc_train(&cell, x);
         TrainOutputs {
             mgem,
             cell,

@@ -368,3 +368,28 @@ fn unseen_gepc_genes_leave_out_the_visible_tokens() {
         / t.len() as f64;
     assert!((full - mean).abs() < 1e-6);
 }
+
+/// The training forward runs the GEPC decoder only for a batch with profiles (its loss's
+/// targets), and then gives the full forward's predictions, for either pooling.
+#[test]
+fn training_forward_runs_the_decoder_only_with_profiles() {
+    use scfm_common::tokenizer::Profiles;
+    let n_genes = 12;
+    for pooling in ["mean", "cls"] {
+        let cfg = small(&format!("pooling: {pooling}\nw_gepc: 1.0"));
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = ScfmModel::new(&vs, &cfg, n_genes).unwrap();
+        let mut b = batch(&[&[1, 3, 4, 5], &[1, 6, 7, 0]]);
+        let without = Inputs::from_batch(&b, Device::Cpu);
+        assert!(m.forward_train(&without, false).gepc.is_none());
+        let (g0, v0): (&[u32], &[f32]) = (&[1, 2, 3], &[0.5, 1.0, 2.0]);
+        let (g1, v1): (&[u32], &[f32]) = (&[4], &[0.7]);
+        b.set_profiles(Profiles::from_rows([(g0, v0), (g1, v1)]));
+        let with = Inputs::from_batch_with_profiles(&b, Device::Cpu, Some(n_genes));
+        let fast = m.forward_train(&with, false).gepc.expect("profiles given");
+        let full = m.forward(&with, false).gepc.unwrap();
+        let d = (fast - full).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "{pooling}: decoder outputs differ by {d}");
+    }
+}
