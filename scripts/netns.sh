@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The network-namespace tests by hand (tests/netns_harness: each host a namespace of its
-# own; needs root, iproute2, nftables and tc).
+# own; needs root, iproute2, nftables, tc and TUN devices).
 #
 #   bash scripts/netns.sh test [ARGS]   build, then run tests/netns*.rs (ARGS go to the
 #                                       test binaries, e.g. --ignored, --nocapture, a name)
@@ -8,7 +8,7 @@
 #   bash scripts/netns.sh clean         remove those whose test process is gone
 #   bash scripts/netns.sh clean --all   remove all of them (no netns test may be running)
 #
-# Skipped checks (no namespaces here, no netem) are listed at the end, as in test.sh.
+# Skipped checks (no namespaces here, no TUN devices) are listed at the end, as in test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=scfmnet-

@@ -39,7 +39,8 @@ cargo clippy --release -p scfm-worker --features nccl --all-targets -- -D warnin
 cargo clippy --release -p scfm-common --no-default-features --all-targets -- -D warnings
 cargo clippy --release -p scfm-coordinator --no-default-features --features s3 --all-targets -- -D warnings
 # Includes the many-hosts tests (tests/netns*.rs: each process in a network namespace of
-# its own; as root, else they skip as `netns`; latency needs netem, else `netem` skips).
+# its own; as root, else they skip as `netns`; latency needs TUN devices, else `delay-line`
+# skips).
 cargo test --release --workspace
 # The NCCL loader and backend choice as built with `nccl`: the torch wheel's real
 # libnccl.so.2 is found next to torch and loads (no GPU needed), CUDA's absence is named.

@@ -5,7 +5,8 @@
 //! degrades the links (loss, latency, bandwidth). Without root or namespaces every test
 //! here skips loudly.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use scfm_tests::netns_harness::{Direction, FaultError, Job, Net, setup, write_job};
@@ -72,16 +73,21 @@ fn the_harness_cuts_links_and_removes_its_namespaces() {
     net.cap_bandwidth(1, 100).unwrap();
     assert!(net.can_connect(1, to, 5), "capped, not cut");
     net.clear_qdiscs(1);
-    match net.netem(1, 50, 10, 25) {
+    match net.delay(1, 50, 10, 25) {
         Ok(()) => {
             assert!(net.can_connect(1, to, 5), "delayed, not cut");
-            net.clear_qdiscs(1);
+            assert!(
+                net.delayed_packets(1).0 > 0,
+                "the delay line passed nothing"
+            );
+            net.clear_delay(1);
+            assert!(net.can_connect(1, to, 5), "delay removed");
         }
         Err(FaultError::Unsupported(why)) => skip(
-            "netem",
+            "delay-line",
             &format!("latency, jitter and reordering cannot be simulated: {why}"),
         ),
-        Err(e) => panic!("netem: {e}"),
+        Err(e) => panic!("delay line: {e}"),
     }
     // The machine's own interfaces are as they were.
     assert_eq!(
@@ -124,6 +130,139 @@ fn the_harness_cuts_links_and_removes_its_namespaces() {
     let all = setup::namespaces();
     assert!(!all.contains(&stale), "{stale} was not removed");
     assert!(all.iter().any(|n| n.starts_with(next.name())));
+}
+
+/// The median of `rounds` round trips of one byte from host 1 to an echo in host 0.
+fn echo_rtt(net: &Net, rounds: usize) -> Duration {
+    let listener = net.run_in(0, || TcpListener::bind("10.231.0.1:0").unwrap());
+    let addr = listener.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        while s.read_exact(&mut b).is_ok() {
+            s.write_all(&b).unwrap();
+        }
+    });
+    let mut s = net.run_in(1, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap()
+    });
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut times: Vec<Duration> = (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            s.write_all(b"x").unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    drop(s);
+    echo.join().unwrap();
+    times.sort();
+    times[rounds / 2]
+}
+
+/// The delay line (latency, jitter, reordering on what a host sends) does what it says,
+/// seen from sockets in the hosts: a round trip from host 1 takes host 1's delay more;
+/// with jitter and reordering, numbered datagrams arrive out of order but all arrive, and
+/// a TCP stream still delivers every byte in order.
+#[test]
+fn a_delay_line_delays_jitters_and_reorders_what_a_host_sends() {
+    let Some(net) = Net::start(2, "delay line") else {
+        return;
+    };
+    let clean = echo_rtt(&net, 20);
+    match net.delay(1, 50, 0, 0) {
+        Err(FaultError::Unsupported(why)) => {
+            skip("delay-line", &format!("cannot delay packets here: {why}"));
+            return;
+        }
+        r => r.unwrap(),
+    }
+    let delayed = echo_rtt(&net, 20);
+    eprintln!("round trip host 1 -> 0: {clean:?} clean, {delayed:?} with 50 ms on host 1");
+    assert!(clean < Duration::from_millis(20), "{clean:?}");
+    assert!(
+        delayed >= Duration::from_millis(50)
+            && delayed < Duration::from_millis(50) + clean + Duration::from_millis(20),
+        "{delayed:?} (clean {clean:?})"
+    );
+
+    // 20 ± 10 ms, a quarter sent at once: 2,000 numbered datagrams, 1 ms apart.
+    net.delay(1, 20, 10, 25).unwrap();
+    let rx = net.run_in(0, || UdpSocket::bind("10.231.0.1:0").unwrap());
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let to = rx.local_addr().unwrap();
+    let tx = net.run_in(1, || UdpSocket::bind("10.231.0.2:0").unwrap());
+    let n = 2_000u32;
+    let sender = std::thread::spawn(move || {
+        for k in 0..n {
+            tx.send_to(&k.to_le_bytes(), to).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let mut got = Vec::new();
+    let mut b = [0u8; 4];
+    while let Ok(len) = rx.recv(&mut b) {
+        assert_eq!(len, 4);
+        got.push(u32::from_le_bytes(b));
+        if got.len() == n as usize {
+            break;
+        }
+    }
+    sender.join().unwrap();
+    let late = got.windows(2).filter(|w| w[1] < w[0]).count();
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..n).collect::<Vec<_>>(),
+        "a datagram was lost or doubled"
+    );
+    let (passed, reordered) = net.delayed_packets(1);
+    eprintln!(
+        "2,000 datagrams: {late} arrived after a later one; the line passed {passed}, {reordered} overtaken"
+    );
+    assert!(late > 100, "only {late} of {n} out of order");
+    assert!(reordered > 0);
+
+    // TCP over the same line: 4 MB arrive whole and in order.
+    let listener = net.run_in(0, || TcpListener::bind("10.231.0.1:0").unwrap());
+    let addr = listener.local_addr().unwrap();
+    let bytes: Vec<u8> = (0..4_000_000u32).map(|k| (k % 251) as u8).collect();
+    let expect = bytes.clone();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let mut s = net.run_in(1, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap()
+    });
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = Instant::now();
+    s.write_all(&bytes).unwrap();
+    drop(s);
+    let got = reader.join().unwrap();
+    eprintln!(
+        "4 MB over TCP with 20 +- 10 ms and 25% reordering: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        got == expect,
+        "TCP delivered other bytes ({} of {})",
+        got.len(),
+        expect.len()
+    );
+    net.clear_delay(1);
+    assert!(
+        echo_rtt(&net, 5) < Duration::from_millis(20),
+        "the delay was not removed"
+    );
 }
 
 /// A worker cut off from everyone (both ways) is lost after `worker_timeout_s`, and the

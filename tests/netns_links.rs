@@ -1,7 +1,7 @@
 //! Degraded links under a running job (tests/netns_harness): packet loss on every link
 //! changes nothing in the result (training is deterministic on CPU and the ring is TCP),
-//! latency likewise where the kernel can add it (`netem`; skipped loudly where it
-//! cannot), and a link capped at 100 Mbit/s bounds the gradient all-reduce by the bytes
+//! 50 ms of latency likewise (the harness's delay line; skipped loudly where TUN devices
+//! cannot be made), and a link capped at 100 Mbit/s bounds the gradient all-reduce by the bytes
 //! the ring sends over it.
 
 use std::path::Path;
@@ -42,7 +42,7 @@ fn run_clean_job(net: &Net, dir: &Path, max_steps: u64) -> (Vec<u8>, String) {
 
 /// 1% of the packets on every link dropped (each host drops 1% of what it sends): the job
 /// completes with exactly the parameters of a clean run. Then 50 ms of latency on every
-/// link as well, where netem exists.
+/// link as well (a shorter run, against a clean one as long).
 #[test]
 fn one_percent_packet_loss_on_every_link_gives_the_clean_result() {
     let Some(net) = Net::start(4, "packet loss") else {
@@ -69,31 +69,45 @@ fn one_percent_packet_loss_on_every_link_gives_the_clean_result() {
         "1% loss: {dropped} packets dropped; same parameters ({clean_print}); clean run {clean_s:?}, lossy run {lossy_s:?}"
     );
 
-    // 50 ms each way on every link (and the loss), where the kernel has netem.
-    match net.netem(0, 50, 0, 0) {
+    // 50 ms each way on every link (and the loss): a step then waits for a dozen delayed
+    // ring steps and RPCs (about 1 s), so this part trains fewer steps, against a clean
+    // run of as many (the learning-rate schedule depends on the total).
+    let slow_steps = 40;
+    let (short_clean, short_print) = {
+        for h in 0..net.len() {
+            net.drop_packets(h, 0.0).unwrap();
+        }
+        let d = tempfile::tempdir().unwrap();
+        run_clean_job(&net, d.path(), slow_steps)
+    };
+    match net.delay(0, 50, 0, 0) {
         Err(FaultError::Unsupported(why)) => {
             skip(
-                "netem",
+                "delay-line",
                 &format!("50 ms latency on every link (with 1% loss) not run: {why}"),
             );
             return;
         }
-        Err(e) => panic!("netem: {e}"),
+        Err(e) => panic!("delay line: {e}"),
         Ok(()) => {}
     }
-    for h in 1..net.len() {
-        net.netem(h, 50, 0, 0).unwrap();
+    for h in 0..net.len() {
+        net.delay(h, 50, 0, 0).unwrap();
+        net.drop_packets(h, 1.0).unwrap();
     }
     let slow_dir = tempfile::tempdir().unwrap();
     let t = Instant::now();
-    let (slow, slow_print) = run_clean_job(&net, slow_dir.path(), steps);
-    assert_eq!(slow_print, clean_print);
+    let (slow, slow_print) = run_clean_job(&net, slow_dir.path(), slow_steps);
+    let delayed: u64 = (0..net.len()).map(|h| net.delayed_packets(h).0).sum();
+    assert!(delayed > 0, "no packet went through a delay line");
+    assert_eq!(slow_print, short_print);
     assert!(
-        slow == clean,
+        slow == short_clean,
         "the run with latency ended with other parameters"
     );
     eprintln!(
-        "50 ms latency and 1% loss: same parameters; {:?}",
+        "50 ms latency and 1% loss, {slow_steps} steps: same parameters ({slow_print}); \
+         {delayed} packets delayed; {:?}",
         t.elapsed()
     );
 }
@@ -158,5 +172,65 @@ fn a_link_capped_at_100_mbit_bounds_the_all_reduce_by_bytes_over_bandwidth() {
     assert!(
         (0.9..=2.5).contains(&ratio),
         "all-reduce median {median:.3} s vs {expected:.3} s from bytes / bandwidth ({ratio:.2} x)"
+    );
+}
+
+/// 20 ms of latency on what every host sends (the delay line): one all-reduce of the
+/// flat gradient (`overlap_allreduce: false`) over the ring of 3 workers takes 2(N-1) =
+/// 4 ring steps, each waiting for a chunk that crossed one delayed link, so the latency
+/// term of the scaling model (docs/scaling-model.md), 2(N-1) × 20 ms = 80 ms, is its
+/// floor; with a gradient this small the bandwidth term is negligible. The measured
+/// median must stay within twice the floor: one extra round trip per ring step (TCP slow
+/// start, Nagle) would take it to three times.
+#[test]
+fn latency_on_every_link_costs_the_all_reduce_two_n_minus_one_one_way_delays() {
+    let Some(net) = Net::start(4, "latency term") else {
+        return;
+    };
+    let delay_ms = 20;
+    for h in 0..net.len() {
+        match net.delay(h, delay_ms, 0, 0) {
+            Err(FaultError::Unsupported(why)) => {
+                skip("delay-line", &format!("latency term not checked: {why}"));
+                return;
+            }
+            r => r.unwrap(),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 30;
+    let training = format!(
+        "  seed: 5\n  batch_size: 8\n  max_steps: {steps}\n  threads: 1\n  log_every: 1\n  eval_every: 100000"
+    );
+    let cluster = "  min_workers: 3\n  max_workers: 3\n  heartbeat_ms: 200\n  worker_timeout_s: 10\n  collective_timeout_s: 20\n  join_timeout_s: 60\n  overlap_allreduce: false";
+    let files = write_job(dir.path(), &net, 0, TINY, &training, cluster, 1000);
+    let t = Instant::now();
+    let mut job = Job::start(&net, dir.path(), files, 0, &[1, 2, 3]);
+    let (status, text) = job.finish(Duration::from_secs(300));
+    assert!(status.success(), "{text}\n{}", job.worker_logs());
+    let mut times: Vec<f64> = job
+        .metrics()
+        .iter()
+        .filter(|l| l["event"] == "step" && l["step"].as_u64().unwrap() > 5)
+        .map(|l| l["allreduce_s"].as_f64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 3 * (steps as usize - 5));
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let floor = 2.0 * (3.0 - 1.0) * f64::from(delay_ms) / 1e3;
+    let passed: u64 = (0..net.len()).map(|h| net.delayed_packets(h).0).sum();
+    eprintln!(
+        "{delay_ms} ms on every link, 3 workers: all-reduce median {median:.3} s (min {:.3}, \
+         max {:.3}) against 2(N-1) x {delay_ms} ms = {floor:.3} s: {:.2} x; {passed} packets \
+         delayed; {:?} in all",
+        times[0],
+        times[times.len() - 1],
+        median / floor,
+        t.elapsed()
+    );
+    assert!(passed > 0);
+    assert!(
+        (floor..=2.0 * floor).contains(&median),
+        "all-reduce median {median:.3} s vs the latency floor {floor:.3} s"
     );
 }

@@ -1,8 +1,9 @@
 //! The fault-budget soak (a benchmark, not part of the default test run): a job of four
 //! workers on a net of namespaced hosts (tests/netns_harness) takes a seeded schedule of
 //! random faults — workers cut off (shorter and longer than the heartbeat timeout), paused
-//! (likewise), killed; the coordinator cut off from every worker (likewise); packet loss
-//! and bandwidth caps on a worker's link — one after another, each healed before the next,
+//! (likewise), killed; the coordinator cut off from every worker (likewise); packet loss,
+//! bandwidth caps and latency with jitter and reordering on a worker's link — one after
+//! another, each healed before the next,
 //! with a replacement started on the host of every worker that left. Then the job is
 //! preempted (SIGTERM to the coordinator) and the soak checks what survived:
 //!
@@ -47,6 +48,9 @@ enum Kind {
     Loss,
     /// A worker's link capped at 20–200 Mbit/s for a few seconds.
     Bandwidth,
+    /// 10–100 ms of latency (± up to half of it) on what a worker sends, 0–25% of its
+    /// packets reordered, for a few seconds.
+    Latency,
     /// The coordinator cut off from every worker for less than the timeout.
     CoordinatorShort,
     /// The coordinator cut off from every worker past the timeout: all dropped, all
@@ -54,7 +58,7 @@ enum Kind {
     CoordinatorLong,
 }
 
-const KINDS: [Kind; 9] = [
+const KINDS: [Kind; 10] = [
     Kind::CutShort,
     Kind::CutLong,
     Kind::PauseShort,
@@ -62,6 +66,7 @@ const KINDS: [Kind; 9] = [
     Kind::Kill,
     Kind::Loss,
     Kind::Bandwidth,
+    Kind::Latency,
     Kind::CoordinatorShort,
     Kind::CoordinatorLong,
 ];
@@ -163,6 +168,15 @@ fn inject(job: &mut Job<'_>, net: &Net, kind: Kind, rng: &mut Rng) -> Result<(),
                 .map_err(|e| err(&e))?;
             std::thread::sleep(Duration::from_secs(2 + rng.below(3)));
             net.clear_qdiscs(host);
+        }
+        Kind::Latency => {
+            let delay = 10 + 10 * rng.below(10) as u32;
+            let jitter = rng.below(u64::from(delay / 2) + 1) as u32;
+            let reorder = 5 * rng.below(6) as u32;
+            net.delay(host, delay, jitter, reorder)
+                .map_err(|e| err(&e))?;
+            std::thread::sleep(Duration::from_secs(2 + rng.below(3)));
+            net.clear_delay(host);
         }
         Kind::CoordinatorShort | Kind::CoordinatorLong => {
             net.partition_from(0, &WORKER_HOSTS, Direction::Both)

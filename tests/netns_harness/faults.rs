@@ -1,12 +1,16 @@
 //! Faults on the links of a [`Net`]: bandwidth caps (`tc tbf`), dropped packets and
 //! partitions (nftables tables in the host's namespace), latency, jitter and reordering
-//! (`tc netem`, where the kernel has it). Each fault can be set and removed at any moment;
-//! the machine's own namespace is never touched.
+//! (a [`DelayLine`] in user space). Each fault can be set and removed at any moment, and
+//! they combine; the machine's own namespace is never touched.
 //!
-//! A host's link has one root qdisc per direction: a bandwidth cap and netem replace each
-//! other. Packet loss and partitions are separate nftables tables and combine with either.
+//! The nftables rules on what a host sends match both `eth0` and the delay line's device:
+//! a packet the host sends passes the output hook once, on its way to whichever of the
+//! two its route names (the delay line then forwards it out of `eth0`).
+
+use std::sync::atomic::Ordering;
 
 use super::Net;
+use super::delay::{DEVICE, DelayLine, RULE_PREF, Shape, StartError, TABLE};
 use super::setup::{self, CmdError};
 
 /// Which traffic of a host a partition cuts.
@@ -113,31 +117,84 @@ impl Net {
         Ok(())
     }
 
-    /// Latency (`delay_ms` ± `jitter_ms`) and reordering (`reorder_pct` % of packets sent
-    /// at once) on what host `i` sends, with `tc netem`; [`FaultError::Unsupported`] on a
-    /// kernel without netem.
-    pub fn netem(
+    /// Latency (`delay_ms` ± `jitter_ms`, uniform) and reordering (`reorder_pct` % of
+    /// packets sent at once) on what host `i` sends, by a [`DelayLine`] (a TUN device in
+    /// its namespace; this kernel has no `tc netem`). Replaces an earlier delay of the
+    /// host; combines with its bandwidth cap, packet loss and partitions.
+    /// [`FaultError::Unsupported`] where TUN devices cannot be made.
+    pub fn delay(
         &self,
         i: usize,
         delay_ms: u32,
         jitter_ms: u32,
         reorder_pct: u32,
     ) -> Result<(), FaultError> {
-        let (delay, jitter) = (format!("{delay_ms}ms"), format!("{jitter_ms}ms"));
-        let reorder = format!("{reorder_pct}%");
-        let mut args = vec![
-            "qdisc", "replace", "dev", "eth0", "root", "netem", "delay", &delay,
+        self.clear_delay(i);
+        let shape = Shape {
+            delay_ms,
+            jitter_ms,
+            reorder_pct,
+        };
+        let h = self.host(i);
+        let line = DelayLine::start(&h.ns, shape, 1 + i as u64).map_err(|e| match e {
+            StartError::Unsupported(m) => FaultError::Unsupported(m),
+            StartError::Failed(m) => FaultError::Failed(m),
+        })?;
+        let [a, b, c] = super::SUBNET;
+        let subnet = format!("{a}.{b}.{c}.0/24");
+        let src = h.ip.to_string();
+        let ns = h.ns.as_str();
+        // The host's own packets (`iif lo`) to the subnet go into the device; what the
+        // line writes back comes in from the device and leaves by the main table (eth0).
+        let steps: [&[&str]; 3] = [
+            &["-n", ns, "link", "set", DEVICE, "up"],
+            &[
+                "-n", ns, "route", "replace", &subnet, "dev", DEVICE, "src", &src, "table", TABLE,
+            ],
+            &[
+                "-n", ns, "rule", "add", "pref", RULE_PREF, "iif", "lo", "lookup", TABLE,
+            ],
         ];
-        if jitter_ms > 0 {
-            args.push(&jitter);
+        for args in steps {
+            setup::ip(args).map_err(classify)?;
         }
-        if reorder_pct > 0 {
-            args.extend_from_slice(&["reorder", &reorder]);
-        }
-        self.tc(&self.host(i).ns, &args)
+        self.delays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(i, line);
+        Ok(())
     }
 
-    /// Removes host `i`'s bandwidth cap or netem (both directions).
+    /// Ends host `i`'s delay (if any): its packets leave by `eth0` directly again.
+    pub fn clear_delay(&self, i: usize) {
+        let line = self
+            .delays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&i);
+        if line.is_some() {
+            let ns = &self.host(i).ns;
+            // No rule there is no error worth reporting.
+            let _ = setup::ip(&["-n", ns, "rule", "del", "pref", RULE_PREF]);
+        }
+        // Dropping the line closes its device, and the device's route goes with it.
+        drop(line);
+    }
+
+    /// Packets host `i`'s delay line has passed on, and how many of them overtook a
+    /// packet sent before them (0, 0 without a delay).
+    pub fn delayed_packets(&self, i: usize) -> (u64, u64) {
+        let lines = self.delays.lock().unwrap_or_else(|p| p.into_inner());
+        lines.get(&i).map_or((0, 0), |l| {
+            let c = l.counters();
+            (
+                c.passed.load(Ordering::Relaxed),
+                c.reordered.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Removes host `i`'s bandwidth cap (both directions).
     pub fn clear_qdiscs(&self, i: usize) {
         let h = self.host(i);
         for (ns, dev) in [(&h.ns, "eth0"), (&self.bridge_ns, h.port.as_str())] {
@@ -162,7 +219,7 @@ impl Net {
         } else {
             format!(
                 "chain out {{\ntype filter hook output priority 0; policy accept;\n\
-                 oifname \"eth0\" {pick}counter drop\n}}\n"
+                 oifname {{ \"eth0\", \"{DEVICE}\" }} {pick}counter drop\n}}\n"
             )
         };
         self.nft_table(i, LOSS, &body)
@@ -189,7 +246,8 @@ impl Net {
     /// link are dropped, not refused, as on a broken cable. Replaces an earlier partition
     /// of the host.
     pub fn partition(&self, i: usize, dir: Direction) -> Result<(), FaultError> {
-        self.cut(i, "iifname \"eth0\"", "oifname \"eth0\"", dir)
+        let out = format!("oifname {{ \"eth0\", \"{DEVICE}\" }}");
+        self.cut(i, "iifname \"eth0\"", &out, dir)
     }
 
     /// Cuts host `i` off from the hosts `peers` only (`Both` ways, or one way, as seen

@@ -7,8 +7,10 @@
 //! - [`Net::cap_bandwidth`]: a host's link limited to a rate, both ways (`tc` `tbf`);
 //! - [`Net::drop_packets`]: a fraction of the packets a host sends dropped (nftables);
 //! - [`Net::partition`]: a host cut off from the others, both ways or one way (nftables);
-//! - [`Net::netem`]: latency, jitter and reordering (`tc` `netem`, where the kernel has it;
-//!   otherwise [`FaultError::Unsupported`], and the test skips that part loudly);
+//! - [`Net::delay`]: latency, jitter and reordering of what a host sends, by a delay line
+//!   in user space (a TUN device in the host's namespace, [`delay`]; this kernel has no
+//!   `tc netem`); [`FaultError::Unsupported`] where TUN devices cannot be made, and the
+//!   test skips that part loudly;
 //! - [`Proc::pause`] / [`Proc::resume`] (SIGSTOP/SIGCONT) and [`Proc::kill`] on the
 //!   processes started with [`Net::command`], [`Net::launch_coordinator`] and
 //!   [`Net::join_worker`]; [`Job`] holds a whole job (its coordinator, workers and logs).
@@ -25,13 +27,16 @@
 //! [`Net::start`] records a `SKIPPED` line through [`crate::skip`] and the test returns.
 
 mod cluster;
+pub mod delay;
 mod faults;
 mod job;
 mod procs;
 pub mod setup;
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::Mutex;
 
 pub use cluster::Job;
 pub use faults::{Direction, FaultError};
@@ -60,6 +65,8 @@ pub struct Net {
     hosts: Vec<Host>,
     /// Namespaces made so far (removed on drop, hosts first).
     made: Vec<String>,
+    /// The running delay lines, by host.
+    delays: Mutex<BTreeMap<usize, delay::DelayLine>>,
 }
 
 impl Net {
@@ -79,6 +86,7 @@ impl Net {
             name,
             hosts: Vec::new(),
             made: Vec::new(),
+            delays: Mutex::new(BTreeMap::new()),
         };
         // On an error, `net` is dropped and removes what was made.
         net.build(n)
@@ -155,6 +163,18 @@ impl Net {
         c
     }
 
+    /// Runs `f` on a thread in host `i`'s namespace and returns what it returns: a socket
+    /// `f` makes belongs to host `i`, whichever thread uses it afterwards.
+    pub fn run_in<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = self.hosts[i].ns.clone();
+        std::thread::spawn(move || {
+            delay::enter_namespace(&ns).unwrap_or_else(|e| panic!("host namespace: {e}"));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
     /// Whether host `from` can open a TCP connection to `to` within `timeout_s` seconds
     /// (bash's `/dev/tcp`, run in host `from`).
     pub fn can_connect(&self, from: usize, to: std::net::SocketAddr, timeout_s: u32) -> bool {
@@ -179,6 +199,11 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        // Each delay line's thread sits in its host's namespace: stop them first.
+        self.delays
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         for ns in self.made.iter().rev() {
             setup::remove(ns);
         }
