@@ -300,7 +300,13 @@ impl pb::coordinator_server::Coordinator for Service {
         let r = req.into_inner();
         {
             let mut s = self.shared.lock();
-            if r.failed {
+            if r.failed && !s.workers.contains_key(&r.worker_id) {
+                // A worker the job already lost (silent past the timeout, or it left): its
+                // failure is its own, usually the cut that lost it, and the job went on
+                // without it.
+                tracing::warn!(worker = %r.worker_id, step = r.step, error = %r.error,
+                    "a worker no longer in the job reported a failure; the job goes on");
+            } else if r.failed {
                 tracing::error!(worker = %r.worker_id, step = r.step, error = %r.error, "worker failed");
                 s.fail(format!(
                     "worker {} failed at step {}: {}",

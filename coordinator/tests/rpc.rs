@@ -289,3 +289,86 @@ async fn nccl_id_goes_from_rank_zero_to_the_other_ranks() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 }
+
+/// A failure reported by a worker the job no longer has (lost after a partition, it
+/// fails on its way out) is logged and ignored: the job goes on and completes. A
+/// failure of a member still fails the job.
+#[tokio::test]
+async fn a_failure_reported_by_a_worker_no_longer_in_the_job_does_not_fail_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path());
+    let (coord, mut c) = start(&m).await;
+    let ok = tokio::time::timeout(
+        T,
+        c.register(with_token(register(PROTOCOL_VERSION), "s3cret")),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_inner();
+    let done = |worker_id: &str, failed: bool| pb::DoneRequest {
+        worker_id: worker_id.to_string(),
+        step: 3,
+        checkpoint: String::new(),
+        failed,
+        error: if failed {
+            "coordinator: no assignment: transport error (Unknown)".into()
+        } else {
+            String::new()
+        },
+        preempted: false,
+    };
+    // "w0999" was never (or is no longer) a member.
+    tokio::time::timeout(
+        T,
+        c.report_done(with_token(
+            tonic::Request::new(done("w0999", true)),
+            "s3cret",
+        )),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    tokio::time::timeout(
+        T,
+        c.report_done(with_token(
+            tonic::Request::new(done(&ok.worker_id, false)),
+            "s3cret",
+        )),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    tokio::time::timeout(T, coord.wait())
+        .await
+        .unwrap()
+        .expect("the job completes");
+
+    // A member's failure fails the job, with its reason.
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path());
+    let (coord, mut c) = start(&m).await;
+    let ok = tokio::time::timeout(
+        T,
+        c.register(with_token(register(PROTOCOL_VERSION), "s3cret")),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_inner();
+    tokio::time::timeout(
+        T,
+        c.report_done(with_token(
+            tonic::Request::new(done(&ok.worker_id, true)),
+            "s3cret",
+        )),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let e = tokio::time::timeout(T, coord.wait())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("transport error"), "{e}");
+}

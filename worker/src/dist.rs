@@ -236,6 +236,18 @@ fn host_name() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Whether a failed call to the coordinator may succeed when tried again: "not yet"
+/// (`Unavailable`), or the connection failed under it (a transport error, which tonic
+/// reports as `Unknown`, e.g. when the coordinator's HTTP/2 layer reset the connection
+/// after a partition healed). Refusals (authentication, protocol version, the job failed)
+/// and "dropped" (`NotFound`) are final.
+fn transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
+
 fn status_err(what: &str, s: Status) -> WorkerError {
     WorkerError::Coordinator(format!("{what}: {} ({:?})", s.message(), s.code()))
 }
@@ -347,7 +359,7 @@ async fn await_assignment(
         // The coordinator answers within ~10 s ("not yet" or an assignment).
         match tokio::time::timeout(Duration::from_secs(30), client.get_assignment(req)).await {
             Ok(Ok(r)) => return Ok(Assignment::try_from(r.into_inner())?),
-            Ok(Err(s)) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+            Ok(Err(s)) if transient(&s) && Instant::now() < deadline => {
                 tracing::info!("{}", s.message());
                 // Not a busy loop when the coordinator answers "not yet" at once.
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -856,5 +868,27 @@ fn run_generations(
         }
         t.drop_collective();
         trainer = Some(t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_not_yet_and_broken_connections_are_asked_again() {
+        for code in [Code::Unavailable, Code::Unknown, Code::Cancelled] {
+            assert!(transient(&Status::new(code, "x")), "{code:?}");
+        }
+        for code in [
+            Code::NotFound,
+            Code::Unauthenticated,
+            Code::FailedPrecondition,
+            Code::Aborted,
+            Code::InvalidArgument,
+            Code::ResourceExhausted,
+        ] {
+            assert!(!transient(&Status::new(code, "x")), "{code:?}");
+        }
     }
 }
