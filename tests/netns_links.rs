@@ -112,6 +112,32 @@ fn one_percent_packet_loss_on_every_link_gives_the_clean_result() {
     );
 }
 
+/// Runs a job of 3 workers (hosts 1 to 3, coordinator in host 0) in `dir` to completion
+/// and returns every rank's `allreduce_s` of each step after the fifth (warm-up), sorted,
+/// with the first worker's log.
+fn allreduce_times(
+    net: &Net,
+    dir: &Path,
+    model: &str,
+    training: &str,
+    cluster: &str,
+    steps: u64,
+) -> (Vec<f64>, String) {
+    let files = write_job(dir, net, 0, model, training, cluster, 1000);
+    let mut job = Job::start(net, dir, files, 0, &[1, 2, 3]);
+    let (status, text) = job.finish(Duration::from_secs(300));
+    assert!(status.success(), "{text}\n{}", job.worker_logs());
+    let mut times: Vec<f64> = job
+        .metrics()
+        .iter()
+        .filter(|l| l["event"] == "step" && l["step"].as_u64().unwrap() > 5)
+        .map(|l| l["allreduce_s"].as_f64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 3 * (steps as usize - 5));
+    times.sort_by(f64::total_cmp);
+    (times, job.workers[0].1.log_text())
+}
+
 /// Host 2's link capped at 100 Mbit/s both ways: every gradient all-reduce of the ring
 /// (3 workers) sends 2(N-1)/N times the gradient's bytes over each link, so its time per
 /// step (`allreduce_s` in the metrics log) is at least bytes / bandwidth, and with a model
@@ -130,12 +156,8 @@ fn a_link_capped_at_100_mbit_bounds_the_all_reduce_by_bytes_over_bandwidth() {
         "  seed: 3\n  batch_size: 4\n  max_steps: {steps}\n  threads: 1\n  log_every: 1\n  eval_every: 100000"
     );
     let cluster = "  min_workers: 3\n  max_workers: 3\n  heartbeat_ms: 200\n  worker_timeout_s: 10\n  collective_timeout_s: 20\n  join_timeout_s: 60";
-    let files = write_job(dir.path(), &net, 0, model, &training, cluster, 1000);
     let t = Instant::now();
-    let mut job = Job::start(&net, dir.path(), files, 0, &[1, 2, 3]);
-    let (status, text) = job.finish(Duration::from_secs(300));
-    assert!(status.success(), "{text}\n{}", job.worker_logs());
-    let log = job.workers[0].1.log_text();
+    let (times, log) = allreduce_times(&net, dir.path(), model, &training, cluster, steps);
     let params: f64 = log
         .lines()
         .find_map(|l| {
@@ -150,15 +172,6 @@ fn a_link_capped_at_100_mbit_bounds_the_all_reduce_by_bytes_over_bandwidth() {
     let n = 3.0;
     let bytes = 2.0 * (n - 1.0) / n * 4.0 * params;
     let expected = bytes / (100e6 / 8.0);
-    // Every rank's all-reduce time of each step after the first few (warm-up).
-    let mut times: Vec<f64> = job
-        .metrics()
-        .iter()
-        .filter(|l| l["event"] == "step" && l["step"].as_u64().unwrap() > 5)
-        .map(|l| l["allreduce_s"].as_f64().unwrap())
-        .collect();
-    assert_eq!(times.len(), 3 * (steps as usize - 5));
-    times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let ratio = median / expected;
     eprintln!(
@@ -203,19 +216,8 @@ fn latency_on_every_link_costs_the_all_reduce_two_n_minus_one_one_way_delays() {
         "  seed: 5\n  batch_size: 8\n  max_steps: {steps}\n  threads: 1\n  log_every: 1\n  eval_every: 100000"
     );
     let cluster = "  min_workers: 3\n  max_workers: 3\n  heartbeat_ms: 200\n  worker_timeout_s: 10\n  collective_timeout_s: 20\n  join_timeout_s: 60\n  overlap_allreduce: false";
-    let files = write_job(dir.path(), &net, 0, TINY, &training, cluster, 1000);
     let t = Instant::now();
-    let mut job = Job::start(&net, dir.path(), files, 0, &[1, 2, 3]);
-    let (status, text) = job.finish(Duration::from_secs(300));
-    assert!(status.success(), "{text}\n{}", job.worker_logs());
-    let mut times: Vec<f64> = job
-        .metrics()
-        .iter()
-        .filter(|l| l["event"] == "step" && l["step"].as_u64().unwrap() > 5)
-        .map(|l| l["allreduce_s"].as_f64().unwrap())
-        .collect();
-    assert_eq!(times.len(), 3 * (steps as usize - 5));
-    times.sort_by(f64::total_cmp);
+    let (times, _) = allreduce_times(&net, dir.path(), TINY, &training, cluster, steps);
     let median = times[times.len() / 2];
     let floor = 2.0 * (3.0 - 1.0) * f64::from(delay_ms) / 1e3;
     let passed: u64 = (0..net.len()).map(|h| net.delayed_packets(h).0).sum();

@@ -165,21 +165,7 @@ async fn tokens_versions_and_capacity_are_enforced() {
     .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     // The worker reports completion: the job is done and `wait` returns.
-    let done = pb::DoneRequest {
-        worker_id: ok.worker_id,
-        step: 0,
-        checkpoint: String::new(),
-        failed: false,
-        error: String::new(),
-        preempted: false,
-    };
-    tokio::time::timeout(
-        T,
-        c.report_done(with_token(tonic::Request::new(done), "s3cret")),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    report(&mut c, &ok.worker_id, false).await;
     tokio::time::timeout(T, coord.wait())
         .await
         .unwrap()
@@ -290,24 +276,29 @@ async fn nccl_id_goes_from_rank_zero_to_the_other_ranks() {
     assert_eq!(e.code(), Code::Unauthenticated);
 }
 
-/// A failure reported by a worker the job no longer has (lost after a partition, it
-/// fails on its way out) is logged and ignored: the job goes on and completes. A
-/// failure of a member still fails the job.
-#[tokio::test]
-async fn a_failure_reported_by_a_worker_no_longer_in_the_job_does_not_fail_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = manifest(dir.path());
-    let (coord, mut c) = start(&m).await;
-    let ok = tokio::time::timeout(
+/// Registers one worker (with the token) and returns its id.
+async fn register_ok(
+    c: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+) -> String {
+    tokio::time::timeout(
         T,
         c.register(with_token(register(PROTOCOL_VERSION), "s3cret")),
     )
     .await
     .unwrap()
     .unwrap()
-    .into_inner();
-    let done = |worker_id: &str, failed: bool| pb::DoneRequest {
-        worker_id: worker_id.to_string(),
+    .into_inner()
+    .worker_id
+}
+
+/// Reports worker `id` done at step 3, failed (a broken connection) or not.
+async fn report(
+    c: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    id: &str,
+    failed: bool,
+) {
+    let done = pb::DoneRequest {
+        worker_id: id.to_string(),
         step: 3,
         checkpoint: String::new(),
         failed,
@@ -318,27 +309,27 @@ async fn a_failure_reported_by_a_worker_no_longer_in_the_job_does_not_fail_it() 
         },
         preempted: false,
     };
+    tokio::time::timeout(
+        T,
+        c.report_done(with_token(tonic::Request::new(done), "s3cret")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+}
+
+/// A failure reported by a worker the job no longer has (lost after a partition, it
+/// fails on its way out) is logged and ignored: the job goes on and completes. A
+/// failure of a member still fails the job.
+#[tokio::test]
+async fn a_failure_reported_by_a_worker_no_longer_in_the_job_does_not_fail_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path());
+    let (coord, mut c) = start(&m).await;
+    let id = register_ok(&mut c).await;
     // "w0999" was never (or is no longer) a member.
-    tokio::time::timeout(
-        T,
-        c.report_done(with_token(
-            tonic::Request::new(done("w0999", true)),
-            "s3cret",
-        )),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    tokio::time::timeout(
-        T,
-        c.report_done(with_token(
-            tonic::Request::new(done(&ok.worker_id, false)),
-            "s3cret",
-        )),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    report(&mut c, "w0999", true).await;
+    report(&mut c, &id, false).await;
     tokio::time::timeout(T, coord.wait())
         .await
         .unwrap()
@@ -348,24 +339,8 @@ async fn a_failure_reported_by_a_worker_no_longer_in_the_job_does_not_fail_it() 
     let dir = tempfile::tempdir().unwrap();
     let m = manifest(dir.path());
     let (coord, mut c) = start(&m).await;
-    let ok = tokio::time::timeout(
-        T,
-        c.register(with_token(register(PROTOCOL_VERSION), "s3cret")),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .into_inner();
-    tokio::time::timeout(
-        T,
-        c.report_done(with_token(
-            tonic::Request::new(done(&ok.worker_id, true)),
-            "s3cret",
-        )),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let id = register_ok(&mut c).await;
+    report(&mut c, &id, true).await;
     let e = tokio::time::timeout(T, coord.wait())
         .await
         .unwrap()
