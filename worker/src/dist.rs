@@ -323,7 +323,8 @@ const REGISTER_WAIT: Duration = Duration::from_secs(300);
 
 /// Registers with the coordinator. A refusal the coordinator marks as temporary
 /// (`UNAVAILABLE`: the places are held by workers it took over from a previous coordinator
-/// and has not heard from yet) is asked again, with backoff, until `deadline`.
+/// and has not heard from yet), or a connection broken under the call, is asked again,
+/// with backoff, until `deadline`.
 async fn register(
     client: &mut Client,
     request: pb::RegisterRequest,
@@ -335,7 +336,7 @@ async fn register(
         {
             Err(_) => return Err(WorkerError::Coordinator("registration timed out".into())),
             Ok(Ok(r)) => return Ok(r.into_inner()),
-            Ok(Err(s)) if s.code() == Code::Unavailable && Instant::now() + backoff < deadline => {
+            Ok(Err(s)) if transient(&s) && Instant::now() + backoff < deadline => {
                 tracing::warn!("registration deferred: {}", s.message());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
