@@ -132,12 +132,31 @@ fn the_harness_cuts_links_and_removes_its_namespaces() {
     assert!(all.iter().any(|n| n.starts_with(next.name())));
 }
 
+/// The first connection to `listener` within `limit` (a panic past it: no test waits for
+/// a peer forever), in blocking mode.
+fn accept_within(listener: &TcpListener, limit: Duration) -> TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let end = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("no connection within {limit:?}: {e}"),
+        }
+    }
+}
+
 /// The median of `rounds` round trips of one byte from host 1 to an echo in host 0.
 fn echo_rtt(net: &Net, rounds: usize) -> Duration {
     let listener = net.run_in(0, || TcpListener::bind("10.231.0.1:0").unwrap());
     let addr = listener.local_addr().unwrap();
     let echo = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = accept_within(&listener, Duration::from_secs(10));
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut b = [0u8; 1];
         while s.read_exact(&mut b).is_ok() {
@@ -234,7 +253,7 @@ fn a_delay_line_delays_jitters_and_reorders_what_a_host_sends() {
     let bytes: Vec<u8> = (0..4_000_000u32).map(|k| (k % 251) as u8).collect();
     let expect = bytes.clone();
     let reader = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = accept_within(&listener, Duration::from_secs(10));
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).unwrap();
