@@ -91,6 +91,8 @@ class ScfmConfig:
     # "all" | "unseen": the GEPC loss over every gene, or only over the genes a view does
     # not show unmasked (``unseen_genes``)
     gepc_genes: str = "all"
+    # "gene_query" | "per_gene": the GEPC decoder's form (``GepcHead``)
+    gepc_decoder: str = "gene_query"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScfmConfig":
@@ -128,6 +130,8 @@ class ScfmConfig:
             raise ValueError(f"unknown gepc_target {self.gepc_target!r}")
         if self.gepc_genes not in ("all", "unseen"):
             raise ValueError(f"unknown gepc_genes {self.gepc_genes!r}")
+        if self.gepc_decoder not in ("gene_query", "per_gene"):
+            raise ValueError(f"unknown gepc_decoder {self.gepc_decoder!r}")
         if self.expression == "binned" and self.n_bins < 2:
             raise ValueError("binned expression needs n_bins >= 2")
         for name in ("w_mgem", "w_contrastive", "w_gepc"):
@@ -321,27 +325,38 @@ class ProjectionHead(nn.Module):
 
 
 class GepcHead(nn.Module):
-    """GEPC expression decoder (scGPT's MVC): gene ``g``'s log1p-normalised expression in a
-    cell is predicted as ``⟨cell(c), sigmoid(gene(e_g))⟩ + bias_g`` from the cell embedding
-    ``c`` and the gene's token embedding ``e_g`` (shared with the input); with
-    ``gepc_detected``, plus ``detected_g * d`` for the cell's genes-detected covariate ``d``.
+    """GEPC expression decoder: gene ``g``'s log1p-normalised expression in a cell is
+    predicted from the cell embedding ``c``; with ``gepc_detected``, plus ``detected_g * d``
+    for the cell's genes-detected covariate ``d``. Two forms (``heads.rs``):
 
-    Parameters: ``cell.*``, ``gene.*`` (``[H, H]`` linear maps), ``bias`` (one per gene) and,
-    with ``detected``, ``detected`` (one slope per gene).
+    * ``gene_query`` (scGPT's MVC): ``⟨cell(c), sigmoid(gene(e_g))⟩ + bias_g`` with ``e_g``
+      the gene's token embedding (shared with the input); parameters ``cell.*``, ``gene.*``
+      (``[H, H]`` linear maps);
+    * ``per_gene``: ``weight[g] · c + bias_g``; parameter ``weight`` ``[G, H]``.
+
+    Both have ``bias`` (one per gene) and, with ``detected``, ``detected`` (one slope per gene).
     """
 
-    def __init__(self, hidden: int, n_genes: int, detected: bool = False):
+    def __init__(self, hidden: int, n_genes: int, detected: bool = False, form: str = "gene_query"):
         super().__init__()
-        self.cell = nn.Linear(hidden, hidden)
-        self.gene = nn.Linear(hidden, hidden)
+        self.form = form
+        if form == "per_gene":
+            self.weight = nn.Parameter(torch.zeros(n_genes, hidden))
+        else:
+            self.cell = nn.Linear(hidden, hidden)
+            self.gene = nn.Linear(hidden, hidden)
         self.bias = nn.Parameter(torch.zeros(n_genes))
         self.detected = nn.Parameter(torch.zeros(n_genes)) if detected else None
 
     def forward(self, cell: Tensor, genes: Tensor, detected: Optional[Tensor] = None) -> Tensor:
-        """``cell`` ``[N, H]``; ``genes`` the gene rows of the token table ``[G, H]``;
-        ``detected`` the cells' covariates ``[N]`` (left out when ``None``) → ``[N, G]``."""
-        query = torch.sigmoid(self.gene(genes))
-        pred = self.cell(cell) @ query.T + self.bias
+        """``cell`` ``[N, H]``; ``genes`` the gene rows of the token table ``[G, H]`` (used
+        by ``gene_query``); ``detected`` the cells' covariates ``[N]`` (left out when
+        ``None``) → ``[N, G]``."""
+        if self.form == "per_gene":
+            pred = cell @ self.weight.T + self.bias
+        else:
+            query = torch.sigmoid(self.gene(genes))
+            pred = self.cell(cell) @ query.T + self.bias
         if self.detected is not None and detected is not None:
             pred = pred + detected[:, None] * self.detected[None, :]
         return pred
@@ -449,7 +464,9 @@ class ScfmModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.mgem = MgemHead(cfg.hidden, cfg.n_out)
         self.contrastive = ProjectionHead(cfg.hidden, cfg.projection_dim)
-        self.gepc = GepcHead(cfg.hidden, n_genes, cfg.gepc_detected) if cfg.has_gepc else None
+        self.gepc = (
+            GepcHead(cfg.hidden, n_genes, cfg.gepc_detected, cfg.gepc_decoder) if cfg.has_gepc else None
+        )
         self.reset_parameters()
 
     @classmethod

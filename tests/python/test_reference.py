@@ -43,6 +43,7 @@ CASES = [
     "binned_gepc",
     "continuous_gepc_scaled",
     "continuous_gepc_unseen",
+    "continuous_gepc_per_gene",
     "continuous_gepc_detected",
 ]
 ATOL = 1e-5

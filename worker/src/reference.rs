@@ -66,6 +66,10 @@ fn cases() -> Vec<(&'static str, &'static str)> {
             "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_genes: unseen\ndropout: 0.0",
         ),
         (
+            "continuous_gepc_per_gene",
+            "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_decoder: per_gene\ndropout: 0.0",
+        ),
+        (
             "continuous_gepc_detected",
             "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_detected: true\ndropout: 0.0",
         ),

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use model::{ExpressionEncoding, GepcTarget, ModelConfig, Pooling, Positional, Subsample};
+pub use model::{
+    ExpressionEncoding, GepcDecoder, GepcTarget, ModelConfig, Pooling, Positional, Subsample,
+};
 pub use training::{Augment, Device, Precision, Schedule, TrainingConfig};
 
 use crate::data::h5ad::MatrixSource;

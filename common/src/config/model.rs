@@ -88,6 +88,24 @@ impl GepcGenes {
     }
 }
 
+/// How the GEPC decoder maps a cell embedding to each gene's expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GepcDecoder {
+    /// scGPT's MVC: `⟨W c, σ(V e_g)⟩ + b_g`, a query per gene from its token embedding.
+    #[default]
+    GeneQuery,
+    /// A linear map with its own weights per gene: `w_g · c + b_g` (an autoencoder's
+    /// linear decoder, as PCA reconstructs from its components).
+    PerGene,
+}
+
+impl GepcDecoder {
+    fn is_gene_query(&self) -> bool {
+        *self == GepcDecoder::GeneQuery
+    }
+}
+
 /// The model architecture and its loss settings. See `configs/models/*.yaml` for the
 /// presets and a comment on every field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +163,9 @@ pub struct ModelConfig {
     /// Which genes the GEPC loss covers (absent: `all`).
     #[serde(default, skip_serializing_if = "GepcGenes::is_all")]
     pub gepc_genes: GepcGenes,
+    /// The GEPC decoder's form (absent: `gene_query`).
+    #[serde(default, skip_serializing_if = "GepcDecoder::is_gene_query")]
+    pub gepc_decoder: GepcDecoder,
     /// Cell-embedding pooling.
     pub pooling: Pooling,
 }
@@ -353,7 +374,10 @@ impl ModelConfig {
         n += (h * h + h) + 2 * h + (out * h + out); // MGEM head
         n += (h * h + h) + (self.projection_dim * h + self.projection_dim); // projection head
         if self.has_gepc() {
-            n += 2 * (h * h + h) + n_genes; // GEPC decoder: cell and gene maps, gene biases
+            n += match self.gepc_decoder {
+                GepcDecoder::GeneQuery => 2 * (h * h + h), // cell and gene maps
+                GepcDecoder::PerGene => n_genes * h,       // one weight row per gene
+            } + n_genes; // gene biases
             if self.gepc_detected {
                 n += n_genes; // genes-detected slopes
             }

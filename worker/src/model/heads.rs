@@ -1,5 +1,6 @@
 //! Output heads: masked gene-expression modelling and the contrastive projection.
 
+use scfm_common::config::GepcDecoder;
 use tch::{Tensor, nn};
 
 use super::init;
@@ -68,10 +69,18 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
 /// covariate `d` (see [`detected_covariate`]).
 #[derive(Debug)]
 pub struct GepcHead {
-    cell: nn::Linear,
-    gene: nn::Linear,
+    map: GepcMap,
     bias: Tensor,
     detected: Option<Tensor>,
+}
+
+/// The two decoder forms of [`GepcHead`].
+#[derive(Debug)]
+enum GepcMap {
+    /// `⟨cell(c), σ(gene(e_g))⟩`.
+    GeneQuery { cell: nn::Linear, gene: nn::Linear },
+    /// `weight[g] · c` with `weight` `[G, H]`.
+    PerGene { weight: Tensor },
 }
 
 /// The centre of the genes-detected covariate: `ln(1 + 147)`, a typical cell.
@@ -88,10 +97,18 @@ pub fn detected_covariate(values: &[f32]) -> f32 {
 impl GepcHead {
     /// Parameters: `cell.*`, `gene.*`, `bias` (one per vocabulary gene) and, with
     /// `detected`, `detected` (one slope per vocabulary gene, zero at start).
-    pub fn new(p: &nn::Path, hidden: i64, n_genes: i64, detected: bool) -> Self {
+    pub fn new(p: &nn::Path, hidden: i64, n_genes: i64, detected: bool, form: GepcDecoder) -> Self {
+        let map = match form {
+            GepcDecoder::GeneQuery => GepcMap::GeneQuery {
+                cell: init::linear(&(p / "cell"), hidden, hidden),
+                gene: init::linear(&(p / "gene"), hidden, hidden),
+            },
+            GepcDecoder::PerGene => GepcMap::PerGene {
+                weight: p.var("weight", &[n_genes, hidden], init::normal()),
+            },
+        };
         GepcHead {
-            cell: init::linear(&(p / "cell"), hidden, hidden),
-            gene: init::linear(&(p / "gene"), hidden, hidden),
+            map,
             bias: p.var("bias", &[n_genes], nn::Init::Const(0.0)),
             detected: detected.then(|| p.var("detected", &[n_genes], nn::Init::Const(0.0))),
         }
@@ -101,8 +118,13 @@ impl GepcHead {
     /// genes-detected covariates `[N]` (used when the head has the slopes; without
     /// covariates the term is left out, as for a cell of the centre) → `[N, G]`.
     pub fn forward(&self, cell: &Tensor, genes: &Tensor, detected: Option<&Tensor>) -> Tensor {
-        let query = genes.apply(&self.gene).sigmoid();
-        let pred = cell.apply(&self.cell).matmul(&query.transpose(0, 1)) + &self.bias;
+        let pred = match &self.map {
+            GepcMap::GeneQuery { cell: c, gene } => {
+                let query = genes.apply(gene).sigmoid();
+                cell.apply(c).matmul(&query.transpose(0, 1))
+            }
+            GepcMap::PerGene { weight } => cell.matmul(&weight.transpose(0, 1)),
+        } + &self.bias;
         match (&self.detected, detected) {
             (Some(w), Some(d)) => pred + d.unsqueeze(-1) * w.unsqueeze(0),
             _ => pred,

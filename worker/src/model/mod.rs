@@ -213,9 +213,15 @@ impl ScfmModel {
         };
         let mgem = heads::MgemHead::new(&(&p / "mgem"), h, n_out);
         let proj = heads::ProjectionHead::new(&(&p / "contrastive"), h, cfg.projection_dim as i64);
-        let gepc = cfg
-            .has_gepc()
-            .then(|| heads::GepcHead::new(&(&p / "gepc"), h, n_genes as i64, cfg.gepc_detected));
+        let gepc = cfg.has_gepc().then(|| {
+            heads::GepcHead::new(
+                &(&p / "gepc"),
+                h,
+                n_genes as i64,
+                cfg.gepc_detected,
+                cfg.gepc_decoder,
+            )
+        });
         let model = ScfmModel {
             cfg: cfg.clone(),
             n_genes,

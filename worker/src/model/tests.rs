@@ -47,6 +47,7 @@ fn shapes_and_exact_parameter_count() {
         "expression: continuous\npositional: sinusoidal\npooling: mean",
         "positional: learned",
         "w_gepc: 1.0\ngepc_detected: true",
+        "w_gepc: 1.0\ngepc_decoder: per_gene\ngepc_detected: true",
     ] {
         let cfg = small(extra);
         let vs = nn::VarStore::new(Device::Cpu);
