@@ -8,7 +8,7 @@ import anndata
 import numpy as np
 import torch
 
-from .model import ScfmModel, l2_normalize
+from .model import ScfmModel
 from .tokenizer import collate, tokenize
 
 #: Cells ``scfm embed`` reads at a time; batches never straddle two such blocks.
@@ -22,13 +22,14 @@ def embed(
     layer: Optional[str] = None,
     use_raw: bool = False,
 ) -> np.ndarray:
-    """Unit-length cell embeddings ``[n_cells, hidden]`` (float32) of the raw counts of
-    ``adata`` (``X``, ``layers[layer]`` or ``raw.X``) under ``model`` (from
+    """Cell embeddings ``[n_cells, hidden]`` (float32: the pooled vectors, not normalised) of
+    the raw counts of ``adata`` (``X``, ``layers[layer]`` or ``raw.X``) under ``model`` (from
     :func:`scfm_torch.load`), equal to ``obsm['X_scfm']`` of ``scfm embed``.
 
     The cells are tokenised as for inference (:func:`scfm_torch.tokenize`), encoded in
     batches of ``batch_size`` without gradients or dropout on the model's device, pooled
-    (``cls`` or ``mean``, as configured) and divided by ``max(‖x‖₂, 1e-12)``. The batches
+    (``cls`` or ``mean``, as configured); their length carries information, so they are
+    not L2-normalised (``l2_normalize`` them for unit rows). The batches
     are those of ``scfm embed``, so the padding is the same too. The model's
     training/evaluation mode is left as it was.
     """
@@ -47,7 +48,7 @@ def embed(
                     b = min(a + batch_size, end)
                     batch = collate(tokens[a:b], device)
                     _, cell = model.encode(batch["genes"], batch["bins"], batch["values"], batch["masked"])
-                    out[a:b] = l2_normalize(cell.float()).cpu().numpy()
+                    out[a:b] = cell.float().cpu().numpy()
     finally:
         model.train(was_training)
     return out

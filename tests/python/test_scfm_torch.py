@@ -42,7 +42,7 @@ torch.set_num_threads(1)
 
 PBMC = REPO / "data" / "pbmc68k_counts.h5ad"
 MOUSE = REPO / "data" / "mouse10k.h5ad"
-#: Tolerance of the embeddings (max abs difference of unit vectors).
+#: Tolerance of the embeddings (max abs difference of the pooled vectors).
 EMBED_ATOL = 1e-4
 
 #: A small architecture; tests override single fields.
@@ -319,7 +319,8 @@ def test_trained_embed_equals_rust(trained_export: Path, tmp_path: Path):
     diff = float(np.abs(got - want).max())
     print(f"\n[{trained_export.parent.name}] embeddings max abs diff {diff:.2e}")
     assert diff <= EMBED_ATOL, f"max abs diff {diff:.3e}"
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # The pooled vectors themselves, not unit rows.
+    assert not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
 
 
 def test_trained_tokens_equal_rust(trained_export: Path, tmp_path: Path):

@@ -1,6 +1,9 @@
 //! Cell embeddings of a loaded model: input columns mapped onto the model's genes,
 //! normalised as in training, tokenised for inference, encoded in batches without
-//! gradients, pooled and L2-normalised.
+//! gradients and pooled. The pooled vector is written as it is, not L2-normalised: its
+//! length carries information (with the per-gene GEPC decoder, cells far from the centre
+//! are those whose profile departs most from the average, as in PCA), which k-means and
+//! Euclidean neighbours use; cosine neighbours ignore it.
 
 use scfm_common::data::CsrMatrix;
 use scfm_common::data::preprocess::normalize_log1p_matrix;
@@ -79,7 +82,7 @@ impl<'a> Embedder<'a> {
             .collect()
     }
 
-    /// Unit-length cell embeddings `[n, hidden]` (row-major) of normalised model rows.
+    /// Cell embeddings `[n, hidden]` (row-major, the pooled vectors) of normalised model rows.
     pub fn embed(&self, x: &CsrMatrix) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(x.n_rows * self.dim());
         let toks = self.tokens(x);
@@ -90,9 +93,9 @@ impl<'a> Embedder<'a> {
                 let b = Batch::collate(chunk);
                 let inputs = Inputs::from_batch(&b, device);
                 let (_, cell) = model.encode(&inputs, false);
-                let unit = crate::model::heads::l2_normalize(&cell.to_kind(Kind::Float));
+                let cell = cell.to_kind(Kind::Float);
                 out.extend(Vec::<f32>::try_from(
-                    &unit.to_device(tch::Device::Cpu).reshape([-1]),
+                    &cell.to_device(tch::Device::Cpu).reshape([-1]),
                 )?);
             }
             Ok(())

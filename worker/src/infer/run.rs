@@ -193,7 +193,7 @@ pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
         ("hidden", UnsValue::Int(bundle.cfg().hidden as i64)),
         ("n_layers", UnsValue::Int(bundle.cfg().n_layers as i64)),
         ("embedding", UnsValue::Str(pooling_name(&bundle).into())),
-        ("normalized", UnsValue::Str("l2".into())),
+        ("normalized", UnsValue::Str("none".into())),
         ("genes_matched", UnsValue::Int(a.matched as i64)),
         ("model_genes", UnsValue::Int(a.n_model as i64)),
         ("matched_by", UnsValue::Str(a.by.into())),

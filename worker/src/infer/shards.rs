@@ -153,7 +153,7 @@ impl Job<'_> {
             ("hidden", UnsValue::Int(b.cfg().hidden as i64)),
             ("n_layers", UnsValue::Int(b.cfg().n_layers as i64)),
             ("embedding", UnsValue::Str(pooling_name(b).into())),
-            ("normalized", UnsValue::Str("l2".into())),
+            ("normalized", UnsValue::Str("none".into())),
             ("genes_matched", UnsValue::Int(a.matched as i64)),
             ("model_genes", UnsValue::Int(a.n_model as i64)),
             ("matched_by", UnsValue::Str(a.by.into())),
