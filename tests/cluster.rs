@@ -48,10 +48,14 @@ fn three_workers_train_and_end_with_identical_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     let training = "  seed: 3\n  batch_size: 8\n  max_steps: 80\n  lr: 0.003\n  warmup_steps: 10\n  eval_every: 40\n  log_every: 20\n  threads: 1";
+    // The decoder's targets as log1p values: on standardised targets (the preset's) this
+    // small model's GEPC loss stays within step-to-step noise for 80 steps (0.444 -> 0.432
+    // over the first and last 20 steps), so it could not show that the decoder learns.
+    let model = format!("{TINY}\n  gepc_target: log1p");
     let m = write_manifest(
         dir.path(),
         &ckpt,
-        TINY,
+        &model,
         training,
         "  max_workers: 3\n  checksum_every: 10",
     );
@@ -89,18 +93,18 @@ fn three_workers_train_and_end_with_identical_parameters() {
     let end = (76..=80).map(mgem).sum::<f64>() / 5.0;
     eprintln!("3 workers: MGEM {start:.4} -> {end:.4}");
     assert!(end < start - 0.5, "loss did not fall: {start} -> {end}");
-    // The presets' GEPC decoder: its loss travels with every step and falls too.
+    // The preset's (per-gene) GEPC decoder: its loss travels with every step and falls too.
     let gepc = |s: u64| {
         lines.iter().find(|l| l["step"] == s).unwrap()["gepc"]
             .as_f64()
             .unwrap()
     };
-    assert!(
-        gepc(1) > 0.0 && gepc(80) < gepc(1),
-        "GEPC {} -> {}",
-        gepc(1),
-        gepc(80)
+    let (g0, g1) = (
+        (1..=5).map(gepc).sum::<f64>() / 5.0,
+        (76..=80).map(gepc).sum::<f64>() / 5.0,
     );
+    eprintln!("3 workers: GEPC {g0:.4} -> {g1:.4}");
+    assert!(g0 > 0.0 && g1 < g0, "GEPC did not fall: {g0} -> {g1}");
     assert!(ckpt.join("ckpt-000000080/model.safetensors").exists());
 }
 

@@ -406,7 +406,7 @@ mod tests {
             })
             .collect();
         assert!(
-            (2_500_000..3_500_000).contains(&sizes[0]),
+            (5_000_000..6_000_000).contains(&sizes[0]),
             "minimal {}",
             sizes[0]
         );

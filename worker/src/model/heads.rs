@@ -1,4 +1,5 @@
-//! Output heads: masked gene-expression modelling and the contrastive projection.
+//! Output heads: masked gene-expression modelling, the contrastive projection and the
+//! GEPC expression decoder.
 
 use scfm_common::config::GepcDecoder;
 use tch::{Tensor, nn};
@@ -62,11 +63,13 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
     x / norm
 }
 
-/// GEPC expression decoder (scGPT's MVC): the log1p-normalised expression of gene `g` in
-/// a cell is predicted as `⟨cell(c), σ(gene(e_g))⟩ + bias_g` from the cell embedding `c`
-/// and the gene's token embedding `e_g` (shared with the input), for every vocabulary gene.
-/// With `model.gepc_detected`, plus `detected_g · d` for the cell's genes-detected
-/// covariate `d` (see [`detected_covariate`]).
+/// GEPC expression decoder: the log1p-normalised (or standardised) expression of gene `g`
+/// in a cell is predicted from the cell embedding `c` alone, for every vocabulary gene,
+/// in one of two forms ([`GepcDecoder`]): scGPT's MVC, `⟨cell(c), σ(gene(e_g))⟩ + bias_g`
+/// with `e_g` the gene's token embedding (shared with the input), or a linear map with
+/// its own weights per gene, `weight_g · c + bias_g`. With `model.gepc_detected`, plus
+/// `detected_g · d` for the cell's genes-detected covariate `d` (see
+/// [`detected_covariate`]).
 #[derive(Debug)]
 pub struct GepcHead {
     map: GepcMap,
@@ -95,8 +98,9 @@ pub fn detected_covariate(values: &[f32]) -> f32 {
 }
 
 impl GepcHead {
-    /// Parameters: `cell.*`, `gene.*`, `bias` (one per vocabulary gene) and, with
-    /// `detected`, `detected` (one slope per vocabulary gene, zero at start).
+    /// Parameters: `cell.*` and `gene.*` (gene query) or `weight` `[G, H]` (per gene),
+    /// `bias` (one per vocabulary gene) and, with `detected`, `detected` (one slope per
+    /// vocabulary gene, zero at start).
     pub fn new(p: &nn::Path, hidden: i64, n_genes: i64, detected: bool, form: GepcDecoder) -> Self {
         let map = match form {
             GepcDecoder::GeneQuery => GepcMap::GeneQuery {
