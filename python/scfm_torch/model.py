@@ -325,8 +325,8 @@ class ProjectionHead(nn.Module):
 
 
 class GepcHead(nn.Module):
-    """GEPC expression decoder: gene ``g``'s log1p-normalised expression in a cell is
-    predicted from the cell embedding ``c``; with ``gepc_detected``, plus ``detected_g * d``
+    """GEPC expression decoder: gene ``g``'s log1p-normalised expression in a cell (or, with
+    ``gepc_target: scaled``, that value standardised) is predicted from the cell embedding ``c``; with ``gepc_detected``, plus ``detected_g * d``
     for the cell's genes-detected covariate ``d``. Two forms (``heads.rs``):
 
     * ``gene_query`` (scGPT's MVC): ``⟨cell(c), sigmoid(gene(e_g))⟩ + bias_g`` with ``e_g``

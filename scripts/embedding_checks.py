@@ -1,0 +1,183 @@
+"""Two checks behind BENCHMARKS.md's "The per-gene decoder on standardised targets, and the
+embedding's length" (issue 11), run with ``scfm_torch`` and scikit-learn on an
+``scfm export`` folder and a labelled ``.h5ad`` with raw counts:
+
+``decoder EXPORT DATA --label-key KEY --form FORM``
+    Trains a fresh model of EXPORT's architecture and vocabulary on the GEPC decoder's loss
+    alone (log1p targets over the model's genes, the cells' inference tokens, batch 32,
+    AdamW 1e-3 with 50 warm-up steps and a cosine decay, seed 0), then reports the decoder's
+    mean squared error on all cells, the participation ratio of the embedding and k-means
+    ARI (k = number of labels, mean of 5 runs, each the best of 10 restarts) on the
+    L2-normalised embedding. FORM: ``gene_query`` (scGPT's MVC, sigmoid queries),
+    ``linear_query`` (the same without the sigmoid) or ``per_gene``.
+
+``recon EXPORT DATA --label-key KEY``
+    The trained model's GEPC decoder (log1p targets) against the cells' profiles over the
+    model's genes: its mean squared error, that of the genes' means alone, and that of the
+    best reconstruction from 1, 5, 10 and 50 principal components.
+
+``norm EXPORT DATA --label-key KEY``
+    k-means ARI of the trained model's pooled embedding as it is and L2-normalised, and of
+    PCA-50 (scanpy's recipe, with and without ``scale``) as it is and L2-normalised.
+
+    .venv/bin/python scripts/embedding_checks.py norm runs/x/export data/baron_human.h5ad --label-key cell_type1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import scfm_torch  # noqa: E402
+from scfm_torch.inference import collate, tokenize  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def kmeans_ari(z: np.ndarray, labels: np.ndarray) -> float:
+    k = len(set(labels))
+    return float(np.mean([adjusted_rand_score(labels, KMeans(k, n_init=10, random_state=s).fit_predict(z)) for s in range(5)]))
+
+
+def unit(z: np.ndarray) -> np.ndarray:
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def participation_ratio(z: np.ndarray) -> float:
+    ev = np.linalg.svd(z - z.mean(0), compute_uv=False) ** 2
+    return float(ev.sum() ** 2 / (ev**2).sum())
+
+
+def pooled(model, tokens) -> torch.Tensor:
+    return torch.cat([model.encode(**collate(tokens[a : a + 256]))[1] for a in range(0, len(tokens), 256)])
+
+
+def log1p_targets(model, adata) -> torch.Tensor:
+    """log1p(normalize_total over the model's genes) of the model's genes, as in training."""
+    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    ids = [v.gene_id for v in model.vocab]
+    cols = pd.Index(adata.var_names).get_indexer(ids)
+    if (cols < 0).any():
+        raise SystemExit(f"{(cols < 0).sum()} of the model's genes are not in the data's var_names")
+    xv = x[:, cols].astype(np.float64)
+    t = np.log1p(xv / np.maximum(xv.sum(1, keepdims=True), 1e-12) * model.target_sum)
+    return torch.tensor(t, dtype=torch.float32)
+
+
+def decoder_check(args, ref, adata, labels) -> None:
+    torch.manual_seed(0)
+    tokens, _ = tokenize(ref, adata)
+    target = log1p_targets(ref, adata)
+    model = type(ref)(ref.cfg, ref.n_genes)
+    g, h = ref.n_genes, ref.cfg.hidden
+    free = torch.nn.Linear(h, g)
+    with torch.no_grad():
+        free.weight.normal_(0, 0.02)
+        free.bias.copy_(target.mean(0))
+
+    def decode(cell):
+        if args.form == "per_gene":
+            return free(cell)
+        q = model.gepc.gene(model.embed.gene.weight[scfm_torch.model.OFFSET :])
+        if args.form == "gene_query":
+            q = torch.sigmoid(q)
+        return model.gepc.cell(cell) @ q.T + model.gepc.bias
+
+    params = list(model.parameters()) + (list(free.parameters()) if args.form == "per_gene" else [])
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    for s in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1, (s + 1) / 50) * 0.5 * (1 + np.cos(np.pi * s / args.steps))
+        i = rng.choice(len(tokens), 32, replace=False)
+        _, cell = model.encode(**collate([tokens[j] for j in i]))
+        loss = ((decode(cell) - target[i]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        cell = pooled(model, tokens)
+        mse = float(((decode(cell) - target) ** 2).mean())
+    z = unit(cell.numpy().astype(np.float64))
+    print(f"{args.form}: {args.steps} steps, decoder MSE {mse:.3f}, participation ratio "
+          f"{participation_ratio(z):.1f}, k-means ARI {kmeans_ari(z, labels):.3f}")
+
+
+def recon_check(args, model, adata, labels) -> None:
+    if model.gepc is None or model.cfg.gepc_target != "log1p":
+        raise SystemExit("the reconstruction check needs a model whose GEPC decoder predicts log1p values")
+    model.eval()
+    tokens, _ = tokenize(model, adata)
+    t = log1p_targets(model, adata).numpy().astype(np.float64)
+    with torch.no_grad():
+        pred = model.gepc_forward(pooled(model, tokens)).numpy().astype(np.float64)
+    s = np.linalg.svd(t - t.mean(0), compute_uv=False) ** 2
+    pcs = ", ".join(f"{k} PCs {(s.sum() - s[:k].sum()) / t.size:.3f}" for k in (1, 5, 10, 50))
+    print(f"decoder MSE {((pred - t) ** 2).mean():.3f}; the genes' means {t.var(0).mean():.3f}; {pcs}")
+
+
+def norm_check(args, model, adata, labels) -> None:
+    import scanpy as sc
+
+    model.eval()
+    tokens, _ = tokenize(model, adata)
+    with torch.no_grad():
+        c = pooled(model, tokens).numpy().astype(np.float64)
+    n = np.linalg.norm(c, axis=1)
+    print(f"scfm: norm CV {n.std() / n.mean():.2f}, k-means ARI {kmeans_ari(c, labels):.3f} as written, "
+          f"{kmeans_ari(unit(c), labels):.3f} L2-normalised")
+    b = adata.copy()
+    b.X = b.X.astype(np.float32)
+    sc.pp.highly_variable_genes(b, n_top_genes=2000, flavor="seurat_v3")
+    sc.pp.normalize_total(b, target_sum=1e4)
+    sc.pp.log1p(b)
+    b = b[:, b.var.highly_variable].copy()
+    x = b.X.toarray() if hasattr(b.X, "toarray") else np.asarray(b.X)
+    scaled = np.clip((x - x.mean(0)) / np.maximum(x.std(0), 1e-8), -10, 10)
+    from sklearn.decomposition import PCA
+
+    for name, m in (("PCA-50, scaled", scaled), ("PCA-50, not scaled", x - x.mean(0))):
+        z = PCA(50, random_state=0).fit_transform(m)
+        print(f"{name}: k-means ARI {kmeans_ari(z, labels):.3f} as is, {kmeans_ari(unit(z), labels):.3f} L2-normalised")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("check", choices=["decoder", "recon", "norm"])
+    p.add_argument("export", help="an `scfm export` folder")
+    p.add_argument("data", help="labelled .h5ad with raw counts in X")
+    p.add_argument("--label-key", required=True)
+    p.add_argument("--form", choices=["gene_query", "linear_query", "per_gene"], default="per_gene")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = scfm_torch.load(args.export)
+    adata = ad.read_h5ad(args.data)
+    if args.label_key not in adata.obs:
+        raise SystemExit(f"{args.data}: no obs column {args.label_key!r}")
+    labels = adata.obs[args.label_key].astype(str).values
+    if args.check == "decoder":
+        if model.gepc is None or model.cfg.gepc_decoder != "gene_query":
+            raise SystemExit("the decoder check needs an export with the gene-query GEPC decoder (its layers are reused)")
+        decoder_check(args, model, adata, labels)
+    elif args.check == "recon":
+        recon_check(args, model, adata, labels)
+    else:
+        norm_check(args, model, adata, labels)
+
+
+if __name__ == "__main__":
+    main()
