@@ -1,5 +1,5 @@
-"""Two checks behind BENCHMARKS.md's "The per-gene decoder on standardised targets, and the
-embedding's length" (issue 11), run with ``scfm_torch`` and scikit-learn on an
+"""Checks behind BENCHMARKS.md's "The per-gene decoder on standardised targets, and the
+embedding's length" and "Lighter views and the learning rate" (issue 11), run with ``scfm_torch`` and scikit-learn on an
 ``scfm export`` folder and a labelled ``.h5ad`` with raw counts:
 
 ``decoder EXPORT DATA --label-key KEY --form FORM``
@@ -19,6 +19,20 @@ embedding's length" (issue 11), run with ``scfm_torch`` and scikit-learn on an
 ``norm EXPORT DATA --label-key KEY``
     k-means ARI of the trained model's pooled embedding as it is and L2-normalised, and of
     PCA-50 (scanpy's recipe, with and without ``scale``) as it is and L2-normalised.
+
+``types EXPORT DATA --label-key KEY``
+    Per cell type, for a model whose GEPC decoder predicts standardised values
+    (``gepc_target: scaled``): the share of the type's variance (the standardised log1p
+    profile over the model's genes, standardised over these cells and clipped at +-10, as in
+    training) that the decoder's reconstruction from the pooled embedding explains, against
+    that of PCA-50's reconstruction of the same matrix; and, in each of the two embeddings
+    (scaled to unit root-mean-square norm), the distance from the type's centroid to the
+    nearest other type's centroid and the type's spread (root-mean-square distance to its
+    centroid). Where the decoder explains much less than PCA, the embedding has not learned
+    the type. Then how k-means (k = number of labels, seed 0) splits the biggest type in
+    each embedding and which other types share its clusters; with ``--batch-key`` also
+    those clusters against the batches and, for the four biggest types, the share of their
+    variance that lies between batches.
 
     .venv/bin/python scripts/embedding_checks.py norm runs/x/export data/baron_human.h5ad --label-key cell_type1
 """
@@ -152,12 +166,84 @@ def norm_check(args, model, adata, labels) -> None:
         print(f"{name}: k-means ARI {kmeans_ari(z, labels):.3f} as is, {kmeans_ari(unit(z), labels):.3f} L2-normalised")
 
 
+def types_check(args, model, adata, labels) -> None:
+    from sklearn.decomposition import PCA
+
+    batches = None
+    if args.batch_key:
+        if args.batch_key not in adata.obs:
+            raise SystemExit(f"{args.data}: no obs column {args.batch_key!r}")
+        batches = adata.obs[args.batch_key].astype(str).values
+
+    if model.gepc is None or model.cfg.gepc_target != "scaled":
+        raise SystemExit("the types check needs a model whose GEPC decoder predicts standardised values")
+    model.eval()
+    tokens, _ = tokenize(model, adata)
+    t = log1p_targets(model, adata).numpy().astype(np.float64)
+    t = np.clip((t - t.mean(0)) / np.maximum(t.std(0), 1e-8), -10, 10)
+    with torch.no_grad():
+        c = pooled(model, tokens)
+        pred = model.gepc_forward(c).numpy().astype(np.float64)
+    c = c.numpy().astype(np.float64)
+    pca = PCA(50, random_state=0).fit(t)
+    z = pca.transform(t)
+    rec = pca.inverse_transform(z)
+
+    def geometry(e: np.ndarray) -> dict:
+        e = e - e.mean(0)
+        e = e / np.sqrt((e**2).sum(1).mean())
+        cent = {u: e[labels == u].mean(0) for u in set(labels)}
+        return {
+            u: (min(np.linalg.norm(cent[u] - cent[v]) for v in cent if v != u),
+                np.sqrt(((e[labels == u] - cent[u]) ** 2).sum(1).mean()))
+            for u in cent
+        }
+
+    gs, gp = geometry(c), geometry(z)
+    print("| type | cells | variance explained: decoder / PCA-50 | nearest other type: scfm / PCA | spread: scfm / PCA |")
+    print("|---|---:|---:|---:|---:|")
+    for u in sorted(set(labels), key=lambda u: -(labels == u).sum()):
+        m = labels == u
+        var = ((t[m] - t.mean(0)) ** 2).mean()
+        ex_s = 1 - ((pred[m] - t[m]) ** 2).mean() / var
+        ex_p = 1 - ((rec[m] - t[m]) ** 2).mean() / var
+        print(f"| {u} | {m.sum()} | {ex_s:.2f} / {ex_p:.2f} | {gs[u][0]:.2f} / {gp[u][0]:.2f} | {gs[u][1]:.2f} / {gp[u][1]:.2f} |")
+    tot = ((t - t.mean(0)) ** 2).mean()
+    print(f"all cells: decoder explains {1 - ((pred - t) ** 2).mean() / tot:.3f}, PCA-50 {1 - ((rec - t) ** 2).mean() / tot:.3f}")
+    k = len(set(labels))
+    big = max(set(labels), key=lambda u: (labels == u).sum())
+    for name, e in (("scfm", c), ("PCA-50", z)):
+        cl = KMeans(k, n_init=10, random_state=0).fit_predict(e)
+        print(f"\n{name}: k-means (k = {k}, seed 0) clusters of the {big} cells and what else each holds")
+        for q, n in pd.Series(cl[labels == big]).value_counts().items():
+            other = pd.Series(labels[(cl == q) & (labels != big)]).value_counts()
+            print(f"  cluster {q}: {n} {big}" + "".join(f", {m} {u}" for u, m in other.items()))
+        if args.batch_key:
+            m = labels == big
+            tab = pd.crosstab(pd.Series(cl[m], name="cluster"), pd.Series(batches[m], name=args.batch_key))
+            print(tab.to_string())
+    if args.batch_key:
+        print(f"\nshare of each type's variance between {args.batch_key} groups: scfm / PCA-50")
+        for u in sorted(set(labels), key=lambda u: -(labels == u).sum())[:4]:
+            m = labels == u
+            print(f"  {u}: {between_share(c[m], batches[m]):.2f} / {between_share(z[m], batches[m]):.2f}")
+
+
+def between_share(e: np.ndarray, groups: np.ndarray) -> float:
+    """The share of the rows' total variance that lies between the groups' means."""
+    mu = e.mean(0)
+    total = ((e - mu) ** 2).sum()
+    between = sum((groups == g).sum() * ((e[groups == g].mean(0) - mu) ** 2).sum() for g in set(groups))
+    return float(between / total)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["decoder", "recon", "norm"])
+    p.add_argument("check", choices=["decoder", "recon", "norm", "types"])
     p.add_argument("export", help="an `scfm export` folder")
     p.add_argument("data", help="labelled .h5ad with raw counts in X")
     p.add_argument("--label-key", required=True)
+    p.add_argument("--batch-key", help="types: also the biggest type's k-means clusters against this obs column")
     p.add_argument("--form", choices=["gene_query", "linear_query", "per_gene"], default="per_gene")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -175,6 +261,8 @@ def main() -> None:
         decoder_check(args, model, adata, labels)
     elif args.check == "recon":
         recon_check(args, model, adata, labels)
+    elif args.check == "types":
+        types_check(args, model, adata, labels)
     else:
         norm_check(args, model, adata, labels)
 
