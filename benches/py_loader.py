@@ -32,7 +32,7 @@ Sides (all single-threaded, as one loader thread):
     numpy-loader   the whole loader in numpy: the blocks through an LRU cache of scfm's
                    size (read + normalise on a miss), then per batch of 64 cells both
                    views vectorised over the batch: library-size thinning (a binomial draw
-                   per count, keep fraction U(0.2, 1)), renormalisation, gene dropout 0.3,
+                   per count, keep fraction U(0.5, 1)), renormalisation, gene dropout 0.1,
                    per-view quantile bin edges (51 bins, as numpy.quantile), the top 511
                    genes (random ties), bins, 15% masking, collation into padded
                    [128, len] arrays with [CLS], and the GEPC profiles (each cell's
@@ -61,8 +61,8 @@ TARGET_SUM = 1e4
 MAX_SEQ_LEN = 512
 N_BINS = 51
 MASK_RATIO = 0.15
-GENE_DROPOUT = 0.3
-DOWNSAMPLE = 0.8
+GENE_DROPOUT = 0.1
+DOWNSAMPLE = 0.5
 PAD, CLS, OFFSET = 0, 1, 2
 
 
@@ -193,7 +193,7 @@ def tokenise(g, c, lens, rng):
     g = np.concatenate([g, g])
     c = np.concatenate([c, c])
     seg = np.repeat(np.arange(n_views), np.concatenate([lens, lens]))
-    # Library-size augmentation: each count kept with the view's p ~ U(1 - 0.8, 1), then
+    # Library-size augmentation: each count kept with the view's p ~ U(1 - DOWNSAMPLE, 1), then
     # normalised again.
     p = 1.0 - DOWNSAMPLE * rng.random(n_views)
     k = rng.binomial(c.astype(np.int64), p[seg])

@@ -57,7 +57,7 @@ pub struct Augment {
     /// Library-size augmentation: each view keeps a fraction `p ~ U(1 - downsample, 1)`
     /// of the cell's counts (binomial thinning of every gene's count) and is normalised
     /// again, so the two views of a cell differ in depth and the contrastive loss cannot
-    /// use depth to tell cells apart. 0 turns it off; must be in `[0, 1)`; default 0.8.
+    /// use depth to tell cells apart. 0 turns it off; must be in `[0, 1)`; default 0.5.
     /// Needs counts (the depths of the source's cells; cells of unknown depth are left as
     /// they are).
     pub downsample: f64,
@@ -66,11 +66,11 @@ pub struct Augment {
 impl Default for Augment {
     fn default() -> Self {
         Augment {
-            gene_dropout: 0.3,
+            gene_dropout: 0.1,
             noise_std: 0.0,
             cellmix_prob: 0.0,
             cellmix_alpha: 0.2,
-            downsample: 0.8,
+            downsample: 0.5,
         }
     }
 }
