@@ -31,8 +31,9 @@ embedding's length" and "Lighter views and the learning rate" (issue 11), run wi
     centroid). Where the decoder explains much less than PCA, the embedding has not learned
     the type. Then how k-means (k = number of labels, seed 0) splits the biggest type in
     each embedding and which other types share its clusters; with ``--batch-key`` also
-    those clusters against the batches and, for the four biggest types, the share of their
-    variance that lies between batches.
+    those clusters against the batches, the genes whose means differ most between batches
+    within the biggest type, and, for the four biggest types, the share of their variance
+    that lies between batches.
 
     .venv/bin/python scripts/embedding_checks.py norm runs/x/export data/baron_human.h5ad --label-key cell_type1
 """
@@ -223,6 +224,11 @@ def types_check(args, model, adata, labels) -> None:
             tab = pd.crosstab(pd.Series(cl[m], name="cluster"), pd.Series(batches[m], name=args.batch_key))
             print(tab.to_string())
     if args.batch_key:
+        m = labels == big
+        means = pd.DataFrame(t[m], columns=[v.symbol or v.gene_id for v in model.vocab]).groupby(batches[m]).mean()
+        spread = (means.max() - means.min()).sort_values(ascending=False)
+        print(f"\ngenes whose mean (standardised) differs most between {args.batch_key} groups within {big}: "
+              + ", ".join(f"{g} {d:.2f}" for g, d in spread.head(8).items()))
         print(f"\nshare of each type's variance between {args.batch_key} groups: scfm / PCA-50")
         for u in sorted(set(labels), key=lambda u: -(labels == u).sum())[:4]:
             m = labels == u
