@@ -24,7 +24,9 @@ embedding's length" and "Lighter views and the learning rate" (issue 11), run wi
     Per cell type, for a model whose GEPC decoder predicts standardised values
     (``gepc_target: scaled``): the share of the type's variance (the standardised log1p
     profile over the model's genes, standardised over these cells and clipped at +-10, as in
-    training) that the decoder's reconstruction from the pooled embedding explains, against
+    training; the decoder's own statistics come from its training cells, so run it on the
+    cells the model was trained on) that the decoder's reconstruction from the pooled
+    embedding explains, against
     that of PCA-50's reconstruction of the same matrix; and, in each of the two embeddings
     (scaled to unit root-mean-square norm), the distance from the type's centroid to the
     nearest other type's centroid and the type's spread (root-mean-square distance to its
