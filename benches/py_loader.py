@@ -32,7 +32,7 @@ Sides (all single-threaded, as one loader thread):
     numpy-loader   the whole loader in numpy: the blocks through an LRU cache of scfm's
                    size (read + normalise on a miss), then per batch of 64 cells both
                    views vectorised over the batch: library-size thinning (a binomial draw
-                   per count, keep fraction U(0.5, 1)), renormalisation, gene dropout 0.1,
+                   per count, keep fraction U(0.2, 1)), renormalisation, gene dropout 0.3,
                    per-view quantile bin edges (51 bins, as numpy.quantile), the top 511
                    genes (random ties), bins, 15% masking, collation into padded
                    [128, len] arrays with [CLS], and the GEPC profiles (each cell's
@@ -61,8 +61,8 @@ TARGET_SUM = 1e4
 MAX_SEQ_LEN = 512
 N_BINS = 51
 MASK_RATIO = 0.15
-GENE_DROPOUT = 0.1
-DOWNSAMPLE = 0.5
+GENE_DROPOUT = 0.3
+DOWNSAMPLE = 0.8
 PAD, CLS, OFFSET = 0, 1, 2
 
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub use model::{
     ExpressionEncoding, GepcDecoder, GepcTarget, ModelConfig, Pooling, Positional, Subsample,
+    preset_lr, spec_preset,
 };
 pub use training::{Augment, Device, Precision, Schedule, TrainingConfig};
 
@@ -222,6 +223,10 @@ impl TrainSpec {
         }
         let model = ModelConfig::from_spec(&file.model)?;
         model.validate()?;
+        if file.training.lr.is_none() {
+            // `from_spec` succeeded, so the preset is a known one.
+            file.training.lr = preset_lr(&spec_preset(&file.model)?);
+        }
         file.training.validate()?;
         let v = file.data.validation_fraction;
         if !(0.0..1.0).contains(&v) {
@@ -306,5 +311,34 @@ mod tests {
             e,
             "invalid config `model.n_heads`: 5 heads do not divide hidden size 128"
         );
+    }
+
+    #[test]
+    fn learning_rate_defaults_to_the_presets() {
+        let with = |model: &str, training: &str| {
+            parse(&format!(
+                "data: {{path: d.h5ad}}\ncheckpoint: {{url: x}}\nmodel: {model}\ntraining: {training}\n"
+            ))
+        };
+        let lr = |model: &str, training: &str| with(model, training).unwrap().training.lr;
+        assert_eq!(lr("{}", "{}"), Some(3e-3));
+        assert_eq!(lr("{preset: minimal, n_layers: 1}", "{}"), Some(3e-3));
+        assert_eq!(lr("{preset: default}", "{}"), Some(1e-3));
+        assert_eq!(lr("{preset: large}", "{lr: null}"), Some(1e-3));
+        assert_eq!(lr("{preset: default}", "{lr: 0.002}"), Some(2e-3));
+        assert_eq!(lr("{}", "{lr: 0.0005}"), Some(5e-4));
+        let e = with("{}", "{lr: 0}").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid config `training.lr`: 0 must be a positive number"
+        );
+        let e = with("{preset: 3}", "{}").unwrap_err().to_string();
+        assert!(
+            e.contains("model.preset") && e.contains("expected a preset name"),
+            "{e}"
+        );
+        for p in crate::config::model::PRESETS {
+            assert!(preset_lr(p).is_some_and(|v| v > 0.0), "{p}");
+        }
     }
 }

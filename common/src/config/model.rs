@@ -182,6 +182,36 @@ fn preset_yaml(name: &str) -> Option<&'static str> {
     }
 }
 
+/// The peak learning rate a preset trains with when `training.lr` is not set.
+///
+/// `minimal` fits its GEPC decoder at 3e-3: at 1e-3 the decoder was underfitted after
+/// 700 steps and rare cell types sat near the centre of the embedding (pbmc68k and Baron
+/// pancreas, three seeds each, in BENCHMARKS.md). The larger presets keep 1e-3, the usual
+/// rate for transformers of their size.
+pub fn preset_lr(name: &str) -> Option<f64> {
+    match name {
+        "minimal" => Some(3e-3),
+        "default" | "large" => Some(1e-3),
+        _ => None,
+    }
+}
+
+/// The preset a `model:` section names (`minimal` when it names none).
+pub fn spec_preset(spec: &serde_norway::Value) -> Result<String> {
+    let named = match spec {
+        serde_norway::Value::Mapping(m) => m.get("preset"),
+        _ => None,
+    };
+    match named {
+        None => Ok("minimal".to_string()),
+        Some(serde_norway::Value::String(s)) => Ok(s.clone()),
+        Some(v) => Err(Error::config(
+            "model.preset",
+            format!("expected a preset name, found {v:?}"),
+        )),
+    }
+}
+
 /// Token ids reserved before the gene tokens.
 pub mod special {
     /// Padding token id.
@@ -220,16 +250,8 @@ impl ModelConfig {
                 ));
             }
         };
-        let preset = match overrides.remove("preset") {
-            None => "minimal".to_string(),
-            Some(serde_norway::Value::String(s)) => s,
-            Some(v) => {
-                return Err(Error::config(
-                    "model.preset",
-                    format!("expected a preset name, found {v:?}"),
-                ));
-            }
-        };
+        let preset = spec_preset(spec)?;
+        overrides.remove("preset");
         let base = preset_yaml(&preset).ok_or_else(|| {
             Error::config(
                 "model.preset",

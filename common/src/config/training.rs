@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The peak learning rate of a configuration that no model preset resolved.
+pub const DEFAULT_LR: f64 = 1e-3;
+
 /// Learning-rate decay after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -57,7 +60,7 @@ pub struct Augment {
     /// Library-size augmentation: each view keeps a fraction `p ~ U(1 - downsample, 1)`
     /// of the cell's counts (binomial thinning of every gene's count) and is normalised
     /// again, so the two views of a cell differ in depth and the contrastive loss cannot
-    /// use depth to tell cells apart. 0 turns it off; must be in `[0, 1)`; default 0.5.
+    /// use depth to tell cells apart. 0 turns it off; must be in `[0, 1)`; default 0.8.
     /// Needs counts (the depths of the source's cells; cells of unknown depth are left as
     /// they are).
     pub downsample: f64,
@@ -66,11 +69,11 @@ pub struct Augment {
 impl Default for Augment {
     fn default() -> Self {
         Augment {
-            gene_dropout: 0.1,
+            gene_dropout: 0.3,
             noise_std: 0.0,
             cellmix_prob: 0.0,
             cellmix_alpha: 0.2,
-            downsample: 0.5,
+            downsample: 0.8,
         }
     }
 }
@@ -89,8 +92,9 @@ pub struct TrainingConfig {
     pub epochs: usize,
     /// Stop after this many optimizer steps, if set (also bounds the schedule).
     pub max_steps: Option<u64>,
-    /// Peak learning rate.
-    pub lr: f64,
+    /// Peak learning rate; absent (`null`): the model preset's ([`crate::config::preset_lr`]:
+    /// `minimal` 3e-3, `default` and `large` 1e-3), filled in when the file is resolved.
+    pub lr: Option<f64>,
     /// Final learning rate as a fraction of `lr`.
     pub min_lr_ratio: f64,
     /// Linear warmup steps.
@@ -133,7 +137,7 @@ impl Default for TrainingConfig {
             grad_accum: 1,
             epochs: 1,
             max_steps: None,
-            lr: 1e-3,
+            lr: None,
             min_lr_ratio: 0.1,
             warmup_steps: 100,
             schedule: Schedule::Cosine,
@@ -176,8 +180,10 @@ impl TrainingConfig {
         if self.max_steps == Some(0) {
             return err("max_steps", "must be >= 1".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return err("lr", format!("{} must be a positive number", self.lr));
+        if let Some(lr) = self.lr
+            && !(lr > 0.0 && lr.is_finite())
+        {
+            return err("lr", format!("{lr} must be a positive number"));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return err(
@@ -238,20 +244,25 @@ impl TrainingConfig {
         Ok(())
     }
 
+    /// The peak learning rate: `lr`, or [`DEFAULT_LR`] where no preset filled it in (a
+    /// configuration built in code rather than resolved from a file).
+    pub fn peak_lr(&self) -> f64 {
+        self.lr.unwrap_or(DEFAULT_LR)
+    }
+
     /// Learning rate at optimizer step `step` (0-based) of `total` steps.
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        let peak = self.peak_lr();
         if self.warmup_steps > 0 && step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+            return peak * (step + 1) as f64 / self.warmup_steps as f64;
         }
-        let min = self.lr * self.min_lr_ratio;
+        let min = peak * self.min_lr_ratio;
         let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
         let t = ((step - self.warmup_steps.min(step)) as f64 / span).clamp(0.0, 1.0);
         match self.schedule {
-            Schedule::Constant => self.lr,
-            Schedule::Linear => self.lr + (min - self.lr) * t,
-            Schedule::Cosine => {
-                min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * t).cos())
-            }
+            Schedule::Constant => peak,
+            Schedule::Linear => peak + (min - peak) * t,
+            Schedule::Cosine => min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * t).cos()),
         }
     }
 }
@@ -262,8 +273,9 @@ mod tests {
 
     #[test]
     fn schedule_shapes() {
+        assert_eq!(TrainingConfig::default().peak_lr(), DEFAULT_LR);
         let c = TrainingConfig {
-            lr: 1.0,
+            lr: Some(1.0),
             warmup_steps: 10,
             min_lr_ratio: 0.1,
             ..Default::default()
@@ -305,7 +317,7 @@ mod tests {
             ),
             (
                 TrainingConfig {
-                    lr: -1.0,
+                    lr: Some(-1.0),
                     ..base.clone()
                 },
                 "invalid config `training.lr`: -1 must be a positive number",
