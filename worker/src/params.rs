@@ -162,6 +162,19 @@ impl FlatParams {
         });
     }
 
+    /// The element ranges `[start, end)` of the parameters whose name satisfies `keep`,
+    /// adjacent ones merged.
+    pub fn ranges_where(&self, keep: impl Fn(&str) -> bool) -> Vec<(i64, i64)> {
+        let mut out: Vec<(i64, i64)> = Vec::new();
+        for s in self.slots.iter().filter(|s| keep(&s.name)) {
+            match out.last_mut() {
+                Some(last) if last.1 == s.offset => last.1 += s.numel,
+                _ => out.push((s.offset, s.offset + s.numel)),
+            }
+        }
+        out
+    }
+
     /// A parameter's current values by slot.
     pub fn view(&self, slot: &Slot) -> Tensor {
         self.flat

@@ -288,7 +288,7 @@ impl Trainer {
             spec.model.hidden,
             spec.model.n_layers
         );
-        let opt = AdamW::new(
+        let mut opt = AdamW::new(
             AdamWConfig {
                 beta1: t.beta1,
                 beta2: t.beta2,
@@ -296,6 +296,10 @@ impl Trainer {
                 weight_decay: t.weight_decay,
             },
             &params,
+        );
+        opt.set_lr_scale(
+            &params.ranges_where(|n| n.starts_with("gepc.")),
+            t.decoder_lr_scale,
         );
         let lcfg = loader_config(&spec, &ctx);
         let n_train = order.n_train();

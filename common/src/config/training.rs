@@ -95,6 +95,9 @@ pub struct TrainingConfig {
     /// Peak learning rate; absent (`null`): the model preset's ([`crate::config::preset_lr`]:
     /// `minimal` 3e-3, `default` and `large` 1e-3), filled in when the file is resolved.
     pub lr: Option<f64>,
+    /// The GEPC decoder's learning rate (its per-gene weights and biases, or its layers) as
+    /// a multiple of `lr`, through the same warmup and decay; 1 trains it with the rest.
+    pub decoder_lr_scale: f64,
     /// Final learning rate as a fraction of `lr`.
     pub min_lr_ratio: f64,
     /// Linear warmup steps.
@@ -138,6 +141,7 @@ impl Default for TrainingConfig {
             epochs: 1,
             max_steps: None,
             lr: None,
+            decoder_lr_scale: 1.0,
             min_lr_ratio: 0.1,
             warmup_steps: 100,
             schedule: Schedule::Cosine,
@@ -184,6 +188,12 @@ impl TrainingConfig {
             && !(lr > 0.0 && lr.is_finite())
         {
             return err("lr", format!("{lr} must be a positive number"));
+        }
+        if !(self.decoder_lr_scale > 0.0 && self.decoder_lr_scale.is_finite()) {
+            return err(
+                "decoder_lr_scale",
+                format!("{} must be a positive number", self.decoder_lr_scale),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return err(
@@ -321,6 +331,13 @@ mod tests {
                     ..base.clone()
                 },
                 "invalid config `training.lr`: -1 must be a positive number",
+            ),
+            (
+                TrainingConfig {
+                    decoder_lr_scale: 0.0,
+                    ..base.clone()
+                },
+                "invalid config `training.decoder_lr_scale`: 0 must be a positive number",
             ),
             (
                 TrainingConfig {
