@@ -234,6 +234,13 @@ mod tests {
     use super::*;
     use tch::nn;
 
+    const TEST_CFG: AdamWConfig = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+
     /// One AdamW step on a 1-element decayed and a 1-element non-decayed parameter,
     /// checked against the formula written out by hand.
     #[test]
@@ -248,13 +255,7 @@ mod tests {
             p.grad
                 .shallow_clone()
                 .copy_(&Tensor::from_slice(&[0.5f32, -0.25]));
-            let cfg = AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.99,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            };
-            let mut opt = AdamW::new(cfg, &p);
+            let mut opt = AdamW::new(TEST_CFG, &p);
             if use_tensor_path {
                 opt.step += 1;
                 opt.update_tensor(&p, 0.1, 1.0 - 0.9, 1.0 - 0.99);
@@ -284,13 +285,7 @@ mod tests {
             let _c = (&root / "z").var("bias", &[2], nn::Init::Const(2.0));
             let mut p = FlatParams::new(&vs);
             p.attach_grads();
-            let cfg = AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.99,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            };
-            let mut opt = AdamW::new(cfg, &p);
+            let mut opt = AdamW::new(TEST_CFG, &p);
             if let Some(f) = scaled {
                 opt.set_lr_scale(&p.ranges_where(|n| n.starts_with("gepc.")), f);
             }
