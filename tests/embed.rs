@@ -139,6 +139,8 @@ print("ok")
             ev.to_str().unwrap(),
             "--device",
             "cpu",
+            "--kmeans-runs",
+            "3",
         ]),
         "evaluate",
     );
@@ -161,6 +163,12 @@ print("ok")
             let v = r["metrics"][k].as_f64().unwrap_or(f64::NAN);
             assert!(v.is_finite() && (-1.0..=1.0).contains(&v), "{k} = {v}");
         }
+        assert_eq!(r["metrics"]["kmeans_runs"].as_u64(), Some(3), "{r}");
+        assert!(
+            r["metrics"]["kmeans_ari_sd"]
+                .as_f64()
+                .is_some_and(|s| s >= 0.0)
+        );
     }
     // On these cells PCA separates the cell types well above chance.
     assert!(rows[2]["metrics"]["knn_accuracy"].as_f64().unwrap() > 0.7);
@@ -172,7 +180,7 @@ print("ok")
     );
     let md = std::fs::read_to_string(ev.join("evaluation.md")).unwrap();
     assert!(
-        md.contains("| pca |") && md.contains("| random-init |"),
+        md.contains("| pca |") && md.contains("| random-init |") && md.contains("mean of 3 runs"),
         "{md}"
     );
 }

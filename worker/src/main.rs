@@ -418,6 +418,11 @@ struct EvaluateCli {
     /// Principal components of the PCA baseline.
     #[arg(long, default_value_t = 50)]
     n_pcs: usize,
+    /// k-means runs per embedding, each the best of 10 restarts; the k-means scores are
+    /// their mean. One run's ARI can move by 0.3 (k = the number of labels), so comparing
+    /// two models on one seed wants 20 or more.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    kmeans_runs: u64,
     /// Print the evaluation as JSON on stdout instead of markdown.
     #[arg(long)]
     json: bool,
@@ -610,6 +615,7 @@ fn run() -> Result<()> {
                     },
                     n_pcs: e.n_pcs,
                 },
+                kmeans_runs: e.kmeans_runs as usize,
             };
             let ev = run_evaluate(&args, &rt)?;
             if e.json {

@@ -126,6 +126,13 @@ pub struct Metrics {
     /// The lowest and highest ARI of the k-means runs.
     #[serde(default)]
     pub kmeans_ari_range: (f64, f64),
+    /// The standard deviation of the k-means runs' ARI (0 for one run); its standard
+    /// error is this over the square root of the runs.
+    #[serde(default)]
+    pub kmeans_ari_sd: f64,
+    /// How many k-means runs the k-means scores are the mean of.
+    #[serde(default)]
+    pub kmeans_runs: usize,
     /// Cell-type ASW, `(silhouette + 1) / 2`.
     pub asw_celltype: f64,
     /// Batch ASW (with batches; `None` also when no label has two or more batches).
@@ -241,6 +248,12 @@ pub fn evaluate_embedding_with(
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &a| {
             (lo.min(a), hi.max(a))
         });
+    let km_mean = km_ari.iter().sum::<f64>() / runs;
+    let kmeans_ari_sd = if km_ari.len() > 1 {
+        (km_ari.iter().map(|a| (a - km_mean).powi(2)).sum::<f64>() / (runs - 1.0)).sqrt()
+    } else {
+        0.0
+    };
     tracing::debug!(seconds = t.elapsed().as_secs_f64(), "evaluate: k-means");
 
     Ok(Metrics {
@@ -254,9 +267,11 @@ pub fn evaluate_embedding_with(
         leiden_nmi: leiden.best.nmi,
         leiden_resolution: leiden.best.resolution,
         leiden_n_clusters: leiden.best.n_clusters,
-        kmeans_ari: km_ari.iter().sum::<f64>() / runs,
+        kmeans_ari: km_mean,
         kmeans_nmi: km_nmi / runs,
         kmeans_ari_range,
+        kmeans_ari_sd,
+        kmeans_runs: km_ari.len(),
         asw_celltype,
         asw_batch,
         graph_connectivity: connectivity,

@@ -11,7 +11,7 @@ use std::time::Instant;
 use scfm_common::config::Device as DeviceChoice;
 use scfm_common::data::CsrMatrix;
 use scfm_common::data::h5ad::MatrixSource;
-use scfm_common::eval::{Metrics as EvalMetrics, evaluate_embedding};
+use scfm_common::eval::{Embedding, EvalOptions, Metrics as EvalMetrics, evaluate_embedding_with};
 use scfm_common::runtime::Rt;
 use serde::Serialize;
 
@@ -51,6 +51,8 @@ pub struct EvaluateArgs {
     pub seed: u64,
     /// The PCA baseline's settings.
     pub pca: PcaSettings,
+    /// k-means runs per embedding (the k-means scores are their mean).
+    pub kmeans_runs: usize,
 }
 
 /// One embedding's row of the table.
@@ -176,7 +178,7 @@ pub fn run_evaluate(args: &EvaluateArgs, rt: &Rt) -> Result<Evaluation> {
         let e = Embedder::new(b, args.batch_size);
         let x = e.model_rows(&counts, &a);
         let emb = e.embed(&x)?;
-        let metrics = score(&emb, e.dim(), &codes, batch_codes.as_deref(), args.seed)?;
+        let metrics = score(&emb, e.dim(), &codes, batch_codes.as_deref(), args)?;
         eprintln!("{name}: {}", summary(&metrics));
         rows.push(Row {
             embedding: name.into(),
@@ -190,7 +192,7 @@ pub fn run_evaluate(args: &EvaluateArgs, rt: &Rt) -> Result<Evaluation> {
         );
     }
     let (pcs, k, used) = pca_baseline(&counts, &args.pca)?;
-    let metrics = score(&pcs, k, &codes, batch_codes.as_deref(), args.seed)?;
+    let metrics = score(&pcs, k, &codes, batch_codes.as_deref(), args)?;
     eprintln!("pca: {}", summary(&metrics));
     rows.push(Row {
         embedding: "pca".into(),
@@ -275,15 +277,15 @@ fn score(
     d: usize,
     labels: &[u32],
     batches: Option<&[u32]>,
-    seed: u64,
+    args: &EvaluateArgs,
 ) -> Result<EvalMetrics> {
-    Ok(evaluate_embedding(
-        emb,
-        labels.len(),
-        d,
-        labels,
-        batches,
-        seed,
+    let emb = Embedding::new(emb, labels.len(), d)?;
+    let opts = EvalOptions {
+        kmeans_runs: args.kmeans_runs,
+        ..EvalOptions::default()
+    };
+    Ok(evaluate_embedding_with(
+        &emb, labels, batches, args.seed, &opts,
     )?)
 }
 
@@ -368,18 +370,22 @@ pub fn markdown(ev: &Evaluation) -> String {
     }
     if let Some(r) = ev.rows.first() {
         let o = scfm_common::eval::EvalOptions::default();
+        let runs = r.metrics.kmeans_runs.max(1);
         let ranges: Vec<String> = ev
             .rows
             .iter()
             .map(|r| {
                 let (lo, hi) = r.metrics.kmeans_ari_range;
-                format!("{} {lo:.3}–{hi:.3}", r.embedding)
+                let se = r.metrics.kmeans_ari_sd / (runs as f64).sqrt();
+                format!(
+                    "{} {lo:.3}–{hi:.3} (sd {:.3}, se {se:.3})",
+                    r.embedding, r.metrics.kmeans_ari_sd
+                )
             })
             .collect();
         s.push_str(&format!(
-            "\nk-means: k = {} labels; each score is the mean of {} runs (each the best of {} restarts); the runs' ARI ranged: {}.\n",
+            "\nk-means: k = {} labels; each score is the mean of {runs} runs (each the best of {} restarts; `--kmeans-runs`); the runs' ARI ranged: {}.\n",
             r.metrics.n_labels,
-            o.kmeans_runs,
             o.kmeans.n_init,
             ranges.join(", ")
         ));

@@ -29,7 +29,8 @@ fn clusters(k: usize, m: usize, d: usize, seed: u64) -> (Vec<f32>, Vec<u32>, Vec
 }
 
 /// The k-means scores are the mean over `kmeans_runs` runs seeded `seed`, `seed + 1`, …,
-/// and the range spans them.
+/// the range spans them and the standard deviation is theirs (n − 1 in the denominator, as
+/// numpy's `std(ddof=1)`).
 #[test]
 fn kmeans_scores_are_the_mean_of_the_runs() {
     // Overlapping clusters, so that runs with different seeds disagree.
@@ -57,6 +58,10 @@ fn kmeans_scores_are_the_mean_of_the_runs() {
     let hi = aris.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(met.kmeans_ari_range, (lo, hi));
     assert!(lo < hi, "the runs differ on this input: {aris:?}");
+    let mean = aris.iter().sum::<f64>() / 3.0;
+    let sd = (aris.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    assert!((met.kmeans_ari_sd - sd).abs() < 1e-12);
+    assert_eq!(met.kmeans_runs, 3);
     let none = EvalOptions {
         kmeans_runs: 0,
         ..Default::default()
