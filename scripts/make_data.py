@@ -15,6 +15,12 @@ Outputs under --out (idempotent: existing files are kept):
   baron_human.h5ad      2,142 human pancreas cells (Baron et al. 2016, raw counts, 14 cell
                         types in obs['cell_type1'], 4 donors in obs['donor']) shipped in the
                         wheel of `came` 0.1.13
+  baron_mouse.h5ad      1,886 mouse pancreas cells from the same study and wheel (raw counts,
+                        13 cell types in obs['cell_type1'], 2 donors in obs['donor'], mouse
+                        gene symbols)
+  baron_mouse_hs.h5ad   the same cells over the 11,903 mouse genes with a one-to-one human
+                        ortholog (the wheel's Ensembl table), named by the human symbol and
+                        with obs names prefixed `mouse:`: mouse cells a human model can read
   10x_v3.h5, 10x_v2.h5  CellRanger files as shipped
 """
 
@@ -102,6 +108,10 @@ def main() -> None:
     baron = os.path.join(args.out, "baron_human.h5ad")
     if not os.path.exists(baron):
         write_baron(args.cache, baron)
+    baron_mouse = os.path.join(args.out, "baron_mouse.h5ad")
+    baron_mouse_hs = os.path.join(args.out, "baron_mouse_hs.h5ad")
+    if not (os.path.exists(baron_mouse) and os.path.exists(baron_mouse_hs)):
+        write_baron_mouse(args.cache, baron_mouse, baron_mouse_hs)
     log(f"datasets ready in {args.out}/")
 
 
@@ -163,6 +173,37 @@ def write_baron(cache: str, dst: str) -> None:
     os.replace(tmp, dst)
     log(f"wrote {dst}: {a.n_obs} cells x {a.n_vars} genes, raw counts, "
           f"{a.obs['cell_type1'].nunique()} cell types")
+
+
+def write_baron_mouse(cache: str, dst: str, dst_hs: str) -> None:
+    import io
+    import zipfile
+
+    import anndata as ad
+    import pandas as pd
+
+    whl = pip_download("came==0.1.13", os.path.join(cache, "came"), sdist=False)
+    inner = zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(whl).read("came/sample_data.zip")))
+    path = inner.extract("raw-Baron_mouse.h5ad", os.path.join(cache, "came"))
+    table = inner.extract("gene_matches_1v1_mouse2human.csv", os.path.join(cache, "came"))
+    a = counts_only(ad.read_h5ad(path), ["cell_type1", "cell_ontology_class", "donor"])
+    tmp = dst + ".tmp"
+    a.write_h5ad(tmp)
+    os.replace(tmp, dst)
+    log(f"wrote {dst}: {a.n_obs} cells x {a.n_vars} genes, raw counts, "
+        f"{a.obs['cell_type1'].nunique()} cell types")
+    g = pd.read_csv(table)
+    g = g[g["human.homology.type"] == "ortholog_one2one"]
+    to_human = dict(zip(g["gene.name"], g["human.gene.name"]))
+    keep = [v for v in a.var_names if v in to_human]
+    hs = a[:, keep].copy()
+    hs.var_names = [to_human[v] for v in keep]
+    assert hs.var_names.is_unique, "one-to-one orthologs map to distinct human genes"
+    hs.obs_names = ["mouse:" + n for n in hs.obs_names]
+    tmp = dst_hs + ".tmp"
+    hs.write_h5ad(tmp)
+    os.replace(tmp, dst_hs)
+    log(f"wrote {dst_hs}: {hs.n_obs} cells x {hs.n_vars} genes named by their human ortholog")
 
 
 def write_pbmc_counts(src: str, dst: str) -> None:
