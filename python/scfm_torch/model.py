@@ -83,8 +83,10 @@ class ScfmConfig:
     w_gepc: float = 0.0  # serde default: 0 leaves the GEPC decoder out
     subsample: str = "random"  # "random" | "top": the training tokenizer's choice in deep cells
     # "log1p" | "scaled": the GEPC decoder predicts each gene's log1p value, or that value
-    # standardised by the gene's mean and std over the training data (clipped to ±10)
+    # standardised by the gene's mean and std over the training data (clipped to ±gepc_clip)
     gepc_target: str = "log1p"
+    # the clip of the standardised targets (``gepc_target: scaled``; training only)
+    gepc_clip: float = 10.0
     # the GEPC decoder also sees each cell's genes-detected covariate (``detected_covariate``)
     # through one learned slope per gene (``gepc.detected``)
     gepc_detected: bool = False

@@ -200,7 +200,8 @@ def test_detected_covariates_count_the_clean_cells_genes(case: Case):
 def test_scaled_gepc_targets_are_the_standardised_profiles(case: Case):
     """With ``gepc_target: scaled`` the decoder's targets are each gene's log1p value
     standardised by the gene's population mean and std over the cells (std 1 for a gene
-    without variation), clipped to ±10, as ``sc.pp.scale(max_value=10)`` with ddof 0."""
+    without variation), clipped to ±``gepc_clip`` (10 when absent, as
+    ``sc.pp.scale(max_value=10)``), with ddof 0."""
     if not case.scaled:
         pytest.skip("n/a: GEPC targets not scaled in this case")
     cells = case.io["cells"].double()
@@ -210,8 +211,11 @@ def test_scaled_gepc_targets_are_the_standardised_profiles(case: Case):
     assert_close(case.io["gene_mean"], mean.float(), "gene means", atol=1e-6)
     assert_close(case.io["gene_std"], std.float(), "gene stds", atol=1e-6)
     assert (case.io["gene_std"] == 1).any(), "the toy data should have a gene without variation"
-    want = ((case.io["profile_log1p"].double() - mean) / std).clamp(-10, 10)
-    assert_close(case.batch["profile"], want.float(), "standardised profiles", atol=1e-5)
+    clip = float(case.model_cfg.get("gepc_clip", 10.0))
+    z = (case.io["profile_log1p"].double() - mean) / std
+    assert_close(case.batch["profile"], z.clamp(-clip, clip).float(), "standardised profiles", atol=1e-5)
+    if clip < 10:
+        assert (z.abs() > clip).any(), f"the toy profiles should reach the clip of {clip}"
 
 
 def test_forward_and_losses_match_rust(case: Case):

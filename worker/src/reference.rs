@@ -59,7 +59,7 @@ fn cases() -> Vec<(&'static str, &'static str)> {
         ),
         (
             "continuous_gepc_scaled",
-            "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_target: scaled\ndropout: 0.0",
+            "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_target: scaled\ngepc_clip: 1.5\ndropout: 0.0",
         ),
         (
             "continuous_gepc_unseen",
@@ -166,7 +166,7 @@ pub fn export(out: &Path) -> Result<()> {
                 ("gene_mean".into(), Tensor::from_slice(&stats.mean)),
                 ("gene_std".into(), Tensor::from_slice(&stats.std)),
             ];
-            inputs.profile = Some(GeneScale::new(&stats, Device::Cpu).apply(&p));
+            inputs.profile = Some(GeneScale::new(&stats, cfg.gepc_clip, Device::Cpu).apply(&p));
         }
         params.zero_grad();
         let out = model.forward(&inputs, false);

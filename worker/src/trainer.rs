@@ -263,7 +263,7 @@ impl Trainer {
                 seconds = t0.elapsed().as_secs_f64(),
                 "GEPC targets standardised by the genes' mean and std on a sample of the data"
             );
-            Some(GeneScale::new(&st, device))
+            Some(GeneScale::new(&st, spec.model.gepc_clip, device))
         } else {
             None
         };

@@ -153,6 +153,15 @@ pub struct ModelConfig {
     /// What the GEPC decoder predicts (absent in older configurations: `log1p`).
     #[serde(default)]
     pub gepc_target: GepcTarget,
+    /// With `gepc_target: scaled`, the standardised targets are clipped to `±gepc_clip`
+    /// (absent: [`DEFAULT_GEPC_CLIP`], scanpy's `scale(max_value=10)`). A gene expressed in
+    /// a fraction `p` of the cells reaches `z ≈ sqrt((1 − p) / p)` there (about 14 for ten
+    /// cells of 1,886), so a higher clip keeps rare types' markers whole.
+    #[serde(
+        default = "default_gepc_clip",
+        skip_serializing_if = "is_default_gepc_clip"
+    )]
+    pub gepc_clip: f64,
     /// Whether the GEPC decoder also sees how many genes the target cell expresses
     /// (`ln(1 + genes detected)`, one learned slope per gene): which genes are zero in a
     /// profile depends on the cell's sequencing depth, and with this covariate the cell
@@ -168,6 +177,17 @@ pub struct ModelConfig {
     pub gepc_decoder: GepcDecoder,
     /// Cell-embedding pooling.
     pub pooling: Pooling,
+}
+
+/// The clip of standardised GEPC targets when `model.gepc_clip` is absent.
+pub const DEFAULT_GEPC_CLIP: f64 = 10.0;
+
+fn default_gepc_clip() -> f64 {
+    DEFAULT_GEPC_CLIP
+}
+
+fn is_default_gepc_clip(c: &f64) -> bool {
+    *c == DEFAULT_GEPC_CLIP
 }
 
 /// Names of the built-in presets, in size order.
@@ -344,6 +364,12 @@ impl ModelConfig {
                 return err(f, format!("{w} must be a finite number >= 0"));
             }
         }
+        if self.gepc_clip.is_nan() || self.gepc_clip <= 0.0 {
+            return err(
+                "gepc_clip",
+                format!("{} must be a number > 0", self.gepc_clip),
+            );
+        }
         if self.w_mgem == 0.0 && self.w_contrastive == 0.0 && self.w_gepc == 0.0 {
             return err(
                 "w_mgem",
@@ -449,6 +475,22 @@ mod tests {
     }
 
     #[test]
+    fn gepc_clip_defaults_to_10_and_is_written_only_when_it_differs() {
+        let c = ModelConfig::from_spec(&spec("preset: default")).unwrap();
+        assert_eq!(c.gepc_clip, DEFAULT_GEPC_CLIP);
+        let y = serde_norway::to_string(&c).unwrap();
+        assert!(!y.contains("gepc_clip"), "{y}");
+        let c = ModelConfig::from_spec(&spec("preset: default\ngepc_clip: 30")).unwrap();
+        assert_eq!(c.gepc_clip, 30.0);
+        let y = serde_norway::to_string(&c).unwrap();
+        assert!(y.contains("gepc_clip: 30"), "{y}");
+        let back: ModelConfig = serde_norway::from_str(&y).unwrap();
+        assert_eq!(back, c);
+        let inf = ModelConfig::from_spec(&spec("gepc_clip: .inf")).unwrap();
+        inf.validate().unwrap();
+    }
+
+    #[test]
     fn overrides_apply_and_unknown_keys_are_named() {
         let c = ModelConfig::from_spec(&spec("preset: default\nn_layers: 2")).unwrap();
         assert_eq!((c.hidden, c.n_layers), (512, 2));
@@ -522,6 +564,14 @@ mod tests {
             (
                 "w_mgem: -1.0",
                 "invalid config `model.w_mgem`: -1 must be a finite number >= 0",
+            ),
+            (
+                "gepc_clip: 0.0",
+                "invalid config `model.gepc_clip`: 0 must be a number > 0",
+            ),
+            (
+                "gepc_clip: .nan",
+                "invalid config `model.gepc_clip`: NaN must be a number > 0",
             ),
             (
                 "w_mgem: 0.0\nw_contrastive: 0.0\nw_gepc: 0.0",

@@ -16,8 +16,6 @@ use crate::error::{Result, WorkerError};
 pub const SAMPLE_CELLS: usize = 8192;
 /// Consecutive rows read at each sampled position (shards are read in blocks).
 pub const SAMPLE_RUN: usize = 64;
-/// Standardised targets are clipped to `±CLIP` (scanpy's `scale(max_value=10)`).
-pub const CLIP: f64 = 10.0;
 
 /// Mean and standard deviation (population, zeros included) of each gene's log1p
 /// expression over a sample of cells. A gene constant in the sample has `std = 1`, so
@@ -168,22 +166,25 @@ pub fn matrix_stats(x: &CsrMatrix, n_genes: usize) -> Result<GeneStats> {
 pub struct GeneScale {
     mean: Tensor,
     inv_std: Tensor,
+    clip: f64,
 }
 
 impl GeneScale {
-    /// The statistics as `[1, G]` tensors on `device`.
-    pub fn new(stats: &GeneStats, device: Device) -> Self {
+    /// The statistics as `[1, G]` tensors on `device`; standardised values are clipped to
+    /// `±clip` (`model.gepc_clip`).
+    pub fn new(stats: &GeneStats, clip: f64, device: Device) -> Self {
         let g = stats.mean.len() as i64;
         let inv: Vec<f32> = stats.std.iter().map(|s| 1.0 / s).collect();
         GeneScale {
             mean: Tensor::from_slice(&stats.mean).view([1, g]).to(device),
             inv_std: Tensor::from_slice(&inv).view([1, g]).to(device),
+            clip,
         }
     }
 
-    /// `clamp((profile - mean) / std, -10, 10)` of a dense `[N, G]` profile.
+    /// `clamp((profile - mean) / std, -clip, clip)` of a dense `[N, G]` profile.
     pub fn apply(&self, profile: &Tensor) -> Tensor {
-        ((profile.to_kind(Kind::Float) - &self.mean) * &self.inv_std).clamp(-CLIP, CLIP)
+        ((profile.to_kind(Kind::Float) - &self.mean) * &self.inv_std).clamp(-self.clip, self.clip)
     }
 }
 
@@ -235,13 +236,17 @@ mod tests {
             assert!((f64::from(st.std[j]) - sd).abs() < 1e-6, "gene {j}");
         }
         assert_eq!((st.mean[2], st.std[2]), (0.0, 1.0), "constant gene");
-        // Standardising clips at ±10.
-        let scale = GeneScale::new(&st, Device::Cpu);
+        // Standardising clips at ±clip (10 by default, `model.gepc_clip`).
         let prof = Tensor::from_slice(&[g0[0] as f32, 100.0, 5.0]).view([1, 3]);
-        let z: Vec<f32> = Vec::try_from(scale.apply(&prof).view([-1])).unwrap();
         let expect0 = (g0[0] - g0.iter().sum::<f64>() / 3.0) / f64::from(st.std[0]);
-        assert!((f64::from(z[0]) - expect0).abs() < 1e-5);
-        assert_eq!(z[1], 10.0);
-        assert_eq!(z[2], 5.0);
+        let z1 = (100.0 - st.mean[1]) / st.std[1];
+        assert!(z1 > 30.0, "{z1}");
+        for (clip, want1) in [(10.0, 10.0), (30.0, 30.0), (1000.0, z1)] {
+            let scale = GeneScale::new(&st, clip, Device::Cpu);
+            let z: Vec<f32> = Vec::try_from(scale.apply(&prof).view([-1])).unwrap();
+            assert!((f64::from(z[0]) - expect0).abs() < 1e-5);
+            assert!((z[1] - want1).abs() < 1e-4, "clip {clip}: {}", z[1]);
+            assert_eq!(z[2], 5.0);
+        }
     }
 }

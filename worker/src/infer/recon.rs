@@ -107,6 +107,7 @@ pub fn reconstruction(
     let scale = match (cfg.has_gepc(), cfg.gepc_target) {
         (true, GepcTarget::Scaled) if !rows.is_empty() => Some(GeneScale::new(
             &matrix_stats(x, bundle.vocab.len())?,
+            cfg.gepc_clip,
             device,
         )),
         _ => None,
