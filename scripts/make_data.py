@@ -158,40 +158,38 @@ def write_pbmc3k(cache: str, dst: str) -> None:
     log(f"wrote {dst}: {a.n_obs} cells x {a.n_vars} genes, raw counts")
 
 
-def write_baron(cache: str, dst: str) -> None:
+def came_sample(cache: str, member: str) -> str:
+    """Extracts `member` of the sample data shipped in the `came` 0.1.13 wheel; its path."""
     import io
     import zipfile
 
-    import anndata as ad
-
     whl = pip_download("came==0.1.13", os.path.join(cache, "came"), sdist=False)
     inner = zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(whl).read("came/sample_data.zip")))
-    path = inner.extract("raw-Baron_human.h5ad", os.path.join(cache, "came"))
-    a = counts_only(ad.read_h5ad(path), ["cell_type1", "cell_ontology_class", "donor"])
-    tmp = dst + ".tmp"
-    a.write_h5ad(tmp)
-    os.replace(tmp, dst)
-    log(f"wrote {dst}: {a.n_obs} cells x {a.n_vars} genes, raw counts, "
-          f"{a.obs['cell_type1'].nunique()} cell types")
+    return inner.extract(member, os.path.join(cache, "came"))
 
 
-def write_baron_mouse(cache: str, dst: str, dst_hs: str) -> None:
-    import io
-    import zipfile
-
+def write_labelled(src: str, dst: str):
+    """Writes the raw counts of `src` with its cell types and donors to `dst`; returns them."""
     import anndata as ad
-    import pandas as pd
 
-    whl = pip_download("came==0.1.13", os.path.join(cache, "came"), sdist=False)
-    inner = zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(whl).read("came/sample_data.zip")))
-    path = inner.extract("raw-Baron_mouse.h5ad", os.path.join(cache, "came"))
-    table = inner.extract("gene_matches_1v1_mouse2human.csv", os.path.join(cache, "came"))
-    a = counts_only(ad.read_h5ad(path), ["cell_type1", "cell_ontology_class", "donor"])
+    a = counts_only(ad.read_h5ad(src), ["cell_type1", "cell_ontology_class", "donor"])
     tmp = dst + ".tmp"
     a.write_h5ad(tmp)
     os.replace(tmp, dst)
     log(f"wrote {dst}: {a.n_obs} cells x {a.n_vars} genes, raw counts, "
         f"{a.obs['cell_type1'].nunique()} cell types")
+    return a
+
+
+def write_baron(cache: str, dst: str) -> None:
+    write_labelled(came_sample(cache, "raw-Baron_human.h5ad"), dst)
+
+
+def write_baron_mouse(cache: str, dst: str, dst_hs: str) -> None:
+    import pandas as pd
+
+    a = write_labelled(came_sample(cache, "raw-Baron_mouse.h5ad"), dst)
+    table = came_sample(cache, "gene_matches_1v1_mouse2human.csv")
     g = pd.read_csv(table)
     g = g[g["human.homology.type"] == "ortholog_one2one"]
     to_human = dict(zip(g["gene.name"], g["human.gene.name"]))
