@@ -22,7 +22,8 @@ def embed(
     layer: Optional[str] = None,
     use_raw: bool = False,
 ) -> np.ndarray:
-    """Cell embeddings ``[n_cells, hidden]`` (float32: the pooled vectors, not normalised) of
+    """Cell embeddings ``[n_cells, cell_dim]`` (float32: the pooled vectors, through the
+    ``latent`` map when the model has one; not normalised) of
     the raw counts of ``adata`` (``X``, ``layers[layer]`` or ``raw.X``) under ``model`` (from
     :func:`scfm_torch.load`), equal to ``obsm['X_scfm']`` of ``scfm embed``.
 
@@ -37,7 +38,7 @@ def embed(
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     tokens, _ = tokenize(model, adata, layer=layer, use_raw=use_raw)
     device = next(model.parameters()).device
-    out = np.empty((len(tokens), model.cfg.hidden), dtype=np.float32)
+    out = np.empty((len(tokens), model.cfg.cell_dim), dtype=np.float32)
     was_training = model.training
     model.eval()
     try:

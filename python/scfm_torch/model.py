@@ -5,6 +5,8 @@
 * ``encoder``     pre-LayerNorm transformer blocks with fused scaled-dot-product
                   attention and a key-padding mask, then a final LayerNorm (``encoder.rs``);
 * ``mgem``        masked gene-expression head ``out(LN(gelu(dense(h))))`` (``heads.rs``);
+* ``latent``      (only with ``latent_dim``) a linear map of the pooled output: the cell
+                  embedding then has ``latent_dim`` entries (``mod.rs``);
 * ``contrastive`` projection head ``normalize(fc2(relu(fc1(cell))))`` (``heads.rs``);
 * ``gepc``        (only when ``w_gepc > 0``) the expression decoder
                   ``cell(c) @ sigmoid(gene(E[2:]))ᵀ + bias`` predicting every vocabulary
@@ -95,6 +97,9 @@ class ScfmConfig:
     gepc_genes: str = "all"
     # "gene_query" | "per_gene": the GEPC decoder's form (``GepcHead``)
     gepc_decoder: str = "gene_query"
+    # the cell embedding's size when it is a linear map (``latent``) of the pooled encoder
+    # output, which the contrastive head and the GEPC decoder read; None: the pooled output
+    latent_dim: Optional[int] = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScfmConfig":
@@ -126,6 +131,8 @@ class ScfmConfig:
             raise ValueError(f"unknown positional encoding {self.positional!r}")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"unknown pooling {self.pooling!r}")
+        if self.latent_dim is not None and self.latent_dim <= 0:
+            raise ValueError(f"latent_dim {self.latent_dim} must be > 0 (or absent)")
         if self.subsample not in ("random", "top"):
             raise ValueError(f"unknown subsample {self.subsample!r}")
         if self.gepc_target not in ("log1p", "scaled"):
@@ -150,6 +157,11 @@ class ScfmConfig:
     def has_gepc(self) -> bool:
         """Whether the model has the GEPC expression decoder (``w_gepc > 0``)."""
         return self.w_gepc > 0
+
+    @property
+    def cell_dim(self) -> int:
+        """The cell embedding's size: ``latent_dim`` when set, else ``hidden``."""
+        return self.latent_dim if self.latent_dim is not None else self.hidden
 
 
 def sinusoidal_table(length: int, hidden: int) -> Tensor:
@@ -315,11 +327,12 @@ class MgemHead(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """``normalize(fc2(relu(fc1(cell))))`` with unit L2 rows (eps 1e-12)."""
+    """``normalize(fc2(relu(fc1(cell))))`` with unit L2 rows (eps 1e-12); ``fc1`` maps the
+    cell embedding (``cell`` wide) to ``hidden``."""
 
-    def __init__(self, hidden: int, dim: int):
+    def __init__(self, cell: int, hidden: int, dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(hidden, hidden)
+        self.fc1 = nn.Linear(cell, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, cell: Tensor) -> Tensor:
@@ -332,26 +345,26 @@ class GepcHead(nn.Module):
     for the cell's genes-detected covariate ``d``. Two forms (``heads.rs``):
 
     * ``gene_query`` (scGPT's MVC): ``⟨cell(c), sigmoid(gene(e_g))⟩ + bias_g`` with ``e_g``
-      the gene's token embedding (shared with the input); parameters ``cell.*``, ``gene.*``
-      (``[H, H]`` linear maps);
-    * ``per_gene``: ``weight[g] · c + bias_g``; parameter ``weight`` ``[G, H]``.
+      the gene's token embedding (shared with the input); parameters ``cell.*`` (``[C, H]``
+      with ``C`` the cell embedding's size), ``gene.*`` (``[H, H]``) linear maps;
+    * ``per_gene``: ``weight[g] · c + bias_g``; parameter ``weight`` ``[G, C]``.
 
     Both have ``bias`` (one per gene) and, with ``detected``, ``detected`` (one slope per gene).
     """
 
-    def __init__(self, hidden: int, n_genes: int, detected: bool = False, form: str = "gene_query"):
+    def __init__(self, cell: int, hidden: int, n_genes: int, detected: bool = False, form: str = "gene_query"):
         super().__init__()
         self.form = form
         if form == "per_gene":
-            self.weight = nn.Parameter(torch.zeros(n_genes, hidden))
+            self.weight = nn.Parameter(torch.zeros(n_genes, cell))
         else:
-            self.cell = nn.Linear(hidden, hidden)
+            self.cell = nn.Linear(cell, hidden)
             self.gene = nn.Linear(hidden, hidden)
         self.bias = nn.Parameter(torch.zeros(n_genes))
         self.detected = nn.Parameter(torch.zeros(n_genes)) if detected else None
 
     def forward(self, cell: Tensor, genes: Tensor, detected: Optional[Tensor] = None) -> Tensor:
-        """``cell`` ``[N, H]``; ``genes`` the gene rows of the token table ``[G, H]`` (used
+        """``cell`` ``[N, C]``; ``genes`` the gene rows of the token table ``[G, H]`` (used
         by ``gene_query``); ``detected`` the cells' covariates ``[N]`` (left out when
         ``None``) → ``[N, G]``."""
         if self.form == "per_gene":
@@ -465,9 +478,11 @@ class ScfmModel(nn.Module):
         self.embed = TokenEmbedding(cfg, n_genes + OFFSET)
         self.encoder = Encoder(cfg)
         self.mgem = MgemHead(cfg.hidden, cfg.n_out)
-        self.contrastive = ProjectionHead(cfg.hidden, cfg.projection_dim)
+        c = cfg.cell_dim
+        self.latent = nn.Linear(cfg.hidden, cfg.latent_dim) if cfg.latent_dim is not None else None
+        self.contrastive = ProjectionHead(c, cfg.hidden, cfg.projection_dim)
         self.gepc = (
-            GepcHead(cfg.hidden, n_genes, cfg.gepc_detected, cfg.gepc_decoder) if cfg.has_gepc else None
+            GepcHead(c, cfg.hidden, n_genes, cfg.gepc_detected, cfg.gepc_decoder) if cfg.has_gepc else None
         )
         self.reset_parameters()
 
@@ -478,7 +493,8 @@ class ScfmModel(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialisation of ``init.rs``: weights and embeddings N(0, 0.02), biases 0
+        """Initialisation of ``init.rs``: weights and embeddings N(0, 0.02) (the ``latent``
+        map N(0, 1 / hidden)), biases 0
         (the GEPC gene biases and genes-detected slopes too), LayerNorm weight 1 / bias 0, continuous ``mask``
         vector N(0, 0.02)."""
         for name, p in self.named_parameters():
@@ -486,13 +502,16 @@ class ScfmModel(nn.Module):
                 p.fill_(1.0 if name.endswith(".weight") else 0.0)
             elif name.endswith(".bias") or name == "gepc.detected":
                 p.zero_()
+            elif name == "latent.weight":  # init::linear_unit: keeps the pooled output's scale
+                p.normal_(0.0, 1.0 / math.sqrt(self.cfg.hidden))
             else:
                 p.normal_(0.0, INIT_STD)
 
     def encode(self, genes: Tensor, bins: Tensor, values: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
-        """The encoder output ``[N, L, H]`` after the final LayerNorm and the pooled cell
-        embeddings ``[N, H]`` (not normalised): ``cls`` takes token 0, ``mean`` averages the
-        gene tokens (``[CLS]`` and padding excluded). Dropout follows ``self.training``."""
+        """The encoder output ``[N, L, H]`` after the final LayerNorm and the cell embeddings
+        ``[N, C]`` (not normalised): ``cls`` takes token 0, ``mean`` averages the gene tokens
+        (``[CLS]`` and padding excluded), then the ``latent`` map when the model has one.
+        Dropout follows ``self.training``."""
         valid = genes != PAD
         attend = valid[:, None, None, :]  # [N, 1, 1, L]: which keys may be attended
         hidden = self.encoder(self.embed(genes, bins, values, masked), attend)
@@ -501,10 +520,12 @@ class ScfmModel(nn.Module):
         else:
             genes_only = valid[:, 1:].unsqueeze(-1).to(hidden.dtype)
             cell = (hidden[:, 1:] * genes_only).sum(1) / genes_only.sum(1).clamp_min(1.0)
+        if self.latent is not None:
+            cell = self.latent(cell)
         return hidden, cell
 
     def gepc_forward(self, cell: Tensor, detected: Optional[Tensor] = None) -> Optional[Tensor]:
-        """The GEPC predictions ``[N, n_genes]`` for cell embeddings ``[N, H]`` and, for a
+        """The GEPC predictions ``[N, n_genes]`` for cell embeddings ``[N, C]`` and, for a
         decoder with ``gepc_detected``, the cells' covariates ``[N]`` (``None`` without the
         decoder)."""
         if self.gepc is None:

@@ -45,6 +45,8 @@ CASES = [
     "continuous_gepc_unseen",
     "continuous_gepc_per_gene",
     "continuous_gepc_detected",
+    "continuous_latent_per_gene",
+    "binned_cls_latent",
 ]
 ATOL = 1e-5
 #: Relative part of the tolerance for the float32 global gradient norms (see below).
@@ -164,6 +166,11 @@ def test_export_is_consistent(case: Case):
     gepc_keys = {"profile", "out.gepc", "loss.gepc"}
     assert gepc_keys <= set(case.io) if case.has_gepc else not gepc_keys & set(case.io)
     assert ("gepc.detected" in names) == case.model_cfg.get("gepc_detected", False)
+    latent = case.model_cfg.get("latent_dim")
+    assert ("latent.weight" in names) == (latent is not None)
+    if latent is not None:
+        assert tuple(case.weights["latent.weight"].shape) == (latent, case.model_cfg["hidden"])
+        assert tuple(case.io["out.cell"].shape)[-1] == latent
     scaled_keys = {"profile_log1p", "cells", "gene_mean", "gene_std"}
     assert scaled_keys <= set(case.io) if case.scaled else not scaled_keys & set(case.io)
 

@@ -470,7 +470,7 @@ pub fn run(args: &EmbedBenchArgs, rt: &Rt) -> Result<EmbedBenchReport> {
         let (shape, py) = named.get("embeddings").ok_or_else(|| {
             WorkerError::Internal(format!("{}: no `embeddings`", check.display()))
         })?;
-        let diff = if shape[..] == [n, cfg.hidden] {
+        let diff = if shape[..] == [n, cfg.cell_dim()] {
             max_abs_diff(&rust_out, py)
         } else {
             f64::INFINITY

@@ -73,6 +73,14 @@ fn cases() -> Vec<(&'static str, &'static str)> {
             "continuous_gepc_detected",
             "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_detected: true\ndropout: 0.0",
         ),
+        (
+            "continuous_latent_per_gene",
+            "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nexpression: continuous\npooling: mean\nw_gepc: 1.0\ngepc_decoder: per_gene\ngepc_target: scaled\nlatent_dim: 6\ndropout: 0.0",
+        ),
+        (
+            "binned_cls_latent",
+            "hidden: 16\nn_layers: 2\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 12\nn_bins: 7\nw_gepc: 1.0\nlatent_dim: 4\ndropout: 0.0",
+        ),
     ]
 }
 

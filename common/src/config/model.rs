@@ -177,6 +177,11 @@ pub struct ModelConfig {
     pub gepc_decoder: GepcDecoder,
     /// Cell-embedding pooling.
     pub pooling: Pooling,
+    /// The cell embedding's size when it is a linear map of the pooled encoder output
+    /// (a bottleneck, as a VAE's latent), which the contrastive head and the GEPC decoder
+    /// read; absent: the pooled output itself (`hidden` wide).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent_dim: Option<usize>,
 }
 
 /// The clip of standardised GEPC targets when `model.gepc_clip` is absent.
@@ -349,6 +354,12 @@ impl ModelConfig {
         if self.projection_dim == 0 {
             return err("projection_dim", "must be > 0".into());
         }
+        if self.latent_dim == Some(0) {
+            return err(
+                "latent_dim",
+                "must be > 0 (or absent: no bottleneck)".into(),
+            );
+        }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return err(
                 "temperature",
@@ -425,17 +436,26 @@ impl ModelConfig {
             ExpressionEncoding::Continuous => 1,
         };
         n += (h * h + h) + 2 * h + (out * h + out); // MGEM head
-        n += (h * h + h) + (self.projection_dim * h + self.projection_dim); // projection head
+        let c = self.cell_dim();
+        if let Some(d) = self.latent_dim {
+            n += d * h + d; // the bottleneck
+        }
+        n += (c * h + h) + (self.projection_dim * h + self.projection_dim); // projection head
         if self.has_gepc() {
             n += match self.gepc_decoder {
-                GepcDecoder::GeneQuery => 2 * (h * h + h), // cell and gene maps
-                GepcDecoder::PerGene => n_genes * h,       // one weight row per gene
+                GepcDecoder::GeneQuery => (c * h + h) + (h * h + h), // cell and gene maps
+                GepcDecoder::PerGene => n_genes * c,                 // one weight row per gene
             } + n_genes; // gene biases
             if self.gepc_detected {
                 n += n_genes; // genes-detected slopes
             }
         }
         n
+    }
+
+    /// The cell embedding's size: `latent_dim` when set, else `hidden`.
+    pub fn cell_dim(&self) -> usize {
+        self.latent_dim.unwrap_or(self.hidden)
     }
 
     /// Whether the model has the GEPC expression decoder (`w_gepc > 0`).
@@ -497,6 +517,22 @@ mod tests {
         let back: ModelConfig =
             serde_json::from_str(&serde_json::to_string(&big).unwrap()).unwrap();
         assert_eq!(back.gepc_clip, 1000.0);
+    }
+
+    #[test]
+    fn latent_dim_is_optional_and_written_only_when_set() {
+        let c = ModelConfig::from_spec(&spec("preset: minimal")).unwrap();
+        assert_eq!((c.latent_dim, c.cell_dim()), (None, c.hidden));
+        assert!(!serde_json::to_string(&c).unwrap().contains("latent_dim"));
+        let l = ModelConfig::from_spec(&spec("preset: minimal\nlatent_dim: 16")).unwrap();
+        assert_eq!((l.latent_dim, l.cell_dim()), (Some(16), 16));
+        let back: ModelConfig = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(back, l);
+        // The bottleneck (128 x 16 + 16) replaces the heads' 128-wide inputs with 16-wide
+        // ones: the projection head's first layer and the per-gene decoder's weights.
+        let (h, g) = (c.hidden, 2000);
+        let want = c.param_count(g) + (h * 16 + 16) - (h - 16) * h - (h - 16) * g;
+        assert_eq!(l.param_count(g), want);
     }
 
     #[test]
@@ -585,6 +621,10 @@ mod tests {
             (
                 "gepc_clip: .inf",
                 "invalid config `model.gepc_clip`: inf must be a finite number > 0 (one above every |z| of the data, e.g. 1000, clips nothing)",
+            ),
+            (
+                "latent_dim: 0",
+                "invalid config `model.latent_dim`: must be > 0 (or absent: no bottleneck)",
             ),
             (
                 "w_mgem: 0.0\nw_contrastive: 0.0\nw_gepc: 0.0",

@@ -34,7 +34,7 @@ impl<'a> Embedder<'a> {
 
     /// The embedding width.
     pub fn dim(&self) -> usize {
-        self.bundle.cfg().hidden
+        self.bundle.cfg().cell_dim()
     }
 
     /// The model's rows for `counts` (raw counts over the input's columns): each cell's
@@ -82,7 +82,8 @@ impl<'a> Embedder<'a> {
             .collect()
     }
 
-    /// Cell embeddings `[n, hidden]` (row-major, the pooled vectors) of normalised model rows.
+    /// Cell embeddings `[n, cell_dim]` (row-major, the pooled vectors, through the bottleneck
+    /// when the model has one) of normalised model rows.
     pub fn embed(&self, x: &CsrMatrix) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(x.n_rows * self.dim());
         let toks = self.tokens(x);

@@ -191,6 +191,10 @@ pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
         ("model_sha256", UnsValue::Str(bundle.digest.clone())),
         ("step", UnsValue::Int(bundle.step as i64)),
         ("hidden", UnsValue::Int(bundle.cfg().hidden as i64)),
+        (
+            "embedding_dim",
+            UnsValue::Int(bundle.cfg().cell_dim() as i64),
+        ),
         ("n_layers", UnsValue::Int(bundle.cfg().n_layers as i64)),
         ("embedding", UnsValue::Str(pooling_name(&bundle).into())),
         ("normalized", UnsValue::Str("none".into())),

@@ -102,7 +102,7 @@ impl Job<'_> {
             model_sha256: self.bundle.digest.clone(),
             shard_sha256: info.sha256.clone(),
             key: self.args.key.clone(),
-            dim: self.bundle.cfg().hidden,
+            dim: self.bundle.cfg().cell_dim(),
             n_cells: info.n_cells,
         }
     }
@@ -151,6 +151,7 @@ impl Job<'_> {
             ("model_sha256", UnsValue::Str(b.digest.clone())),
             ("step", UnsValue::Int(b.step as i64)),
             ("hidden", UnsValue::Int(b.cfg().hidden as i64)),
+            ("embedding_dim", UnsValue::Int(b.cfg().cell_dim() as i64)),
             ("n_layers", UnsValue::Int(b.cfg().n_layers as i64)),
             ("embedding", UnsValue::Str(pooling_name(b).into())),
             ("normalized", UnsValue::Str("none".into())),
@@ -296,7 +297,7 @@ pub fn run_embed_shards(args: &ShardsArgs, rt: &Rt, control: &Control) -> Result
                     dataset: ds.store.url().to_string(),
                     dataset_identity: ds.manifest.identity(),
                     n_cells: list.iter().map(|p| p.n_cells).sum(),
-                    dim: bundle.cfg().hidden,
+                    dim: bundle.cfg().cell_dim(),
                     key: args.key.clone(),
                     parts: list,
                 };

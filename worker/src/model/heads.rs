@@ -41,15 +41,15 @@ pub struct ProjectionHead {
 }
 
 impl ProjectionHead {
-    /// Parameters: `fc1.*`, `fc2.*`.
-    pub fn new(p: &nn::Path, hidden: i64, dim: i64) -> Self {
+    /// Parameters: `fc1.*` (`cell` → `hidden`), `fc2.*` (`hidden` → `dim`).
+    pub fn new(p: &nn::Path, cell: i64, hidden: i64, dim: i64) -> Self {
         ProjectionHead {
-            fc1: init::linear(&(p / "fc1"), hidden, hidden),
+            fc1: init::linear(&(p / "fc1"), cell, hidden),
             fc2: init::linear(&(p / "fc2"), hidden, dim),
         }
     }
 
-    /// `[N, H]` → `[N, dim]` with unit rows.
+    /// `[N, C]` → `[N, dim]` with unit rows.
     pub fn forward(&self, cell: &Tensor) -> Tensor {
         l2_normalize(&cell.apply(&self.fc1).relu().apply(&self.fc2))
     }
@@ -98,17 +98,25 @@ pub fn detected_covariate(values: &[f32]) -> f32 {
 }
 
 impl GepcHead {
-    /// Parameters: `cell.*` and `gene.*` (gene query) or `weight` `[G, H]` (per gene),
-    /// `bias` (one per vocabulary gene) and, with `detected`, `detected` (one slope per
-    /// vocabulary gene, zero at start).
-    pub fn new(p: &nn::Path, hidden: i64, n_genes: i64, detected: bool, form: GepcDecoder) -> Self {
+    /// Parameters: `cell.*` (`cell` → `hidden`) and `gene.*` (gene query) or `weight`
+    /// `[G, cell]` (per gene), `bias` (one per vocabulary gene) and, with `detected`,
+    /// `detected` (one slope per vocabulary gene, zero at start). `cell` is the cell
+    /// embedding's size, `hidden` the token embedding's.
+    pub fn new(
+        p: &nn::Path,
+        cell: i64,
+        hidden: i64,
+        n_genes: i64,
+        detected: bool,
+        form: GepcDecoder,
+    ) -> Self {
         let map = match form {
             GepcDecoder::GeneQuery => GepcMap::GeneQuery {
-                cell: init::linear(&(p / "cell"), hidden, hidden),
+                cell: init::linear(&(p / "cell"), cell, hidden),
                 gene: init::linear(&(p / "gene"), hidden, hidden),
             },
             GepcDecoder::PerGene => GepcMap::PerGene {
-                weight: p.var("weight", &[n_genes, hidden], init::normal()),
+                weight: p.var("weight", &[n_genes, cell], init::normal()),
             },
         };
         GepcHead {
@@ -118,7 +126,7 @@ impl GepcHead {
         }
     }
 
-    /// `cell` `[N, H]`, `genes` the gene rows of the token table `[G, H]`, and the cells'
+    /// `cell` `[N, C]`, `genes` the gene rows of the token table `[G, H]`, and the cells'
     /// genes-detected covariates `[N]` (used when the head has the slopes; without
     /// covariates the term is left out, as for a cell of the centre) → `[N, G]`.
     pub fn forward(&self, cell: &Tensor, genes: &Tensor, detected: Option<&Tensor>) -> Tensor {

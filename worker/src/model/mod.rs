@@ -93,7 +93,8 @@ pub struct Outputs {
     pub hidden: Tensor,
     /// MGEM logits `[N, L, n_bins]` (binned) or predictions `[N, L, 1]` (continuous).
     pub mgem: Tensor,
-    /// Cell embeddings `[N, H]` (pooled, not normalised).
+    /// Cell embeddings `[N, C]` (pooled, through the bottleneck when the model has one;
+    /// not normalised).
     pub cell: Tensor,
     /// Contrastive projections `[N, projection_dim]`, unit rows.
     pub proj: Tensor,
@@ -180,6 +181,7 @@ pub struct ScfmModel {
     embed: embedding::TokenEmbedding,
     layers: Vec<encoder::Block>,
     norm: nn::LayerNorm,
+    latent: Option<nn::Linear>,
     mgem: heads::MgemHead,
     proj: heads::ProjectionHead,
     gepc: Option<heads::GepcHead>,
@@ -212,10 +214,16 @@ impl ScfmModel {
             ExpressionEncoding::Continuous => 1,
         };
         let mgem = heads::MgemHead::new(&(&p / "mgem"), h, n_out);
-        let proj = heads::ProjectionHead::new(&(&p / "contrastive"), h, cfg.projection_dim as i64);
+        let c = cfg.cell_dim() as i64;
+        let latent = cfg
+            .latent_dim
+            .map(|d| init::linear_unit(&(&p / "latent"), h, d as i64));
+        let proj =
+            heads::ProjectionHead::new(&(&p / "contrastive"), c, h, cfg.projection_dim as i64);
         let gepc = cfg.has_gepc().then(|| {
             heads::GepcHead::new(
                 &(&p / "gepc"),
+                c,
                 h,
                 n_genes as i64,
                 cfg.gepc_detected,
@@ -228,6 +236,7 @@ impl ScfmModel {
             embed,
             layers,
             norm,
+            latent,
             mgem,
             proj,
             gepc,
@@ -279,7 +288,7 @@ impl ScfmModel {
             h = layer.forward(&h, &attend, train, self.compute);
         }
         let hidden = stages::cut(h, &mut cuts).apply(&self.norm);
-        let cell = match self.cfg.pooling {
+        let pooled = match self.cfg.pooling {
             Pooling::Cls => hidden.select(1, 0),
             Pooling::Mean => {
                 let len = hidden.size()[1];
@@ -297,7 +306,17 @@ impl ScfmModel {
                     .clamp_min(1.0)
             }
         };
+        let cell = self.to_cell(pooled);
         (hidden, cell)
+    }
+
+    /// The cell embedding of pooled encoder outputs `[N, H]`: through the bottleneck
+    /// (`model.latent_dim`) when the model has one.
+    fn to_cell(&self, pooled: Tensor) -> Tensor {
+        match &self.latent {
+            Some(l) => pooled.apply(l),
+            None => pooled,
+        }
     }
 
     /// Forward pass; `train` enables dropout.
@@ -404,7 +423,7 @@ impl ScfmModel {
         let hs = last.forward_queries(&h, &attend, train, self.compute, &idx);
         let hs = stages::cut(hs, &mut cuts).apply(&self.norm);
         let hidden = hs.size()[2];
-        let cell = hs.select(1, 0);
+        let cell = self.to_cell(hs.select(1, 0));
         let mgem = self
             .mgem
             .forward(&hs.masked_select(&sel.unsqueeze(-1)).view([-1, hidden]));

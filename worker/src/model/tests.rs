@@ -48,6 +48,8 @@ fn shapes_and_exact_parameter_count() {
         "positional: learned",
         "w_gepc: 1.0\ngepc_detected: true",
         "w_gepc: 1.0\ngepc_decoder: per_gene\ngepc_detected: true",
+        "w_gepc: 1.0\nlatent_dim: 6",
+        "pooling: mean\nw_gepc: 1.0\ngepc_decoder: per_gene\nlatent_dim: 6",
     ] {
         let cfg = small(extra);
         let vs = nn::VarStore::new(Device::Cpu);
@@ -68,8 +70,11 @@ fn shapes_and_exact_parameter_count() {
             1
         };
         assert_eq!(o.mgem.size(), vec![4, 4, c]);
-        assert_eq!(o.cell.size(), vec![4, 16]);
+        assert_eq!(o.cell.size(), vec![4, cfg.cell_dim() as i64]);
         assert_eq!(o.proj.size(), vec![4, 128]);
+        if let Some(g) = &o.gepc {
+            assert_eq!(g.size(), vec![4, 30]);
+        }
         let norms = o.proj.norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
         assert!(norms.allclose(
             &Tensor::ones([4], (Kind::Float, Device::Cpu)),
@@ -241,6 +246,8 @@ fn training_forward_equals_full_forward() {
         "pooling: mean",
         "pooling: cls",
         "pooling: cls\nexpression: binned",
+        "pooling: cls\nlatent_dim: 5",
+        "pooling: mean\nlatent_dim: 5",
     ] {
         let cfg = small(extra);
         tch::manual_seed(9);
