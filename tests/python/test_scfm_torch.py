@@ -6,8 +6,9 @@
   ``data/mouse10k.h5ad`` equal those of ``scfm-worker tokens`` (the batch ``scfm embed``
   feeds the model) exactly: token ids, bins and float32 values.
 * Embeddings: tiny models trained by ``scfm-worker train`` for a few steps (with the GEPC
-  decoder; both poolings, both expression encodings), exported by ``scfm-worker export``
-  and run through ``scfm-worker embed``, give the package's ``embed`` to 1e-4; so do the
+  decoder; both poolings, both expression encodings, one with a ``latent_dim``
+  bottleneck), exported by ``scfm-worker export`` and run through ``scfm-worker embed``,
+  give the package's ``embed`` to 1e-4; so do the
   export folders written here.
 * Loading: strict loads and clear errors for malformed export folders (no worker needed).
 
@@ -255,6 +256,8 @@ TRAINED = {
     "binned_mean_learned": "expression: binned\n  pooling: mean\n  positional: learned",
     "continuous_cls_sinusoidal": "expression: continuous\n  pooling: cls\n  positional: sinusoidal",
     "continuous_mean": "expression: continuous\n  pooling: mean\n  positional: none",
+    # the bottleneck: an 8-wide embedding read by the per-gene decoder
+    "continuous_mean_latent": "expression: continuous\n  pooling: mean\n  positional: none\n  gepc_decoder: per_gene\n  latent_dim: 8",
 }
 
 
@@ -315,7 +318,10 @@ def test_trained_embed_equals_rust(trained_export: Path, tmp_path: Path):
     want = rust_embed(trained_export, PBMC, tmp_path / "embedded.h5ad")
     model = scfm_torch.load(trained_export)
     got = scfm_torch.embed(model, anndata.read_h5ad(PBMC))
-    assert got.shape == want.shape == (700, model.cfg.hidden)
+    assert got.shape == want.shape == (700, model.cfg.cell_dim)
+    assert model.cfg.cell_dim == (8 if "latent" in trained_export.parent.name else model.cfg.hidden)
+    uns = anndata.read_h5ad(tmp_path / "embedded.h5ad").uns["scfm"]
+    assert int(uns["embedding_dim"]) == model.cfg.cell_dim and int(uns["hidden"]) == model.cfg.hidden
     diff = float(np.abs(got - want).max())
     print(f"\n[{trained_export.parent.name}] embeddings max abs diff {diff:.2e}")
     assert diff <= EMBED_ATOL, f"max abs diff {diff:.3e}"
