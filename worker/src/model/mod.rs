@@ -108,7 +108,7 @@ pub struct TrainOutputs {
     /// MGEM logits `[M, n_bins]` (or predictions `[M, 1]`) of the masked tokens, in
     /// row-major order (as `masked_select` over `[N, L]`).
     pub mgem: Tensor,
-    /// Cell embeddings `[N, H]`.
+    /// Cell embeddings `[N, C]` (`C` = `cell_dim()`).
     pub cell: Tensor,
     /// Contrastive projections `[N, projection_dim]`, unit rows.
     pub proj: Tensor,
@@ -264,7 +264,8 @@ impl ScfmModel {
     }
 
     /// The encoder's output after the final LayerNorm `[N, L, H]` and the pooled cell
-    /// embeddings `[N, H]` (not normalised); `train` enables dropout.
+    /// embeddings `[N, C]` (through the bottleneck when there is one; not normalised);
+    /// `train` enables dropout.
     pub fn encode(&self, x: &Inputs, train: bool) -> (Tensor, Tensor) {
         self.encode_cut(x, train, None)
     }
@@ -334,7 +335,7 @@ impl ScfmModel {
         }
     }
 
-    /// The GEPC decoder's predictions for cell embeddings `[N, H]` (and the cells'
+    /// The GEPC decoder's predictions for cell embeddings `[N, C]` (and the cells'
     /// genes-detected covariates `[N]`, used by a decoder with `gepc_detected`), if the
     /// model has it.
     pub fn gepc_forward(&self, cell: &Tensor, detected: Option<&Tensor>) -> Option<Tensor> {
