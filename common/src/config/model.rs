@@ -156,9 +156,11 @@ pub struct ModelConfig {
     /// With `gepc_target: scaled`, the standardised targets are clipped to `±gepc_clip`
     /// (absent: [`DEFAULT_GEPC_CLIP`], scanpy's `scale(max_value=10)`). A gene expressed in
     /// a fraction `p` of the cells reaches `z ≈ sqrt((1 − p) / p)` there (about 14 for ten
-    /// cells of 1,886), so a higher clip keeps rare types' markers whole.
+    /// cells of 1,886), so a higher clip keeps rare types' markers whole. `null` reads as
+    /// no clip (`f64::MAX`): the version that accepted `.inf` wrote that into checkpoints.
     #[serde(
         default = "default_gepc_clip",
+        deserialize_with = "clip_or_null",
         skip_serializing_if = "is_default_gepc_clip"
     )]
     pub gepc_clip: f64,
@@ -193,6 +195,13 @@ fn default_gepc_clip() -> f64 {
 
 fn is_default_gepc_clip(c: &f64) -> bool {
     *c == DEFAULT_GEPC_CLIP
+}
+
+/// A clip, or `null` as no clip: JSON has no infinity, and a checkpoint written while
+/// `gepc_clip: .inf` was accepted holds `null` there. `f64::MAX` clips nothing and stays
+/// finite, so such a checkpoint loads, validates and computes as it trained.
+fn clip_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::MAX))
 }
 
 /// Names of the built-in presets, in size order.
@@ -517,6 +526,13 @@ mod tests {
         let back: ModelConfig =
             serde_json::from_str(&serde_json::to_string(&big).unwrap()).unwrap();
         assert_eq!(back.gepc_clip, 1000.0);
+        // A checkpoint of the version that took `.inf` holds `null`: it reads as no clip
+        // and validates.
+        let mut v = serde_json::to_value(&big).unwrap();
+        v["gepc_clip"] = serde_json::Value::Null;
+        let old: ModelConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(old.gepc_clip, f64::MAX);
+        old.validate().unwrap();
     }
 
     #[test]

@@ -171,14 +171,15 @@ pub struct GeneScale {
 
 impl GeneScale {
     /// The statistics as `[1, G]` tensors on `device`; standardised values are clipped to
-    /// `±clip` (`model.gepc_clip`).
+    /// `±clip` (`model.gepc_clip`). A clip beyond `f32::MAX` is `f32::MAX` (the same: the
+    /// values are `f32`), which libtorch's float clamp takes where it refuses larger ones.
     pub fn new(stats: &GeneStats, clip: f64, device: Device) -> Self {
         let g = stats.mean.len() as i64;
         let inv: Vec<f32> = stats.std.iter().map(|s| 1.0 / s).collect();
         GeneScale {
             mean: Tensor::from_slice(&stats.mean).view([1, g]).to(device),
             inv_std: Tensor::from_slice(&inv).view([1, g]).to(device),
-            clip,
+            clip: clip.min(f64::from(f32::MAX)),
         }
     }
 
@@ -241,7 +242,12 @@ mod tests {
         let expect0 = (g0[0] - g0.iter().sum::<f64>() / 3.0) / f64::from(st.std[0]);
         let z1 = (100.0 - st.mean[1]) / st.std[1];
         assert!(z1 > 30.0, "{z1}");
-        for (clip, want1) in [(10.0, 10.0), (30.0, 30.0), (f64::INFINITY, z1)] {
+        for (clip, want1) in [
+            (10.0, 10.0),
+            (30.0, 30.0),
+            (f64::MAX, z1),
+            (f64::INFINITY, z1),
+        ] {
             let scale = GeneScale::new(&st, clip, Device::Cpu);
             let z: Vec<f32> = Vec::try_from(scale.apply(&prof).view([-1])).unwrap();
             assert!((f64::from(z[0]) - expect0).abs() < 1e-5);
