@@ -21,26 +21,35 @@ def embed(
     batch_size: int = 64,
     layer: Optional[str] = None,
     use_raw: bool = False,
+    embedding: Optional[str] = None,
 ) -> np.ndarray:
     """Cell embeddings ``[n_cells, cell_dim]`` (float32: the pooled vectors, through the
-    ``latent`` map when the model has one; not normalised) of
+    ``latent`` map when the model has one, and times ``model.decoder_metric()`` with
+    ``embedding: decoder_metric``; not normalised) of
     the raw counts of ``adata`` (``X``, ``layers[layer]`` or ``raw.X``) under ``model`` (from
     :func:`scfm_torch.load`), equal to ``obsm['X_scfm']`` of ``scfm embed``.
 
     The cells are tokenised as for inference (:func:`scfm_torch.tokenize`), encoded in
     batches of ``batch_size`` without gradients or dropout on the model's device, pooled
-    (``cls`` or ``mean``, as configured); their length carries information, so they are
+    (``cls`` or ``mean``, as configured) and read out as ``embedding`` (``pooled`` or
+    ``decoder_metric``; ``None``: the model's setting, as ``scfm embed --embedding``); their length carries information, so they are
     not L2-normalised (``l2_normalize`` them for unit rows). The batches
     are those of ``scfm embed``, so the padding is the same too. The model's
     training/evaluation mode is left as it was.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    kind = model.cfg.embedding if embedding is None else embedding
+    if kind not in ("pooled", "decoder_metric"):
+        raise ValueError(f"unknown embedding {kind!r}: pooled or decoder_metric")
+    if kind == "decoder_metric" and model.gepc is None:
+        raise ValueError("embedding decoder_metric reads the GEPC decoder, which this model (w_gepc: 0) lacks")
     tokens, _ = tokenize(model, adata, layer=layer, use_raw=use_raw)
     device = next(model.parameters()).device
     out = np.empty((len(tokens), model.cfg.cell_dim), dtype=np.float32)
     was_training = model.training
     model.eval()
+    readout = model.decoder_metric() if kind == "decoder_metric" else None
     try:
         with torch.no_grad():
             for block in range(0, len(tokens), BLOCK_ROWS):
@@ -49,7 +58,10 @@ def embed(
                     b = min(a + batch_size, end)
                     batch = collate(tokens[a:b], device)
                     _, cell = model.encode(batch["genes"], batch["bins"], batch["values"], batch["masked"])
-                    out[a:b] = cell.float().cpu().numpy()
+                    cell = cell.float()
+                    if readout is not None:
+                        cell = cell @ readout
+                    out[a:b] = cell.cpu().numpy()
     finally:
         model.train(was_training)
     return out

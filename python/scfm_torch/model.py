@@ -100,6 +100,9 @@ class ScfmConfig:
     # the cell embedding's size when it is a linear map (``latent``) of the pooled encoder
     # output, which the contrastive head and the GEPC decoder read; None: the pooled output
     latent_dim: Optional[int] = None
+    # "pooled" | "decoder_metric": what ``embed`` gives, the pooled vector ``c`` or ``c S``
+    # with ``S`` the GEPC decoder's metric (``ScfmModel.decoder_metric``)
+    embedding: str = "pooled"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScfmConfig":
@@ -141,6 +144,10 @@ class ScfmConfig:
             raise ValueError(f"unknown gepc_genes {self.gepc_genes!r}")
         if self.gepc_decoder not in ("gene_query", "per_gene"):
             raise ValueError(f"unknown gepc_decoder {self.gepc_decoder!r}")
+        if self.embedding not in ("pooled", "decoder_metric"):
+            raise ValueError(f"unknown embedding {self.embedding!r}")
+        if self.embedding == "decoder_metric" and not self.w_gepc > 0:
+            raise ValueError("embedding decoder_metric reads the GEPC decoder, which w_gepc: 0 leaves out")
         if self.expression == "binned" and self.n_bins < 2:
             raise ValueError("binned expression needs n_bins >= 2")
         for name in ("w_mgem", "w_contrastive", "w_gepc"):
@@ -363,6 +370,14 @@ class GepcHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_genes))
         self.detected = nn.Parameter(torch.zeros(n_genes)) if detected else None
 
+    def linear_map(self, genes: Tensor) -> Tensor:
+        """The decoder's linear map of the cell embedding ``[C, G]`` (``heads.rs::linear_map``):
+        the prediction is ``cell @ map + bias`` (plus the genes-detected term)."""
+        if self.form == "per_gene":
+            return self.weight.T
+        query = torch.sigmoid(self.gene(genes))
+        return self.cell.weight.T @ query.T
+
     def forward(self, cell: Tensor, genes: Tensor, detected: Optional[Tensor] = None) -> Tensor:
         """``cell`` ``[N, C]``; ``genes`` the gene rows of the token table ``[G, H]`` (used
         by ``gene_query``); ``detected`` the cells' covariates ``[N]`` (left out when
@@ -523,6 +538,22 @@ class ScfmModel(nn.Module):
         if self.latent is not None:
             cell = self.latent(cell)
         return hidden, cell
+
+    def decoder_metric(self) -> Optional[Tensor]:
+        """``S = (MᵀM / G)^½`` ``[C, C]`` (float32) of ``embedding: decoder_metric``, with ``M``
+        ``[G, C]`` the GEPC decoder's linear map of the cell embedding, so that
+        ``‖(c₁ − c₂) S‖² = ‖M (c₁ − c₂)‖² / G`` (``mod.rs::decoder_metric``): the symmetric
+        square root through ``eigh`` in float64, eigenvalues below 0 counted as 0. ``None``
+        without the decoder."""
+        if self.gepc is None:
+            return None
+        with torch.no_grad():
+            genes = self.embed.gene.weight[OFFSET:]
+            m = self.gepc.linear_map(genes).double()
+            gram = m @ m.T / max(m.shape[1], 1)
+            eig, vecs = torch.linalg.eigh(gram)
+            root = vecs * eig.clamp_min(0.0).sqrt().unsqueeze(0)
+            return (root @ vecs.T).float()
 
     def gepc_forward(self, cell: Tensor, detected: Optional[Tensor] = None) -> Optional[Tensor]:
         """The GEPC predictions ``[N, n_genes]`` for cell embeddings ``[N, C]`` and, for a

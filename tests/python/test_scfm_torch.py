@@ -145,9 +145,9 @@ def rust_tokens(export: Path, data: Path, out: Path) -> tuple[dict[str, torch.Te
     return load_file(str(out)), meta
 
 
-def rust_embed(export: Path, data: Path, out: Path) -> np.ndarray:
-    """``obsm['X_scfm']`` of ``scfm-worker embed`` on the CPU."""
-    run_worker("embed", export, data, "--out", out, "--device", "cpu", "--threads", "1")
+def rust_embed(export: Path, data: Path, out: Path, *extra: str) -> np.ndarray:
+    """``obsm['X_scfm']`` of ``scfm-worker embed`` on the CPU (``extra``: more flags)."""
+    run_worker("embed", export, data, "--out", out, "--device", "cpu", "--threads", "1", *extra)
     return np.asarray(anndata.read_h5ad(out).obsm["X_scfm"])
 
 
@@ -258,6 +258,9 @@ TRAINED = {
     "continuous_mean": "expression: continuous\n  pooling: mean\n  positional: none",
     # the bottleneck: an 8-wide embedding read by the per-gene decoder
     "continuous_mean_latent": "expression: continuous\n  pooling: mean\n  positional: none\n  gepc_decoder: per_gene\n  latent_dim: 8",
+    # the embedding in the decoder's metric, for both decoder forms
+    "continuous_mean_metric": "expression: continuous\n  pooling: mean\n  positional: none\n  gepc_decoder: per_gene\n  gepc_detected: true\n  embedding: decoder_metric",
+    "binned_mean_metric_query": "expression: binned\n  pooling: mean\n  positional: none\n  gepc_decoder: gene_query\n  embedding: decoder_metric",
 }
 
 
@@ -327,6 +330,22 @@ def test_trained_embed_equals_rust(trained_export: Path, tmp_path: Path):
     assert diff <= EMBED_ATOL, f"max abs diff {diff:.3e}"
     # The pooled vectors themselves, not unit rows.
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
+    if model.cfg.embedding == "decoder_metric":
+        assert uns["embedding"] == "mean+decoder_metric", dict(uns)
+        # The pooled read-out on both sides (`--embedding pooled`), and the metric itself:
+        # distances of the read-out are the RMS distances of the decoded profiles.
+        pooled = rust_embed(trained_export, PBMC, tmp_path / "pooled.h5ad", "--embedding", "pooled")
+        assert anndata.read_h5ad(tmp_path / "pooled.h5ad").uns["scfm"]["embedding"] == "mean"
+        mine = scfm_torch.embed(model, anndata.read_h5ad(PBMC), embedding="pooled")
+        assert float(np.abs(mine - pooled).max()) <= EMBED_ATOL
+        assert float(np.abs(pooled @ model.decoder_metric().numpy() - want).max()) <= EMBED_ATOL
+        with torch.no_grad():
+            c = torch.from_numpy(pooled[:20]).double()
+            m = model.gepc.linear_map(model.embed.gene.weight[2:]).double()
+            decoded = c @ m
+            d_dec = torch.cdist(decoded, decoded) / m.shape[1] ** 0.5
+            d_emb = torch.cdist(torch.from_numpy(want[:20]).double(), torch.from_numpy(want[:20]).double())
+        assert torch.allclose(d_emb, d_dec, rtol=1e-3, atol=1e-4), float((d_emb - d_dec).abs().max())
 
 
 def test_trained_tokens_equal_rust(trained_export: Path, tmp_path: Path):

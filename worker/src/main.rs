@@ -317,9 +317,22 @@ struct ModelRunArgs {
     /// Intra-op CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// The cell embedding: pooled (the pooled vector as it is) or decoder_metric (it in the
+    /// GEPC decoder's metric); default: the model's `embedding` setting.
+    #[arg(long, value_parser = ["pooled", "decoder_metric"])]
+    embedding: Option<String>,
 }
 
 impl ModelRunArgs {
+    /// The `--embedding` choice.
+    fn embedding(&self) -> Option<scfm_common::config::CellEmbedding> {
+        use scfm_common::config::CellEmbedding;
+        self.embedding.as_deref().map(|e| match e {
+            "decoder_metric" => CellEmbedding::DecoderMetric,
+            _ => CellEmbedding::Pooled,
+        })
+    }
+
     /// Applies `--threads`.
     fn set_threads(&self) {
         if let Some(t) = self.threads {
@@ -530,6 +543,7 @@ fn run() -> Result<()> {
         }
         Cmd::Embed(e) => {
             e.run.set_threads();
+            let embedding = e.run.embedding();
             let args = scfm_worker::infer::run::EmbedArgs {
                 model: e.model,
                 input: e.input,
@@ -542,6 +556,7 @@ fn run() -> Result<()> {
                 key: e.key,
                 cache_dir: None,
                 progress: true,
+                embedding,
             };
             let s = scfm_worker::infer::run::run_embed(&args, &rt)?;
             if e.json {
@@ -594,6 +609,7 @@ fn run() -> Result<()> {
             use scfm_worker::infer::evaluate::{EvaluateArgs, markdown, run_evaluate};
             use scfm_worker::infer::pca::{HvgFlavor, PcaSettings};
             e.run.set_threads();
+            let embedding = e.run.embedding();
             let args = EvaluateArgs {
                 model: e.model,
                 data: e.data,
@@ -616,6 +632,7 @@ fn run() -> Result<()> {
                     n_pcs: e.n_pcs,
                 },
                 kmeans_runs: e.kmeans_runs as usize,
+                embedding,
             };
             let ev = run_evaluate(&args, &rt)?;
             if e.json {

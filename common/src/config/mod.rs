@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use model::{
-    ExpressionEncoding, GepcDecoder, GepcTarget, ModelConfig, Pooling, Positional, Subsample,
-    preset_lr, spec_preset,
+    CellEmbedding, ExpressionEncoding, GepcDecoder, GepcTarget, ModelConfig, Pooling, Positional,
+    Subsample, preset_lr, spec_preset,
 };
 pub use training::{Augment, Device, Precision, Schedule, TrainingConfig};
 

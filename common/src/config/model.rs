@@ -106,6 +106,38 @@ impl GepcDecoder {
     }
 }
 
+/// What `scfm embed` and `scfm evaluate` give as a cell's embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CellEmbedding {
+    /// The pooled encoder output (through the `latent_dim` map when set), as it is.
+    #[default]
+    Pooled,
+    /// The pooled embedding `c` in the GEPC decoder's metric: `c S` with `S = (MᵀM / G)^½`
+    /// (the symmetric square root), where `M` `[G, C]` is the decoder's linear map of `c`
+    /// onto the `G` vocabulary genes (its per-gene biases and the genes-detected term left
+    /// out). The Euclidean distance of two such embeddings is the root-mean-square
+    /// difference of the two cells' decoded profiles, so each direction of `c` counts by
+    /// how much expression it decodes to, as PCA's scores count by the variance they carry;
+    /// the pooled vector itself weighs its directions by whatever scale training left them
+    /// at (the decoder can undo any linear map of `c`). Needs the decoder (`w_gepc > 0`).
+    DecoderMetric,
+}
+
+impl CellEmbedding {
+    fn is_pooled(&self) -> bool {
+        *self == CellEmbedding::Pooled
+    }
+
+    /// `pooled` or `decoder_metric`, as configuration files spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CellEmbedding::Pooled => "pooled",
+            CellEmbedding::DecoderMetric => "decoder_metric",
+        }
+    }
+}
+
 /// The model architecture and its loss settings. See `configs/models/*.yaml` for the
 /// presets and a comment on every field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +216,10 @@ pub struct ModelConfig {
     /// read; absent: the pooled output itself (`hidden` wide).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latent_dim: Option<usize>,
+    /// What `scfm embed` and `scfm evaluate` give as the cell embedding (absent: `pooled`);
+    /// a read-out of the trained model that training does not use.
+    #[serde(default, skip_serializing_if = "CellEmbedding::is_pooled")]
+    pub embedding: CellEmbedding,
 }
 
 /// The clip of standardised GEPC targets when `model.gepc_clip` is absent.
@@ -369,6 +405,13 @@ impl ModelConfig {
                 "must be > 0 (or absent: no bottleneck)".into(),
             );
         }
+        if self.embedding == CellEmbedding::DecoderMetric && !self.has_gepc() {
+            return err(
+                "embedding",
+                "decoder_metric reads the GEPC decoder, which w_gepc: 0 leaves out; use pooled"
+                    .into(),
+            );
+        }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return err(
                 "temperature",
@@ -536,6 +579,25 @@ mod tests {
     }
 
     #[test]
+    fn embedding_is_pooled_when_absent_and_written_only_when_not() {
+        let c = ModelConfig::from_spec(&spec("preset: minimal")).unwrap();
+        assert_eq!(c.embedding, CellEmbedding::Pooled);
+        assert!(!serde_json::to_string(&c).unwrap().contains("embedding"));
+        let d =
+            ModelConfig::from_spec(&spec("preset: minimal\nembedding: decoder_metric")).unwrap();
+        assert_eq!(d.embedding, CellEmbedding::DecoderMetric);
+        d.validate().unwrap();
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(json.contains("\"embedding\":\"decoder_metric\""), "{json}");
+        let back: ModelConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, d);
+        // A read-out only: the parameters are the same.
+        assert_eq!(d.param_count(2000), c.param_count(2000));
+        let e = ModelConfig::from_spec(&spec("embedding: whitened")).unwrap_err();
+        assert!(e.to_string().contains("whitened"), "{e}");
+    }
+
+    #[test]
     fn latent_dim_is_optional_and_written_only_when_set() {
         let c = ModelConfig::from_spec(&spec("preset: minimal")).unwrap();
         assert_eq!((c.latent_dim, c.cell_dim()), (None, c.hidden));
@@ -641,6 +703,10 @@ mod tests {
             (
                 "latent_dim: 0",
                 "invalid config `model.latent_dim`: must be > 0 (or absent: no bottleneck)",
+            ),
+            (
+                "embedding: decoder_metric\nw_gepc: 0.0",
+                "invalid config `model.embedding`: decoder_metric reads the GEPC decoder, which w_gepc: 0 leaves out; use pooled",
             ),
             (
                 "w_mgem: 0.0\nw_contrastive: 0.0\nw_gepc: 0.0",

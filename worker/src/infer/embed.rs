@@ -5,6 +5,7 @@
 //! are those whose profile departs most from the average, as in PCA), which k-means and
 //! Euclidean neighbours use; cosine neighbours ignore it.
 
+use scfm_common::config::CellEmbedding;
 use scfm_common::data::CsrMatrix;
 use scfm_common::data::preprocess::normalize_log1p_matrix;
 use scfm_common::tokenizer::{Batch, CellTokens, Tokenizer};
@@ -20,15 +21,22 @@ pub struct Embedder<'a> {
     bundle: &'a ModelBundle,
     tok: Tokenizer,
     batch_size: usize,
+    /// `S` of `embedding: decoder_metric` ([`crate::model::ScfmModel::decoder_metric`]).
+    readout: Option<Tensor>,
 }
 
 impl<'a> Embedder<'a> {
     /// An embedder running `batch_size` cells per forward pass.
     pub fn new(bundle: &'a ModelBundle, batch_size: usize) -> Self {
+        let readout = match bundle.cfg().embedding {
+            CellEmbedding::Pooled => None,
+            CellEmbedding::DecoderMetric => bundle.model.decoder_metric(),
+        };
         Embedder {
             bundle,
             tok: Tokenizer::new(bundle.cfg()),
             batch_size: batch_size.max(1),
+            readout,
         }
     }
 
@@ -83,7 +91,8 @@ impl<'a> Embedder<'a> {
     }
 
     /// Cell embeddings `[n, cell_dim]` (row-major, the pooled vectors, through the bottleneck
-    /// when the model has one) of normalised model rows.
+    /// when the model has one, and in the decoder's metric with `embedding:
+    /// decoder_metric`) of normalised model rows.
     pub fn embed(&self, x: &CsrMatrix) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(x.n_rows * self.dim());
         let toks = self.tokens(x);
@@ -95,6 +104,10 @@ impl<'a> Embedder<'a> {
                 let inputs = Inputs::from_batch(&b, device);
                 let (_, cell) = model.encode(&inputs, false);
                 let cell = cell.to_kind(Kind::Float);
+                let cell = match &self.readout {
+                    Some(s) => cell.matmul(s),
+                    None => cell,
+                };
                 out.extend(Vec::<f32>::try_from(
                     &cell.to_device(tch::Device::Cpu).reshape([-1]),
                 )?);

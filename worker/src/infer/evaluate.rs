@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use scfm_common::config::Device as DeviceChoice;
+use scfm_common::config::{CellEmbedding, Device as DeviceChoice};
 use scfm_common::data::CsrMatrix;
 use scfm_common::data::h5ad::MatrixSource;
 use scfm_common::eval::{Embedding, EvalOptions, Metrics as EvalMetrics, evaluate_embedding_with};
@@ -20,7 +20,7 @@ use super::input::{BLOCK_ROWS, CellInput, InputOptions};
 use super::load::ModelBundle;
 use super::pca::{PcaSettings, pca_baseline};
 use super::recon::{Reconstruction, reconstruction};
-use super::run::{check_alignment, pooling_name};
+use super::run::{check_alignment, embedding_name};
 use crate::error::{Result, WorkerError};
 use crate::step::select_device;
 
@@ -53,6 +53,8 @@ pub struct EvaluateArgs {
     pub pca: PcaSettings,
     /// k-means runs per embedding (the k-means scores are their mean).
     pub kmeans_runs: usize,
+    /// The cell embedding, when not the model's own setting (`--embedding`).
+    pub embedding: Option<CellEmbedding>,
 }
 
 /// One embedding's row of the table.
@@ -107,7 +109,10 @@ pub struct Evaluation {
 pub fn run_evaluate(args: &EvaluateArgs, rt: &Rt) -> Result<Evaluation> {
     let t0 = Instant::now();
     let device = select_device(args.device)?;
-    let bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref(), rt)?;
+    let mut bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref(), rt)?;
+    if let Some(e) = args.embedding {
+        bundle.set_embedding(e)?;
+    }
     let input = CellInput::open(
         &args.data,
         &InputOptions {
@@ -165,7 +170,7 @@ pub fn run_evaluate(args: &EvaluateArgs, rt: &Rt) -> Result<Evaluation> {
             &bundle,
             format!(
                 "scfm {} embedding, step {}",
-                pooling_name(&bundle),
+                embedding_name(&bundle),
                 bundle.step
             ),
         ),
@@ -216,7 +221,7 @@ pub fn run_evaluate(args: &EvaluateArgs, rt: &Rt) -> Result<Evaluation> {
         model: bundle.origin.clone(),
         model_sha256: bundle.digest.clone(),
         step: bundle.step,
-        pooling: pooling_name(&bundle).into(),
+        pooling: embedding_name(&bundle),
         genes_matched: a.matched,
         model_genes: a.n_model,
         rows,

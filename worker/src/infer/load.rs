@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use scfm_common::checkpoint::{open_part, select_verified, step_of, verify_dir};
-use scfm_common::config::ModelConfig;
+use scfm_common::config::{CellEmbedding, ModelConfig};
 use scfm_common::data::prepared::{VocabEntry, parse_vocab_tsv};
 use scfm_common::runtime::Rt;
 use scfm_common::storage::{Store, sha256_hex};
@@ -237,6 +237,16 @@ impl ModelBundle {
             settings: serde_json::Value::Null,
             run_url: None,
         })
+    }
+
+    /// Reads the cells out as `embedding` instead of the model's own setting; an error
+    /// when the model cannot (`decoder_metric` without the GEPC decoder).
+    pub fn set_embedding(&mut self, embedding: CellEmbedding) -> Result<()> {
+        let mut cfg = self.model.cfg.clone();
+        cfg.embedding = embedding;
+        cfg.validate()?;
+        self.model.cfg = cfg;
+        Ok(())
     }
 
     /// The model's configuration.

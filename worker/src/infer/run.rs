@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use scfm_common::config::Device as DeviceChoice;
+use scfm_common::config::{CellEmbedding, Device as DeviceChoice};
 use scfm_common::data::h5ad::MatrixSource;
 use scfm_common::data::h5ad::embedding::{EmbeddingWriter, Frame, UnsValue};
 use scfm_common::runtime::Rt;
@@ -46,6 +46,8 @@ pub struct EmbedArgs {
     pub cache_dir: Option<PathBuf>,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// The cell embedding, when not the model's own setting (`--embedding`).
+    pub embedding: Option<CellEmbedding>,
 }
 
 /// What `scfm embed` did.
@@ -124,7 +126,10 @@ pub fn progress_bar(n: usize, show: bool) -> indicatif::ProgressBar {
 pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
     let t0 = Instant::now();
     let device = select_device(args.device)?;
-    let bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref(), rt)?;
+    let mut bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref(), rt)?;
+    if let Some(e) = args.embedding {
+        bundle.set_embedding(e)?;
+    }
     let input = CellInput::open(
         &args.input,
         &InputOptions {
@@ -136,10 +141,10 @@ pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
         rt,
     )?;
     eprintln!(
-        "model: {} (step {}, {} pooling, {} genes); input: {}",
+        "model: {} (step {}, {} embedding, {} genes); input: {}",
         bundle.origin,
         bundle.step,
-        pooling_name(&bundle),
+        embedding_name(&bundle),
         bundle.vocab.len(),
         input.describe
     );
@@ -196,7 +201,7 @@ pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
             UnsValue::Int(bundle.cfg().cell_dim() as i64),
         ),
         ("n_layers", UnsValue::Int(bundle.cfg().n_layers as i64)),
-        ("embedding", UnsValue::Str(pooling_name(&bundle).into())),
+        ("embedding", UnsValue::Str(embedding_name(&bundle))),
         ("normalized", UnsValue::Str("none".into())),
         ("genes_matched", UnsValue::Int(a.matched as i64)),
         ("model_genes", UnsValue::Int(a.n_model as i64)),
@@ -221,10 +226,15 @@ pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
     })
 }
 
-/// `cls` or `mean`.
-pub fn pooling_name(b: &ModelBundle) -> &'static str {
-    match b.cfg().pooling {
+/// The cell embedding's name: its pooling (`cls` or `mean`), with `+decoder_metric` when
+/// it is read in the GEPC decoder's metric (`model.embedding`).
+pub fn embedding_name(b: &ModelBundle) -> String {
+    let pooling = match b.cfg().pooling {
         scfm_common::config::Pooling::Cls => "cls",
         scfm_common::config::Pooling::Mean => "mean",
+    };
+    match b.cfg().embedding {
+        CellEmbedding::Pooled => pooling.to_string(),
+        e => format!("{pooling}+{}", e.name()),
     }
 }

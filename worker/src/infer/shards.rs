@@ -28,7 +28,7 @@ use super::embed::Embedder;
 use super::input::BLOCK_ROWS;
 use super::load::ModelBundle;
 use super::parts::{self, EmbeddingIndex, INDEX_FORMAT, INDEX_JSON, PartIdentity};
-use super::run::pooling_name;
+use super::run::embedding_name;
 use crate::control::Control;
 use crate::data::cache::ShardCache;
 use crate::error::{Result, WorkerError};
@@ -153,7 +153,7 @@ impl Job<'_> {
             ("hidden", UnsValue::Int(b.cfg().hidden as i64)),
             ("embedding_dim", UnsValue::Int(b.cfg().cell_dim() as i64)),
             ("n_layers", UnsValue::Int(b.cfg().n_layers as i64)),
-            ("embedding", UnsValue::Str(pooling_name(b).into())),
+            ("embedding", UnsValue::Str(embedding_name(b))),
             ("normalized", UnsValue::Str("none".into())),
             ("genes_matched", UnsValue::Int(a.matched as i64)),
             ("model_genes", UnsValue::Int(a.n_model as i64)),

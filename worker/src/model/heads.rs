@@ -126,6 +126,20 @@ impl GepcHead {
         }
     }
 
+    /// The decoder's linear map of the cell embedding, `[C, G]`: the prediction is
+    /// `cell · map + bias (+ the genes-detected term)`, with `map` `weightᵀ` (per gene) or
+    /// `cell.weightᵀ · σ(gene(genes))ᵀ` (gene query; `cell.bias` only shifts every cell's
+    /// prediction alike).
+    pub fn linear_map(&self, genes: &Tensor) -> Tensor {
+        match &self.map {
+            GepcMap::GeneQuery { cell: c, gene } => {
+                let query = genes.apply(gene).sigmoid();
+                c.ws.transpose(0, 1).matmul(&query.transpose(0, 1))
+            }
+            GepcMap::PerGene { weight } => weight.transpose(0, 1),
+        }
+    }
+
     /// `cell` `[N, C]`, `genes` the gene rows of the token table `[G, H]`, and the cells'
     /// genes-detected covariates `[N]` (used when the head has the slopes; without
     /// covariates the term is left out, as for a cell of the centre) → `[N, G]`.

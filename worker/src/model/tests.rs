@@ -401,3 +401,40 @@ fn training_forward_runs_the_decoder_only_with_profiles() {
         assert!(d < 1e-5, "{pooling}: decoder outputs differ by {d}");
     }
 }
+
+#[test]
+fn decoder_metric_distances_are_the_decoded_profiles_rms_distances() {
+    for extra in [
+        "w_gepc: 1.0\ngepc_decoder: per_gene\ngepc_detected: true",
+        "w_gepc: 1.0",
+        "pooling: mean\nw_gepc: 1.0\ngepc_decoder: per_gene\nlatent_dim: 6",
+    ] {
+        let cfg = small(extra);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = ScfmModel::new(&vs, &cfg, 30).unwrap();
+        let s = m.decoder_metric().unwrap();
+        let c = cfg.cell_dim() as i64;
+        assert_eq!(s.size(), vec![c, c], "{extra}");
+        assert!(s.allclose(&s.transpose(0, 1), 1e-6, 1e-7, false), "{extra}");
+        tch::manual_seed(5);
+        let cells = Tensor::randn([6, c], (Kind::Float, Device::Cpu));
+        // The covariate shifts every gene of a cell by the cell's own amount: the metric
+        // leaves it (and the biases) out, so compare the decoded profiles without it.
+        let decoded = m.gepc_forward(&cells, None).unwrap();
+        let read = cells.matmul(&s);
+        for i in 0..6 {
+            for j in 0..i {
+                let dist = |t: &Tensor| (t.get(i) - t.get(j)).square().sum(Kind::Double);
+                let want = dist(&decoded).double_value(&[]) / 30.0;
+                let got = dist(&read).double_value(&[]);
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.max(1e-6),
+                    "{extra}: {got} vs {want}"
+                );
+            }
+        }
+    }
+    let vs = nn::VarStore::new(Device::Cpu);
+    let none = ScfmModel::new(&vs, &small("w_gepc: 0.0"), 30).unwrap();
+    assert!(none.decoder_metric().is_none());
+}
