@@ -91,6 +91,13 @@ fn embed_export_and_evaluate_on_real_cells() {
     }
     let c = dir.path().join("c.h5ad");
     embed(&export, &input, &c);
+    // Both read-outs on request (`--embedding`), whatever the model's own setting.
+    let (pooled, metric) = (dir.path().join("p.h5ad"), dir.path().join("m.h5ad"));
+    for (out, kind) in [(&pooled, "pooled"), (&metric, "decoder_metric")] {
+        let mut args = embed_args(&run, &input, out);
+        args.extend(["--embedding", kind]);
+        ok(&worker(&args), "embed --embedding");
+    }
 
     // anndata opens them: the input's cells and obs columns, the pooled rows (not
     // normalised), no NaN.
@@ -110,13 +117,31 @@ assert (n > 0).all() and n.std() > 1e-3 * n.mean(), "rows normalised or empty"
 assert e.std(0).max() > 1e-4, "all cells embedded alike"
 u = a.uns["scfm"]
 assert u["normalized"] == "none", dict(u)
-assert int(u["genes_matched"]) == 765 and u["embedding"] == "mean", dict(u)
 assert np.array_equal(e, c.obsm["X_scfm"]), "export and checkpoint embeddings differ"
+# The decoder's metric: the pooled rows times S = (W^T W / G)^(1/2) of the per-gene weights,
+# and the model's own setting decides which one `embed` writes by default.
+import json
+from safetensors.numpy import load_file
+p = ad.read_h5ad({pooled:?}); m = ad.read_h5ad({metric:?})
+assert p.uns["scfm"]["embedding"] == "mean", dict(p.uns["scfm"])
+assert m.uns["scfm"]["embedding"] == "mean+decoder_metric", dict(m.uns["scfm"])
+W = load_file({export:?} + "/model.safetensors")["gepc.weight"].astype(np.float64)
+lam, V = np.linalg.eigh(W.T @ W / W.shape[0])
+S = (V * np.sqrt(np.clip(lam, 0, None))) @ V.T
+got = m.obsm["X_scfm"]
+assert np.abs(p.obsm["X_scfm"] @ S - got).max() <= 1e-4 * max(1.0, np.abs(got).max())
+own = json.load(open({export:?} + "/config.json"))["model"].get("embedding", "pooled")
+want = m if own == "decoder_metric" else p
+assert int(u["genes_matched"]) == 765 and u["embedding"] == want.uns["scfm"]["embedding"], dict(u)
+assert np.array_equal(e, want.obsm["X_scfm"]), "the default read-out is not the model's setting"
 print("ok")
 "#,
         input = input.display().to_string(),
         a = a.display().to_string(),
         c = c.display().to_string(),
+        pooled = pooled.display().to_string(),
+        metric = metric.display().to_string(),
+        export = export.display().to_string(),
     );
     let o = run_with_timeout(Command::new(python()).arg("-c").arg(&check), LIMIT);
     assert!(

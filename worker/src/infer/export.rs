@@ -139,7 +139,7 @@ fn model_card(b: &ModelBundle, cfg: &ExportConfig, eval: Option<&str>, rt: &Rt) 
         },
     );
     s.push_str(&format!(
-        "| | |\n|---|---|\n| parameters | {} |\n| genes | {} |\n| hidden / layers / heads | {} / {} / {} |\n| expression | {:?}{} |\n| max tokens per cell | {} |\n| cell embedding | {:?} pooling{} (not normalised) |\n| normalisation | normalize_total {} then log1p |\n| training steps | {} |\n| weights sha256 | `{}` |\n| exported from | `{}` |\n\n",
+        "| | |\n|---|---|\n| parameters | {} |\n| genes | {} |\n| hidden / layers / heads | {} / {} / {} |\n| expression | {:?}{} |\n| max tokens per cell | {} |\n| cell embedding | {:?} pooling{}{} (not normalised) |\n| normalisation | normalize_total {} then log1p |\n| training steps | {} |\n| weights sha256 | `{}` |\n| exported from | `{}` |\n\n",
         m.param_count(cfg.n_genes),
         cfg.n_genes,
         m.hidden,
@@ -155,6 +155,11 @@ fn model_card(b: &ModelBundle, cfg: &ExportConfig, eval: Option<&str>, rt: &Rt) 
         m.pooling,
         m.latent_dim
             .map_or(String::new(), |d| format!(", a linear map to {d} dims")),
+        if m.embedding == scfm_common::config::CellEmbedding::DecoderMetric {
+            ", in the GEPC decoder's metric (`embedding: decoder_metric`)"
+        } else {
+            ""
+        },
         cfg.target_sum,
         cfg.step,
         cfg.model_sha256,
