@@ -39,7 +39,7 @@ def embed(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-    kind = model.cfg.embedding if embedding is None else embedding
+    kind = model.cfg.read_out if embedding is None else embedding
     if kind not in ("pooled", "decoder_metric"):
         raise ValueError(f"unknown embedding {kind!r}: pooled or decoder_metric")
     if kind == "decoder_metric" and model.gepc is None:

@@ -146,8 +146,6 @@ class ScfmConfig:
             raise ValueError(f"unknown gepc_decoder {self.gepc_decoder!r}")
         if self.embedding not in ("pooled", "decoder_metric"):
             raise ValueError(f"unknown embedding {self.embedding!r}")
-        if self.embedding == "decoder_metric" and not self.w_gepc > 0:
-            raise ValueError("embedding decoder_metric reads the GEPC decoder, which w_gepc: 0 leaves out")
         if self.expression == "binned" and self.n_bins < 2:
             raise ValueError("binned expression needs n_bins >= 2")
         for name in ("w_mgem", "w_contrastive", "w_gepc"):
@@ -164,6 +162,12 @@ class ScfmConfig:
     def has_gepc(self) -> bool:
         """Whether the model has the GEPC expression decoder (``w_gepc > 0``)."""
         return self.w_gepc > 0
+
+    @property
+    def read_out(self) -> str:
+        """The embedding the model gives: ``embedding``, but ``"pooled"`` without the GEPC
+        decoder (``ModelConfig::read_out``)."""
+        return self.embedding if self.has_gepc else "pooled"
 
     @property
     def cell_dim(self) -> int:

@@ -330,12 +330,12 @@ def test_trained_embed_equals_rust(trained_export: Path, tmp_path: Path):
     assert diff <= EMBED_ATOL, f"max abs diff {diff:.3e}"
     # The pooled vectors themselves, not unit rows.
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
-    if model.cfg.embedding == "decoder_metric":
-        assert uns["embedding"] == "mean+decoder_metric", dict(uns)
+    if model.cfg.read_out == "decoder_metric":
+        assert uns["embedding"] == f"{model.cfg.pooling}+decoder_metric", dict(uns)
         # The pooled read-out on both sides (`--embedding pooled`), and the metric itself:
         # distances of the read-out are the RMS distances of the decoded profiles.
         pooled = rust_embed(trained_export, PBMC, tmp_path / "pooled.h5ad", "--embedding", "pooled")
-        assert anndata.read_h5ad(tmp_path / "pooled.h5ad").uns["scfm"]["embedding"] == "mean"
+        assert anndata.read_h5ad(tmp_path / "pooled.h5ad").uns["scfm"]["embedding"] == model.cfg.pooling
         mine = scfm_torch.embed(model, anndata.read_h5ad(PBMC), embedding="pooled")
         assert float(np.abs(mine - pooled).max()) <= EMBED_ATOL
         assert float(np.abs(pooled @ model.decoder_metric().numpy() - want).max()) <= EMBED_ATOL

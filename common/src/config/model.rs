@@ -120,7 +120,8 @@ pub enum CellEmbedding {
     /// difference of the two cells' decoded profiles, so each direction of `c` counts by
     /// how much expression it decodes to, as PCA's scores count by the variance they carry;
     /// the pooled vector itself weighs its directions by whatever scale training left them
-    /// at (the decoder can undo any linear map of `c`). Needs the decoder (`w_gepc > 0`).
+    /// at (the decoder can undo any linear map of `c`). A model without the decoder
+    /// (`w_gepc: 0`) gives the pooled vector ([`ModelConfig::read_out`]).
     DecoderMetric,
 }
 
@@ -405,13 +406,6 @@ impl ModelConfig {
                 "must be > 0 (or absent: no bottleneck)".into(),
             );
         }
-        if self.embedding == CellEmbedding::DecoderMetric && !self.has_gepc() {
-            return err(
-                "embedding",
-                "decoder_metric reads the GEPC decoder, which w_gepc: 0 leaves out; use pooled"
-                    .into(),
-            );
-        }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return err(
                 "temperature",
@@ -510,6 +504,17 @@ impl ModelConfig {
         self.latent_dim.unwrap_or(self.hidden)
     }
 
+    /// The cell embedding the model gives: `embedding`, except that a model without the
+    /// GEPC decoder (`w_gepc: 0`, for instance over a preset that reads its cells out in the
+    /// decoder's metric) gives the pooled vector.
+    pub fn read_out(&self) -> CellEmbedding {
+        if self.has_gepc() {
+            self.embedding
+        } else {
+            CellEmbedding::Pooled
+        }
+    }
+
     /// Whether the model has the GEPC expression decoder (`w_gepc > 0`).
     pub fn has_gepc(&self) -> bool {
         self.w_gepc > 0.0
@@ -580,11 +585,11 @@ mod tests {
 
     #[test]
     fn embedding_is_pooled_when_absent_and_written_only_when_not() {
-        let c = ModelConfig::from_spec(&spec("preset: minimal")).unwrap();
+        let c = ModelConfig::from_spec(&spec("preset: default")).unwrap();
         assert_eq!(c.embedding, CellEmbedding::Pooled);
         assert!(!serde_json::to_string(&c).unwrap().contains("embedding"));
         let d =
-            ModelConfig::from_spec(&spec("preset: minimal\nembedding: decoder_metric")).unwrap();
+            ModelConfig::from_spec(&spec("preset: default\nembedding: decoder_metric")).unwrap();
         assert_eq!(d.embedding, CellEmbedding::DecoderMetric);
         d.validate().unwrap();
         let json = serde_json::to_string(&d).unwrap();
@@ -593,8 +598,21 @@ mod tests {
         assert_eq!(back, d);
         // A read-out only: the parameters are the same.
         assert_eq!(d.param_count(2000), c.param_count(2000));
+        assert_eq!(d.read_out(), CellEmbedding::DecoderMetric);
+        // Without the decoder there is no metric: the pooled vector, and no error.
+        let n = ModelConfig::from_spec(&spec("preset: minimal\nw_gepc: 0.0")).unwrap();
+        n.validate().unwrap();
+        assert_eq!(
+            (n.embedding, n.read_out()),
+            (CellEmbedding::DecoderMetric, CellEmbedding::Pooled)
+        );
         let e = ModelConfig::from_spec(&spec("embedding: whitened")).unwrap_err();
         assert!(e.to_string().contains("whitened"), "{e}");
+        // `minimal` reads its cells out in the decoder's metric; `pooled` overrides it.
+        let m = ModelConfig::preset("minimal").unwrap();
+        assert_eq!(m.embedding, CellEmbedding::DecoderMetric);
+        let p = ModelConfig::from_spec(&spec("preset: minimal\nembedding: pooled")).unwrap();
+        assert_eq!(p.embedding, CellEmbedding::Pooled);
     }
 
     #[test]
@@ -703,10 +721,6 @@ mod tests {
             (
                 "latent_dim: 0",
                 "invalid config `model.latent_dim`: must be > 0 (or absent: no bottleneck)",
-            ),
-            (
-                "embedding: decoder_metric\nw_gepc: 0.0",
-                "invalid config `model.embedding`: decoder_metric reads the GEPC decoder, which w_gepc: 0 leaves out; use pooled",
             ),
             (
                 "w_mgem: 0.0\nw_contrastive: 0.0\nw_gepc: 0.0",

@@ -28,7 +28,7 @@ pub struct Embedder<'a> {
 impl<'a> Embedder<'a> {
     /// An embedder running `batch_size` cells per forward pass.
     pub fn new(bundle: &'a ModelBundle, batch_size: usize) -> Self {
-        let readout = match bundle.cfg().embedding {
+        let readout = match bundle.cfg().read_out() {
             CellEmbedding::Pooled => None,
             CellEmbedding::DecoderMetric => bundle.model.decoder_metric(),
         };

@@ -155,7 +155,7 @@ fn model_card(b: &ModelBundle, cfg: &ExportConfig, eval: Option<&str>, rt: &Rt) 
         m.pooling,
         m.latent_dim
             .map_or(String::new(), |d| format!(", a linear map to {d} dims")),
-        if m.embedding == scfm_common::config::CellEmbedding::DecoderMetric {
+        if m.read_out() == scfm_common::config::CellEmbedding::DecoderMetric {
             ", in the GEPC decoder's metric (`embedding: decoder_metric`)"
         } else {
             ""

@@ -242,10 +242,14 @@ impl ModelBundle {
     /// Reads the cells out as `embedding` instead of the model's own setting; an error
     /// when the model cannot (`decoder_metric` without the GEPC decoder).
     pub fn set_embedding(&mut self, embedding: CellEmbedding) -> Result<()> {
-        let mut cfg = self.model.cfg.clone();
-        cfg.embedding = embedding;
-        cfg.validate()?;
-        self.model.cfg = cfg;
+        if embedding == CellEmbedding::DecoderMetric && !self.cfg().has_gepc() {
+            return Err(WorkerError::Data(format!(
+                "--embedding decoder_metric: the model {} has no GEPC decoder (w_gepc: 0) to \
+                 read its metric from; use pooled",
+                self.origin
+            )));
+        }
+        self.model.cfg.embedding = embedding;
         Ok(())
     }
 

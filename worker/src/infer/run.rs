@@ -233,7 +233,7 @@ pub fn embedding_name(b: &ModelBundle) -> String {
         scfm_common::config::Pooling::Cls => "cls",
         scfm_common::config::Pooling::Mean => "mean",
     };
-    match b.cfg().embedding {
+    match b.cfg().read_out() {
         CellEmbedding::Pooled => pooling.to_string(),
         e => format!("{pooling}+{}", e.name()),
     }

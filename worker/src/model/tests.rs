@@ -302,7 +302,7 @@ fn gepc_detected_shifts_predictions_by_the_cells_covariate() {
         let _ = ScfmModel::new(&vs, &small(extra), n_genes).unwrap();
         vs.variables().contains_key("gepc.detected")
     };
-    assert!(!names("pooling: mean\nw_gepc: 1.0"));
+    assert!(!names("pooling: mean\nw_gepc: 1.0\ngepc_detected: false"));
     assert!(names("pooling: mean\nw_gepc: 1.0\ngepc_detected: true"));
 
     let vs = nn::VarStore::new(Device::Cpu);
