@@ -303,3 +303,43 @@ pub fn load_weights(vs: &nn::VarStore, named: &NamedVecs, url: &str) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(extra: &str) -> ModelBundle {
+        let y =
+            format!("hidden: 16\nn_layers: 1\nn_heads: 2\nffn_dim: 32\nmax_seq_len: 8\n{extra}");
+        let cfg = ModelConfig::from_spec(&serde_norway::from_str(&y).unwrap()).unwrap();
+        let vocab = (0..12)
+            .map(|i| VocabEntry {
+                gene_id: format!("G{i}"),
+                symbol: format!("S{i}"),
+            })
+            .collect();
+        ModelBundle::random_init(&cfg, vocab, 1e4, Device::Cpu, 1).unwrap()
+    }
+
+    /// `--embedding`: the metric needs the decoder; asking for it without one names the
+    /// model, and the bundle keeps reading out the pooled vector.
+    #[test]
+    fn set_embedding_refuses_the_metric_without_a_decoder() {
+        let mut b = bundle("w_gepc: 0.0");
+        assert_eq!(b.cfg().read_out(), CellEmbedding::Pooled);
+        let e = b.set_embedding(CellEmbedding::DecoderMetric).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("no GEPC decoder") && msg.contains("random initialisation"),
+            "{msg}"
+        );
+        assert_eq!(b.cfg().read_out(), CellEmbedding::Pooled);
+        b.set_embedding(CellEmbedding::Pooled).unwrap();
+
+        let mut d = bundle("w_gepc: 1.0\nembedding: pooled");
+        assert_eq!(d.cfg().read_out(), CellEmbedding::Pooled);
+        d.set_embedding(CellEmbedding::DecoderMetric).unwrap();
+        assert_eq!(d.cfg().read_out(), CellEmbedding::DecoderMetric);
+        assert_eq!(super::super::run::embedding_name(&d), "mean+decoder_metric");
+    }
+}

@@ -93,6 +93,8 @@ struct Job<'a> {
     out: Store,
     args: &'a ShardsArgs,
     tmp: PathBuf,
+    /// One embedder for every shard (its read-out matrix is computed once per job).
+    emb: Embedder<'a>,
 }
 
 impl Job<'_> {
@@ -121,7 +123,7 @@ impl Job<'_> {
                 self.ds.manifest.shards[s].n_cells
             )));
         }
-        let emb = Embedder::new(self.bundle, self.args.batch_size);
+        let emb = &self.emb;
         let file = self.tmp.join(format!("part-{s:06}.h5ad"));
         let mut w = EmbeddingWriter::create(
             &file,
@@ -232,6 +234,7 @@ pub fn run_embed_shards(args: &ShardsArgs, rt: &Rt, control: &Control) -> Result
         out,
         args,
         tmp: tmp.path().to_path_buf(),
+        emb: Embedder::new(&bundle, args.batch_size),
     };
     let cache_dir = args
         .cache_dir
