@@ -118,19 +118,23 @@ assert e.std(0).max() > 1e-4, "all cells embedded alike"
 u = a.uns["scfm"]
 assert u["normalized"] == "none", dict(u)
 assert np.array_equal(e, c.obsm["X_scfm"]), "export and checkpoint embeddings differ"
-# The decoder's metric: the pooled rows times S = (W^T W / G)^(1/2) of the per-gene weights,
-# and the model's own setting decides which one `embed` writes by default.
+# The decoder's metric: the pooled rows times S = (W^T W / G)^(w/2) of the per-gene weights
+# (w: the model's metric_weight, absent 1), and the model's own setting decides which one
+# `embed` writes by default.
 import json
 from safetensors.numpy import load_file
+cfg = json.load(open({export:?} + "/config.json"))["model"]
+w = cfg.get("metric_weight", 1.0)
 p = ad.read_h5ad({pooled:?}); m = ad.read_h5ad({metric:?})
 assert p.uns["scfm"]["embedding"] == "mean", dict(p.uns["scfm"])
-assert m.uns["scfm"]["embedding"] == "mean+decoder_metric", dict(m.uns["scfm"])
+name = "mean+decoder_metric" if w == 1.0 else f"mean+decoder_metric({{w}})"
+assert m.uns["scfm"]["embedding"] == name, (dict(m.uns["scfm"]), name)
 W = load_file({export:?} + "/model.safetensors")["gepc.weight"].astype(np.float64)
 lam, V = np.linalg.eigh(W.T @ W / W.shape[0])
-S = (V * np.sqrt(np.clip(lam, 0, None))) @ V.T
+S = (V * np.clip(lam, 0, None) ** (w / 2)) @ V.T
 got = m.obsm["X_scfm"]
 assert np.abs(p.obsm["X_scfm"] @ S - got).max() <= 1e-4 * max(1.0, np.abs(got).max())
-own = json.load(open({export:?} + "/config.json"))["model"].get("embedding", "pooled")
+own = cfg.get("embedding", "pooled")
 want = m if own == "decoder_metric" else p
 assert int(u["genes_matched"]) == 765 and u["embedding"] == want.uns["scfm"]["embedding"], dict(u)
 assert np.array_equal(e, want.obsm["X_scfm"]), "the default read-out is not the model's setting"

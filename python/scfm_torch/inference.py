@@ -22,6 +22,7 @@ def embed(
     layer: Optional[str] = None,
     use_raw: bool = False,
     embedding: Optional[str] = None,
+    metric_weight: Optional[float] = None,
 ) -> np.ndarray:
     """Cell embeddings ``[n_cells, cell_dim]`` (float32: the pooled vectors, through the
     ``latent`` map when the model has one, and times ``model.decoder_metric()`` with
@@ -32,7 +33,8 @@ def embed(
     The cells are tokenised as for inference (:func:`scfm_torch.tokenize`), encoded in
     batches of ``batch_size`` without gradients or dropout on the model's device, pooled
     (``cls`` or ``mean``, as configured) and read out as ``embedding`` (``pooled`` or
-    ``decoder_metric``; ``None``: the model's setting, as ``scfm embed --embedding``); their length carries information, so they are
+    ``decoder_metric``; ``None``: the model's setting, as ``scfm embed --embedding``), the
+    metric at ``metric_weight`` (``None``: the model's, as ``--metric-weight``); their length carries information, so they are
     not L2-normalised (``l2_normalize`` them for unit rows). The batches
     are those of ``scfm embed``, so the padding is the same too. The model's
     training/evaluation mode is left as it was.
@@ -49,7 +51,9 @@ def embed(
     out = np.empty((len(tokens), model.cfg.cell_dim), dtype=np.float32)
     was_training = model.training
     model.eval()
-    readout = model.decoder_metric() if kind == "decoder_metric" else None
+    if metric_weight is not None and kind != "decoder_metric":
+        raise ValueError("metric_weight applies to embedding decoder_metric")
+    readout = model.decoder_metric(metric_weight) if kind == "decoder_metric" else None
     try:
         with torch.no_grad():
             for block in range(0, len(tokens), BLOCK_ROWS):

@@ -103,6 +103,9 @@ class ScfmConfig:
     # "pooled" | "decoder_metric": what ``embed`` gives, the pooled vector ``c`` or ``c S``
     # with ``S`` the GEPC decoder's metric (``ScfmModel.decoder_metric``)
     embedding: str = "pooled"
+    # with ``embedding: decoder_metric``, how far the read-out's metric goes from the pooled
+    # vector's (0) to the decoder's (1): ``S = (MᵀM / G)^(w/2)``
+    metric_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScfmConfig":
@@ -146,6 +149,8 @@ class ScfmConfig:
             raise ValueError(f"unknown gepc_decoder {self.gepc_decoder!r}")
         if self.embedding not in ("pooled", "decoder_metric"):
             raise ValueError(f"unknown embedding {self.embedding!r}")
+        if not 0.0 <= self.metric_weight <= 1.0:
+            raise ValueError(f"metric_weight {self.metric_weight} is outside [0, 1]")
         if self.expression == "binned" and self.n_bins < 2:
             raise ValueError("binned expression needs n_bins >= 2")
         for name in ("w_mgem", "w_contrastive", "w_gepc"):
@@ -543,20 +548,24 @@ class ScfmModel(nn.Module):
             cell = self.latent(cell)
         return hidden, cell
 
-    def decoder_metric(self) -> Optional[Tensor]:
-        """``S = (MᵀM / G)^½`` ``[C, C]`` (float32) of ``embedding: decoder_metric``, with ``M``
-        ``[G, C]`` the GEPC decoder's linear map of the cell embedding, so that
-        ``‖(c₁ − c₂) S‖² = ‖M (c₁ − c₂)‖² / G`` (``mod.rs::decoder_metric``): the symmetric
-        square root through ``eigh`` in float64, eigenvalues below 0 counted as 0. ``None``
+    def decoder_metric(self, metric_weight: Optional[float] = None) -> Optional[Tensor]:
+        """``S = (MᵀM / G)^(w/2)`` ``[C, C]`` (float32) of ``embedding: decoder_metric``, with
+        ``M`` ``[G, C]`` the GEPC decoder's linear map of the cell embedding and ``w`` the
+        ``metric_weight`` (``None``: the config's). At ``w = 1``
+        ``‖(c₁ − c₂) S‖² = ‖M (c₁ − c₂)‖² / G`` (``mod.rs::decoder_metric``); at ``w = 0``
+        ``S = I``. Through ``eigh`` in float64, eigenvalues below 0 counted as 0. ``None``
         without the decoder."""
         if self.gepc is None:
             return None
+        w = self.cfg.metric_weight if metric_weight is None else metric_weight
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"metric_weight {w} is outside [0, 1]")
         with torch.no_grad():
             genes = self.embed.gene.weight[OFFSET:]
             m = self.gepc.linear_map(genes).double()
             gram = m @ m.T / max(m.shape[1], 1)
             eig, vecs = torch.linalg.eigh(gram)
-            root = vecs * eig.clamp_min(0.0).sqrt().unsqueeze(0)
+            root = vecs * eig.clamp_min(0.0).pow(w / 2.0).unsqueeze(0)
             return (root @ vecs.T).float()
 
     def gepc_forward(self, cell: Tensor, detected: Optional[Tensor] = None) -> Optional[Tensor]:

@@ -331,9 +331,11 @@ def test_trained_embed_equals_rust(trained_export: Path, tmp_path: Path):
     # The pooled vectors themselves, not unit rows.
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
     if model.cfg.read_out == "decoder_metric":
-        assert uns["embedding"] == f"{model.cfg.pooling}+decoder_metric", dict(uns)
+        w = model.cfg.metric_weight  # the `minimal` preset's: 0.5
+        suffix = "" if w == 1.0 else f"({w})"
+        assert uns["embedding"] == f"{model.cfg.pooling}+decoder_metric{suffix}", dict(uns)
         # The pooled read-out on both sides (`--embedding pooled`), and the metric itself:
-        # distances of the read-out are the RMS distances of the decoded profiles.
+        # at weight 1 distances of the read-out are the RMS distances of the decoded profiles.
         pooled = rust_embed(trained_export, PBMC, tmp_path / "pooled.h5ad", "--embedding", "pooled")
         assert anndata.read_h5ad(tmp_path / "pooled.h5ad").uns["scfm"]["embedding"] == model.cfg.pooling
         mine = scfm_torch.embed(model, anndata.read_h5ad(PBMC), embedding="pooled")
@@ -344,8 +346,21 @@ def test_trained_embed_equals_rust(trained_export: Path, tmp_path: Path):
             m = model.gepc.linear_map(model.embed.gene.weight[2:]).double()
             decoded = c @ m
             d_dec = torch.cdist(decoded, decoded) / m.shape[1] ** 0.5
-            d_emb = torch.cdist(torch.from_numpy(want[:20]).double(), torch.from_numpy(want[:20]).double())
+            full = c @ model.decoder_metric(1.0).double()
+            d_emb = torch.cdist(full, full)
         assert torch.allclose(d_emb, d_dec, rtol=1e-3, atol=1e-4), float((d_emb - d_dec).abs().max())
+        # Halfway along the geometric path (`--metric-weight 0.5`): the same on both sides,
+        # named so, and its matrix squared is the decoder's metric.
+        half = rust_embed(trained_export, PBMC, tmp_path / "half.h5ad", "--metric-weight", "0.5")
+        assert anndata.read_h5ad(tmp_path / "half.h5ad").uns["scfm"]["embedding"] == (
+            f"{model.cfg.pooling}+decoder_metric(0.5)"
+        )
+        mine = scfm_torch.embed(model, anndata.read_h5ad(PBMC), metric_weight=0.5)
+        assert float(np.abs(mine - half).max()) <= EMBED_ATOL
+        s_half = model.decoder_metric(0.5).double()
+        assert torch.allclose(s_half @ s_half, model.decoder_metric(1.0).double(), rtol=1e-4, atol=1e-6)
+        with pytest.raises(ValueError, match="metric_weight"):
+            scfm_torch.embed(model, anndata.read_h5ad(PBMC), embedding="pooled", metric_weight=0.5)
 
 
 def test_trained_tokens_equal_rust(trained_export: Path, tmp_path: Path):

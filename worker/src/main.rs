@@ -321,6 +321,10 @@ struct ModelRunArgs {
     /// GEPC decoder's metric); default: the model's `embedding` setting.
     #[arg(long, value_parser = ["pooled", "decoder_metric"])]
     embedding: Option<String>,
+    /// With decoder_metric: how far its metric goes from the pooled vector's (0) to the
+    /// decoder's (1); default: the model's `metric_weight` (absent: 1).
+    #[arg(long)]
+    metric_weight: Option<f64>,
 }
 
 impl ModelRunArgs {
@@ -557,6 +561,7 @@ fn run() -> Result<()> {
                 cache_dir: None,
                 progress: true,
                 embedding,
+                metric_weight: e.run.metric_weight,
             };
             let s = scfm_worker::infer::run::run_embed(&args, &rt)?;
             if e.json {
@@ -633,6 +638,7 @@ fn run() -> Result<()> {
                 },
                 kmeans_runs: e.kmeans_runs as usize,
                 embedding,
+                metric_weight: e.run.metric_weight,
             };
             let ev = run_evaluate(&args, &rt)?;
             if e.json {

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use model::{
-    CellEmbedding, ExpressionEncoding, GepcDecoder, GepcTarget, ModelConfig, Pooling, Positional,
-    Subsample, preset_lr, spec_preset,
+    CellEmbedding, DEFAULT_METRIC_WEIGHT, ExpressionEncoding, GepcDecoder, GepcTarget, ModelConfig,
+    Pooling, Positional, Subsample, preset_lr, spec_preset,
 };
 pub use training::{Augment, Device, Precision, Schedule, TrainingConfig};
 
@@ -183,6 +183,28 @@ pub fn run_settings(
     })
 }
 
+/// Model settings that only change how a trained model reads its cells out (`scfm embed`,
+/// `scfm evaluate`), not what is trained.
+pub const READ_OUT_SETTINGS: [&str; 2] = ["model.embedding", "model.metric_weight"];
+
+/// What to add to a refused resume whose differences (`json_diff` lines, `field: old ->
+/// new`) are all read-out settings: they can be pinned in the manifest to resume, and
+/// chosen per call with `--embedding` / `--metric-weight`, so nothing need be discarded.
+pub fn read_out_hint(diff: &[String]) -> Option<String> {
+    let read_out = |d: &String| {
+        READ_OUT_SETTINGS
+            .iter()
+            .any(|k| d.strip_prefix(k).is_some_and(|r| r.starts_with(':')))
+    };
+    (!diff.is_empty() && diff.iter().all(read_out)).then(|| {
+        "only how the model reads its cells out differs: set those fields under `model:` as \
+         the checkpoint has them (the old value; `null` means absent: `embedding: pooled`, \
+         `metric_weight: 1`) to resume, and choose the read-out when embedding with \
+         --embedding / --metric-weight"
+            .to_string()
+    })
+}
+
 /// A [`TrainFile`] with its model resolved and every field validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSpec {
@@ -272,6 +294,29 @@ mod tests {
             message: e.to_string(),
         })?;
         TrainSpec::from_file(f, Path::new("/base"))
+    }
+
+    #[test]
+    fn read_out_hint_only_when_every_difference_is_a_read_out_setting() {
+        let d = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let only = d(&[
+            "model.metric_weight: null -> 0.5",
+            "model.embedding: null -> \"decoder_metric\"",
+        ]);
+        let hint = read_out_hint(&only).unwrap();
+        assert!(
+            hint.contains("--metric-weight") && hint.contains("metric_weight: 1"),
+            "{hint}"
+        );
+        assert!(
+            read_out_hint(&d(&[
+                "model.metric_weight: null -> 0.5",
+                "model.n_layers: 2 -> 1"
+            ]))
+            .is_none()
+        );
+        assert!(read_out_hint(&d(&["model.embedding_x: 1 -> 2"])).is_none());
+        assert!(read_out_hint(&[]).is_none());
     }
 
     #[test]

@@ -221,6 +221,27 @@ pub struct ModelConfig {
     /// a read-out of the trained model that training does not use.
     #[serde(default, skip_serializing_if = "CellEmbedding::is_pooled")]
     pub embedding: CellEmbedding,
+    /// With `embedding: decoder_metric`, how far the read-out's metric goes from the pooled
+    /// vector's own (0) to the decoder's (1, absent): the read-out is `c A^(w/2)` with
+    /// `A = MᵀM / G`, so its metric tensor is `A^w`, the matrix geometric path from the
+    /// identity to `A`; 0.5 is the geometric mean of the two metrics (the pooled vector's,
+    /// which the contrastive loss shapes, and the decoded profiles'). Within `[0, 1]`.
+    #[serde(
+        default = "default_metric_weight",
+        skip_serializing_if = "is_default_metric_weight"
+    )]
+    pub metric_weight: f64,
+}
+
+/// `model.metric_weight` when absent: the decoder's metric itself.
+pub const DEFAULT_METRIC_WEIGHT: f64 = 1.0;
+
+fn default_metric_weight() -> f64 {
+    DEFAULT_METRIC_WEIGHT
+}
+
+fn is_default_metric_weight(w: &f64) -> bool {
+    *w == DEFAULT_METRIC_WEIGHT
 }
 
 /// The clip of standardised GEPC targets when `model.gepc_clip` is absent.
@@ -432,6 +453,12 @@ impl ModelConfig {
                 ),
             );
         }
+        if !(0.0..=1.0).contains(&self.metric_weight) {
+            return err(
+                "metric_weight",
+                format!("{} is outside [0, 1]", self.metric_weight),
+            );
+        }
         if self.w_mgem == 0.0 && self.w_contrastive == 0.0 && self.w_gepc == 0.0 {
             return err(
                 "w_mgem",
@@ -613,6 +640,28 @@ mod tests {
         assert_eq!(m.embedding, CellEmbedding::DecoderMetric);
         let p = ModelConfig::from_spec(&spec("preset: minimal\nembedding: pooled")).unwrap();
         assert_eq!(p.embedding, CellEmbedding::Pooled);
+    }
+
+    #[test]
+    fn metric_weight_is_1_when_absent_written_only_when_not_and_within_0_1() {
+        let c =
+            ModelConfig::from_spec(&spec("preset: default\nembedding: decoder_metric")).unwrap();
+        assert_eq!(c.metric_weight, DEFAULT_METRIC_WEIGHT);
+        assert!(!serde_json::to_string(&c).unwrap().contains("metric_weight"));
+        let h = ModelConfig::from_spec(&spec(
+            "preset: default\nembedding: decoder_metric\nmetric_weight: 0.5",
+        ))
+        .unwrap();
+        assert_eq!(h.metric_weight, 0.5);
+        let json = serde_json::to_string(&h).unwrap();
+        assert!(json.contains("\"metric_weight\":0.5"), "{json}");
+        assert_eq!(serde_json::from_str::<ModelConfig>(&json).unwrap(), h);
+        assert_eq!(h.param_count(2000), c.param_count(2000));
+        for bad in ["-0.1", "1.5", ".nan"] {
+            let c = ModelConfig::from_spec(&spec(&format!("metric_weight: {bad}"))).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.to_string().contains("metric_weight"), "{bad}: {e}");
+        }
     }
 
     #[test]

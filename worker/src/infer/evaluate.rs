@@ -55,6 +55,9 @@ pub struct EvaluateArgs {
     pub kmeans_runs: usize,
     /// The cell embedding, when not the model's own setting (`--embedding`).
     pub embedding: Option<CellEmbedding>,
+    /// The decoder metric's weight, when not the model's own `metric_weight`
+    /// (`--metric-weight`).
+    pub metric_weight: Option<f64>,
 }
 
 /// One embedding's row of the table.
@@ -110,9 +113,7 @@ pub fn run_evaluate(args: &EvaluateArgs, rt: &Rt) -> Result<Evaluation> {
     let t0 = Instant::now();
     let device = select_device(args.device)?;
     let mut bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref(), rt)?;
-    if let Some(e) = args.embedding {
-        bundle.set_embedding(e)?;
-    }
+    bundle.set_read_out(args.embedding, args.metric_weight)?;
     let input = CellInput::open(
         &args.data,
         &InputOptions {

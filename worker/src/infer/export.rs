@@ -155,10 +155,16 @@ fn model_card(b: &ModelBundle, cfg: &ExportConfig, eval: Option<&str>, rt: &Rt) 
         m.pooling,
         m.latent_dim
             .map_or(String::new(), |d| format!(", a linear map to {d} dims")),
-        if m.read_out() == scfm_common::config::CellEmbedding::DecoderMetric {
-            ", in the GEPC decoder's metric (`embedding: decoder_metric`)"
+        if m.read_out() != scfm_common::config::CellEmbedding::DecoderMetric {
+            String::new()
+        } else if m.metric_weight == scfm_common::config::DEFAULT_METRIC_WEIGHT {
+            ", in the GEPC decoder's metric (`embedding: decoder_metric`)".to_string()
         } else {
-            ""
+            format!(
+                ", in the geometric mix of its own and the GEPC decoder's metric \
+                 (`embedding: decoder_metric`, `metric_weight: {}`)",
+                m.metric_weight
+            )
         },
         cfg.target_sum,
         cfg.step,

@@ -239,6 +239,37 @@ impl ModelBundle {
         })
     }
 
+    /// Applies `--embedding` and `--metric-weight` (each `None`: the model's own setting):
+    /// an error when the model cannot read its cells out so (`decoder_metric` without the
+    /// GEPC decoder), when the weight is outside `[0, 1]`, or when it is given for a model
+    /// that reads out the pooled vector (it would change nothing).
+    pub fn set_read_out(
+        &mut self,
+        embedding: Option<CellEmbedding>,
+        metric_weight: Option<f64>,
+    ) -> Result<()> {
+        if let Some(e) = embedding {
+            self.set_embedding(e)?;
+        }
+        if let Some(w) = metric_weight {
+            if !(0.0..=1.0).contains(&w) {
+                return Err(WorkerError::Data(format!(
+                    "--metric-weight {w}: outside [0, 1] (0: the pooled vector's metric, 1: \
+                     the decoder's)"
+                )));
+            }
+            if self.cfg().read_out() != CellEmbedding::DecoderMetric {
+                return Err(WorkerError::Data(format!(
+                    "--metric-weight {w}: the model {} reads its cells out as the pooled vector; \
+                     the weight applies to --embedding decoder_metric",
+                    self.origin
+                )));
+            }
+            self.model.cfg.metric_weight = w;
+        }
+        Ok(())
+    }
+
     /// Reads the cells out as `embedding` instead of the model's own setting; an error
     /// when the model cannot (`decoder_metric` without the GEPC decoder).
     pub fn set_embedding(&mut self, embedding: CellEmbedding) -> Result<()> {
@@ -341,5 +372,30 @@ mod tests {
         d.set_embedding(CellEmbedding::DecoderMetric).unwrap();
         assert_eq!(d.cfg().read_out(), CellEmbedding::DecoderMetric);
         assert_eq!(super::super::run::embedding_name(&d), "mean+decoder_metric");
+    }
+
+    /// `--metric-weight`: within `[0, 1]`, only for the decoder's metric, and named.
+    #[test]
+    fn set_read_out_takes_a_metric_weight_for_the_decoder_metric_only() {
+        let mut p = bundle("w_gepc: 1.0\nembedding: pooled");
+        let e = p.set_read_out(None, Some(0.5)).unwrap_err().to_string();
+        assert!(
+            e.contains("--metric-weight 0.5") && e.contains("pooled"),
+            "{e}"
+        );
+        p.set_read_out(Some(CellEmbedding::DecoderMetric), Some(0.5))
+            .unwrap();
+        assert_eq!(p.cfg().metric_weight, 0.5);
+        assert_eq!(
+            super::super::run::embedding_name(&p),
+            "mean+decoder_metric(0.5)"
+        );
+        for bad in [-0.5, 1.5, f64::NAN] {
+            let e = p.set_read_out(None, Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("outside [0, 1]"), "{bad}: {e}");
+        }
+        assert_eq!(p.cfg().metric_weight, 0.5);
+        p.set_read_out(None, None).unwrap();
+        assert_eq!(p.cfg().metric_weight, 0.5);
     }
 }

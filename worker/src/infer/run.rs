@@ -48,6 +48,9 @@ pub struct EmbedArgs {
     pub progress: bool,
     /// The cell embedding, when not the model's own setting (`--embedding`).
     pub embedding: Option<CellEmbedding>,
+    /// The decoder metric's weight, when not the model's own `metric_weight`
+    /// (`--metric-weight`).
+    pub metric_weight: Option<f64>,
 }
 
 /// What `scfm embed` did.
@@ -127,9 +130,7 @@ pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
     let t0 = Instant::now();
     let device = select_device(args.device)?;
     let mut bundle = ModelBundle::load(&args.model, device, args.vocab.as_deref(), rt)?;
-    if let Some(e) = args.embedding {
-        bundle.set_embedding(e)?;
-    }
+    bundle.set_read_out(args.embedding, args.metric_weight)?;
     let input = CellInput::open(
         &args.input,
         &InputOptions {
@@ -227,7 +228,8 @@ pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
 }
 
 /// The cell embedding's name: its pooling (`cls` or `mean`), with `+decoder_metric` when
-/// it is read in the GEPC decoder's metric (`model.embedding`).
+/// it is read in the GEPC decoder's metric (`model.embedding`), `+decoder_metric(w)` when
+/// its `metric_weight` `w` is not 1.
 pub fn embedding_name(b: &ModelBundle) -> String {
     let pooling = match b.cfg().pooling {
         scfm_common::config::Pooling::Cls => "cls",
@@ -235,6 +237,9 @@ pub fn embedding_name(b: &ModelBundle) -> String {
     };
     match b.cfg().read_out() {
         CellEmbedding::Pooled => pooling.to_string(),
-        e => format!("{pooling}+{}", e.name()),
+        e if b.cfg().metric_weight == scfm_common::config::DEFAULT_METRIC_WEIGHT => {
+            format!("{pooling}+{}", e.name())
+        }
+        e => format!("{pooling}+{}({})", e.name(), b.cfg().metric_weight),
     }
 }

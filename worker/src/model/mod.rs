@@ -349,20 +349,22 @@ impl ScfmModel {
         })
     }
 
-    /// The read-out matrix of `embedding: decoder_metric`, `S = (MᵀM / G)^½` `[C, C]` (float,
-    /// on the model's device), with `M` `[G, C]` the GEPC decoder's linear map of the cell
-    /// embedding: `‖(c₁ − c₂) S‖² = ‖M (c₁ − c₂)‖² / G`. Computed in double precision
-    /// through an eigendecomposition (eigenvalues below 0 from rounding count as 0); `None`
-    /// without the decoder.
+    /// The read-out matrix of `embedding: decoder_metric`, `S = A^(w/2)` `[C, C]` (float, on
+    /// the model's device) with `A = MᵀM / G`, `M` `[G, C]` the GEPC decoder's linear map of
+    /// the cell embedding and `w` the model's `metric_weight`. At `w = 1`
+    /// `‖(c₁ − c₂) S‖² = ‖M (c₁ − c₂)‖² / G`, the decoded profiles' mean squared difference;
+    /// at `w = 0`, `S = I`. Computed in double precision through an eigendecomposition
+    /// (eigenvalues below 0 from rounding count as 0); `None` without the decoder.
     pub fn decoder_metric(&self) -> Option<Tensor> {
         let d = self.gepc.as_ref()?;
         let g = self.n_genes as i64;
+        let power = self.cfg.metric_weight / 2.0;
         Some(tch::no_grad(|| {
             let genes = self.embed.gene_table().narrow(0, special::OFFSET, g);
             let map = d.linear_map(&genes).to_kind(Kind::Double); // [C, G]
             let gram = map.matmul(&map.transpose(0, 1)) / g.max(1) as f64;
             let (eig, vecs) = gram.linalg_eigh("L");
-            let root = &vecs * eig.clamp_min(0.0).sqrt().unsqueeze(0);
+            let root = &vecs * eig.clamp_min(0.0).pow_tensor_scalar(power).unsqueeze(0);
             root.matmul(&vecs.transpose(0, 1)).to_kind(Kind::Float)
         }))
     }

@@ -438,3 +438,29 @@ fn decoder_metric_distances_are_the_decoded_profiles_rms_distances() {
     let none = ScfmModel::new(&vs, &small("w_gepc: 0.0"), 30).unwrap();
     assert!(none.decoder_metric().is_none());
 }
+
+#[test]
+fn metric_weight_moves_the_read_out_along_the_geometric_path() {
+    // S(w) = A^(w/2): S(0.5)² = S(1) (the metric tensor at 0.5 is the geometric mean of
+    // the identity's and the decoder's), and S(0) = I (the pooled vector as it is).
+    let base =
+        "w_gepc: 1.0\ngepc_decoder: per_gene\ngepc_detected: true\nembedding: decoder_metric";
+    let read = |w: &str| {
+        let cfg = small(&format!("{base}\nmetric_weight: {w}"));
+        let vs = nn::VarStore::new(Device::Cpu);
+        tch::manual_seed(11);
+        let m = ScfmModel::new(&vs, &cfg, 30).unwrap();
+        m.decoder_metric().unwrap()
+    };
+    let (full, half, zero) = (read("1.0"), read("0.5"), read("0.0"));
+    let c = full.size()[0];
+    assert!(half.allclose(&half.transpose(0, 1), 1e-6, 1e-7, false));
+    let sq = half.matmul(&half);
+    let d = (&sq - &full).abs().max().double_value(&[]);
+    assert!(
+        d < 1e-4 * full.abs().max().double_value(&[]),
+        "S(0.5)² − S(1): {d}"
+    );
+    let eye = Tensor::eye(c, (Kind::Float, Device::Cpu));
+    assert!(zero.allclose(&eye, 1e-5, 1e-6, false));
+}
