@@ -165,6 +165,27 @@ fn resume_refuses_changed_model_and_missing_checkpoint() {
         "{err}"
     );
     train(&cfg, &[]);
+    // Only a read-out setting differs: the error says how to pin it, not to start over.
+    let read_out = write_config(
+        dir.path(),
+        &ckpt,
+        "  preset: minimal\n  hidden: 32\n  ffn_dim: 64\n  embedding: pooled",
+        training,
+    );
+    let out = run_with_timeout(
+        Command::new(bin("scfm-worker"))
+            .args(["train", "--resume", "--config"])
+            .arg(&read_out),
+        Duration::from_secs(120),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.embedding: \"decoder_metric\" -> null")
+            && err.contains("only how the model reads its cells out differs")
+            && !err.contains("--fresh"),
+        "{err}"
+    );
     let cfg = write_config(
         dir.path(),
         &ckpt,

@@ -113,10 +113,11 @@ pub async fn resume_point(store: &Store, m: &Manifest) -> Result<ResumePoint, Co
     let diff = json_diff("", have, &want);
     if !diff.is_empty() {
         return Err(CoordinatorError::Checkpoint(format!(
-            "{} was trained with other settings than {} asks for: {}; run with --fresh to start over (discarding those checkpoints) or use another checkpoint.url",
+            "{} was trained with other settings than {} asks for: {}; {}",
             store.url_of(&v.dir),
             m.run_id,
-            diff.join(", ")
+            diff.join(", "),
+            scfm_common::config::read_out_hint(&diff).unwrap_or_else(|| "run with --fresh to start over (discarding those checkpoints) or use another checkpoint.url".into())
         )));
     }
     Ok(at)

@@ -419,12 +419,15 @@ impl Trainer {
                 return Err(WorkerError::Checkpoint {
                     url: self.store.url_of(&verified.dir),
                     message: format!(
-                        "was written with other settings ({}); start over with --fresh or use another checkpoint URL",
+                        "was written with other settings ({}); {}",
                         if diff.is_empty() {
                             "from an older scfm".to_string()
                         } else {
                             diff.join(", ")
-                        }
+                        },
+                        scfm_common::config::read_out_hint(&diff).unwrap_or_else(|| {
+                            "start over with --fresh or use another checkpoint URL".into()
+                        })
                     ),
                 });
             }
