@@ -437,9 +437,10 @@ struct EvaluateCli {
     n_pcs: usize,
     /// k-means runs per embedding, each the best of 10 restarts; the k-means scores are
     /// their mean. One run's ARI can move by 0.3 (k = the number of labels), so comparing
-    /// two models on one seed wants 20 or more.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
-    kmeans_runs: u64,
+    /// two models wants many; default: 2 million / cells, within 5..=100 (100 up to
+    /// 20,000 cells).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    kmeans_runs: Option<u64>,
     /// Print the evaluation as JSON on stdout instead of markdown.
     #[arg(long)]
     json: bool,
@@ -636,7 +637,7 @@ fn run() -> Result<()> {
                     },
                     n_pcs: e.n_pcs,
                 },
-                kmeans_runs: e.kmeans_runs as usize,
+                kmeans_runs: e.kmeans_runs.map(|r| r as usize),
                 embedding,
                 metric_weight: e.run.metric_weight,
             };
