@@ -367,7 +367,7 @@ mod tests {
         assert_eq!(b.cfg().read_out(), CellEmbedding::Pooled);
         b.set_embedding(CellEmbedding::Pooled).unwrap();
 
-        let mut d = bundle("w_gepc: 1.0\nembedding: pooled");
+        let mut d = bundle("w_gepc: 1.0\nembedding: pooled\nmetric_weight: 1.0");
         assert_eq!(d.cfg().read_out(), CellEmbedding::Pooled);
         d.set_embedding(CellEmbedding::DecoderMetric).unwrap();
         assert_eq!(d.cfg().read_out(), CellEmbedding::DecoderMetric);

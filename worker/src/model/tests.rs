@@ -409,7 +409,8 @@ fn decoder_metric_distances_are_the_decoded_profiles_rms_distances() {
         "w_gepc: 1.0",
         "pooling: mean\nw_gepc: 1.0\ngepc_decoder: per_gene\nlatent_dim: 6",
     ] {
-        let cfg = small(extra);
+        // At weight 1 (the preset's is 0.5): the decoder's metric itself.
+        let cfg = small(&format!("{extra}\nmetric_weight: 1.0"));
         let vs = nn::VarStore::new(Device::Cpu);
         let m = ScfmModel::new(&vs, &cfg, 30).unwrap();
         let s = m.decoder_metric().unwrap();
