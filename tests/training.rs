@@ -141,25 +141,30 @@ fn stop_and_resume_is_bitwise_identical() {
     assert_eq!(logged(a_dir.path()), lb, "the logged losses differ");
 }
 
+/// `scfm-worker train --resume --config CFG`, which must fail: its stderr.
+fn resume_error(cfg: &Path) -> String {
+    let out = run_with_timeout(
+        Command::new(bin("scfm-worker"))
+            .args(["train", "--resume", "--config"])
+            .arg(cfg),
+        Duration::from_secs(120),
+    );
+    assert!(
+        !out.status.success(),
+        "the resume of {} succeeded",
+        cfg.display()
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn resume_refuses_changed_model_and_missing_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     let training = "  batch_size: 8\n  max_steps: 2\n  threads: 1";
-    let cfg = write_config(
-        dir.path(),
-        &ckpt,
-        "  preset: minimal\n  hidden: 32\n  ffn_dim: 64",
-        training,
-    );
-    let out = run_with_timeout(
-        Command::new(bin("scfm-worker"))
-            .args(["train", "--resume", "--config"])
-            .arg(&cfg),
-        Duration::from_secs(120),
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let model = "  preset: minimal\n  hidden: 32\n  ffn_dim: 64";
+    let cfg = write_config(dir.path(), &ckpt, model, training);
+    let err = resume_error(&cfg);
     assert!(
         err.contains("--resume given but there is no checkpoint"),
         "{err}"
@@ -169,17 +174,10 @@ fn resume_refuses_changed_model_and_missing_checkpoint() {
     let read_out = write_config(
         dir.path(),
         &ckpt,
-        "  preset: minimal\n  hidden: 32\n  ffn_dim: 64\n  embedding: pooled",
+        &format!("{model}\n  embedding: pooled"),
         training,
     );
-    let out = run_with_timeout(
-        Command::new(bin("scfm-worker"))
-            .args(["train", "--resume", "--config"])
-            .arg(&read_out),
-        Duration::from_secs(120),
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = resume_error(&read_out);
     assert!(
         err.contains("model.embedding: \"decoder_metric\" -> null")
             && err.contains("only how the model reads its cells out differs")
@@ -189,17 +187,10 @@ fn resume_refuses_changed_model_and_missing_checkpoint() {
     let cfg = write_config(
         dir.path(),
         &ckpt,
-        "  preset: minimal\n  hidden: 32\n  ffn_dim: 64\n  n_layers: 1",
+        &format!("{model}\n  n_layers: 1"),
         training,
     );
-    let out = run_with_timeout(
-        Command::new(bin("scfm-worker"))
-            .args(["train", "--resume", "--config"])
-            .arg(&cfg),
-        Duration::from_secs(120),
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = resume_error(&cfg);
     assert!(
         err.contains("other settings (model.n_layers: 2 -> 1)") && err.contains("--fresh"),
         "{err}"
