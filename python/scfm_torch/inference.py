@@ -46,14 +46,16 @@ def embed(
         raise ValueError(f"unknown embedding {kind!r}: pooled or decoder_metric")
     if kind == "decoder_metric" and model.gepc is None:
         raise ValueError("embedding decoder_metric reads the GEPC decoder, which this model (w_gepc: 0) lacks")
+    if metric_weight is not None and kind != "decoder_metric":
+        raise ValueError("metric_weight applies to embedding decoder_metric")
+    # Before tokenising and before the mode switch: a bad weight fails fast and leaves the
+    # model as it was.
+    readout = model.decoder_metric(metric_weight) if kind == "decoder_metric" else None
     tokens, _ = tokenize(model, adata, layer=layer, use_raw=use_raw)
     device = next(model.parameters()).device
     out = np.empty((len(tokens), model.cfg.cell_dim), dtype=np.float32)
     was_training = model.training
     model.eval()
-    if metric_weight is not None and kind != "decoder_metric":
-        raise ValueError("metric_weight applies to embedding decoder_metric")
-    readout = model.decoder_metric(metric_weight) if kind == "decoder_metric" else None
     try:
         with torch.no_grad():
             for block in range(0, len(tokens), BLOCK_ROWS):

@@ -361,6 +361,12 @@ def test_trained_embed_equals_rust(trained_export: Path, tmp_path: Path):
         assert torch.allclose(s_half @ s_half, model.decoder_metric(1.0).double(), rtol=1e-4, atol=1e-6)
         with pytest.raises(ValueError, match="metric_weight"):
             scfm_torch.embed(model, anndata.read_h5ad(PBMC), embedding="pooled", metric_weight=0.5)
+        # A weight outside [0, 1] is refused and leaves the model's mode as it was.
+        model.train()
+        with pytest.raises(ValueError, match="outside"):
+            scfm_torch.embed(model, anndata.read_h5ad(PBMC), metric_weight=1.5)
+        assert model.training
+        model.eval()
 
 
 def test_trained_tokens_equal_rust(trained_export: Path, tmp_path: Path):

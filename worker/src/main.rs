@@ -437,8 +437,8 @@ struct EvaluateCli {
     n_pcs: usize,
     /// k-means runs per embedding, each the best of 10 restarts; the k-means scores are
     /// their mean. One run's ARI can move by 0.3 (k = the number of labels), so comparing
-    /// two models wants many; default: 2 million / cells, within 5..=100 (100 up to
-    /// 20,000 cells).
+    /// two models wants many; default: 250,000 / cells, within 5..=100 (100 up to
+    /// 2,500 cells).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
     kmeans_runs: Option<u64>,
     /// Print the evaluation as JSON on stdout instead of markdown.

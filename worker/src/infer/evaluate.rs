@@ -109,13 +109,19 @@ pub struct Evaluation {
     pub seconds: f64,
 }
 
+/// `runs × cells` that [`auto_kmeans_runs`] aims at: on Baron human's 2,142 cells (14
+/// labels, 2 cores) 100 runs for the three embeddings took 58 s against 30 s for 5 runs,
+/// so this budget adds at most about half a minute with that many labels, at any size
+/// (k-means' cost grows with the number of labels).
+const KMEANS_CELL_RUNS: usize = 250_000;
+
 /// k-means runs per embedding when `--kmeans-runs` is not given: as many as keep
-/// `runs × cells` near 2 million, between 5 and 100 (100 up to 20,000 cells, 20 at 100,000,
-/// 5 from 400,000). One run's ARI spans 0.5–0.9 on some labelled sets, so small sets, where
+/// `runs × cells` near 250,000, between 5 and 100 (100 up to 2,500 cells, 12 at 20,000, 5
+/// from 50,000). One run's ARI spans 0.5–0.9 on some labelled sets, so small sets, where
 /// runs are cheap, get the precision that comparing with PCA needs, and the cost stays
 /// bounded for atlases.
 pub fn auto_kmeans_runs(cells: usize) -> usize {
-    (2_000_000 / cells.max(1)).clamp(5, 100)
+    (KMEANS_CELL_RUNS / cells.max(1)).clamp(5, 100)
 }
 
 /// Runs `scfm evaluate` (its storage calls on `rt`).
@@ -431,10 +437,11 @@ mod tests {
         for (cells, runs) in [
             (0, 100),
             (700, 100),
-            (20_000, 100),
-            (40_000, 50),
-            (100_000, 20),
-            (400_000, 5),
+            (2_142, 100),
+            (2_500, 100),
+            (5_000, 50),
+            (20_000, 12),
+            (50_000, 5),
             (2_000_000, 5),
         ] {
             assert_eq!(auto_kmeans_runs(cells), runs, "{cells} cells");

@@ -260,9 +260,15 @@ impl ModelBundle {
             }
             if self.cfg().read_out() != CellEmbedding::DecoderMetric {
                 return Err(WorkerError::Data(format!(
-                    "--metric-weight {w}: the model {} reads its cells out as the pooled vector; \
-                     the weight applies to --embedding decoder_metric",
-                    self.origin
+                    "--metric-weight {w} applies to the decoder_metric embedding, but the cells \
+                     of {} would be read out as the pooled vector ({}); add --embedding \
+                     decoder_metric",
+                    self.origin,
+                    if embedding.is_some() {
+                        "--embedding pooled"
+                    } else {
+                        "the model's setting"
+                    }
                 )));
             }
             self.model.cfg.metric_weight = w;
