@@ -591,7 +591,7 @@ fn a_closed_stderr_does_not_block_the_shutdown_of_scfm_local() {
 
 /// Relaunching a manifest whose model settings changed since its checkpoints is refused
 /// by the coordinator before any worker starts, naming the difference; `--fresh` discards
-/// the old checkpoints and starts over.
+/// the old checkpoints and starts over. A change of the read-out alone resumes.
 #[test]
 fn changed_settings_are_refused_with_the_difference_and_fresh_starts_over() {
     let dir = tempfile::tempdir().unwrap();
@@ -599,6 +599,17 @@ fn changed_settings_are_refused_with_the_difference_and_fresh_starts_over() {
     let training = "  batch_size: 8\n  max_steps: 3\n  eval_every: 100\n  threads: 1";
     let m = write_manifest(d, &d.join("ckpt"), TINY, training, "  max_workers: 2");
     local(&m, 2);
+    // Only how the model reads its cells out changed: both workers resume at step 3, and
+    // the checkpoint of step 4 carries the new read-out.
+    let read_out = format!("{TINY}\n  metric_weight: 0.25");
+    let more = training.replace("max_steps: 3", "max_steps: 4");
+    let m = write_manifest(d, &d.join("ckpt"), &read_out, &more, "  max_workers: 2");
+    local(&m, 2);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("ckpt/ckpt-000000004/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["state"]["model"]["metric_weight"], 0.25, "{state}");
+    assert_eq!(state["state"]["step"], 4, "{state}");
     let changed = TINY.replace("n_layers: 1", "n_layers: 2");
     let m = write_manifest(d, &d.join("ckpt"), &changed, training, "  max_workers: 2");
     let out = run_with_timeout(

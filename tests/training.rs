@@ -170,19 +170,26 @@ fn resume_refuses_changed_model_and_missing_checkpoint() {
         "{err}"
     );
     train(&cfg, &[]);
-    // Only a read-out setting differs: the error says how to pin it, not to start over.
+    // Only a read-out setting differs: the run resumes, and its next checkpoint carries the
+    // manifest's read-out (the settings a resume compares leave it out).
     let read_out = write_config(
         dir.path(),
         &ckpt,
-        &format!("{model}\n  embedding: pooled"),
-        training,
+        &format!("{model}\n  metric_weight: 0.25"),
+        "  batch_size: 8\n  max_steps: 3\n  threads: 1",
     );
-    let err = resume_error(&read_out);
+    assert_eq!(
+        steps(&train(&read_out, &["--resume"])).first().map(|x| x.0),
+        Some(3)
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("ckpt-000000003/state.json")).unwrap())
+            .unwrap();
+    let state = &state["state"];
+    assert_eq!(state["model"]["metric_weight"], 0.25, "{state}");
     assert!(
-        err.contains("model.embedding: \"decoder_metric\" -> null")
-            && err.contains("only how the model reads its cells out differs")
-            && !err.contains("--fresh"),
-        "{err}"
+        state["settings"]["model"].get("metric_weight").is_none(),
+        "{state}"
     );
     let cfg = write_config(
         dir.path(),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scfm_common::checkpoint::{ResumePoint, discard_all, json_diff, select_verified};
-use scfm_common::config::run_settings;
+use scfm_common::config::{run_settings, without_read_out};
 use scfm_common::data::prepared::data_identity;
 use scfm_common::manifest::Manifest;
 use scfm_common::rpc::pb::coordinator_server::CoordinatorServer;
@@ -109,15 +109,15 @@ pub async fn resume_point(store: &Store, m: &Manifest) -> Result<ResumePoint, Co
     let spec = m.train_spec()?;
     let identity = data_identity(&spec.data.path).await?;
     let want = run_settings(&spec.model, &spec.data, &identity, &spec.training);
-    let have = &v.state.state["settings"];
-    let diff = json_diff("", have, &want);
+    // Read-out settings may differ (checkpoints of older versions still list them).
+    let have = without_read_out(&v.state.state["settings"]);
+    let diff = json_diff("", &have, &want);
     if !diff.is_empty() {
         return Err(CoordinatorError::Checkpoint(format!(
-            "{} was trained with other settings than {} asks for: {}; {}",
+            "{} was trained with other settings than {} asks for: {}; run with --fresh to start over (discarding those checkpoints) or use another checkpoint.url",
             store.url_of(&v.dir),
             m.run_id,
             diff.join(", "),
-            scfm_common::config::read_out_hint(&diff).unwrap_or_else(|| "run with --fresh to start over (discarding those checkpoints) or use another checkpoint.url".into())
         )));
     }
     Ok(at)

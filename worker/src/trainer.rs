@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use scfm_common::config::TrainSpec;
 use scfm_common::config::model::GepcTarget;
+use scfm_common::config::{TrainSpec, without_read_out};
 use scfm_common::rng::derive_seed;
 use scfm_common::runtime::Rt;
 use scfm_common::storage::{Store, sha256_hex};
@@ -414,20 +414,19 @@ impl Trainer {
         let mut first_error: Option<WorkerError> = None;
         let state = loop {
             let stored = checkpoint::state_of(&self.store, &verified)?;
-            if stored.config_digest != self.state.config_digest {
-                let diff = json_diff("", &stored.settings, &self.state.settings);
+            // Only what is trained must match: the read-out settings may change (and
+            // checkpoints of older versions still list them in their settings).
+            let diff = json_diff(
+                "",
+                &without_read_out(&stored.settings),
+                &self.state.settings,
+            );
+            if !diff.is_empty() {
                 return Err(WorkerError::Checkpoint {
                     url: self.store.url_of(&verified.dir),
                     message: format!(
-                        "was written with other settings ({}); {}",
-                        if diff.is_empty() {
-                            "from an older scfm".to_string()
-                        } else {
-                            diff.join(", ")
-                        },
-                        scfm_common::config::read_out_hint(&diff).unwrap_or_else(|| {
-                            "start over with --fresh or use another checkpoint URL".into()
-                        })
+                        "was written with other settings ({}); start over with --fresh or use another checkpoint URL",
+                        diff.join(", ")
                     ),
                 });
             }
@@ -456,7 +455,14 @@ impl Trainer {
                 Err(e) => return Err(e),
             }
         };
-        self.state = state;
+        // The run goes on under this manifest's settings: the checkpoints it writes carry
+        // its read-out settings and digest.
+        self.state = TrainState {
+            config_digest: self.state.config_digest.clone(),
+            model: self.state.model.clone(),
+            settings: self.state.settings.clone(),
+            ..state
+        };
         let dir = verified.dir.clone();
         self.uploader.set_current(Some(self.store.url_of(&dir)));
         if self.log.is_some() {

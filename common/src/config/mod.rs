@@ -155,17 +155,18 @@ pub struct TrainFile {
     pub checkpoint: CheckpointConfig,
 }
 
-/// The settings a checkpoint must have been trained with to be resumed: the model, the
-/// data (by identity, see `data::prepared::data_identity`, and how it is read and
-/// ordered) and what fixes the sample stream (seed, batch size, accumulation). Epochs,
-/// learning rate and the cluster may change between runs.
+/// The settings a checkpoint must have been trained with to be resumed: the model (less
+/// its read-out settings, [`READ_OUT_FIELDS`]), the data (by identity, see
+/// `data::prepared::data_identity`, and how it is read and ordered) and what fixes the
+/// sample stream (seed, batch size, accumulation). Epochs, learning rate, the cluster and
+/// how the model reads its cells out may change between runs.
 pub fn run_settings(
     model: &ModelConfig,
     data: &DataConfig,
     data_identity: &str,
     training: &TrainingConfig,
 ) -> serde_json::Value {
-    serde_json::json!({
+    without_read_out(&serde_json::json!({
         "model": serde_json::to_value(model).expect("model config serializes"),
         "data": {
             "identity": data_identity,
@@ -180,29 +181,24 @@ pub fn run_settings(
             "batch_size": training.batch_size,
             "grad_accum": training.grad_accum,
         },
-    })
+    }))
 }
 
-/// Model settings that only change how a trained model reads its cells out (`scfm embed`,
-/// `scfm evaluate`), not what is trained.
-pub const READ_OUT_SETTINGS: [&str; 2] = ["model.embedding", "model.metric_weight"];
+/// Model fields that only change how a trained model reads its cells out (`scfm embed`,
+/// `scfm evaluate`), not what is trained: a resume may change them (the checkpoints it
+/// writes then carry the new values).
+pub const READ_OUT_FIELDS: [&str; 2] = ["embedding", "metric_weight"];
 
-/// What to add to a refused resume whose differences (`json_diff` lines, `field: old ->
-/// new`) are all read-out settings: they can be pinned in the manifest to resume, and
-/// chosen per call with `--embedding` / `--metric-weight`, so nothing need be discarded.
-pub fn read_out_hint(diff: &[String]) -> Option<String> {
-    let read_out = |d: &String| {
-        READ_OUT_SETTINGS
-            .iter()
-            .any(|k| d.strip_prefix(k).is_some_and(|r| r.starts_with(':')))
-    };
-    (!diff.is_empty() && diff.iter().all(read_out)).then(|| {
-        "only how the model reads its cells out differs: set those fields under `model:` as \
-         the checkpoint has them (the old value; `null` means absent: `embedding: pooled`, \
-         `metric_weight: 1`) to resume, and choose the read-out when embedding with \
-         --embedding / --metric-weight"
-            .to_string()
-    })
+/// Run settings ([`run_settings`]) without the model's [`READ_OUT_FIELDS`]; checkpoints
+/// written before those were left out of the settings compare through this.
+pub fn without_read_out(settings: &serde_json::Value) -> serde_json::Value {
+    let mut s = settings.clone();
+    if let Some(model) = s.get_mut("model").and_then(|m| m.as_object_mut()) {
+        for f in READ_OUT_FIELDS {
+            model.remove(f);
+        }
+    }
+    s
 }
 
 /// A [`TrainFile`] with its model resolved and every field validated.
@@ -297,26 +293,34 @@ mod tests {
     }
 
     #[test]
-    fn read_out_hint_only_when_every_difference_is_a_read_out_setting() {
-        let d = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        let only = d(&[
-            "model.metric_weight: null -> 0.5",
-            "model.embedding: null -> \"decoder_metric\"",
-        ]);
-        let hint = read_out_hint(&only).unwrap();
-        assert!(
-            hint.contains("--metric-weight") && hint.contains("metric_weight: 1"),
-            "{hint}"
+    fn run_settings_leave_out_the_read_out() {
+        let spec = |extra: &str| {
+            parse(&format!(
+                "data: {{path: d.h5ad}}\ncheckpoint: {{url: runs/x}}\nmodel: {{preset: minimal{extra}}}\n"
+            ))
+            .unwrap()
+        };
+        let settings = |s: &TrainSpec| run_settings(&s.model, &s.data, "id", &s.training);
+        let base = spec("");
+        assert_eq!(base.model.embedding, CellEmbedding::DecoderMetric);
+        let read_out = spec(", embedding: pooled, metric_weight: 1.0");
+        let layers = spec(", n_layers: 1");
+        assert_eq!(settings(&base), settings(&read_out));
+        assert_ne!(settings(&base), settings(&layers));
+        let model = &settings(&base)["model"];
+        assert!(model["hidden"].is_number(), "{model}");
+        for f in READ_OUT_FIELDS {
+            assert!(model.get(f).is_none(), "{f} in {model}");
+        }
+        // A checkpoint written when the settings held them compares equal.
+        let mut old = settings(&base);
+        old["model"]["embedding"] = "pooled".into();
+        old["model"]["metric_weight"] = 0.25.into();
+        assert_eq!(without_read_out(&old), settings(&base));
+        assert_eq!(
+            without_read_out(&serde_json::Value::Null),
+            serde_json::Value::Null
         );
-        assert!(
-            read_out_hint(&d(&[
-                "model.metric_weight: null -> 0.5",
-                "model.n_layers: 2 -> 1"
-            ]))
-            .is_none()
-        );
-        assert!(read_out_hint(&d(&["model.embedding_x: 1 -> 2"])).is_none());
-        assert!(read_out_hint(&[]).is_none());
     }
 
     #[test]
