@@ -175,6 +175,13 @@ print("ok")
     );
     let j: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ev.join("evaluation.json")).unwrap()).unwrap();
+    assert!(
+        j["embedding"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("mean")),
+        "the read-out's name: {}",
+        j["embedding"]
+    );
     let rows = j["rows"].as_array().unwrap();
     let names: Vec<&str> = rows
         .iter()

@@ -93,8 +93,9 @@ pub struct Evaluation {
     pub model_sha256: String,
     /// Its training steps.
     pub step: u64,
-    /// Its pooling.
-    pub pooling: String,
+    /// How the model read its cells out, as `uns['scfm']['embedding']` of `scfm embed`
+    /// names it (`mean`, `mean+decoder_metric(0.5)`, …).
+    pub embedding: String,
     /// Model genes found in the data.
     pub genes_matched: usize,
     /// Genes of the model.
@@ -238,7 +239,7 @@ pub fn run_evaluate(args: &EvaluateArgs, rt: &Rt) -> Result<Evaluation> {
         model: bundle.origin.clone(),
         model_sha256: bundle.digest.clone(),
         step: bundle.step,
-        pooling: embedding_name(&bundle),
+        embedding: embedding_name(&bundle),
         genes_matched: a.matched,
         model_genes: a.n_model,
         rows,
@@ -356,7 +357,7 @@ fn cell(v: Option<f64>) -> String {
 /// The evaluation as markdown: the embedding table, then the reconstruction table.
 pub fn markdown(ev: &Evaluation) -> String {
     let mut s = format!(
-        "# scfm evaluation\n\nData: {} — {} labelled cells, {} labels (`{}`){}; model genes found: {} of {}.\n\nModel: {} (step {}, {} pooling, sha256 {}).\n\n",
+        "# scfm evaluation\n\nData: {} — {} labelled cells, {} labels (`{}`){}; model genes found: {} of {}.\n\nModel: {} (step {}, embedding {}, sha256 {}).\n\n",
         ev.data,
         ev.n_cells,
         ev.labels.len(),
@@ -368,7 +369,7 @@ pub fn markdown(ev: &Evaluation) -> String {
         ev.model_genes,
         ev.model,
         ev.step,
-        ev.pooling,
+        ev.embedding,
         &ev.model_sha256.get(..12).unwrap_or(&ev.model_sha256),
     );
     let cols = columns(ev.batch_key.is_some());
