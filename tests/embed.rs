@@ -170,6 +170,8 @@ print("ok")
             "cpu",
             "--kmeans-runs",
             "3",
+            "--knn-repeats",
+            "2",
         ]),
         "evaluate",
     );
@@ -200,6 +202,12 @@ print("ok")
             assert!(v.is_finite() && (-1.0..=1.0).contains(&v), "{k} = {v}");
         }
         assert_eq!(r["metrics"]["kmeans_runs"].as_u64(), Some(3), "{r}");
+        assert_eq!(r["metrics"]["knn_repeats"].as_u64(), Some(2), "{r}");
+        assert!(
+            r["metrics"]["knn_accuracy_sd"]
+                .as_f64()
+                .is_some_and(|s| s >= 0.0)
+        );
         assert!(
             r["metrics"]["kmeans_ari_sd"]
                 .as_f64()

@@ -441,6 +441,11 @@ struct EvaluateCli {
     /// 2,500 cells).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
     kmeans_runs: Option<u64>,
+    /// Fold assignments of the kNN classifier (5-fold stratified each; seeds `--seed`,
+    /// `--seed` + 1, …); the kNN scores are their mean. Default: 25,000 / cells, within
+    /// 1..=10 (10 up to 2,500 cells).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+    knn_repeats: Option<u64>,
     /// Print the evaluation as JSON on stdout instead of markdown.
     #[arg(long)]
     json: bool,
@@ -638,6 +643,7 @@ fn run() -> Result<()> {
                     n_pcs: e.n_pcs,
                 },
                 kmeans_runs: e.kmeans_runs.map(|r| r as usize),
+                knn_repeats: e.knn_repeats.map(|r| r as usize),
                 embedding,
                 metric_weight: e.run.metric_weight,
             };

@@ -6,7 +6,8 @@
 //! `tests/` (which run the references live):
 //!
 //! - [`classify`]: kNN label transfer (k = 15, cosine, majority vote) scored by 5-fold
-//!   stratified cross-validation: accuracy and macro-F1;
+//!   stratified cross-validation: accuracy and macro-F1 (optionally the mean over several
+//!   fold assignments);
 //! - [`kmeans`]: k-means with k = the number of labels → ARI / NMI against the labels;
 //! - [`graph`] + [`leiden`]: scanpy's kNN graph (15 neighbours, UMAP connectivities) and
 //!   Leiden clustering over scIB's resolution grid, keeping the best NMI → ARI / NMI;
@@ -57,6 +58,10 @@ pub struct EvalOptions {
     /// Shuffle each class's folds with the seed (scikit-learn's `shuffle=True`); `false`
     /// gives scikit-learn's unshuffled `StratifiedKFold` exactly.
     pub shuffle_folds: bool,
+    /// Fold assignments (seeds `seed`, `seed + 1`, …; shuffled folds only) the kNN scores
+    /// are the mean of, as scikit-learn's `RepeatedStratifiedKFold`: one assignment's
+    /// accuracy moves by a few cells with the draw.
+    pub knn_repeats: usize,
     /// `n_neighbors` of the graph, counting the cell itself (scanpy's default 15).
     pub graph_n_neighbors: usize,
     /// Distance of the graph and of the silhouettes (scanpy's and scIB's default: euclidean).
@@ -83,6 +88,7 @@ impl Default for EvalOptions {
             knn_metric: Metric::Cosine,
             n_folds: 5,
             shuffle_folds: true,
+            knn_repeats: 1,
             graph_n_neighbors: 15,
             graph_metric: Metric::Euclidean,
             resolutions: default_resolutions(),
@@ -110,6 +116,13 @@ pub struct Metrics {
     pub knn_accuracy: f64,
     /// kNN classifier: mean over folds of the macro-F1.
     pub knn_macro_f1: f64,
+    /// The standard deviation of the kNN accuracy across the fold assignments (0 for
+    /// one).
+    #[serde(default)]
+    pub knn_accuracy_sd: f64,
+    /// How many fold assignments the kNN scores are the mean of.
+    #[serde(default)]
+    pub knn_repeats: usize,
     /// Leiden at the resolution of best NMI: ARI against the labels.
     pub leiden_ari: f64,
     /// Leiden at the resolution of best NMI: NMI against the labels.
@@ -155,6 +168,62 @@ pub fn evaluate_embedding(
     evaluate_embedding_with(&emb, labels, batches, seed, &EvalOptions::default())
 }
 
+/// kNN scores averaged over [`EvalOptions::knn_repeats`] fold assignments.
+struct RepeatedKnn {
+    accuracy: f64,
+    macro_f1: f64,
+    accuracy_sd: f64,
+}
+
+/// [`knn_cross_validate`] over the fold assignments of seeds `seed`, `seed + 1`, ….
+fn knn_repeated(
+    emb: &Embedding,
+    labels: &[u32],
+    seed: u64,
+    opts: &EvalOptions,
+) -> Result<RepeatedKnn> {
+    match opts.knn_repeats {
+        0 => return Err(Error::eval("knn_repeats must be at least 1")),
+        r if r > 1 && !opts.shuffle_folds => {
+            return Err(Error::eval(format!(
+                "knn_repeats = {r} with unshuffled folds: every assignment would be the same"
+            )));
+        }
+        _ => {}
+    }
+    let mut acc = Vec::with_capacity(opts.knn_repeats);
+    let mut f1 = 0.0;
+    for r in 0..opts.knn_repeats as u64 {
+        let folds = stratified_kfold(
+            labels,
+            opts.n_folds,
+            opts.shuffle_folds.then_some(seed.wrapping_add(r)),
+        )?;
+        let cv = knn_cross_validate(
+            emb,
+            labels,
+            &folds,
+            opts.knn_k,
+            opts.knn_metric,
+            opts.threads,
+        )?;
+        acc.push(cv.accuracy);
+        f1 += cv.macro_f1;
+    }
+    let m = acc.len() as f64;
+    let accuracy = acc.iter().sum::<f64>() / m;
+    let accuracy_sd = if acc.len() > 1 {
+        (acc.iter().map(|a| (a - accuracy).powi(2)).sum::<f64>() / (m - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    Ok(RepeatedKnn {
+        accuracy,
+        macro_f1: f1 / m,
+        accuracy_sd,
+    })
+}
+
 /// Computes every metric of [`Metrics`] for `emb` (see the module documentation). Needs at
 /// least two labels, fewer labels than cells, and a class with `n_folds` cells or more.
 pub fn evaluate_embedding_with(
@@ -170,15 +239,7 @@ pub fn evaluate_embedding_with(
     let n_batches = batches.map(|b| silhouette::dense_codes(b).1);
     let t = Instant::now();
 
-    let folds = stratified_kfold(labels, opts.n_folds, opts.shuffle_folds.then_some(seed))?;
-    let cv = knn_cross_validate(
-        emb,
-        labels,
-        &folds,
-        opts.knn_k,
-        opts.knn_metric,
-        opts.threads,
-    )?;
+    let knn = knn_repeated(emb, labels, seed, opts)?;
     tracing::debug!(
         seconds = t.elapsed().as_secs_f64(),
         "evaluate: kNN classifier"
@@ -261,8 +322,10 @@ pub fn evaluate_embedding_with(
         n_dims: emb.d(),
         n_labels,
         n_batches,
-        knn_accuracy: cv.accuracy,
-        knn_macro_f1: cv.macro_f1,
+        knn_accuracy: knn.accuracy,
+        knn_macro_f1: knn.macro_f1,
+        knn_accuracy_sd: knn.accuracy_sd,
+        knn_repeats: opts.knn_repeats,
         leiden_ari: leiden.best.ari,
         leiden_nmi: leiden.best.nmi,
         leiden_resolution: leiden.best.resolution,

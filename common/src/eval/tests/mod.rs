@@ -70,6 +70,54 @@ fn kmeans_scores_are_the_mean_of_the_runs() {
     assert!(e.to_string().contains("kmeans_runs"), "{e}");
 }
 
+/// The kNN scores are the mean over `knn_repeats` fold assignments seeded `seed`,
+/// `seed + 1`, …; one repeat is the single assignment of `seed`.
+#[test]
+fn knn_scores_are_the_mean_over_fold_assignments() {
+    let (k, m, d) = (4, 30, 3);
+    let mut rng = Rng::new(5, &[]);
+    let x: Vec<f32> = (0..k * m * d).map(|_| rng.normal() as f32).collect();
+    let labels: Vec<u32> = (0..k * m).map(|i| (i % k) as u32).collect();
+    let emb = Embedding::new(&x, k * m, d).unwrap();
+    let single = |s: u64| {
+        let folds = stratified_kfold(&labels, 5, Some(s)).unwrap();
+        knn_cross_validate(&emb, &labels, &folds, 15, Metric::Cosine, 1).unwrap()
+    };
+    let opts = |r: usize| EvalOptions {
+        knn_repeats: r,
+        kmeans_runs: 1,
+        ..Default::default()
+    };
+    let one = evaluate_embedding_with(&emb, &labels, None, 21, &opts(1)).unwrap();
+    assert_eq!(
+        (
+            one.knn_accuracy,
+            one.knn_macro_f1,
+            one.knn_accuracy_sd,
+            one.knn_repeats
+        ),
+        (single(21).accuracy, single(21).macro_f1, 0.0, 1)
+    );
+    let three = evaluate_embedding_with(&emb, &labels, None, 21, &opts(3)).unwrap();
+    let acc: Vec<f64> = (21..24).map(|s| single(s).accuracy).collect();
+    let f1: f64 = (21..24).map(|s| single(s).macro_f1).sum::<f64>() / 3.0;
+    let mean = acc.iter().sum::<f64>() / 3.0;
+    let sd = (acc.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    assert!(sd > 0.0, "the assignments differ on this input: {acc:?}");
+    assert!((three.knn_accuracy - mean).abs() < 1e-12);
+    assert!((three.knn_macro_f1 - f1).abs() < 1e-12);
+    assert!((three.knn_accuracy_sd - sd).abs() < 1e-12);
+    assert_eq!(three.knn_repeats, 3);
+    let e = evaluate_embedding_with(&emb, &labels, None, 21, &opts(0)).unwrap_err();
+    assert!(e.to_string().contains("knn_repeats"), "{e}");
+    let fixed = EvalOptions {
+        shuffle_folds: false,
+        ..opts(2)
+    };
+    let e = evaluate_embedding_with(&emb, &labels, None, 21, &fixed).unwrap_err();
+    assert!(e.to_string().contains("unshuffled"), "{e}");
+}
+
 #[test]
 fn separated_clusters_score_perfectly() {
     let (k, m, d) = (4, 40, 6);
