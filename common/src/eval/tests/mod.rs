@@ -28,6 +28,14 @@ fn clusters(k: usize, m: usize, d: usize, seed: u64) -> (Vec<f32>, Vec<u32>, Vec
     (x, labels, batches)
 }
 
+/// `k · m` cells of standard normal noise in `d` dimensions with `k` labels dealt in
+/// turn: labels no embedding separates, so seeded runs disagree.
+fn noise(k: usize, m: usize, d: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let mut rng = Rng::new(seed, &[]);
+    let x = (0..k * m * d).map(|_| rng.normal() as f32).collect();
+    (x, (0..k * m).map(|i| (i % k) as u32).collect())
+}
+
 /// The k-means scores are the mean over `kmeans_runs` runs seeded `seed`, `seed + 1`, …,
 /// the range spans them and the standard deviation is theirs (n − 1 in the denominator, as
 /// numpy's `std(ddof=1)`).
@@ -35,9 +43,7 @@ fn clusters(k: usize, m: usize, d: usize, seed: u64) -> (Vec<f32>, Vec<u32>, Vec
 fn kmeans_scores_are_the_mean_of_the_runs() {
     // Overlapping clusters, so that runs with different seeds disagree.
     let (k, m, d) = (5, 30, 3);
-    let mut rng = Rng::new(7, &[]);
-    let x: Vec<f32> = (0..k * m * d).map(|_| rng.normal() as f32).collect();
-    let labels: Vec<u32> = (0..k * m).map(|i| (i % k) as u32).collect();
+    let (x, labels) = noise(k, m, d, 7);
     let emb = Embedding::new(&x, k * m, d).unwrap();
     let opts = EvalOptions {
         kmeans_runs: 3,
@@ -75,9 +81,7 @@ fn kmeans_scores_are_the_mean_of_the_runs() {
 #[test]
 fn knn_scores_are_the_mean_over_fold_assignments() {
     let (k, m, d) = (4, 30, 3);
-    let mut rng = Rng::new(5, &[]);
-    let x: Vec<f32> = (0..k * m * d).map(|_| rng.normal() as f32).collect();
-    let labels: Vec<u32> = (0..k * m).map(|i| (i % k) as u32).collect();
+    let (x, labels) = noise(k, m, d, 5);
     let emb = Embedding::new(&x, k * m, d).unwrap();
     let single = |s: u64| {
         let folds = stratified_kfold(&labels, 5, Some(s)).unwrap();
