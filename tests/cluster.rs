@@ -598,7 +598,21 @@ fn changed_settings_are_refused_with_the_difference_and_fresh_starts_over() {
     let d = dir.path();
     let training = "  batch_size: 8\n  max_steps: 3\n  eval_every: 100\n  threads: 1";
     let m = write_manifest(d, &d.join("ckpt"), TINY, training, "  max_workers: 2");
-    local(&m, 2);
+    let err = local(&m, 2);
+    // Both workers standardise the GEPC targets by the same statistics (the sample does
+    // not depend on the rank).
+    let digests: Vec<(&str, &str)> = err
+        .lines()
+        .filter(|l| l.contains("GEPC targets standardised"))
+        .filter_map(|l| {
+            let worker = l.split(']').next()?.trim_start_matches('[');
+            let digest = l.split("digest=").nth(1)?.split_whitespace().next()?;
+            Some((worker, digest))
+        })
+        .collect();
+    assert_eq!(digests.len(), 2, "{err}");
+    assert_ne!(digests[0].0, digests[1].0, "{digests:?}");
+    assert_eq!(digests[0].1, digests[1].1, "{digests:?}");
     // Only how the model reads its cells out changed: both workers resume at step 3, and
     // the checkpoint of step 4 carries the new read-out.
     let read_out = format!("{TINY}\n  metric_weight: 0.25");

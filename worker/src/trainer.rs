@@ -260,6 +260,7 @@ impl Trainer {
             let st = gene_stats(source.as_ref(), SAMPLE_CELLS, SAMPLE_RUN)?;
             tracing::info!(
                 cells = st.n_cells,
+                digest = %st.digest(),
                 seconds = t0.elapsed().as_secs_f64(),
                 "GEPC targets standardised by the genes' mean and std on a sample of the data"
             );

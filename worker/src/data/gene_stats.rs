@@ -129,6 +129,20 @@ impl Sums {
     }
 }
 
+impl GeneStats {
+    /// SHA-256 of the means and standard deviations (their little-endian bytes, means
+    /// first): equal on every worker of a job, which logs it.
+    pub fn digest(&self) -> String {
+        let bytes: Vec<u8> = self
+            .mean
+            .iter()
+            .chain(&self.std)
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        scfm_common::storage::sha256_hex(&bytes)
+    }
+}
+
 /// Measures [`GeneStats`] of `src` on the sample of [`sample_runs`] (`max_cells` cells in
 /// runs of `run` rows).
 pub fn gene_stats(src: &dyn CellSource, max_cells: usize, run: usize) -> Result<GeneStats> {
@@ -228,6 +242,10 @@ mod tests {
         assert_eq!(st, matrix_stats(&x, 3).unwrap());
         assert!(matrix_stats(&x, 1).is_err(), "a column outside the genes");
         assert_eq!(st.n_cells, 3);
+        assert_eq!(st.digest(), matrix_stats(&x, 3).unwrap().digest());
+        let mut other = st.clone();
+        other.std[2] = 2.0;
+        assert_ne!(st.digest(), other.digest());
         let g0 = [1.5f64, 0.0, 2.0];
         let g1 = [3.0f64, 4.0, 2.5];
         for (j, v) in [g0, g1].iter().enumerate() {
