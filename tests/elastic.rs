@@ -166,8 +166,23 @@ fn a_hung_worker_is_lost_after_the_heartbeat_timeout_and_its_peers_go_on() {
     assert!(text.contains("no heartbeat for 3 s"), "{text}");
     // Well before the 60 s collective deadline.
     assert!(took < Duration::from_secs(30), "recovered after {took:?}");
-    let survivor = std::fs::read_to_string(wlog(0)).unwrap();
-    assert!(survivor.contains("abandoning the generation"), "{survivor}");
+    // The coordinator's order reaches the survivors by their heartbeats; the first to act
+    // on it shuts its ring sockets, so the other may see its ring break first.
+    let survivors: Vec<String> = (0..2)
+        .map(|i| std::fs::read_to_string(wlog(i)).unwrap())
+        .collect();
+    assert!(
+        survivors
+            .iter()
+            .any(|l| l.contains("abandoning the generation")),
+        "{survivors:?}"
+    );
+    assert!(
+        survivors
+            .iter()
+            .all(|l| l.contains("abandoning the generation") || l.contains("the ring broke")),
+        "{survivors:?}"
+    );
     let (steps, _, worlds) = accounting(&metric_steps(&ckpt), 16);
     assert_eq!(worlds, BTreeSet::from([2, 3]));
     assert_eq!(*steps.keys().last().unwrap(), 120);
