@@ -227,6 +227,10 @@ print("ok")
         md.contains("| pca |") && md.contains("| random-init |") && md.contains("mean of 3 runs"),
         "{md}"
     );
+    assert!(
+        md.contains("mean over 2 fold assignments") && md.contains("the accuracy's sd across them"),
+        "{md}"
+    );
 }
 
 #[test]

@@ -434,22 +434,22 @@ pub fn markdown(ev: &Evaluation) -> String {
             ranges.join(", ")
         ));
         let repeats = r.metrics.knn_repeats.max(1);
-        let sds: Vec<String> = ev
-            .rows
-            .iter()
-            .map(|r| format!("{} {:.4}", r.embedding, r.metrics.knn_accuracy_sd))
-            .collect();
+        let spread = if repeats == 1 {
+            "one fold assignment (`--knn-repeats`)".to_string()
+        } else {
+            let sds: Vec<String> = ev
+                .rows
+                .iter()
+                .map(|r| format!("{} {:.4}", r.embedding, r.metrics.knn_accuracy_sd))
+                .collect();
+            format!(
+                "each score is the mean over {repeats} fold assignments (`--knn-repeats`); the accuracy's sd across them: {}",
+                sds.join(", ")
+            )
+        };
         s.push_str(&format!(
-            "
-kNN: k = {}, {}-fold stratified; each score is the mean over {repeats} fold assignment{} (`--knn-repeats`){}.\n",
-            o.knn_k,
-            o.n_folds,
-            if repeats == 1 { "" } else { "s" },
-            if repeats > 1 {
-                format!("; the accuracy's sd across them: {}", sds.join(", "))
-            } else {
-                String::new()
-            }
+            "\nkNN: k = {}, {}-fold stratified; {spread}.\n",
+            o.knn_k, o.n_folds
         ));
     }
     s.push_str("\n## Reconstruction (masked expression, the model's own objective)\n\n| model | masked tokens | MGEM loss | masked-bin accuracy | masked Pearson | GEPC Pearson |\n|---|---:|---:|---:|---:|---:|\n");
