@@ -66,8 +66,8 @@ fn embed_export_and_evaluate_on_real_cells() {
     let run = train_tiny_model(dir.path(), &dataset("pbmc68k_counts.h5ad"), 4);
     let input = dataset("pbmc68k_counts.h5ad");
 
-    // Twice: identical bytes.
-    let (a, b) = (dir.path().join("a.h5ad"), dir.path().join("b.h5ad"));
+    // Twice: identical bytes (the second into a folder that does not exist yet).
+    let (a, b) = (dir.path().join("a.h5ad"), dir.path().join("new/b.h5ad"));
     embed(&run, &input, &a);
     ok(&scfm(&embed_args(&run, &input, &b)), "scfm embed");
     assert!(

@@ -163,6 +163,11 @@ pub fn run_embed(args: &EmbedArgs, rt: &Rt) -> Result<EmbedSummary> {
         }
         _ => Frame::Index(input.var_names.clone()),
     };
+    // Like `evaluate --out` and `export --out`, a missing folder of the output is made.
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| WorkerError::Data(format!("{}: {e}", parent.display())))?;
+    }
     let mut w =
         EmbeddingWriter::create(&args.out, &input.obs_frame, n, &var, &args.key, emb.dim())?;
     let pb = progress_bar(n, args.progress);
