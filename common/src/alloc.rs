@@ -36,6 +36,41 @@ pub fn tune() {
     }
 }
 
+/// Returns the free memory inside glibc's heaps to the kernel (`malloc_trim(0)`; no-op
+/// elsewhere) and says whether any went back.
+///
+/// A training step allocates and frees tensors of many sizes (they follow each batch's
+/// longest cell), and with [`tune`]'s thresholds (which glibc's adaptive ones reach on
+/// their own after the first large free) blocks of up to 32 MiB come from the heap. Freed
+/// blocks in the middle of the heap are kept resident, and the holes between live blocks
+/// grow with the steps: a 700-step CPU run of `minimal` at batch 64 held 4.5 GB of free
+/// heap against 0.5 GB in use. The trainer calls this about once a minute; the pages a
+/// step then touches again are faulted in once.
+pub fn release_free_heap() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+        }
+        // SAFETY: malloc_trim only walks glibc's own free lists and advises the kernel
+        // about pages no allocation uses.
+        unsafe { malloc_trim(0) != 0 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// This process's resident memory in bytes (`/proc/self/statm`), if the system says.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (page > 0).then(|| pages * page as u64)
+}
+
 /// A fixed-size byte buffer in an anonymous memory mapping of its own, for the large
 /// transfer buffers of checkpoint uploads and reads. Its pages go back to the kernel when
 /// it is dropped, whichever thread drops it: a few MB buffers from glibc's heap stay

@@ -711,6 +711,7 @@ impl Trainer {
         let mut preempted = false;
         let mut reform = false;
         let run_start = Instant::now();
+        let mut last_trim = Instant::now();
         while self.state.step < self.total_steps {
             // The job ended for this worker (the coordinator's order): leave at once.
             self.control.check()?;
@@ -773,6 +774,12 @@ impl Trainer {
                 println!("{}", line.to_line());
             }
             self.log_record(&line);
+            // Freed tensor memory left in the heap's holes goes back to the kernel about
+            // once a minute, so the resident size stays near what a step uses.
+            if last_trim.elapsed() >= HEAP_TRIM_INTERVAL {
+                scfm_common::alloc::release_free_heap();
+                last_trim = Instant::now();
+            }
             bar.set_position(self.state.step);
             bar.set_message(format!(
                 "loss {:.4} mgem {:.4} nt-xent {:.4}",
@@ -790,6 +797,7 @@ impl Trainer {
                     lr = s.lr,
                     cells_per_s = s.cells_per_s as u64,
                     data_wait_s = s.data_wait_s,
+                    rss_mib = scfm_common::alloc::resident_bytes().unwrap_or(0) >> 20,
                     "train"
                 );
             }
@@ -944,6 +952,10 @@ pub struct RunSummary {
     /// FNV-1a fingerprint of the final parameters (equal on every worker).
     pub fingerprint: String,
 }
+
+/// How often the training loop hands the heap's free memory back to the kernel
+/// ([`scfm_common::alloc::release_free_heap`]).
+const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn loader_config(spec: &TrainSpec, ctx: &WorkerContext) -> LoaderConfig {
     let t = &spec.training;
