@@ -62,13 +62,22 @@ pub fn release_free_heap() -> bool {
     }
 }
 
-/// This process's resident memory in bytes (`/proc/self/statm`), if the system says.
+/// A memory figure of this process from `/proc/self/status` in KiB (`field` without its
+/// colon: `VmRSS` the resident size, `VmHWM` its high-water mark), if the system says.
+pub fn proc_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// This process's resident memory in bytes (`VmRSS`), if the system says.
 pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    (page > 0).then(|| pages * page as u64)
+    proc_status_kib("VmRSS").map(|kib| kib << 10)
 }
 
 /// A fixed-size byte buffer in an anonymous memory mapping of its own, for the large
@@ -201,7 +210,22 @@ impl std::fmt::Debug for PageBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::PageBuf;
+    use super::{PageBuf, proc_status_kib, resident_bytes};
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn memory_figures_come_from_proc_status() {
+        let rss = proc_status_kib("VmRSS").expect("VmRSS");
+        let hwm = proc_status_kib("VmHWM").expect("VmHWM");
+        assert!(rss > 0 && hwm > 0, "{rss} {hwm}");
+        assert!(resident_bytes().unwrap() >= 1 << 20);
+        assert_eq!(proc_status_kib("VmNoSuchField"), None);
+        assert_eq!(
+            proc_status_kib("VmRS"),
+            None,
+            "a prefix of a field is not the field"
+        );
+    }
 
     #[test]
     fn a_page_buffer_fills_up_to_its_capacity_and_reads_back() {

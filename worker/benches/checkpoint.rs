@@ -36,22 +36,17 @@ use tch::{Device, Tensor, nn};
 const CASE: &str = "SCFM_CKPT_BENCH_CASE";
 
 fn status_kb(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    scfm_common::alloc::proc_status_kib(field).unwrap_or(0)
 }
 
 /// Runs `f`, returning its seconds and its peak RSS above the RSS before it, in MiB.
 fn measure<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64, f64)> {
     std::fs::write("/proc/self/clear_refs", "5").context("reset VmHWM")?;
-    let before = status_kb("VmRSS:");
+    let before = status_kb("VmRSS");
     let t = Instant::now();
     let out = f()?;
     let secs = t.elapsed().as_secs_f64();
-    let peak = status_kb("VmHWM:");
+    let peak = status_kb("VmHWM");
     Ok((out, secs, peak.saturating_sub(before) as f64 / 1024.0))
 }
 

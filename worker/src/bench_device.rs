@@ -174,16 +174,7 @@ pub fn matmul_peak_tflops(device: Device, kind: Kind, n: i64) -> f64 {
 
 /// The resident-set high-water mark of this process in MiB (`VmHWM` of /proc/self/status).
 pub fn host_peak_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    scfm_common::alloc::proc_status_kib("VmHWM").map(|kib| kib as f64 / 1024.0)
 }
 
 /// The total loss (MGEM and NT-Xent as weighted in the preset; dropout off) of `x`.
