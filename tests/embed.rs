@@ -194,6 +194,8 @@ print("ok")
         for k in [
             "knn_accuracy",
             "knn_macro_f1",
+            "knn_euclidean_accuracy",
+            "knn_euclidean_macro_f1",
             "leiden_ari",
             "kmeans_ari",
             "asw_celltype",
@@ -214,8 +216,14 @@ print("ok")
                 .is_some_and(|s| s >= 0.0)
         );
     }
-    // On these cells PCA separates the cell types well above chance.
+    // On these cells PCA separates the cell types well above chance, by either distance.
     assert!(rows[2]["metrics"]["knn_accuracy"].as_f64().unwrap() > 0.7);
+    assert!(
+        rows[2]["metrics"]["knn_euclidean_accuracy"]
+            .as_f64()
+            .unwrap()
+            > 0.7
+    );
     assert_eq!(j["n_cells"].as_u64(), Some(700));
     assert!(
         j["reconstruction"]["scfm"]["gepc_pearson"]
@@ -229,6 +237,10 @@ print("ok")
     );
     assert!(
         md.contains("mean over 2 fold assignments") && md.contains("the accuracy's sd across them"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| kNN acc (cosine) |") && md.contains("| kNN acc (euclidean) |"),
         "{md}"
     );
 }

@@ -5,9 +5,9 @@
 //! scanpy 1.11, scib / scib-metrics 0.5) and cross-checked against it by the tests in
 //! `tests/` (which run the references live):
 //!
-//! - [`classify`]: kNN label transfer (k = 15, cosine, majority vote) scored by 5-fold
-//!   stratified cross-validation: accuracy and macro-F1 (optionally the mean over several
-//!   fold assignments);
+//! - [`classify`]: kNN label transfer (k = 15, majority vote) scored by 5-fold stratified
+//!   cross-validation: accuracy and macro-F1 (optionally the mean over several fold
+//!   assignments), under cosine distance and, on the same folds, Euclidean distance;
 //! - [`kmeans`]: k-means with k = the number of labels → ARI / NMI against the labels;
 //! - [`graph`] + [`leiden`]: scanpy's kNN graph (15 neighbours, UMAP connectivities) and
 //!   Leiden clustering over scIB's resolution grid, keeping the best NMI → ARI / NMI;
@@ -53,6 +53,12 @@ pub struct EvalOptions {
     pub knn_k: usize,
     /// Distance of the kNN classifier.
     pub knn_metric: Metric,
+    /// Also score the kNN classifier under Euclidean distance, on the same fold
+    /// assignments (`knn_euclidean_*` in [`Metrics`]). Cosine neighbours ignore a vector's
+    /// length, Euclidean ones (scanpy's neighbours, the graph, k-means) use it; PCA's and
+    /// scfm's embeddings carry information in it, and neither metric is the right one for
+    /// every embedding, so both are reported.
+    pub knn_euclidean: bool,
     /// Cross-validation folds.
     pub n_folds: usize,
     /// Shuffle each class's folds with the seed (scikit-learn's `shuffle=True`); `false`
@@ -86,6 +92,7 @@ impl Default for EvalOptions {
         EvalOptions {
             knn_k: 15,
             knn_metric: Metric::Cosine,
+            knn_euclidean: true,
             n_folds: 5,
             shuffle_folds: true,
             knn_repeats: 1,
@@ -123,6 +130,16 @@ pub struct Metrics {
     /// How many fold assignments the kNN scores are the mean of.
     #[serde(default)]
     pub knn_repeats: usize,
+    /// The kNN classifier under Euclidean distance, same folds: mean accuracy (with
+    /// [`EvalOptions::knn_euclidean`]; the main scores when `knn_metric` is Euclidean).
+    #[serde(default)]
+    pub knn_euclidean_accuracy: Option<f64>,
+    /// The same: mean macro-F1.
+    #[serde(default)]
+    pub knn_euclidean_macro_f1: Option<f64>,
+    /// The same: standard deviation of the accuracy across the fold assignments.
+    #[serde(default)]
+    pub knn_euclidean_accuracy_sd: Option<f64>,
     /// Leiden at the resolution of best NMI: ARI against the labels.
     pub leiden_ari: f64,
     /// Leiden at the resolution of best NMI: NMI against the labels.
@@ -169,17 +186,20 @@ pub fn evaluate_embedding(
 }
 
 /// kNN scores averaged over [`EvalOptions::knn_repeats`] fold assignments.
+#[derive(Clone, Copy)]
 struct RepeatedKnn {
     accuracy: f64,
     macro_f1: f64,
     accuracy_sd: f64,
 }
 
-/// [`knn_cross_validate`] over the fold assignments of seeds `seed`, `seed + 1`, ….
+/// [`knn_cross_validate`] under `metric` over the fold assignments of seeds `seed`,
+/// `seed + 1`, ….
 fn knn_repeated(
     emb: &Embedding,
     labels: &[u32],
     seed: u64,
+    metric: Metric,
     opts: &EvalOptions,
 ) -> Result<RepeatedKnn> {
     match opts.knn_repeats {
@@ -199,14 +219,7 @@ fn knn_repeated(
             opts.n_folds,
             opts.shuffle_folds.then_some(seed.wrapping_add(r)),
         )?;
-        let cv = knn_cross_validate(
-            emb,
-            labels,
-            &folds,
-            opts.knn_k,
-            opts.knn_metric,
-            opts.threads,
-        )?;
+        let cv = knn_cross_validate(emb, labels, &folds, opts.knn_k, metric, opts.threads)?;
         acc.push(cv.accuracy);
         f1 += cv.macro_f1;
     }
@@ -239,7 +252,12 @@ pub fn evaluate_embedding_with(
     let n_batches = batches.map(|b| silhouette::dense_codes(b).1);
     let t = Instant::now();
 
-    let knn = knn_repeated(emb, labels, seed, opts)?;
+    let knn = knn_repeated(emb, labels, seed, opts.knn_metric, opts)?;
+    let knn_euclid = match (opts.knn_euclidean, opts.knn_metric) {
+        (false, _) => None,
+        (true, Metric::Euclidean) => Some(knn),
+        (true, Metric::Cosine) => Some(knn_repeated(emb, labels, seed, Metric::Euclidean, opts)?),
+    };
     tracing::debug!(
         seconds = t.elapsed().as_secs_f64(),
         "evaluate: kNN classifier"
@@ -326,6 +344,9 @@ pub fn evaluate_embedding_with(
         knn_macro_f1: knn.macro_f1,
         knn_accuracy_sd: knn.accuracy_sd,
         knn_repeats: opts.knn_repeats,
+        knn_euclidean_accuracy: knn_euclid.as_ref().map(|k| k.accuracy),
+        knn_euclidean_macro_f1: knn_euclid.as_ref().map(|k| k.macro_f1),
+        knn_euclidean_accuracy_sd: knn_euclid.as_ref().map(|k| k.accuracy_sd),
         leiden_ari: leiden.best.ari,
         leiden_nmi: leiden.best.nmi,
         leiden_resolution: leiden.best.resolution,

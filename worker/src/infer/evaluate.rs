@@ -339,8 +339,10 @@ type Column = (&'static str, fn(&EvalMetrics) -> Option<f64>);
 /// The table's metric columns (batch columns only with batches).
 pub fn columns(with_batches: bool) -> Vec<Column> {
     let mut c: Vec<Column> = vec![
-        ("kNN acc", |m| Some(m.knn_accuracy)),
-        ("kNN macro-F1", |m| Some(m.knn_macro_f1)),
+        ("kNN acc (cosine)", |m| Some(m.knn_accuracy)),
+        ("kNN macro-F1 (cosine)", |m| Some(m.knn_macro_f1)),
+        ("kNN acc (euclidean)", |m| m.knn_euclidean_accuracy),
+        ("kNN macro-F1 (euclidean)", |m| m.knn_euclidean_macro_f1),
         ("Leiden ARI", |m| Some(m.leiden_ari)),
         ("Leiden NMI", |m| Some(m.leiden_nmi)),
         ("k-means ARI", |m| Some(m.kmeans_ari)),
@@ -357,9 +359,11 @@ pub fn columns(with_batches: bool) -> Vec<Column> {
 /// One line of the main scores.
 fn summary(m: &EvalMetrics) -> String {
     format!(
-        "kNN acc {:.3}, macro-F1 {:.3}, Leiden ARI {:.3} (resolution {}), k-means ARI {:.3} ({:.3}-{:.3}), ASW {:.3}",
+        "kNN acc {:.3} cosine / {} euclidean, macro-F1 {:.3} / {}, Leiden ARI {:.3} (resolution {}), k-means ARI {:.3} ({:.3}-{:.3}), ASW {:.3}",
         m.knn_accuracy,
+        cell(m.knn_euclidean_accuracy),
         m.knn_macro_f1,
+        cell(m.knn_euclidean_macro_f1),
         m.leiden_ari,
         m.leiden_resolution,
         m.kmeans_ari,
@@ -440,15 +444,21 @@ pub fn markdown(ev: &Evaluation) -> String {
             let sds: Vec<String> = ev
                 .rows
                 .iter()
-                .map(|r| format!("{} {:.4}", r.embedding, r.metrics.knn_accuracy_sd))
+                .map(|r| {
+                    let euclid = r
+                        .metrics
+                        .knn_euclidean_accuracy_sd
+                        .map_or(String::new(), |sd| format!(" / {sd:.4}"));
+                    format!("{} {:.4}{euclid}", r.embedding, r.metrics.knn_accuracy_sd)
+                })
                 .collect();
             format!(
-                "each score is the mean over {repeats} fold assignments (`--knn-repeats`); the accuracy's sd across them: {}",
+                "each score is the mean over {repeats} fold assignments (`--knn-repeats`); the accuracy's sd across them (cosine / euclidean): {}",
                 sds.join(", ")
             )
         };
         s.push_str(&format!(
-            "\nkNN: k = {}, {}-fold stratified; {spread}.\n",
+            "\nkNN: k = {}, {}-fold stratified, majority vote among the neighbours by cosine and, on the same folds, by Euclidean distance (cosine ignores a vector's length, Euclidean uses it; each embedding is compared with the others under the same distance); {spread}.\n",
             o.knn_k, o.n_folds
         ));
     }

@@ -87,14 +87,19 @@ def check(d):
         folds[test] = f
     wr(d, "ref_folds_plain.i64", folds, "<i8")
 
-    # kNN classifier on scfm's folds (unshuffled and shuffled).
-    for name in ("plain", "shuf"):
-        fo = rd(d, f"folds_{name}.i64", "<i8")
+    # kNN classifier on scfm's folds (unshuffled and shuffled, cosine; shuffled, euclidean).
+    for name, folds_of, metric in (
+        ("plain", "plain", "cosine"),
+        ("shuf", "shuf", "cosine"),
+        ("euclid", "shuf", "euclidean"),
+    ):
+        fo = rd(d, f"folds_{folds_of}.i64", "<i8")
         pred = np.full(n, -1)
         acc, f1 = [], []
         for f in range(fo.max() + 1):
             tr, te = fo != f, fo == f
-            clf = KNeighborsClassifier(n_neighbors=k_nn, metric="cosine").fit(x[tr], y[tr])
+            clf = KNeighborsClassifier(n_neighbors=k_nn, metric=metric, algorithm="brute")
+            clf = clf.fit(x[tr], y[tr])
             p = clf.predict(x[te])
             pred[te] = p
             acc.append(accuracy_score(y[te], p))

@@ -122,6 +122,62 @@ fn knn_scores_are_the_mean_over_fold_assignments() {
     assert!(e.to_string().contains("unshuffled"), "{e}");
 }
 
+/// The Euclidean kNN scores are those of the Euclidean classifier on the same fold
+/// assignments; they see a vector's length, which cosine neighbours do not: two classes at
+/// radii 1 and 1.5 on the same narrow fan of directions (angles 0–0.3 rad, so a class
+/// spans at most 0.45 and the classes are 0.5 apart) are apart by Euclidean distance only.
+#[test]
+fn knn_is_also_scored_under_euclidean_distance() {
+    let (m, d) = (40, 2);
+    let mut rng = Rng::new(7, &[]);
+    let mut x = Vec::with_capacity(2 * m * d);
+    let mut labels = Vec::with_capacity(2 * m);
+    for (class, radius) in [(0u32, 1.0f64), (1, 1.5)] {
+        for _ in 0..m {
+            let angle = 0.3 * rng.uniform();
+            x.extend([(radius * angle.cos()) as f32, (radius * angle.sin()) as f32]);
+            labels.push(class);
+        }
+    }
+    let emb = Embedding::new(&x, 2 * m, d).unwrap();
+    let opts = EvalOptions {
+        knn_repeats: 2,
+        kmeans_runs: 1,
+        ..Default::default()
+    };
+    let met = evaluate_embedding_with(&emb, &labels, None, 5, &opts).unwrap();
+    let euclid: Vec<KnnCv> = (5..7)
+        .map(|s| {
+            let folds = stratified_kfold(&labels, 5, Some(s)).unwrap();
+            knn_cross_validate(&emb, &labels, &folds, 15, Metric::Euclidean, 1).unwrap()
+        })
+        .collect();
+    let mean = |f: fn(&KnnCv) -> f64| euclid.iter().map(f).sum::<f64>() / 2.0;
+    assert_eq!(met.knn_euclidean_accuracy, Some(mean(|c| c.accuracy)));
+    assert_eq!(met.knn_euclidean_macro_f1, Some(mean(|c| c.macro_f1)));
+    assert!(met.knn_euclidean_accuracy_sd.is_some());
+    assert_eq!(met.knn_euclidean_accuracy, Some(1.0));
+    assert!(
+        met.knn_accuracy < 0.8,
+        "cosine sees directions only: {met:?}"
+    );
+
+    let off = EvalOptions {
+        knn_euclidean: false,
+        ..opts.clone()
+    };
+    let met = evaluate_embedding_with(&emb, &labels, None, 5, &off).unwrap();
+    assert_eq!(met.knn_euclidean_accuracy, None);
+    assert_eq!(met.knn_euclidean_macro_f1, None);
+    let main = EvalOptions {
+        knn_metric: Metric::Euclidean,
+        ..opts
+    };
+    let met = evaluate_embedding_with(&emb, &labels, None, 5, &main).unwrap();
+    assert_eq!(met.knn_accuracy, 1.0);
+    assert_eq!(met.knn_euclidean_accuracy, Some(met.knn_accuracy));
+}
+
 #[test]
 fn separated_clusters_score_perfectly() {
     let (k, m, d) = (4, 40, 6);

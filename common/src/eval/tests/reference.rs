@@ -164,6 +164,8 @@ fn cross_check(
     let folds_shuf = stratified_kfold(labels, 5, Some(SEED)).unwrap();
     let cv_plain = knn_cross_validate(&emb, labels, &folds_plain, k_nn, Metric::Cosine, 0).unwrap();
     let cv_shuf = knn_cross_validate(&emb, labels, &folds_shuf, k_nn, Metric::Cosine, 0).unwrap();
+    let cv_euclid =
+        knn_cross_validate(&emb, labels, &folds_shuf, k_nn, Metric::Euclidean, 0).unwrap();
     let pass = silhouette_pass(
         &emb,
         Metric::Euclidean,
@@ -253,7 +255,11 @@ fn cross_check(
         .map(|&v| v as u32)
         .collect();
     rep.same("StratifiedKFold(5) folds", &folds_plain, &ref_folds);
-    for (name, cv) in [("plain", &cv_plain), ("shuf", &cv_shuf)] {
+    for (name, cv) in [
+        ("plain", &cv_plain),
+        ("shuf", &cv_shuf),
+        ("euclid", &cv_euclid),
+    ] {
         let pred: Vec<u32> = i64s(dir, &format!("ref_pred_{name}.i64"))
             .iter()
             .map(|&v| v as u32)
