@@ -12,16 +12,7 @@ pub fn normal() -> nn::Init {
 
 /// A linear layer `[out, in]` weight + `[out]` bias, named `weight`/`bias` like PyTorch.
 pub fn linear(p: &nn::Path, input: i64, output: i64) -> nn::Linear {
-    nn::linear(
-        p,
-        input,
-        output,
-        nn::LinearConfig {
-            ws_init: normal(),
-            bs_init: Some(nn::Init::Const(0.0)),
-            bias: true,
-        },
-    )
+    linear_init(p, input, output, normal())
 }
 
 /// A linear layer with N(0, 1 / input) weights and zero biases: it keeps the scale of
@@ -30,15 +21,18 @@ pub fn linear(p: &nn::Path, input: i64, output: i64) -> nn::Linear {
 /// learns its directions one at a time; a 16-wide bottleneck used 8 of them after 700
 /// steps of `minimal`).
 pub fn linear_unit(p: &nn::Path, input: i64, output: i64) -> nn::Linear {
+    let stdev = 1.0 / (input as f64).sqrt();
+    linear_init(p, input, output, nn::Init::Randn { mean: 0.0, stdev })
+}
+
+/// A biased linear layer with weights from `weights` and zero biases.
+fn linear_init(p: &nn::Path, input: i64, output: i64, weights: nn::Init) -> nn::Linear {
     nn::linear(
         p,
         input,
         output,
         nn::LinearConfig {
-            ws_init: nn::Init::Randn {
-                mean: 0.0,
-                stdev: 1.0 / (input as f64).sqrt(),
-            },
+            ws_init: weights,
             bs_init: Some(nn::Init::Const(0.0)),
             bias: true,
         },
