@@ -101,6 +101,52 @@ fn validate_tells_the_kinds_apart_from_the_files_own_folder() {
     }
 }
 
+/// The evaluation's training files (configs/train-pbmc*.yaml) validate once their data is
+/// where their comments say, the joint one after the `scfm prepare` command it gives:
+/// pbmc68k's 700 cells and pbmc3k's 2,700 over pbmc68k's 765 genes.
+#[test]
+fn the_pbmc_training_files_validate_on_the_data_their_comments_make() {
+    let tree = tempfile::tempdir().unwrap();
+    let configs = tree.path().join("configs");
+    let data_dir = tree.path().join("data");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::create_dir_all(&data_dir).unwrap();
+    for file in ["train-pbmc.yaml", "train-pbmc-joint.yaml"] {
+        std::fs::copy(repo_root().join("configs").join(file), configs.join(file)).unwrap();
+    }
+    for file in ["pbmc68k_counts.h5ad", "pbmc3k_counts.h5ad"] {
+        std::fs::copy(scfm_tests::dataset(file), data_dir.join(file)).unwrap();
+    }
+    // The command of train-pbmc-joint.yaml's comment, run from the tree's root.
+    let o = scfm(
+        &[
+            "prepare",
+            "data/pbmc68k_counts.h5ad",
+            "data/pbmc3k_counts.h5ad",
+            "--vocab",
+            "intersection",
+            "--out",
+            "data/pbmc-joint",
+        ],
+        tree.path(),
+    );
+    assert!(o.status.success(), "prepare: {}", text(&o).1);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data_dir.join("pbmc-joint/dataset.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["n_cells"], 3400, "{meta}");
+    assert_eq!(meta["n_genes"], 765, "{meta}");
+    for file in ["train-pbmc.yaml", "train-pbmc-joint.yaml"] {
+        let o = scfm(&["validate", file], &configs);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{file}: {err}");
+        assert!(
+            out.starts_with(&format!("# {file} is valid: a training file")),
+            "{file}: {out}"
+        );
+    }
+}
+
 /// Writes `cells` × `genes` values made by `value(cell, gene)` as an `.h5ad`.
 fn write_matrix(path: &Path, cells: usize, genes: usize, value: impl Fn(usize, usize) -> f32) {
     let dense: Vec<f32> = (0..cells * genes)
