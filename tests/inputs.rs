@@ -28,6 +28,38 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
+/// `scfm validate FILE`, run in `dir`, succeeds and says FILE is valid as `kind`.
+fn assert_valid(dir: &Path, file: &str, kind: &str) {
+    let o = scfm(&["validate", file], dir);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{file}: {err}");
+    assert!(
+        out.starts_with(&format!("# {file} is valid: {kind}")),
+        "{file}: {out}"
+    );
+}
+
+/// A temporary tree laid out as a user has the repository: `configs/` holding copies of
+/// the named files of this repository's `configs/`, beside `data/` holding copies of the
+/// named datasets of its `data/`. Returns the tree and both folders.
+fn config_tree(configs: &[&str], datasets: &[&str]) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tree = tempfile::tempdir().unwrap();
+    let (config_dir, data_dir) = (tree.path().join("configs"), tree.path().join("data"));
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::create_dir_all(&data_dir).unwrap();
+    for file in configs {
+        std::fs::copy(
+            repo_root().join("configs").join(file),
+            config_dir.join(file),
+        )
+        .unwrap();
+    }
+    for file in datasets {
+        std::fs::copy(scfm_tests::dataset(file), data_dir.join(file)).unwrap();
+    }
+    (tree, config_dir, data_dir)
+}
+
 /// `scfm validate` accepts each kind of file, says which kind it is, and resolves the
 /// paths of a file named without a folder (run from the file's own folder).
 #[test]
@@ -35,19 +67,11 @@ fn validate_tells_the_kinds_apart_from_the_files_own_folder() {
     // The demo files as a user has them after `scripts/demo.sh`: `configs/` beside a
     // `data/` folder holding the demo input and its prepared dataset (made here, so the
     // test does not depend on the demo having run in this checkout).
-    let tree = tempfile::tempdir().unwrap();
-    let configs = tree.path().join("configs");
-    let data_dir = tree.path().join("data");
-    std::fs::create_dir_all(&configs).unwrap();
-    std::fs::create_dir_all(&data_dir).unwrap();
-    for file in ["job-local.yaml", "train-demo.yaml", "prepare-demo.yaml"] {
-        std::fs::copy(repo_root().join("configs").join(file), configs.join(file)).unwrap();
-    }
-    std::fs::copy(
-        repo_root().join("data/mouse10k.h5ad"),
-        data_dir.join("mouse10k.h5ad"),
-    )
-    .unwrap();
+    // `_tree` keeps the folder alive to the test's end.
+    let (_tree, configs, data_dir) = config_tree(
+        &["job-local.yaml", "train-demo.yaml", "prepare-demo.yaml"],
+        &["mouse10k.h5ad"],
+    );
     let o = scfm(
         &[
             "prepare",
@@ -65,13 +89,7 @@ fn validate_tells_the_kinds_apart_from_the_files_own_folder() {
         ("train-demo.yaml", "a training file for one process"),
         ("prepare-demo.yaml", "settings of scfm prepare"),
     ] {
-        let o = scfm(&["validate", file], &configs);
-        let (out, err) = text(&o);
-        assert!(o.status.success(), "{file}: {err}");
-        assert!(
-            out.starts_with(&format!("# {file} is valid: {kind}")),
-            "{file}: {out}"
-        );
+        assert_valid(&configs, file, kind);
     }
     let o = scfm(&["validate", "train-demo.yaml"], &configs);
     let data = data_dir.join("mouse10k.h5ad");
@@ -106,17 +124,10 @@ fn validate_tells_the_kinds_apart_from_the_files_own_folder() {
 /// pbmc68k's 700 cells and pbmc3k's 2,700 over pbmc68k's 765 genes.
 #[test]
 fn the_pbmc_training_files_validate_on_the_data_their_comments_make() {
-    let tree = tempfile::tempdir().unwrap();
-    let configs = tree.path().join("configs");
-    let data_dir = tree.path().join("data");
-    std::fs::create_dir_all(&configs).unwrap();
-    std::fs::create_dir_all(&data_dir).unwrap();
-    for file in ["train-pbmc.yaml", "train-pbmc-joint.yaml"] {
-        std::fs::copy(repo_root().join("configs").join(file), configs.join(file)).unwrap();
-    }
-    for file in ["pbmc68k_counts.h5ad", "pbmc3k_counts.h5ad"] {
-        std::fs::copy(scfm_tests::dataset(file), data_dir.join(file)).unwrap();
-    }
+    let (tree, configs, data_dir) = config_tree(
+        &["train-pbmc.yaml", "train-pbmc-joint.yaml"],
+        &["pbmc68k_counts.h5ad", "pbmc3k_counts.h5ad"],
+    );
     // The command of train-pbmc-joint.yaml's comment, run from the tree's root.
     let o = scfm(
         &[
@@ -137,13 +148,7 @@ fn the_pbmc_training_files_validate_on_the_data_their_comments_make() {
     assert_eq!(meta["n_cells"], 3400, "{meta}");
     assert_eq!(meta["n_genes"], 765, "{meta}");
     for file in ["train-pbmc.yaml", "train-pbmc-joint.yaml"] {
-        let o = scfm(&["validate", file], &configs);
-        let (out, err) = text(&o);
-        assert!(o.status.success(), "{file}: {err}");
-        assert!(
-            out.starts_with(&format!("# {file} is valid: a training file")),
-            "{file}: {out}"
-        );
+        assert_valid(&configs, file, "a training file for one process");
     }
 }
 
