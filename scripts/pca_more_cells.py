@@ -43,6 +43,15 @@ def pca50(x: ad.AnnData) -> np.ndarray:
     return x.obsm["X_pca"]
 
 
+def counts(a: ad.AnnData, path: str, cols: np.ndarray | None = None) -> sp.csr_matrix:
+    """`a`'s X (or its columns `cols`) as float32 CSR, refused unless it holds raw counts."""
+    x = sp.csr_matrix(a.X if cols is None else a[:, cols].X, dtype=np.float32)
+    bad = x.data[(x.data < 0) | ~np.isfinite(x.data) | (x.data != np.round(x.data))]
+    if bad.size:
+        raise SystemExit(f"{path}: X holds {bad.size} values that are not counts (e.g. {bad[0]}); pass raw counts")
+    return x
+
+
 def knn(z: np.ndarray, y: np.ndarray, metric: str) -> float:
     acc = []
     for s in range(10):
@@ -70,13 +79,17 @@ def main() -> None:
     if args.label_key not in data.obs:
         raise SystemExit(f"{args.data}: no obs column {args.label_key!r}")
     y = data.obs[args.label_key].astype(str).values
-    parts = [ad.AnnData(sp.csr_matrix(data.X, dtype=np.float32), var=data.var[[]])]
+    parts = [ad.AnnData(counts(data, args.data), var=data.var[[]])]
     for f in args.extra:
         e = ad.read_h5ad(f)
         have = data.var_names.isin(e.var_names)
-        x = sp.lil_matrix((e.n_obs, data.n_vars), dtype=np.float32)
-        x[:, np.flatnonzero(have)] = sp.csr_matrix(e[:, data.var_names[have]].X, dtype=np.float32)
-        parts.append(ad.AnnData(x.tocsr(), var=data.var[[]]))
+        if not have.any():
+            raise SystemExit(f"{f}: none of {args.data}'s {data.n_vars} genes (var_names) is there")
+        # The extra file's columns for DATA's genes, moved to DATA's column positions.
+        m = counts(e, f, data.var_names[have])
+        cols = np.flatnonzero(have)
+        x = sp.csr_matrix((m.data, cols[m.indices], m.indptr), shape=(e.n_obs, data.n_vars))
+        parts.append(ad.AnnData(x, var=data.var[[]]))
         print(f"{f}: {e.n_obs} cells, {have.sum()} of {args.data}'s {data.n_vars} genes")
     joint = ad.concat(parts, index_unique="-")
     for name, z in [
