@@ -124,7 +124,7 @@ fn two_workers_overlapped_all_reduce_equals_the_flat_one_bitwise() {
         let m = write_manifest(
             dir.path(),
             &ckpt,
-            TINY,
+            &format!("{TINY}\n  dropout: 0.1"),
             training,
             &format!("  max_workers: 2\n  overlap_allreduce: {overlap}"),
         );
