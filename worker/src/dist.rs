@@ -9,23 +9,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use scfm_common::manifest::Manifest;
-use scfm_common::rpc::{Assignment, PROTOCOL_VERSION, TOKEN_HEADER, pb};
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Request, Status};
+use scfm_common::rpc::{PROTOCOL_VERSION, pb};
+use scfm_common::runtime::Rt;
 
 use crate::collective::{RingAbort, RingCollective, RingConfig, RingKey, RingTls};
 use crate::control::Control;
-use scfm_common::runtime::Rt;
+use crate::error::{Result, WorkerError};
+use crate::trainer::{RunOptions, RunSummary, StepReport, Trainer, WorkerContext};
 
 mod backend;
+mod client;
 mod heartbeat;
+mod metrics;
+
+use client::{Client, REGISTER_WAIT, await_assignment, connect, host_name, register};
+use metrics::{FINAL_ACK_WAIT, forward_metrics, to_pb};
 
 /// The ring of the current generation, breakable from the heartbeat task.
 type AbortSlot = Arc<std::sync::Mutex<Option<(u64, RingAbort)>>>;
-use crate::error::{Result, WorkerError};
-use crate::trainer::{RunOptions, RunSummary, StepReport, Trainer, WorkerContext};
 
 /// How to reach the coordinator.
 #[derive(Debug, Clone)]
@@ -47,369 +48,15 @@ pub struct JoinArgs {
     pub ring_tls_key: Option<std::path::PathBuf>,
 }
 
-#[derive(Clone)]
-struct TokenInterceptor(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for TokenInterceptor {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(t) = &self.0 {
-            req.metadata_mut().insert(TOKEN_HEADER, t.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Client = pb::coordinator_client::CoordinatorClient<
-    tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>,
->;
-
 /// How long a worker keeps trying to report its completion (the coordinator may be
 /// restarting).
 const DONE_RETRY: Duration = Duration::from_secs(60);
 
-/// Reports kept until the coordinator acknowledges them (about 4 MB): at 10 steps/s, half
-/// an hour of a coordinator's absence. Beyond it the oldest are dropped, with a warning.
-const MAX_UNACKED: usize = 20_000;
-/// How long a worker that finished waits for the acknowledgement of its last reports.
-const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long a worker whose job ended waits for the last metrics acknowledgements.
 const ENDED_ACK_WAIT: Duration = Duration::from_secs(3);
 /// How long a worker whose job ended waits for a checkpoint upload under way to land
 /// (at most its checkpoint grace).
 const ENDED_UPLOAD_WAIT: Duration = Duration::from_secs(10);
-
-/// Reports sent or to send, oldest first, until acknowledged.
-#[derive(Default)]
-struct Unacked {
-    reports: std::collections::VecDeque<pb::StepMetrics>,
-    /// How many of the oldest were sent on the current stream.
-    sent: usize,
-    /// Dropped because the buffer was full.
-    dropped: u64,
-}
-
-impl Unacked {
-    fn push(&mut self, m: pb::StepMetrics) {
-        if self.reports.len() >= MAX_UNACKED {
-            self.reports.pop_front();
-            self.sent = self.sent.saturating_sub(1);
-            self.dropped += 1;
-            if self.dropped == 1 || self.dropped.is_multiple_of(1000) {
-                tracing::warn!(
-                    dropped = self.dropped,
-                    kept = MAX_UNACKED,
-                    "the coordinator has not acknowledged metrics for long: dropping the oldest reports"
-                );
-            }
-        }
-        self.reports.push_back(m);
-    }
-
-    /// Forgets the reports up to `(generation, step)` (sent in that order).
-    fn ack(&mut self, a: &pb::MetricsAck) {
-        while self
-            .reports
-            .front()
-            .is_some_and(|m| (m.generation, m.step) <= (a.generation, a.step))
-        {
-            self.reports.pop_front();
-            self.sent = self.sent.saturating_sub(1);
-        }
-    }
-}
-
-/// Streams step metrics to the coordinator and keeps each report until the coordinator
-/// acknowledges it as written. Whenever the stream breaks (e.g. while a restarted
-/// coordinator comes back), it reconnects after a pause and sends the unacknowledged
-/// reports again, oldest first; the coordinator drops those it already has. Training is
-/// never held up: the buffer is bounded ([`MAX_UNACKED`]). After training, it waits up to
-/// [`FINAL_ACK_WAIT`] for the last acknowledgement.
-async fn forward_metrics(mut c: Client, mut arx: tokio::sync::mpsc::Receiver<pb::StepMetrics>) {
-    let mut q = Unacked::default();
-    let mut input_done = false;
-    let mut give_up: Option<tokio::time::Instant> = None;
-    loop {
-        if input_done && q.reports.is_empty() {
-            return;
-        }
-        if input_done && give_up.is_none() {
-            give_up = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
-        }
-        if give_up.is_some_and(|t| tokio::time::Instant::now() >= t) {
-            tracing::warn!(
-                reports = q.reports.len(),
-                "the coordinator did not acknowledge the last metrics reports in time; they may be missing from its log"
-            );
-            return;
-        }
-        q.sent = 0;
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::StepMetrics>(64);
-        let call = c.stream_metrics(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let opened = tokio::time::timeout(Duration::from_secs(10), call).await;
-        let acks = match opened {
-            Ok(Ok(r)) => Some(r.into_inner()),
-            Ok(Err(s)) => {
-                tracing::warn!(error = %s.message(), "cannot stream metrics to the coordinator; trying again");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "the coordinator did not open the metrics stream in time; trying again"
-                );
-                None
-            }
-        };
-        if let Some(mut stream) = acks {
-            let mut tx = Some(tx);
-            loop {
-                if input_done && q.reports.is_empty() {
-                    return;
-                }
-                if input_done && give_up.is_none() {
-                    give_up = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
-                }
-                let until = give_up.unwrap_or_else(tokio::time::Instant::now);
-                // Everything sent after training ended: close our side, the coordinator
-                // writes and acknowledges.
-                if input_done && q.sent == q.reports.len() {
-                    tx = None;
-                }
-                let to_send = tx.is_some() && q.sent < q.reports.len();
-                let broke = tokio::select! {
-                    permit = async { tx.as_ref().expect("checked").reserve().await }, if to_send => match permit {
-                        Ok(p) => {
-                            p.send(q.reports[q.sent].clone());
-                            q.sent += 1;
-                            false
-                        }
-                        Err(_) => true,
-                    },
-                    m = arx.recv(), if !input_done => {
-                        match m {
-                            Some(m) => q.push(m),
-                            None => input_done = true,
-                        }
-                        false
-                    }
-                    a = stream.message() => match a {
-                        Ok(Some(a)) => {
-                            q.ack(&a);
-                            false
-                        }
-                        Ok(None) => true,
-                        Err(s) => {
-                            tracing::warn!(error = %s.message(), "metrics stream to the coordinator broke; reconnecting");
-                            true
-                        }
-                    },
-                    () = tokio::time::sleep_until(until), if give_up.is_some() => true,
-                };
-                if broke {
-                    break;
-                }
-            }
-        }
-        // Keep taking reports during the pause before the next stream.
-        let pause = tokio::time::sleep(Duration::from_secs(1));
-        tokio::pin!(pause);
-        loop {
-            tokio::select! {
-                () = &mut pause => break,
-                m = arx.recv(), if !input_done => match m {
-                    Some(m) => q.push(m),
-                    None => input_done = true,
-                },
-            }
-        }
-    }
-}
-
-/// This machine's host name, for the coordinator's logs and `scfm status`: the kernel's
-/// (`/proc/sys/kernel/hostname`), else `$HOSTNAME` (which shells set but rarely export),
-/// else `unknown`.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// Whether a failed call to the coordinator may succeed when tried again: "not yet"
-/// (`Unavailable`), or the connection failed under it (a transport error, which tonic
-/// reports as `Unknown`, e.g. when the coordinator's HTTP/2 layer reset the connection
-/// after a partition healed). Refusals (authentication, protocol version, the job failed)
-/// and "dropped" (`NotFound`) are final.
-fn transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled
-    )
-}
-
-fn status_err(what: &str, s: Status) -> WorkerError {
-    WorkerError::Coordinator(format!("{what}: {} ({:?})", s.message(), s.code()))
-}
-
-/// An error with its sources, `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-async fn connect(args: &JoinArgs, deadline: Instant) -> Result<Client> {
-    let mut ep = Endpoint::from_shared(args.coordinator.clone())
-        .map_err(|e| {
-            WorkerError::Coordinator(format!("bad coordinator URL `{}`: {e}", args.coordinator))
-        })?
-        .connect_timeout(Duration::from_secs(5));
-    if let Some(ca) = &args.tls_ca {
-        let pem = std::fs::read(ca).map_err(|e| {
-            WorkerError::Coordinator(format!("cannot read CA {}: {e}", ca.display()))
-        })?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(pem))
-            .domain_name(
-                args.tls_domain
-                    .clone()
-                    .unwrap_or_else(|| "localhost".into()),
-            );
-        ep = ep
-            .tls_config(tls)
-            .map_err(|e| WorkerError::Coordinator(format!("TLS: {e}")))?;
-    }
-    let token = match &args.token {
-        Some(t) => Some(
-            t.parse()
-                .map_err(|_| WorkerError::Coordinator("the token is not valid ASCII".into()))?,
-        ),
-        None => None,
-    };
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match ep.connect().await {
-            Ok(ch) => {
-                return Ok(pb::coordinator_client::CoordinatorClient::with_interceptor(
-                    ch,
-                    TokenInterceptor(token),
-                ));
-            }
-            Err(e) if Instant::now() + backoff < deadline => {
-                let chain = error_chain(&e);
-                tracing::warn!(error = %chain, url = %args.coordinator, "coordinator not reachable yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                return Err(WorkerError::Coordinator(format!(
-                    "cannot reach {}: {e}",
-                    args.coordinator
-                )));
-            }
-        }
-    }
-}
-
-/// How long a worker asks again for a place that is held by workers a restarted
-/// coordinator took over and that may be dead (it drops them after its worker timeout).
-const REGISTER_WAIT: Duration = Duration::from_secs(300);
-
-/// Registers with the coordinator. A refusal the coordinator marks as temporary
-/// (`UNAVAILABLE`: the places are held by workers it took over from a previous coordinator
-/// and has not heard from yet), or a connection broken under the call, is asked again,
-/// with backoff, until `deadline`.
-async fn register(
-    client: &mut Client,
-    request: pb::RegisterRequest,
-    deadline: Instant,
-) -> Result<pb::RegisterResponse> {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), client.register(request.clone())).await
-        {
-            Err(_) => return Err(WorkerError::Coordinator("registration timed out".into())),
-            Ok(Ok(r)) => return Ok(r.into_inner()),
-            Ok(Err(s)) if transient(&s) && Instant::now() + backoff < deadline => {
-                tracing::warn!("registration deferred: {}", s.message());
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Ok(Err(s)) => return Err(status_err("registration refused", s)),
-        }
-    }
-}
-
-async fn await_assignment(
-    client: &mut Client,
-    worker_id: &str,
-    after_generation: u64,
-    deadline: Instant,
-) -> Result<Assignment> {
-    loop {
-        let req = pb::AssignmentRequest {
-            worker_id: worker_id.to_string(),
-            after_generation,
-        };
-        // The coordinator answers within ~10 s ("not yet" or an assignment).
-        match tokio::time::timeout(Duration::from_secs(30), client.get_assignment(req)).await {
-            Ok(Ok(r)) => return Ok(Assignment::try_from(r.into_inner())?),
-            Ok(Err(s)) if transient(&s) && Instant::now() < deadline => {
-                tracing::info!("{}", s.message());
-                // Not a busy loop when the coordinator answers "not yet" at once.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Ok(Err(s)) if s.code() == Code::NotFound => {
-                return Err(WorkerError::Ended(format!(
-                    "the coordinator dropped this worker: {}",
-                    s.message()
-                )));
-            }
-            Ok(Err(s)) => return Err(status_err("no assignment", s)),
-            Err(_) if Instant::now() < deadline => {
-                tracing::warn!("assignment request timed out; retrying")
-            }
-            Err(_) => {
-                return Err(WorkerError::Coordinator(
-                    "no assignment before the join deadline".into(),
-                ));
-            }
-        }
-    }
-}
-
-fn to_pb(worker_id: &str, r: StepReport) -> pb::StepMetrics {
-    let s = r.stats;
-    pb::StepMetrics {
-        worker_id: worker_id.to_string(),
-        generation: r.generation,
-        step: s.step,
-        loss: s.loss,
-        mgem: s.mgem,
-        contrastive: s.contrastive,
-        gepc: s.gepc,
-        grad_norm: s.grad_norm,
-        lr: s.lr,
-        cells_per_s: s.cells_per_s,
-        data_wait_s: s.data_wait_s,
-        allreduce_s: s.allreduce_s,
-        allreduce_wait_s: s.allreduce_wait_s,
-        step_s: s.compute_s + s.data_wait_s,
-        epoch: r.epoch,
-        val_loss: r.val_loss.unwrap_or(f64::NAN),
-        offset: r.offset,
-        step_cells: r.step_cells,
-        rank: r.rank as u32,
-        world_size: r.world as u32,
-        total_steps: r.total_steps,
-    }
-}
 
 /// The key of the job's ring: derived from the token and the run id when the job has a
 /// token (the coordinator accepted this worker's, so every member holds the same), from
@@ -869,27 +516,5 @@ fn run_generations(
         }
         t.drop_collective();
         trainer = Some(t);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_not_yet_and_broken_connections_are_asked_again() {
-        for code in [Code::Unavailable, Code::Unknown, Code::Cancelled] {
-            assert!(transient(&Status::new(code, "x")), "{code:?}");
-        }
-        for code in [
-            Code::NotFound,
-            Code::Unauthenticated,
-            Code::FailedPrecondition,
-            Code::Aborted,
-            Code::InvalidArgument,
-            Code::ResourceExhausted,
-        ] {
-            assert!(!transient(&Status::new(code, "x")), "{code:?}");
-        }
     }
 }
