@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use scfm_common::config::TrainSpec;
 use scfm_common::config::model::GepcTarget;
-use scfm_common::config::{TrainSpec, without_read_out};
 use scfm_common::rng::derive_seed;
 use scfm_common::runtime::Rt;
 use scfm_common::storage::{Store, sha256_hex};
@@ -15,31 +15,31 @@ use scfm_common::tokenizer::Tokenizer;
 use serde::Serialize;
 use tch::{Device, Kind, nn};
 
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::TrainState;
 use crate::collective::{Collective, LocalCollective};
 use crate::control::Control;
 use crate::data::gene_stats::{GeneScale, SAMPLE_CELLS, SAMPLE_RUN, gene_stats};
 use crate::data::{
-    Blocks, CellSource, Keyed, Loader, LoaderConfig, OrderConfig, SampleOrder, StepData, advance,
-    batch_of, open_source, stream,
+    Blocks, CellSource, Keyed, LoaderConfig, OrderConfig, SampleOrder, StepData, batch_of,
+    open_source, stream,
 };
 use crate::error::{Result, WorkerError};
 use crate::model::{Inputs, ScfmModel};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::overlap::{AllReduceTimes, Buckets};
 use crate::params::FlatParams;
-use crate::step::{
-    all_reduce_grads, check_params_identical, compute_kind, forward_backward, select_device,
-};
-use crate::upload::{AfterUpload, Uploader};
-use scfm_common::checkpoint::{
-    discard_all, json_diff, select_verified, select_verified_below, step_of, verify_dir,
-};
+use crate::step::{all_reduce_grads, compute_kind, forward_backward, select_device};
+use crate::upload::Uploader;
+use scfm_common::checkpoint::discard_all;
 use scfm_common::config::run_settings;
 use scfm_common::data::prepared::data_identity;
-use scfm_common::metrics_log::{self, MetricsLog, PartWriter, Record, StepLine};
+use scfm_common::metrics_log::{MetricsLog, PartWriter, Record};
 
+mod checkpoints;
 mod elastic;
+mod run;
+
+pub use run::RunSummary;
 
 /// Command-line options of a training run.
 #[derive(Debug, Clone, Default)]
@@ -92,6 +92,9 @@ pub struct StepStats {
     pub allreduce_wait_s: f64,
     /// Cells per second for this step (including data wait).
     pub cells_per_s: f64,
+    /// Tokens per sequence of the step's batch as padded (its longest view, `[CLS]`
+    /// included; the mean over micro-batches).
+    pub padded_len: f64,
 }
 
 /// A training run in one process.
@@ -191,18 +194,6 @@ pub struct StepReport {
 /// Lines of the metrics log a single process holds at most before writing them as a part
 /// (it also writes them after each checkpoint).
 const LOG_PART_LINES: usize = 10_000;
-
-/// `(validation loss, step)` of the best evaluation up to `upto` that was checkpointed,
-/// from the run's metrics log (unreadable: none, the best is then found anew).
-async fn best_checkpointed(store: &Store, upto: u64) -> Option<(f64, u64)> {
-    let lines = metrics_log::read_effective(store).await.ok()??;
-    lines
-        .iter()
-        .filter(|v| v["event"] == "eval" && v["checkpointed"] == true)
-        .filter_map(|v| Some((v["val_loss"].as_f64()?, v["step"].as_u64()?)))
-        .filter(|&(_, s)| s <= upto)
-        .min_by(|a, b| a.0.total_cmp(&b.0))
-}
 
 fn model_json(spec: &TrainSpec) -> serde_json::Value {
     serde_json::to_value(&spec.model).expect("model config serializes")
@@ -386,95 +377,6 @@ impl Trainer {
         Ok(tr)
     }
 
-    /// Restores the checkpoint in `dir` (chosen by the coordinator), or else the newest
-    /// one that verifies, and says so.
-    fn resume(&mut self, dir: Option<&str>) -> Result<()> {
-        let url = self.load_checkpoint(dir)?;
-        eprintln!("resumed from {url} at step {}", self.state.step);
-        Ok(())
-    }
-
-    /// Restores the checkpoint in `dir`, or else the newest one that verifies and loads;
-    /// returns its URL.
-    ///
-    /// Parts are streamed into the tensors and their hashes known only at the end, so a
-    /// part of the right size with other bytes fails the load after some values were
-    /// written; without `dir`, the checkpoint before it is then loaded, overwriting every
-    /// value (the first error is returned when none loads).
-    fn load_checkpoint(&mut self, dir: Option<&str>) -> Result<String> {
-        let mut verified = match dir {
-            Some(d) => self.rt.block_on(verify_dir(&self.store, d, None))?,
-            None => self
-                .rt
-                .block_on(select_verified(&self.store))?
-                .ok_or_else(|| WorkerError::Checkpoint {
-                    url: self.store.url_of("latest.json"),
-                    message: "--resume given but there is no checkpoint".into(),
-                })?,
-        };
-        let mut first_error: Option<WorkerError> = None;
-        let state = loop {
-            let stored = checkpoint::state_of(&self.store, &verified)?;
-            // Only what is trained must match: the read-out settings may change (and
-            // checkpoints of older versions still list them in their settings).
-            let diff = json_diff(
-                "",
-                &without_read_out(&stored.settings),
-                &self.state.settings,
-            );
-            if !diff.is_empty() {
-                return Err(WorkerError::Checkpoint {
-                    url: self.store.url_of(&verified.dir),
-                    message: format!(
-                        "was written with other settings ({}); start over with --fresh or use another checkpoint URL",
-                        diff.join(", ")
-                    ),
-                });
-            }
-            self.wait_snapshot();
-            let loaded = self.rt.block_on(checkpoint::load_into(
-                &self.store,
-                &verified,
-                &self.params,
-                &mut self.opt,
-            ));
-            match loaded {
-                Ok(state) => break state,
-                Err(e) if dir.is_none() && is_damaged_checkpoint(&e) => {
-                    tracing::warn!(checkpoint = %self.store.url_of(&verified.dir), error = %e, "the checkpoint failed verification while it loaded; trying the one before it");
-                    let below = step_of(&verified.dir).unwrap_or(0);
-                    let before = self.rt.block_on(select_verified_below(&self.store, below));
-                    let first = first_error.take().unwrap_or(e);
-                    match before {
-                        Ok(Some(v)) => {
-                            verified = v;
-                            first_error = Some(first);
-                        }
-                        _ => return Err(first),
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        // The run goes on under this manifest's settings: the checkpoints it writes carry
-        // its read-out settings and digest.
-        self.state = TrainState {
-            config_digest: self.state.config_digest.clone(),
-            model: self.state.model.clone(),
-            settings: self.state.settings.clone(),
-            ..state
-        };
-        let dir = verified.dir.clone();
-        self.uploader.set_current(Some(self.store.url_of(&dir)));
-        if self.log.is_some() {
-            self.best = self
-                .rt
-                .block_on(best_checkpointed(&self.store, self.state.step));
-        }
-        tracing::debug!(step = self.state.step, epoch = self.state.epoch, position = self.state.position, dir = %dir, "checkpoint loaded");
-        Ok(self.store.url_of(&dir))
-    }
-
     /// The vocabulary size when the model has the GEPC decoder (its targets are dense over
     /// the vocabulary), else `None` (no targets built).
     fn gepc_genes(&self) -> Option<usize> {
@@ -534,6 +436,8 @@ impl Trainer {
         self.state.step += 1;
         let compute_s = start.elapsed().as_secs_f64();
         let cells = data.micro.iter().map(|b| b.n / 2).sum::<usize>();
+        let padded_len =
+            data.micro.iter().map(|b| b.len).sum::<usize>() as f64 / data.micro.len().max(1) as f64;
         Ok(StepStats {
             step: self.state.step,
             loss,
@@ -547,6 +451,7 @@ impl Trainer {
             allreduce_s: allreduce.busy_s,
             allreduce_wait_s: allreduce.wait_s,
             cells_per_s: cells as f64 / compute_s,
+            padded_len,
             stop: l.stop,
             reform: l.reform,
         })
@@ -598,76 +503,6 @@ impl Trainer {
         Ok((w > 0.0).then(|| (tot / w, mg / w, co / w)))
     }
 
-    /// Saves a checkpoint: the tensors are copied here, the upload (then metrics and
-    /// retention) runs in the background while training goes on. Only rank 0 writes (one
-    /// writer of `latest.json`); the others return the key. A failed upload is logged
-    /// (`latest.json` still names the checkpoint before it) and tried again in the
-    /// background until it lands or a newer checkpoint supersedes it, while training goes
-    /// on; [`Trainer::flush_checkpoint`] waits for the newest one to land.
-    pub fn save(&mut self) -> Result<String> {
-        let dir = checkpoint::dir_for(self.state.step);
-        if self.ctx.collective.rank() != 0 {
-            return Ok(dir);
-        }
-        let t = Instant::now();
-        let snap = checkpoint::Snapshot::of(&self.params, &self.opt, &self.state)
-            .with_vocab(Some(self.vocab_tsv.clone()));
-        // A single process writes its own metrics; in a cluster the coordinator does.
-        let after = AfterUpload {
-            metrics: self.log.clone(),
-            keep_last: self.spec.checkpoint.keep_last,
-            keep_also: self.best_dir(),
-            fence: self.ctx.fence.clone(),
-        };
-        self.uploader.start(self.store.clone(), snap, after);
-        let stall = t.elapsed().as_secs_f64();
-        tracing::debug!(
-            step = self.state.step,
-            stall_s = stall,
-            "checkpoint handed to the uploader"
-        );
-        self.log_record(&Record::Checkpoint {
-            step: self.state.step,
-            stall_s: stall,
-        });
-        Ok(dir)
-    }
-
-    /// Waits until the checkpoint snapshot in flight is encoded, before anything changes
-    /// the parameters or moments; a wait (encoding slower than a forward + backward) is
-    /// recorded as a `checkpoint_wait` event.
-    pub(crate) fn wait_snapshot(&mut self) {
-        let waited = self.uploader.wait_snapshot();
-        if waited > 0.001 {
-            tracing::debug!(
-                step = self.state.step,
-                wait_s = waited,
-                "waited for a checkpoint snapshot"
-            );
-            self.log_record(&Record::CheckpointWait {
-                step: self.state.step,
-                wait_s: waited,
-            });
-        }
-    }
-
-    /// Waits until the newest checkpoint has landed (retrying it), for at most the
-    /// checkpoint grace, then writes what is left of the metrics log; either failing is an
-    /// error.
-    pub fn flush_checkpoint(&mut self) -> Result<()> {
-        self.uploader.flush()?;
-        if let Some(log) = &self.log {
-            self.rt.block_on(log.flush())?;
-        }
-        Ok(())
-    }
-
-    /// How long the end of a run (or a preemption) waits for its last checkpoint to land
-    /// (by default the store's retry window).
-    pub fn set_checkpoint_grace(&mut self, grace: std::time::Duration) {
-        self.uploader.set_grace(grace);
-    }
-
     /// Appends a line to the metrics log (single process); a long run between checkpoints
     /// writes a part every [`LOG_PART_LINES`] lines, so memory stays bounded.
     fn log_record(&self, r: &Record) {
@@ -679,284 +514,9 @@ impl Trainer {
             tracing::warn!(error = %e, "could not write the metrics log (kept, and tried again)");
         }
     }
-
-    fn best_dir(&self) -> Option<String> {
-        self.best.map(|(_, step)| checkpoint::dir_for(step))
-    }
-
-    /// Trains until the end of the run (or `stop_after` steps, or early stopping).
-    pub fn run(&mut self, opts: &RunOptions) -> Result<RunSummary> {
-        let lcfg = loader_config(&self.spec, &self.ctx);
-        let per_step = lcfg.cells_per_step();
-        let n_train = self.order.n_train();
-        let loader = Loader::start(
-            self.source.clone(),
-            self.order.clone(),
-            &self.spec.model,
-            lcfg,
-            self.state.epoch,
-            self.state.position,
-        );
-        let start_step = self.state.step;
-        let bar = indicatif::ProgressBar::new(self.total_steps);
-        bar.set_position(start_step);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("template"),
-        );
-        let (mut first_mgem, mut last_mgem, mut wait_total, mut time_total) = (None, 0.0, 0.0, 0.0);
-        let mut stopped_early = false;
-        let mut preempted = false;
-        let mut reform = false;
-        let run_start = Instant::now();
-        let mut last_trim = Instant::now();
-        while self.state.step < self.total_steps {
-            // The job ended for this worker (the coordinator's order): leave at once.
-            self.control.check()?;
-            if opts
-                .stop_after
-                .is_some_and(|n| self.state.step - start_step >= n)
-            {
-                break;
-            }
-            let w0 = Instant::now();
-            let data = loader.next()?;
-            let wait = w0.elapsed().as_secs_f64();
-            debug_assert_eq!(
-                (data.epoch, data.position),
-                (self.state.epoch, self.state.position)
-            );
-            let mut s = self.train_step(&data)?;
-            s.data_wait_s = wait;
-            s.cells_per_s = (per_step as f64) / (wait + s.compute_s);
-            wait_total += wait;
-            time_total += wait + s.compute_s;
-            first_mgem.get_or_insert(s.mgem);
-            last_mgem = s.mgem;
-            (self.state.epoch, self.state.position) =
-                advance(data.epoch, data.position, per_step, n_train);
-            // After the cursor moved: a failure here leaves a consistent completed step.
-            if self.state.step.is_multiple_of(self.ctx.checksum_every) {
-                check_params_identical(
-                    &self.params,
-                    self.ctx.collective.as_mut(),
-                    self.state.step,
-                )?;
-            }
-            let epoch_end = self.state.epoch > data.epoch;
-            let line = Record::Step(StepLine {
-                worker: None,
-                generation: self.ctx.generation,
-                step: s.step,
-                epoch: data.epoch,
-                loss: s.loss,
-                mgem: s.mgem,
-                contrastive: s.contrastive,
-                gepc: s.gepc,
-                grad_norm: s.grad_norm,
-                lr: s.lr,
-                cells_per_s: s.cells_per_s,
-                data_wait_s: s.data_wait_s,
-                compute_s: s.compute_s,
-                allreduce_s: s.allreduce_s,
-                allreduce_wait_s: s.allreduce_wait_s,
-                step_s: s.data_wait_s + s.compute_s,
-                val_loss: None,
-                offset: data.epoch * n_train as u64 + data.position as u64,
-                step_cells: per_step as u64,
-                rank: self.ctx.collective.rank() as u32,
-                world_size: self.ctx.collective.world_size() as u32,
-                total_steps: self.total_steps,
-            });
-            if opts.json {
-                println!("{}", line.to_line());
-            }
-            self.log_record(&line);
-            // Freed tensor memory left in the heap's holes goes back to the kernel about
-            // once a minute, so the resident size stays near what a step uses.
-            if last_trim.elapsed() >= HEAP_TRIM_INTERVAL {
-                scfm_common::alloc::release_free_heap();
-                last_trim = Instant::now();
-            }
-            bar.set_position(self.state.step);
-            bar.set_message(format!(
-                "loss {:.4} mgem {:.4} nt-xent {:.4}",
-                s.loss, s.mgem, s.contrastive
-            ));
-            if self.state.step.is_multiple_of(self.spec.training.log_every)
-                && self.ctx.collective.rank() == 0
-            {
-                tracing::info!(
-                    step = s.step,
-                    loss = s.loss,
-                    mgem = s.mgem,
-                    contrastive = s.contrastive,
-                    grad_norm = s.grad_norm,
-                    lr = s.lr,
-                    cells_per_s = s.cells_per_s as u64,
-                    data_wait_s = s.data_wait_s,
-                    rss_mib = scfm_common::alloc::resident_bytes().unwrap_or(0) >> 20,
-                    "train"
-                );
-            }
-            let last = self.state.step == self.total_steps;
-            let do_eval = self
-                .state
-                .step
-                .is_multiple_of(self.spec.training.eval_every)
-                || epoch_end
-                || last;
-            let do_save = self
-                .state
-                .step
-                .is_multiple_of(self.spec.checkpoint.every_steps)
-                || last;
-            let mut val_loss = None;
-            if do_eval && let Some((val, vm, vc)) = self.evaluate()? {
-                val_loss = Some(val);
-                stopped_early = self
-                    .state
-                    .observe_val(val, self.spec.training.early_stopping_patience);
-                let checkpointed = do_save || stopped_early;
-                let ev = Record::Eval {
-                    step: self.state.step,
-                    val_loss: val,
-                    val_mgem: vm,
-                    val_contrastive: vc,
-                    checkpointed,
-                };
-                if opts.json {
-                    println!("{}", ev.to_line());
-                }
-                if checkpointed && self.best.is_none_or(|(b, _)| val < b) {
-                    self.best = Some((val, self.state.step));
-                }
-                if self.ctx.collective.rank() == 0 {
-                    tracing::info!(
-                        step = self.state.step,
-                        val_loss = val,
-                        val_mgem = vm,
-                        val_contrastive = vc,
-                        "eval"
-                    );
-                }
-                self.log_record(&ev);
-                if stopped_early {
-                    tracing::info!(
-                        step = self.state.step,
-                        best = self.state.best_val,
-                        "early stopping: validation loss stopped improving"
-                    );
-                }
-            }
-            let stop = s.stop && !last;
-            if do_save || stopped_early || stop {
-                self.save()?;
-            }
-            if let Some(tx) = &self.ctx.reporter {
-                // The coordinator stream may be gone (it then stops us by heartbeat).
-                let _ = tx.send(StepReport {
-                    stats: s.clone(),
-                    epoch: data.epoch,
-                    generation: self.ctx.generation,
-                    val_loss,
-                    offset: data.epoch * n_train as u64 + data.position as u64,
-                    step_cells: per_step as u64,
-                    rank: self.ctx.collective.rank(),
-                    world: self.ctx.collective.world_size(),
-                    total_steps: self.total_steps,
-                });
-            }
-            if stopped_early {
-                break;
-            }
-            if stop {
-                tracing::info!(
-                    step = self.state.step,
-                    "preempted: checkpoint saved, stopping"
-                );
-                preempted = true;
-                break;
-            }
-            if s.reform && !last {
-                tracing::info!(
-                    step = self.state.step,
-                    "membership changes: leaving for the next generation"
-                );
-                reform = true;
-                break;
-            }
-        }
-        // Every worker must end with the same parameters.
-        check_params_identical(&self.params, self.ctx.collective.as_mut(), self.state.step)?;
-        if opts.stop_after.is_some()
-            && self.state.step < self.total_steps
-            && !stopped_early
-            && !preempted
-            && !reform
-        {
-            self.save()?;
-        }
-        self.flush_checkpoint()?;
-        bar.finish_and_clear();
-        let summary = RunSummary {
-            steps: self.state.step,
-            steps_this_run: self.state.step - start_step,
-            first_mgem,
-            last_mgem,
-            best_val: self.state.best_val,
-            stopped_early,
-            preempted,
-            reform,
-            data_wait_fraction: if time_total > 0.0 {
-                wait_total / time_total
-            } else {
-                0.0
-            },
-            seconds: run_start.elapsed().as_secs_f64(),
-            fingerprint: format!("{:016x}", crate::step::param_fingerprint(&self.params)?),
-            checkpoint: self.store.url().to_string(),
-        };
-        Ok(summary)
-    }
 }
 
-/// What a run reports at the end.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunSummary {
-    /// Steps completed in total.
-    pub steps: u64,
-    /// Steps run by this process.
-    pub steps_this_run: u64,
-    /// MGEM loss of the first step of this process.
-    pub first_mgem: Option<f64>,
-    /// MGEM loss of the last step.
-    pub last_mgem: f64,
-    /// Best validation loss.
-    pub best_val: Option<f64>,
-    /// Whether early stopping ended the run.
-    pub stopped_early: bool,
-    /// Whether a preemption ended the run (after a checkpoint; relaunch to resume).
-    pub preempted: bool,
-    /// Whether the run stopped to re-form the cluster (the worker continues in the next
-    /// generation).
-    pub reform: bool,
-    /// Fraction of wall time spent waiting for data.
-    pub data_wait_fraction: f64,
-    /// Wall seconds of the loop.
-    pub seconds: f64,
-    /// Checkpoint store URL.
-    pub checkpoint: String,
-    /// FNV-1a fingerprint of the final parameters (equal on every worker).
-    pub fingerprint: String,
-}
-
-/// How often the training loop hands the heap's free memory back to the kernel
-/// ([`scfm_common::alloc::release_free_heap`]).
-const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
-
+/// The loader's settings for this worker's place in the job.
 fn loader_config(spec: &TrainSpec, ctx: &WorkerContext) -> LoaderConfig {
     let t = &spec.training;
     LoaderConfig {
@@ -971,16 +531,6 @@ fn loader_config(spec: &TrainSpec, ctx: &WorkerContext) -> LoaderConfig {
         rank: ctx.collective.rank(),
         world: ctx.collective.world_size(),
     }
-}
-
-/// Whether a failed load says the checkpoint's bytes are damaged (a part whose content or
-/// hash is wrong), as opposed to the store failing: only damage makes a resume fall back
-/// to an older checkpoint (a store outage would fail there too, after its retries).
-fn is_damaged_checkpoint(e: &WorkerError) -> bool {
-    matches!(
-        e,
-        WorkerError::Checkpoint { .. } | WorkerError::Common(scfm_common::Error::Corrupt { .. })
-    )
 }
 
 #[cfg(test)]
