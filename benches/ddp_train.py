@@ -10,10 +10,14 @@ Trains the scfm model in PyTorch (``ScfmRef`` and the AdamW parameter groups of
 
 Batches have the shapes the scfm workers train on, drawn from the prepared dataset the scfm
 side uses: each rank takes ``--batch`` random cells per step, every cell gives two views
-whose length is its expressed-gene count after 10% gene dropout (the default augmentation),
-capped at ``max_seq_len - 1``, plus ``[CLS]``; the rank's 2 x batch sequences are padded to
-their longest; ``max(1, round(0.15 n))`` tokens are masked. Gene ids and bins are random
-(they do not change the cost). Batches are generated before timing (no data wait).
+whose length is what scfm's default augmentations leave of it -- the cell's counts thinned
+binomially to a fraction ``U(0.2, 1)`` of its depth (``downsample: 0.8``; a view left
+without counts keeps the cell's), its expressed genes then dropped with probability 0.3
+(``gene_dropout: 0.3``; a view that would lose them all keeps them) -- capped at
+``max_seq_len - 1``, plus ``[CLS]``; the rank's 2 x batch sequences are padded to their
+longest; ``max(1, round(0.15 n))`` tokens are masked. With ``gepc_detected`` the batch
+carries the decoder's genes-detected covariate. Gene ids and bins are random (they do not
+change the cost). Batches are generated before timing (no data wait).
 
 Each step: ``zero_grad``, forward through DDP, MGEM + NT-Xent (``ScfmRef.losses``: NT-Xent
 over the rank's own batch; scfm's spans the global batch, with an all-gather of the
@@ -40,13 +44,14 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from scfm_ref import ScfmRef, adamw_param_groups  # noqa: E402
+from scfm_ref import ScfmRef, adamw_param_groups, detected_covariate  # noqa: E402
 from torch_train import query_index, tuned_losses  # noqa: E402
 
 #: Tokenizer constants (common/src/config/model.rs): PAD 0, [CLS] 1, genes from 2.
 PAD, CLS, OFFSET = 0, 1, 2
-#: Default augmentation of the scfm manifest (`training.augment.gene_dropout`).
-GENE_DROPOUT = 0.1
+#: Default augmentations of the scfm manifest (`training.augment`, common/src/config/training.rs).
+GENE_DROPOUT = 0.3
+DOWNSAMPLE = 0.8
 
 
 class Losses(nn.Module):
@@ -66,26 +71,33 @@ class Losses(nn.Module):
         return losses["total"], losses["mgem"], losses["contrastive"]
 
 
-def genes_per_cell(prepared: str) -> np.ndarray:
-    """Expressed genes of every cell of a prepared dataset (from the shards' CSR indptr)."""
+def cell_counts(prepared: str) -> list:
+    """Every cell's counts of its expressed genes in a prepared dataset (the shards' CSR rows)."""
     meta = json.load(open(os.path.join(prepared, "dataset.json")))
-    counts = []
+    cells = []
     for shard in meta["shards"]:
         with h5py.File(os.path.join(prepared, shard["path"]), "r") as f:
-            counts.append(np.diff(f["X"]["indptr"][:]))
-    return np.concatenate(counts)
+            indptr = f["X"]["indptr"][:]
+            data = f["X"]["data"][:]
+        cells.extend(np.rint(data[a:b]).astype(np.int64) for a, b in zip(indptr[:-1], indptr[1:]))
+    return cells
 
 
-def make_batch(rng: np.random.Generator, nnz: np.ndarray, cells: int, cfg, n_genes: int) -> dict:
+def view_length(rng: np.random.Generator, counts: np.ndarray, max_seq_len: int) -> int:
+    """Genes in one augmented view of a cell with these counts (as scfm's loader makes it:
+    library-size thinning, then gene dropout), capped at ``max_seq_len - 1``."""
+    kept = rng.binomial(counts, 1.0 - DOWNSAMPLE * rng.random())
+    n = int((kept > 0).sum()) if kept.sum() > 0 else len(counts)
+    if n > 1:
+        left = int((rng.random(n) >= GENE_DROPOUT).sum())
+        n = left if left > 0 else n
+    return min(n, max_seq_len - 1)
+
+
+def make_batch(rng: np.random.Generator, counts: list, cells: int, cfg, n_genes: int) -> dict:
     """One rank's batch: ``2 * cells`` sequences (rows i and i + cells are the views of cell i)."""
-    picked = rng.choice(len(nnz), size=cells, replace=False)
-    seqs = []
-    for _view in range(2):
-        for c in picked:
-            n = int(nnz[c])
-            kept = int((rng.random(n) >= GENE_DROPOUT).sum())
-            n = min(kept if kept > 0 else n, cfg.max_seq_len - 1)
-            seqs.append(n)
+    picked = rng.choice(len(counts), size=cells, replace=False)
+    seqs = [view_length(rng, counts[c], cfg.max_seq_len) for _view in range(2) for c in picked]
     length = 1 + max(seqs)
     rows = len(seqs)
     genes = np.full((rows, length), PAD, dtype=np.int64)
@@ -103,7 +115,7 @@ def make_batch(rng: np.random.Generator, nnz: np.ndarray, cells: int, cfg, n_gen
     profile = torch.zeros(rows, n_genes)
     profile.scatter_(1, (torch.from_numpy(genes[:, 1:]) - OFFSET).clamp_min(0), values[:, 1:])
     profile[:, 0] = 0.0
-    return {
+    batch = {
         "profile": profile,
         "genes": torch.from_numpy(genes),
         "bins": target_bins.masked_fill(torch.from_numpy(masked), cfg.n_bins),
@@ -112,6 +124,11 @@ def make_batch(rng: np.random.Generator, nnz: np.ndarray, cells: int, cfg, n_gen
         "target_bins": target_bins,
         "target_values": values,
     }
+    if cfg.gepc_detected:
+        # The decoder's genes-detected covariate, as scfm computes it from the cell's
+        # log1p profile before any scaling (the GEPC target may be the scaled profile).
+        batch["detected"] = detected_covariate(profile)
+    return batch
 
 
 def main() -> None:
@@ -150,9 +167,9 @@ def main() -> None:
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
 
-    nnz = genes_per_cell(args.prepared)
+    counts = cell_counts(args.prepared)
     rng = np.random.default_rng([args.seed, rank])
-    batches = [make_batch(rng, nnz, args.batch, cfg, n_genes) for _ in range(args.steps)]
+    batches = [make_batch(rng, counts, args.batch, cfg, n_genes) for _ in range(args.steps)]
     for b in batches:
         b["idx"], b["sel"] = query_index(b["masked"])
     lengths = [b["genes"].shape[1] for b in batches]

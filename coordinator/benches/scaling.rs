@@ -1,7 +1,9 @@
 //! `cargo bench -p scfm-coordinator --bench scaling`: data-parallel scaling of scfm, 1
 //! worker vs 2 workers (1 intra-op thread each, the same per-worker batch, `minimal`
 //! preset), side by side with the same model under PyTorch DDP (gloo), 1 vs 2 processes,
-//! in one run, interleaved over rounds (issue 4).
+//! and with scfm's 2 workers all-reducing after the backward pass instead of overlapped
+//! with it (`cluster.overlap_allreduce: false`), in one run, interleaved over rounds
+//! (issues 4, 14).
 //!
 //! Runs the built `scfm` and, next to it, `scfm-worker` (`cargo build --release
 //! --workspace` first, same `CARGO_TARGET_DIR`) and the project's Python with torch
@@ -16,12 +18,15 @@
 //!   worker, `steps` steps, no evaluation or checkpoint before the last step. Throughput =
 //!   global cells over the wall time between rank 0's `train step=WARMUP` and `train
 //!   step=STEPS` log lines (data wait, all-reduce, the other collectives and the loop's
-//!   overhead all count). The coordinator's metrics log gives the per-step breakdown:
+//!   overhead all count; workers log every step, and rank 0's lines give the batches'
+//!   padded length). The coordinator's metrics log gives the per-step breakdown:
 //!   `step_s` (slowest worker), `allreduce_s` and `data_wait_s` (means over workers).
 //! - **PyTorch DDP**: `python -m torch.distributed.run --standalone --nproc-per-node P
 //!   benches/ddp_train.py`: the reference model `tests/python/scfm_ref.py` written as
-//!   well as scfm (`--variant tuned`, the `tuned` baseline of `scfm-worker bench`), the same preset and vocabulary, per-rank
-//!   batches of the same shapes drawn from the same prepared dataset, 1 intra-op thread,
+//!   well as scfm (`--variant tuned`, the `tuned` baseline of `scfm-worker bench`), the
+//!   same preset and vocabulary, per-rank batches of the same shapes drawn from the same
+//!   prepared dataset (the views' lengths as scfm's default augmentations leave them; the
+//!   table gives both sides' mean padded length), 1 intra-op thread,
 //!   the same steps and warm-up; it reports global cells/s over the same steps (slowest rank).
 //!
 //! Per run, from `/proc`: the CPUs the run's threads ran on (used) and were runnable for
@@ -34,7 +39,7 @@
 //! come with their min–max, the load average is recorded, and a ratio is left out where
 //! either run's spread exceeds the bound.
 //!
-//! Settings from the environment: `SCFM_BENCH_ROUNDS` (5), `SCFM_BENCH_STEPS` (60),
+//! Settings from the environment: `SCFM_BENCH_ROUNDS` (5), `SCFM_BENCH_STEPS` (70: rounds of ≥ 10 s),
 //! `SCFM_BENCH_WARMUP` (10), `SCFM_BENCH_BATCH` (32), `SCFM_BENCH_TIMEOUT_S` (600 per run),
 //! `SCFM_BENCH_DDP_VARIANT` (`tuned`: PyTorch written as well as scfm, fused AdamW; or
 //! `plain`), `SCFM_BENCH_MAX_SPREAD` (0.25).
@@ -88,6 +93,9 @@ struct Run {
     allreduce_ms: f64,
     /// scfm: data wait, ms (mean over workers); DDP: NaN (batches are made before timing).
     data_wait_ms: f64,
+    /// Rank 0's tokens per sequence as padded, mean over the timed steps (the two sides'
+    /// batches must be of the same shapes for the comparison to be fair).
+    padded_len: f64,
     /// `/proc` figures of the run.
     cpu: Finished,
     /// 1-minute load average when the run started.
@@ -114,9 +122,23 @@ fn timestamp(s: &str) -> Option<(&str, f64)> {
     Some((date, h * 3600.0 + m * 60.0 + sec))
 }
 
-/// The worker log line rank 0 writes after step `n` (workers log every `log_every` steps).
+/// The worker log line rank 0 writes after step `n` (workers log every step here).
 fn step_mark(n: u64) -> String {
-    format!("scfm_worker::trainer: train step={n} ")
+    format!("scfm_worker::trainer::run: train step={n} ")
+}
+
+/// Rank 0's mean `padded_len` over its `train` log lines of steps `a + 1 ..= b` (the
+/// workers log every step here).
+fn mean_padded_len(log: &str, a: u64, b: u64) -> Option<f64> {
+    let v: Vec<f64> = (a + 1..=b)
+        .map(|n| {
+            let mark = step_mark(n);
+            let line = log.lines().find(|l| l.contains(&mark))?;
+            let (_, rest) = line.split_once(" padded_len=")?;
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .collect::<Option<_>>()?;
+    Some(v.iter().sum::<f64>() / v.len() as f64)
 }
 
 /// Wall seconds between the log lines of steps `a` and `b` in `log`.
@@ -135,37 +157,33 @@ fn step_span(log: &str, a: u64, b: u64) -> Option<f64> {
     })
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a.max(1) } else { gcd(b, a % b) }
-}
-
 /// One scfm job with `workers` workers, coordinator and workers each in their own session.
-fn run_scfm(s: &Settings, e: &Env, workers: usize) -> Result<Run> {
+fn run_scfm(s: &Settings, e: &Env, workers: usize, overlap: bool) -> Result<Run> {
     let ckpt = e.dir.join("ckpt");
     let _ = std::fs::remove_dir_all(&ckpt);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let job = e.dir.join(format!("job-{workers}w.yaml"));
+    let job = e.dir.join(format!("job-{workers}w-{overlap}.yaml"));
     std::fs::write(
         &job,
         format!(
             "run_id: scaling-{workers}w\ndata:\n  path: {data}\nmodel:\n  preset: minimal\n\
              training:\n  seed: 0\n  batch_size: {batch}\n  max_steps: {steps}\n  \
              warmup_steps: {warmup}\n  eval_every: 1000000\n  max_eval_cells: 64\n  \
-             log_every: {log_every}\n  threads: 1\n\
-             cluster:\n  max_workers: {workers}\n  coordinator: 127.0.0.1:{port}\n\
+             log_every: 1\n  threads: 1\n\
+             cluster:\n  max_workers: {workers}\n  coordinator: 127.0.0.1:{port}\n  \
+             overlap_allreduce: {overlap}\n\
              checkpoint:\n  url: {ckpt}\n  every_steps: 1000000\n  keep_last: 1\n\
              auth:\n  token: scaling-bench\n",
             data = e.data.display(),
             batch = s.batch,
             steps = s.steps,
             warmup = s.warmup,
-            log_every = gcd(s.warmup, s.steps),
             ckpt = ckpt.display(),
         ),
     )?;
-    let log = |name: &str| e.dir.join(format!("scfm-{workers}w-{name}.log"));
+    let log = |name: &str| e.dir.join(format!("scfm-{workers}w-{overlap}-{name}.log"));
     let mut c = Command::new("setsid");
     c.arg("-w").arg(&e.scfm).arg("launch").arg(&job);
     let mut cmds = vec![(c, log("coordinator"))];
@@ -192,6 +210,8 @@ fn run_scfm(s: &Settings, e: &Env, workers: usize) -> Result<Run> {
     }
     let span = step_span(&text, s.warmup, s.steps)
         .with_context(|| format!("no `train step=` log lines in {logs:?}"))?;
+    let padded_len = mean_padded_len(&text, s.warmup, s.steps)
+        .with_context(|| format!("no `padded_len=` in the timed steps' log lines in {logs:?}"))?;
     // The metrics log: one line per step per worker.
     let mut per_step: BTreeMap<u64, Vec<serde_json::Value>> = BTreeMap::new();
     let store = scfm_common::storage::Store::open(ckpt.to_str().context("checkpoint path")?)?;
@@ -231,6 +251,7 @@ fn run_scfm(s: &Settings, e: &Env, workers: usize) -> Result<Run> {
         metric_step_ms: 1e3 * step_max / timed,
         allreduce_ms: 1e3 * ar / timed,
         data_wait_ms: 1e3 * wait / timed,
+        padded_len,
         cpu,
         load,
     })
@@ -273,6 +294,7 @@ fn run_ddp(s: &Settings, e: &Env, procs: usize) -> Result<Run> {
             0.0
         },
         data_wait_ms: f64::NAN,
+        padded_len: v["padded_len"]["mean"].as_f64().unwrap_or(f64::NAN),
         cpu,
         load,
     })
@@ -297,12 +319,24 @@ fn num(v: f64, prec: usize) -> String {
     }
 }
 
-/// The runs: label, scfm workers or DDP processes, whether DDP.
-const CONFIGS: [(&str, usize, bool); 4] = [
-    ("scfm 1w", 1, false),
-    ("scfm 2w", 2, false),
-    ("DDP 1p", 1, true),
-    ("DDP 2p", 2, true),
+/// What runs a configuration.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// scfm with the gradient all-reduce overlapped with the backward pass (the default).
+    Scfm,
+    /// scfm with `cluster.overlap_allreduce: false`: one all-reduce after the backward pass.
+    ScfmFlat,
+    /// PyTorch DDP.
+    Ddp,
+}
+
+/// The runs: label, scfm workers or DDP processes, side.
+const CONFIGS: [(&str, usize, Side); 5] = [
+    ("scfm 1w", 1, Side::Scfm),
+    ("scfm 2w", 2, Side::Scfm),
+    ("DDP 1p", 1, Side::Ddp),
+    ("DDP 2p", 2, Side::Ddp),
+    ("scfm 2w flat", 2, Side::ScfmFlat),
 ];
 
 fn main() -> Result<()> {
@@ -310,7 +344,7 @@ fn main() -> Result<()> {
         rounds: env_or("SCFM_BENCH_ROUNDS", 5),
         ddp_variant: std::env::var("SCFM_BENCH_DDP_VARIANT").unwrap_or_else(|_| "tuned".into()),
         max_spread: env_or("SCFM_BENCH_MAX_SPREAD", 0.25),
-        steps: env_or("SCFM_BENCH_STEPS", 60),
+        steps: env_or("SCFM_BENCH_STEPS", 70),
         warmup: env_or("SCFM_BENCH_WARMUP", 10),
         batch: env_or("SCFM_BENCH_BATCH", 32),
         timeout: Duration::from_secs(env_or("SCFM_BENCH_TIMEOUT_S", 600)),
@@ -366,16 +400,21 @@ fn main() -> Result<()> {
             order.reverse();
         }
         for i in order {
-            let (label, n, ddp) = CONFIGS[i];
-            let r = if ddp {
-                run_ddp(&s, &e, n)?
-            } else {
-                run_scfm(&s, &e, n)?
+            let (label, n, side) = CONFIGS[i];
+            let r = match side {
+                Side::Ddp => run_ddp(&s, &e, n)?,
+                Side::Scfm => run_scfm(&s, &e, n, true)?,
+                Side::ScfmFlat => run_scfm(&s, &e, n, false)?,
             };
             eprintln!(
                 "round {round}: {label:<8} {:7.1} cells/s {:7.1} ms/step (timed steps: {:.2} \
-                 cores used, {:.2} wanted; load {:.2})",
-                r.cells_per_s, r.step_ms, r.cpu.cores_used, r.cpu.cores_wanted, r.load
+                 cores used, {:.2} wanted; padded length {:.1}; load {:.2})",
+                r.cells_per_s,
+                r.step_ms,
+                r.cpu.cores_used,
+                r.cpu.cores_wanted,
+                r.padded_len,
+                r.load
             );
             runs[i].push(r);
         }
@@ -419,14 +458,27 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
         );
     }
     println!("\n| ratio | per round | of medians | target | met |\n|---|---|---|---|---|");
-    // (numerator, denominator, target) as indices into CONFIGS.
-    for (a, b, target) in [(1, 0, 1.8), (3, 2, f64::NAN), (1, 3, 1.0), (0, 2, f64::NAN)] {
+    // Padded tokens per second: the two sides' batches are drawn independently, so their
+    // mean padded lengths differ by chance (a few tokens over the timed steps).
+    let tokens = |r: &Run| r.cells_per_s * r.padded_len;
+    // (numerator, denominator, target, per padded token) as indices into CONFIGS.
+    for (a, b, target, per_token) in [
+        (1, 0, 1.8, false),
+        (3, 2, f64::NAN, false),
+        (1, 3, 1.0, false),
+        (0, 2, f64::NAN, false),
+        (1, 3, f64::NAN, true),
+        (0, 2, f64::NAN, true),
+        (4, 0, f64::NAN, false),
+        (1, 4, f64::NAN, false),
+    ] {
+        let rate = |r: &Run| if per_token { tokens(r) } else { r.cells_per_s };
         let per_round: Vec<String> = runs[a]
             .iter()
             .zip(&runs[b])
-            .map(|(x, y)| format!("{:.2}", x.cells_per_s / y.cells_per_s))
+            .map(|(x, y)| format!("{:.2}", rate(x) / rate(y)))
             .collect();
-        let ratio = cps[a] / cps[b];
+        let ratio = median(runs[a].iter().map(rate)) / median(runs[b].iter().map(rate));
         let wide: Vec<String> = [a, b]
             .iter()
             .filter(|&&i| spread(i).2.is_nan() || spread(i).2 > s.max_spread)
@@ -447,9 +499,10 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
             t => (format!("≥ {t}×"), if ratio >= t { "yes" } else { "no" }),
         };
         println!(
-            "| {} / {} | {} | {shown} | {target} | {met} |",
+            "| {} / {}{} | {} | {shown} | {target} | {met} |",
             CONFIGS[a].0,
             CONFIGS[b].0,
+            if per_token { ", per padded token" } else { "" },
             per_round.join(" ")
         );
     }
@@ -458,14 +511,14 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
          (metrics log); all-reduce (scfm: gradient ring all-reduce; DDP: standalone gloo \
          all-reduce of the gradient's size); data wait; CPUs the run's threads ran on (used) \
          and were runnable for (wanted), and cells per CPU-second (cells/s / cores used: flat \
-         from 1 to 2 workers when only the CPU share limits scaling); load average at the \
-         start.\n\n\
+         from 1 to 2 workers when only the CPU share limits scaling); rank 0's tokens per \
+         sequence as padded (mean over the timed steps); load average at the start.\n\n\
          | run | wall ms | step_s ms | all-reduce ms | data wait ms | cores used | cores wanted \
-         | cells per CPU-s | load |\n|---|---|---|---|---|---|---|---|---|"
+         | cells per CPU-s | padded len | load |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for (i, (label, ..)) in CONFIGS.iter().enumerate() {
         println!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             num(med(i, |r| r.step_ms), 1),
             num(med(i, |r| r.metric_step_ms), 1),
             num(med(i, |r| r.allreduce_ms), 2),
@@ -473,6 +526,7 @@ fn report(s: &Settings, runs: &[Vec<Run>]) {
             num(med(i, |r| r.cpu.cores_used), 2),
             num(med(i, |r| r.cpu.cores_wanted), 2),
             num(med(i, |r| r.cells_per_s / r.cpu.cores_used), 1),
+            num(med(i, |r| r.padded_len), 1),
             num(med(i, |r| r.load), 2),
         );
     }
