@@ -92,8 +92,9 @@ pub struct StepStats {
     pub allreduce_wait_s: f64,
     /// Cells per second for this step (including data wait).
     pub cells_per_s: f64,
-    /// Tokens per sequence of the step's batch as padded (its longest view, `[CLS]`
-    /// included; the mean over micro-batches).
+    /// Tokens per sequence the step's batch is padded to: its longest view, `[CLS]`
+    /// included (the mean over micro-batches). With `training.length_groups` the encoder
+    /// pads each group of rows only to that group's longest.
     pub padded_len: f64,
 }
 
@@ -265,6 +266,7 @@ impl Trainer {
         let mut model = ScfmModel::new(&vs, &spec.model, n_genes)?;
         let compute = compute_kind(t.precision, device);
         model.set_compute_kind(compute);
+        model.set_length_groups(spec.training.length_groups);
         tracing::info!(precision = ?compute.unwrap_or(Kind::Float), "compute precision");
         let mut params = FlatParams::new(&vs);
         params.attach_grads();

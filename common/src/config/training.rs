@@ -124,6 +124,11 @@ pub struct TrainingConfig {
     pub log_every: u64,
     /// Intra-op CPU threads (default: all cores).
     pub threads: Option<usize>,
+    /// The encoder runs a batch's rows in up to this many groups of similar length, each
+    /// padded to its own longest row instead of the batch's (the same values up to
+    /// rounding; used only when it saves at least a tenth of the padded tokens and every
+    /// group has 8 rows or more); 1 pads the whole batch to its longest row. Default 4.
+    pub length_groups: usize,
     /// Device choice.
     pub device: Device,
     /// Compute precision.
@@ -155,6 +160,7 @@ impl Default for TrainingConfig {
             max_eval_cells: 2_000,
             log_every: 10,
             threads: None,
+            length_groups: 4,
             device: Device::Auto,
             precision: Precision::Auto,
             augment: Augment::default(),
@@ -166,6 +172,12 @@ impl TrainingConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         let err = |f: &str, m: String| Err(Error::config(format!("training.{f}"), m));
+        if !(1..=64).contains(&self.length_groups) {
+            return err(
+                "length_groups",
+                format!("{} must be between 1 and 64", self.length_groups),
+            );
+        }
         if self.batch_size < 2 {
             return err(
                 "batch_size",
@@ -369,6 +381,20 @@ mod tests {
                     ..base.clone()
                 },
                 "invalid config `training.augment.gene_dropout`: 1 is outside [0, 1)",
+            ),
+            (
+                TrainingConfig {
+                    length_groups: 0,
+                    ..base.clone()
+                },
+                "invalid config `training.length_groups`: 0 must be between 1 and 64",
+            ),
+            (
+                TrainingConfig {
+                    length_groups: 65,
+                    ..base.clone()
+                },
+                "invalid config `training.length_groups`: 65 must be between 1 and 64",
             ),
         ];
         for (c, msg) in cases {

@@ -102,7 +102,7 @@ impl<'a> Embedder<'a> {
             for chunk in toks.chunks(self.batch_size) {
                 let b = Batch::collate(chunk);
                 let inputs = Inputs::from_batch(&b, device);
-                let (_, cell) = model.encode(&inputs, false);
+                let cell = model.encode_cells(&inputs, false);
                 let cell = cell.to_kind(Kind::Float);
                 let cell = match &self.readout {
                     Some(s) => cell.matmul(s),

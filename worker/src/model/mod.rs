@@ -6,6 +6,7 @@
 
 pub mod embedding;
 pub mod encoder;
+pub mod groups;
 pub mod heads;
 pub mod init;
 pub mod loss;
@@ -18,6 +19,7 @@ use scfm_common::tokenizer::Batch;
 use tch::{Device, Kind, Reduction, Tensor, nn};
 
 use crate::error::{Result, WorkerError};
+use groups::Groups;
 
 /// A batch on the model's device.
 #[derive(Debug)]
@@ -186,7 +188,13 @@ pub struct ScfmModel {
     proj: heads::ProjectionHead,
     gepc: Option<heads::GepcHead>,
     compute: Option<Kind>,
+    /// The most groups of similar length the encoder runs a batch's rows in ([`groups`]).
+    length_groups: usize,
 }
+
+/// Groups of similar length a model runs a batch's rows in unless told otherwise
+/// (`training.length_groups`).
+pub const DEFAULT_LENGTH_GROUPS: usize = 4;
 
 impl ScfmModel {
     /// Builds the model's parameters in `vs` after validating the configuration.
@@ -241,6 +249,7 @@ impl ScfmModel {
             proj,
             gepc,
             compute: None,
+            length_groups: DEFAULT_LENGTH_GROUPS,
         };
         let counted: i64 = vs
             .trainable_variables()
@@ -261,6 +270,29 @@ impl ScfmModel {
     /// the optimizer stay fp32.
     pub fn set_compute_kind(&mut self, kind: Option<Kind>) {
         self.compute = kind;
+    }
+
+    /// Sets the most groups of similar length the encoder runs a batch's rows in (1: the
+    /// whole batch padded to its longest row); see [`groups`].
+    pub fn set_length_groups(&mut self, groups: usize) {
+        self.length_groups = groups.max(1);
+    }
+
+    /// The pooled cell embeddings `[N, C]` of a batch (as [`ScfmModel::encode`]'s), the
+    /// rows run in groups of similar length when that saves padding; `train` enables
+    /// dropout.
+    pub fn encode_cells(&self, x: &Inputs, train: bool) -> Tensor {
+        match Groups::of_inputs(x, self.length_groups) {
+            None => self.encode(x, train).1,
+            Some(g) => {
+                let cells: Vec<Tensor> = g
+                    .groups
+                    .iter()
+                    .map(|(rows, len)| self.encode(&x.rows(rows, *len), train).1)
+                    .collect();
+                Tensor::cat(&cells, 0).index_select(0, &g.restore_rows(x.genes.device()))
+            }
+        }
     }
 
     /// The encoder's output after the final LayerNorm `[N, L, H]` and the pooled cell
@@ -403,13 +435,72 @@ impl ScfmModel {
     }
 
     /// [`ScfmModel::forward_train`], cutting the residual stream for a staged backward
-    /// ([`stages::backward_staged`]) when `cuts` is given. Same values either way.
+    /// ([`stages::backward_staged`]) when `cuts` is given. Same values either way. The rows
+    /// run in groups of similar length when that saves padding ([`groups`]); the heads and
+    /// the decoder run on the reassembled batch.
     pub fn forward_train_cut(
         &self,
         x: &Inputs,
         train: bool,
-        mut cuts: Option<&mut stages::Cuts>,
+        cuts: Option<&mut stages::Cuts>,
     ) -> TrainOutputs {
+        let (mgem, cell) = match Groups::of_inputs(x, self.length_groups) {
+            None => self.train_rows(x, train, cuts),
+            Some(g) => self.train_groups(x, train, cuts, &g),
+        };
+        let proj = self.proj.forward(&cell);
+        let gepc = self.gepc_train(&cell, x);
+        TrainOutputs {
+            mgem,
+            cell,
+            proj,
+            gepc,
+        }
+    }
+
+    /// [`ScfmModel::train_rows`] over each group of rows, the outputs put back in the
+    /// batch's order and the groups' cuts merged level by level.
+    fn train_groups(
+        &self,
+        x: &Inputs,
+        train: bool,
+        cuts: Option<&mut stages::Cuts>,
+        g: &Groups,
+    ) -> (Tensor, Tensor) {
+        let staged = cuts.is_some();
+        let (mut mgems, mut cells, mut parts) = (Vec::new(), Vec::new(), Vec::new());
+        for (rows, len) in &g.groups {
+            let mut c = stages::Cuts::new();
+            let (m, cell) = self.train_rows(&x.rows(rows, *len), train, staged.then_some(&mut c));
+            mgems.push(m);
+            cells.push(cell);
+            parts.push(c);
+        }
+        if let Some(cuts) = cuts {
+            *cuts = stages::Cuts::merge(parts);
+        }
+        let device = x.genes.device();
+        let per_row = Vec::<i64>::try_from(
+            &x.masked
+                .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)
+                .to_device(Device::Cpu),
+        )
+        .expect("masked counts to host");
+        let mgem = Tensor::cat(&mgems, 0).index_select(0, &g.restore_tokens(&per_row, device));
+        let cell = Tensor::cat(&cells, 0).index_select(0, &g.restore_rows(device));
+        (mgem, cell)
+    }
+
+    /// The training forward's encoder and MGEM head over the rows of `x`: the MGEM outputs
+    /// of the masked tokens (row-major) and the cell embeddings `[N, C]`. The last block
+    /// runs only for `[CLS]` and the masked tokens with `cls` pooling; the MGEM head only
+    /// for the masked tokens (either pooling).
+    fn train_rows(
+        &self,
+        x: &Inputs,
+        train: bool,
+        mut cuts: Option<&mut stages::Cuts>,
+    ) -> (Tensor, Tensor) {
         let Some((last, first)) = self
             .layers
             .split_last()
@@ -422,14 +513,7 @@ impl ScfmModel {
             let mgem = self
                 .mgem
                 .forward(&hidden.masked_select(&x.masked.unsqueeze(-1)).view([-1, h]));
-            let proj = self.proj.forward(&cell);
-            let gepc = self.gepc_train(&cell, x);
-            return TrainOutputs {
-                mgem,
-                cell,
-                proj,
-                gepc,
-            };
+            return (mgem, cell);
         };
         let attend = x.genes.ne(special::PAD).unsqueeze(1).unsqueeze(1);
         let mut h = self
@@ -448,14 +532,7 @@ impl ScfmModel {
         let mgem = self
             .mgem
             .forward(&hs.masked_select(&sel.unsqueeze(-1)).view([-1, hidden]));
-        let proj = self.proj.forward(&cell);
-        let gepc = self.gepc_train(&cell, x);
-        TrainOutputs {
-            mgem,
-            cell,
-            proj,
-            gepc,
-        }
+        (mgem, cell)
     }
 
     /// The MGEM loss of a training forward, summed (`Reduction::Sum`) or averaged over the

@@ -21,9 +21,11 @@ pub struct Cut {
     leaf: Tensor,
 }
 
-/// The cuts of one forward, bottom (after the embeddings) first.
+/// The cuts of one forward, bottom (after the embeddings) first: one level per place the
+/// residual stream is cut, each with one cut per group of rows the encoder ran
+/// ([`super::groups`]; one when it ran the batch whole).
 #[derive(Debug, Default)]
-pub struct Cuts(Vec<Cut>);
+pub struct Cuts(Vec<Vec<Cut>>);
 
 impl Cuts {
     /// No cuts yet.
@@ -31,7 +33,7 @@ impl Cuts {
         Cuts(Vec::new())
     }
 
-    /// Number of cuts.
+    /// Number of levels.
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -39,6 +41,19 @@ impl Cuts {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The cuts of forwards over groups of rows of one batch, level by level (every group
+    /// ran the same layers, so each has the same levels).
+    pub fn merge(groups: Vec<Cuts>) -> Cuts {
+        let levels = groups.iter().map(Cuts::len).max().unwrap_or(0);
+        let mut merged: Vec<Vec<Cut>> = (0..levels).map(|_| Vec::new()).collect();
+        for g in groups {
+            for (level, cuts) in g.0.into_iter().enumerate() {
+                merged[level].extend(cuts);
+            }
+        }
+        Cuts(merged)
     }
 }
 
@@ -48,10 +63,10 @@ pub(crate) fn cut(h: Tensor, cuts: &mut Option<&mut Cuts>) -> Tensor {
     match cuts {
         Some(c) => {
             let leaf = h.detach().set_requires_grad(true);
-            c.0.push(Cut {
+            c.0.push(vec![Cut {
                 live: h,
                 leaf: leaf.shallow_clone(),
-            });
+            }]);
             leaf
         }
         None => h,
@@ -63,11 +78,21 @@ pub(crate) fn cut(h: Tensor, cuts: &mut Option<&mut Cuts>) -> Tensor {
 pub fn backward_staged(loss: &Tensor, cuts: Cuts, mut done: impl FnMut(usize)) {
     loss.backward();
     done(0);
-    for (i, c) in cuts.0.into_iter().rev().enumerate() {
-        let g = c.leaf.grad();
-        if g.defined() {
-            // d/d(live) of sum(live * g) is exactly g (1 * g, elementwise).
-            (c.live * g).sum(Kind::Float).backward();
+    for (i, level) in cuts.0.into_iter().rev().enumerate() {
+        // d/d(live) of sum(live * g) is exactly g (1 * g, elementwise); the groups' terms
+        // of a level go back in one pass.
+        let terms: Vec<Tensor> = level
+            .into_iter()
+            .filter_map(|c| {
+                let g = c.leaf.grad();
+                g.defined().then(|| (c.live * g).sum(Kind::Float))
+            })
+            .collect();
+        if let Some(first) = terms.first() {
+            terms[1..]
+                .iter()
+                .fold(first.shallow_clone(), |acc, t| acc + t)
+                .backward();
         }
         done(i + 1);
     }

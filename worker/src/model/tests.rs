@@ -465,3 +465,118 @@ fn metric_weight_moves_the_read_out_along_the_geometric_path() {
     let eye = Tensor::eye(c, (Kind::Float, Device::Cpu));
     assert!(zero.allclose(&eye, 1e-5, 1e-6, false));
 }
+
+/// 32 rows of lengths 2 to 10 (`[CLS]` included), one or two masked tokens each, with
+/// profiles for the decoder: a batch whose padding grouping by length saves.
+fn ragged_batch(n_genes: usize) -> Batch {
+    use scfm_common::tokenizer::Profiles;
+    let rows: Vec<Vec<i64>> = (0..32)
+        .map(|r| {
+            let len = 2 + (r * 7 % 9);
+            (0..len)
+                .map(|i| {
+                    if i == 0 {
+                        1
+                    } else {
+                        2 + ((r + 3 * i) % 20) as i64
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[i64]> = rows.iter().map(|r| r.as_slice()).collect();
+    let mut b = batch(&refs);
+    // A second masked token in the rows long enough for one.
+    for (r, row) in rows.iter().enumerate() {
+        if row.len() > 5 && r % 2 == 0 {
+            let at = r * b.len + 4;
+            b.masked[at] = true;
+            b.input_bins[at] = 7;
+            b.input_values[at] = 0.0;
+        }
+    }
+    let profiles: Vec<(Vec<u32>, Vec<f32>)> = rows
+        .iter()
+        .map(|row| {
+            let mut g: Vec<u32> = row[1..].iter().map(|&t| (t - 2) as u32).collect();
+            g.sort();
+            g.dedup();
+            let v = g.iter().map(|&x| 0.2 + 0.1 * x as f32).collect();
+            (g, v)
+        })
+        .collect();
+    b.set_profiles(Profiles::from_rows(
+        profiles.iter().map(|(g, v)| (g.as_slice(), v.as_slice())),
+    ));
+    let _ = n_genes;
+    b
+}
+
+/// Rows run in groups of similar length give the same outputs and gradients as the batch
+/// run whole, for either pooling, through a plain and a staged backward; and the grouping
+/// is used on this batch (it saves padding).
+#[test]
+fn length_groups_change_no_output_or_gradient() {
+    let n_genes = 22;
+    for extra in [
+        "pooling: mean\nw_gepc: 1.0\ngepc_decoder: per_gene\ngepc_detected: true",
+        "pooling: cls\nw_gepc: 1.0",
+        "pooling: cls\nexpression: binned\nlatent_dim: 5",
+    ] {
+        let cfg = small(extra);
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut m = ScfmModel::new(&vs, &cfg, n_genes).unwrap();
+        let mut p = FlatParams::new(&vs);
+        p.attach_grads();
+        let b = ragged_batch(n_genes);
+        let x = Inputs::from_batch_with_profiles(&b, Device::Cpu, Some(n_genes));
+        let g = groups::Groups::of_inputs(&x, 4).expect("this batch is grouped");
+        assert!(g.groups.len() >= 2, "{extra}");
+        let run = |m: &ScfmModel, p: &mut FlatParams, staged: bool| {
+            p.zero_grad();
+            let mut cuts = stages::Cuts::new();
+            let out = m.forward_train_cut(&x, true, staged.then_some(&mut cuts));
+            let l = m.mgem_loss_train(&out, &x, tch::Reduction::Mean)
+                + loss::nt_xent(&out.proj, 0.1)
+                + m.gepc_loss(out.gepc.as_ref(), &x)
+                    .unwrap_or_else(|| Tensor::from(0.0f32));
+            if staged {
+                assert_eq!(cuts.len(), cfg.n_layers + 1, "{extra}");
+                stages::backward_staged(&l, cuts, |_| {});
+            } else {
+                l.backward();
+            }
+            (out, p.grad.copy())
+        };
+        m.set_length_groups(1);
+        let (whole, g_whole) = run(&m, &mut p, false);
+        m.set_length_groups(4);
+        for staged in [false, true] {
+            let (grouped, g_grouped) = run(&m, &mut p, staged);
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                assert_eq!(a.size(), b.size(), "{what} ({extra})");
+                // Relative to the largest value: sums over fewer padded keys round
+                // differently.
+                let scale = a.abs().max().double_value(&[]).max(1.0);
+                let d = (a - b).abs().max().double_value(&[]) / scale;
+                assert!(d < 1e-5, "{what} differs by {d} ({extra}, staged {staged})");
+            };
+            close(&whole.mgem, &grouped.mgem, "MGEM outputs");
+            close(&whole.cell, &grouped.cell, "cell embeddings");
+            close(&whole.proj, &grouped.proj, "projections");
+            if let (Some(a), Some(b)) = (&whole.gepc, &grouped.gepc) {
+                close(a, b, "decoder outputs");
+            }
+            close(&g_whole, &g_grouped, "gradients");
+        }
+        // Inference: the same cell embeddings grouped or whole.
+        let cells = m.encode_cells(&x, false);
+        m.set_length_groups(1);
+        let d = (m.encode_cells(&x, false) - cells)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d < 1e-5, "inference embeddings differ by {d} ({extra})");
+    }
+}
