@@ -17,7 +17,10 @@ without counts keeps the cell's), its expressed genes then dropped with probabil
 ``max_seq_len - 1``, plus ``[CLS]``; the rank's 2 x batch sequences are padded to their
 longest; ``max(1, round(0.15 n))`` tokens are masked. With ``gepc_detected`` the batch
 carries the decoder's genes-detected covariate. Gene ids and bins are random (they do not
-change the cost). Batches are generated before timing (no data wait).
+change the cost). Batches are generated before timing (no data wait). The ``tuned`` model
+runs each batch's rows in up to ``--length-groups`` groups of similar length, each padded
+to its own longest row, as scfm's encoder does (``scfm_torch.groups.length_groups``, the same
+choice of groups; checked on the first grouped batch to give the whole batch's losses).
 
 Each step: ``zero_grad``, forward through DDP, MGEM + NT-Xent (``ScfmRef.losses``: NT-Xent
 over the rank's own batch; scfm's spans the global batch, with an all-gather of the
@@ -45,7 +48,8 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from scfm_ref import ScfmRef, adamw_param_groups, detected_covariate  # noqa: E402
-from torch_train import query_index, tuned_losses  # noqa: E402
+from scfm_torch.groups import length_groups  # noqa: E402
+from torch_train import group_index, query_index, tuned_losses  # noqa: E402
 
 #: Tokenizer constants (common/src/config/model.rs): PAD 0, [CLS] 1, genes from 2.
 PAD, CLS, OFFSET = 0, 1, 2
@@ -65,7 +69,7 @@ class Losses(nn.Module):
 
     def forward(self, batch: dict) -> tuple:
         if self.tuned:
-            losses = tuned_losses(self.model, batch, batch["idx"], batch["sel"])
+            losses = tuned_losses(self.model, batch, batch["idx"], batch["sel"], batch.get("grouped"))
         else:
             losses = self.model.losses(batch)
         return losses["total"], losses["mgem"], losses["contrastive"]
@@ -147,6 +151,13 @@ def main() -> None:
         help="plain: the package's model and default AdamW; tuned: PyTorch written as well as scfm "
         "(see benches/torch_train.py) with fused AdamW",
     )
+    ap.add_argument(
+        "--length-groups",
+        type=int,
+        default=4,
+        help="tuned: the encoder runs each batch's rows in up to this many groups of similar "
+        "length, as scfm does (training.length_groups); 1: every row padded to the batch's longest",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
@@ -170,8 +181,25 @@ def main() -> None:
     counts = cell_counts(args.prepared)
     rng = np.random.default_rng([args.seed, rank])
     batches = [make_batch(rng, counts, args.batch, cfg, n_genes) for _ in range(args.steps)]
+    grouped_steps = 0
     for b in batches:
         b["idx"], b["sel"] = query_index(b["masked"])
+        groups = length_groups((b["genes"] != PAD).sum(1).tolist(), args.length_groups) if tuned else None
+        if groups is not None:
+            b["grouped"] = group_index(b, groups)
+            grouped_steps += 1
+    # The grouped losses equal the whole batch's (dropout off) on the first grouped batch.
+    group_check = None
+    first = next((b for b in batches if "grouped" in b), None)
+    if first is not None:
+        model.eval()
+        with torch.no_grad():
+            whole = tuned_losses(model, first, first["idx"], first["sel"])["total"].item()
+            parts = tuned_losses(model, first, first["idx"], first["sel"], first["grouped"])["total"].item()
+        model.train()
+        group_check = abs(parts - whole) / max(abs(whole), 1e-12)
+        if group_check > 1e-4:
+            raise SystemExit(f"grouped losses differ from the whole batch's: {parts} vs {whole}")
     lengths = [b["genes"].shape[1] for b in batches]
 
     phases = np.zeros(3)  # forward + losses, backward (with DDP's all-reduce), clip + AdamW
@@ -239,6 +267,9 @@ def main() -> None:
                         "max": int(np.max(lengths)),
                     },
                     "rows": 2 * args.batch,
+                    "length_groups": args.length_groups if tuned else 1,
+                    "grouped_steps": grouped_steps,
+                    "group_check": group_check,
                 }
             ),
             flush=True,

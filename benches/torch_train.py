@@ -9,9 +9,11 @@ Baselines (``--variant``):
   the per-tensor loop: neither ``foreach`` nor ``fused`` is the CPU default).
 - ``tuned``: PyTorch written as well as scfm: with ``cls`` pooling the last encoder block
   runs only for ``[CLS]`` and the masked tokens (keys and values from every token, as
-  scfm's ``forward_train``), the MGEM head only on the masked tokens (scfm runs it on
-  every token with ``mean`` pooling, so here the baseline does less work than scfm), SDPA
-  attention, and ``AdamW(fused=True)``.
+  scfm's ``forward_train``), the MGEM head only on the masked tokens (as scfm's), SDPA
+  attention, and ``AdamW(fused=True)``; given groups (``scfm_torch.groups``), the encoder
+  runs rows of similar length together, each group padded to its own longest row, as scfm's
+  does (this bench's sequences are all full, so neither side groups them; the scaling
+  bench's DDP side does).
 - ``compiled``: ``tuned`` with the loss function under ``torch.compile`` (inductor).
 
 Before serving, ``tuned`` and ``compiled`` check that their losses equal ``plain``'s on
@@ -59,31 +61,68 @@ def last_block_queries(block, x, attend, idx):
     return xq + F.dropout(block.ffn(block.norm2(xq)), block.dropout, block.training)
 
 
-def tuned_losses(model, batch, idx, sel):
-    """``ScfmModel.losses`` computing only what the losses use."""
+def encode_rows(model, genes, bins, values, masked, idx, sel):
+    """The encoder over these rows, computing only what the losses use: the cell
+    embeddings ``[N, H]`` and the last layer's outputs at the masked tokens (row-major)."""
     cfg = model.cfg
-    genes, masked = batch["genes"], batch["masked"]
     attend = (genes != PAD)[:, None, None, :]
-    x = model.embed(genes, batch["bins"], batch["values"], masked)
+    x = model.embed(genes, bins, values, masked)
     layers = model.encoder.layers
     if cfg.pooling == "cls":
         for layer in layers[:-1]:
             x = layer(x, attend)
         y = model.encoder.norm(last_block_queries(layers[-1], x, attend, idx))
-        cell = y[:, 0]
-        hm = y[:, 1:][sel]
+        return y[:, 0], y[:, 1:][sel]
+    for layer in layers:
+        x = layer(x, attend)
+    y = model.encoder.norm(x)
+    genes_only = (genes != PAD)[:, 1:].unsqueeze(-1).to(y.dtype)
+    cell = (y[:, 1:] * genes_only).sum(1) / genes_only.sum(1).clamp_min(1.0)
+    return cell, y[masked]
+
+
+def group_index(batch, groups):
+    """Per group: its rows, padded length and query index; and the index that puts rows
+    in group order back in the batch's order (for ``tuned_losses``)."""
+    parts = []
+    for rows, length in groups:
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        idx, sel = query_index(batch["masked"][rows_t, :length])
+        parts.append((rows_t, length, idx, sel))
+    flat = torch.cat([p[0] for p in parts])
+    restore = torch.empty_like(flat)
+    restore[flat] = torch.arange(len(flat))
+    return parts, restore
+
+
+def tuned_losses(model, batch, idx, sel, grouped=None):
+    """``ScfmModel.losses`` computing only what the losses use; with ``grouped`` (from
+    ``group_index``) the encoder runs each group of similar-length rows padded to its own
+    longest row, and the heads run on the reassembled batch."""
+    cfg = model.cfg
+    genes, masked = batch["genes"], batch["masked"]
+    if grouped is None:
+        cell, hm = encode_rows(model, genes, batch["bins"], batch["values"], masked, idx, sel)
+        tb, tv = batch["target_bins"][masked], batch["target_values"][masked]
     else:
-        for layer in layers:
-            x = layer(x, attend)
-        y = model.encoder.norm(x)
-        genes_only = (genes != PAD)[:, 1:].unsqueeze(-1).to(y.dtype)
-        cell = (y[:, 1:] * genes_only).sum(1) / genes_only.sum(1).clamp_min(1.0)
-        hm = y[masked]
+        parts, restore = grouped
+        cells, hms, tbs, tvs = [], [], [], []
+        for rows, length, gi, gs in parts:
+            def pick(t):
+                return t[rows, :length]
+
+            c, h = encode_rows(model, pick(genes), pick(batch["bins"]), pick(batch["values"]), pick(masked), gi, gs)
+            cells.append(c)
+            hms.append(h)
+            tbs.append(pick(batch["target_bins"])[pick(masked)])
+            tvs.append(pick(batch["target_values"])[pick(masked)])
+        cell, hm = torch.cat(cells)[restore], torch.cat(hms)
+        tb, tv = torch.cat(tbs), torch.cat(tvs)
     out = model.mgem(hm)
     if cfg.expression == "binned":
-        mgem = F.cross_entropy(out, batch["target_bins"][masked], label_smoothing=cfg.label_smoothing)
+        mgem = F.cross_entropy(out, tb, label_smoothing=cfg.label_smoothing)
     else:
-        mgem = F.mse_loss(out.squeeze(-1), batch["target_values"][masked])
+        mgem = F.mse_loss(out.squeeze(-1), tv)
     con = nt_xent(model.contrastive(cell), cfg.temperature)
     res = {"mgem": mgem, "contrastive": con}
     total = mgem * cfg.w_mgem + con * cfg.w_contrastive

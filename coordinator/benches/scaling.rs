@@ -26,7 +26,8 @@
 //!   well as scfm (`--variant tuned`, the `tuned` baseline of `scfm-worker bench`), the
 //!   same preset and vocabulary, per-rank batches of the same shapes drawn from the same
 //!   prepared dataset (the views' lengths as scfm's default augmentations leave them; the
-//!   table gives both sides' mean padded length), 1 intra-op thread,
+//!   table gives both sides' mean padded length), the encoder run in groups of similar
+//!   length as scfm's (`training.length_groups`, default 4), 1 intra-op thread,
 //!   the same steps and warm-up; it reports global cells/s over the same steps (slowest rank).
 //!
 //! Per run, from `/proc`: the CPUs the run's threads ran on (used) and were runnable for
