@@ -570,3 +570,56 @@ def test_load_rejects_non_folder_and_bad_json(tmp_path: Path, small_export: Path
     (small_export / "config.json").write_text("{not json")
     with pytest.raises(ExportError, match=r"config\.json: cannot read"):
         scfm_torch.load(small_export)
+
+
+def test_length_groups_cover_every_row_at_the_least_padding():
+    """``scfm_torch.groups.length_groups`` (scfm's ``Groups::of``): no grouping for equal
+    lengths or too few rows; else every row once, groups longest first and at least 8
+    rows, and no split of the sorted rows into as many groups pads fewer tokens."""
+    from itertools import combinations
+
+    from scfm_torch.groups import MIN_ROWS, length_groups
+
+    assert length_groups([50] * 64) is None
+    assert length_groups([200] + [10] * 9) is None
+    assert length_groups([200] * 8 + [10] * 56, max_groups=1) is None
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(5, 120, size=40)]
+    groups = length_groups(lengths, max_groups=3)
+    assert groups is not None
+    rows = sorted(r for g, _ in groups for r in g)
+    assert rows == list(range(40))
+    assert all(len(g) >= MIN_ROWS and length == max(lengths[r] for r in g) for g, length in groups)
+    assert [length for _, length in groups] == sorted((length for _, length in groups), reverse=True)
+    padded = sum(len(g) * length for g, length in groups)
+    srt = sorted(lengths, reverse=True)
+    best = min(
+        sum((b - a) * srt[a] for a, b in zip((0,) + cut, cut + (40,)))
+        for k in (1, 2)
+        for cut in combinations(range(MIN_ROWS, 40 - MIN_ROWS + 1), k)
+        if all(b - a >= MIN_ROWS for a, b in zip((0,) + cut, cut + (40,)))
+    )
+    assert padded == best
+
+
+def test_embed_in_length_groups_equals_whole_batches(small_export: Path):
+    """Grouping a batch's rows by length changes no embedding beyond rounding (on cells
+    whose lengths vary, so that the batches are grouped)."""
+    from scfm_torch.groups import length_groups
+
+    model = scfm_torch.load(small_export)
+    adata = anndata.read_h5ad(PBMC)[:128].copy()
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    for r in range(0, 128, 2):  # every other cell keeps only its first 10 genes
+        lo, hi = x.indptr[r], x.indptr[r + 1]
+        x.data[lo + 10 : hi] = 0
+    x.eliminate_zeros()
+    adata.X = x
+    tokens, _ = tokenize(model, adata)
+    lengths = (collate(tokens[:64])["genes"] != scfm_torch.PAD).sum(1).tolist()
+    assert length_groups(lengths) is not None
+    whole = scfm_torch.embed(model, adata, length_groups=1)
+    grouped = scfm_torch.embed(model, adata)
+    assert np.abs(whole - grouped).max() <= 1e-5 * max(1.0, float(np.abs(whole).max()))
+    with pytest.raises(ValueError, match="length_groups"):
+        scfm_torch.embed(model, adata, length_groups=0)
