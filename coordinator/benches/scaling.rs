@@ -40,7 +40,7 @@
 //! come with their min–max, the load average is recorded, and a ratio is left out where
 //! either run's spread exceeds the bound.
 //!
-//! Settings from the environment: `SCFM_BENCH_ROUNDS` (5), `SCFM_BENCH_STEPS` (70: rounds of ≥ 10 s),
+//! Settings from the environment: `SCFM_BENCH_ROUNDS` (5), `SCFM_BENCH_STEPS` (130: rounds of ≥ 10 s),
 //! `SCFM_BENCH_WARMUP` (10), `SCFM_BENCH_BATCH` (32), `SCFM_BENCH_TIMEOUT_S` (600 per run),
 //! `SCFM_BENCH_DDP_VARIANT` (`tuned`: PyTorch written as well as scfm, fused AdamW; or
 //! `plain`), `SCFM_BENCH_MAX_SPREAD` (0.25).
@@ -345,7 +345,7 @@ fn main() -> Result<()> {
         rounds: env_or("SCFM_BENCH_ROUNDS", 5),
         ddp_variant: std::env::var("SCFM_BENCH_DDP_VARIANT").unwrap_or_else(|_| "tuned".into()),
         max_spread: env_or("SCFM_BENCH_MAX_SPREAD", 0.25),
-        steps: env_or("SCFM_BENCH_STEPS", 70),
+        steps: env_or("SCFM_BENCH_STEPS", 130),
         warmup: env_or("SCFM_BENCH_WARMUP", 10),
         batch: env_or("SCFM_BENCH_BATCH", 32),
         timeout: Duration::from_secs(env_or("SCFM_BENCH_TIMEOUT_S", 600)),
