@@ -600,6 +600,14 @@ def test_length_groups_cover_every_row_at_the_least_padding():
         if all(b - a >= MIN_ROWS for a, b in zip((0,) + cut, cut + (40,)))
     )
     assert padded == best
+    # The case of worker/src/model/groups.rs's `three_clusters_give_three_groups_in_row_order`:
+    # the same groups as scfm's, longest first, equal lengths in row order.
+    ties = [(100, 50, 10, 10)[r % 4] for r in range(40)]
+    assert length_groups(ties, max_groups=3) == [
+        ([r for r in range(40) if r % 4 == 0], 100),
+        ([r for r in range(40) if r % 4 == 1], 50),
+        ([r for r in range(40) if r % 4 >= 2], 10),
+    ]
 
 
 def test_embed_in_length_groups_equals_whole_batches(small_export: Path):

@@ -216,6 +216,29 @@ mod tests {
         assert_eq!(padded(&g), best);
     }
 
+    /// The exact groups of a case with ties, as `scfm_torch.groups.length_groups` must
+    /// choose them too (tests/python/test_scfm_torch.py has the same case): longest first,
+    /// equal lengths in row order.
+    #[test]
+    fn three_clusters_give_three_groups_in_row_order() {
+        let lengths: Vec<i64> = (0..40)
+            .map(|r| match r % 4 {
+                0 => 100,
+                1 => 50,
+                _ => 10,
+            })
+            .collect();
+        let g = Groups::of(&lengths, 3).expect("grouped");
+        let of = |m: i64| (0..40).filter(|r| r % 4 == m).collect::<Vec<i64>>();
+        let short: Vec<i64> = (0..40).filter(|r| r % 4 >= 2).collect();
+        assert_eq!(
+            g.groups,
+            vec![(of(0), 100), (of(1), 50), (short, 10)],
+            "{:?}",
+            g.groups
+        );
+    }
+
     #[test]
     fn restoring_puts_rows_and_tokens_back_in_order() {
         let g = Groups {
